@@ -1,0 +1,1 @@
+"""The producer side of calq: the client, the CLI and backfills."""

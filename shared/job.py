@@ -1,0 +1,168 @@
+"""What travels to a worker: the calibration job, and what comes back about it.
+
+A job is a small frozen JSON message: it names its dataset by URI and content
+hash (the data itself never travels through Redis) and carries everything
+that determines its result. Its id is derived from that content, so the same
+job enqueued twice is one job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import date, datetime, timezone
+from enum import Enum
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shared.domain import DEFAULT_EVENTS, ArchetypeOrAll, event_threshold
+
+MODEL_VERSION = "logit-hier/1"
+STORAGE_SCHEMES = ("file", "s3")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class SamplerSettings(BaseModel):
+    """NUTS settings of one job; they are part of the job's identity."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    warmup: int = Field(500, ge=1, le=100_000)
+    samples: int = Field(1000, ge=1, le=100_000)
+    chains: int = Field(4, ge=1, le=64)
+    seed: int = Field(0, ge=0, lt=2**32)
+
+
+class CalibrationJob(BaseModel):
+    """One calibration job: fit ``archetype`` (or ``all``) on a dataset window."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    archetype: ArchetypeOrAll
+    dataset_uri: str = Field(description="file:// or s3:// URI of the NetCDF dataset")
+    dataset_sha256: str = Field(description="sha256 of the dataset file's bytes")
+    events: tuple[str, ...] = DEFAULT_EVENTS
+    as_of: date | None = Field(None, description="use races strictly before this date")
+    window_days: int | None = Field(None, ge=1, description="only races in the last N days before as_of")
+    sampler: SamplerSettings = SamplerSettings()
+    model_version: str = MODEL_VERSION
+    time_limit_s: int | None = Field(None, ge=1, description="overrides the worker's job time limit")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _verify_id(cls, data: Any, handler: Any) -> "CalibrationJob":
+        # A serialised job carries its id; it must agree with the content.
+        claimed = None
+        if isinstance(data, dict) and "job_id" in data:
+            data = dict(data)
+            claimed = data.pop("job_id")
+        job = handler(data)
+        if claimed is not None and claimed != job.job_id:
+            raise ValueError(f"job_id {claimed!r} does not match the job's content (expected {job.job_id})")
+        return job
+
+    @field_validator("dataset_uri")
+    @classmethod
+    def _valid_uri(cls, uri: str) -> str:
+        parts = urlsplit(uri)
+        if parts.scheme not in STORAGE_SCHEMES:
+            raise ValueError(f"dataset_uri must be a file:// or s3:// URI, got {uri!r}")
+        if parts.scheme == "s3" and (not parts.netloc or parts.path in ("", "/")):
+            raise ValueError(f"dataset_uri {uri!r} needs a bucket and a key")
+        if parts.scheme == "file" and not parts.path.startswith("/"):
+            raise ValueError(f"dataset_uri {uri!r} must hold an absolute path")
+        return uri
+
+    @field_validator("dataset_sha256")
+    @classmethod
+    def _valid_hash(cls, value: str) -> str:
+        value = value.lower()
+        if not _SHA256.match(value):
+            raise ValueError("dataset_sha256 must be 64 hexadecimal characters")
+        return value
+
+    @field_validator("events", mode="before")
+    @classmethod
+    def _split_events(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _valid_events(cls, events: tuple[str, ...]) -> tuple[str, ...]:
+        if not events:
+            raise ValueError("events must name at least one event, e.g. top_5")
+        thresholds = [event_threshold(e) for e in events]
+        if len(set(thresholds)) != len(thresholds):
+            raise ValueError(f"events contain duplicates: {', '.join(events)}")
+        return tuple(e for _, e in sorted(zip(thresholds, events)))
+
+    @model_validator(mode="after")
+    def _window_needs_as_of(self) -> "CalibrationJob":
+        if self.window_days is not None and self.as_of is None:
+            raise ValueError("window_days needs as_of: the window ends at as_of")
+        return self
+
+    @property
+    def job_id(self) -> str:
+        """A stable id derived from the job's content: same content, same id."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return "cj-" + hashlib.sha256(canonical.encode()).hexdigest()[:24]
+
+    @property
+    def thresholds(self) -> tuple[int, ...]:
+        return tuple(event_threshold(e) for e in self.events)
+
+    def to_message(self) -> dict[str, Any]:
+        """The JSON-ready message sent to a worker, with its id."""
+        return {"job_id": self.job_id, **self.model_dump(mode="json")}
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    REJECTED = "rejected"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.REJECTED)
+
+
+class Progress(BaseModel):
+    """How far a running job has got."""
+
+    model_config = ConfigDict(frozen=True)
+
+    phase: str = Field(description="load, compile, warmup, sampling, diagnostics or write")
+    fraction: float = Field(0.0, ge=0.0, le=1.0, description="done share of the current phase")
+    draws_done: int = 0
+    draws_total: int = 0
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class JobStatus(BaseModel):
+    """calq's own durable record of a job (Celery reports unknown ids as PENDING)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    archetype: ArchetypeOrAll
+    state: JobState
+    progress: Progress | None = None
+    reason: str | None = None
+    deliveries: int = 0
+    worker: str | None = None
+    submitted_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    summary_uri: str | None = None
+    posterior_uri: str | None = None

@@ -1,0 +1,149 @@
+"""calq's settings: one pydantic-settings object, read once per process.
+
+Every value comes from a ``CALQ_``-prefixed environment variable (or a
+``.env`` file in the working directory); nested groups use ``__``, e.g.
+``CALQ_SAMPLER__CHAINS=2``. Tests build ``Settings(**overrides)`` instead of
+patching the environment; code that runs in a process calls
+:func:`get_settings`.
+
+Leaving ``CALQ_BROKER_URL`` unset selects the *embedded* mode: every command
+runs in-process on the local store, with no Redis or S3.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_STORE = "./calq-store"
+
+
+def redact_url(url: str | None) -> str | None:
+    """``url`` with any password replaced by ``***``, safe to print or log."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def storage_url_from(value: str) -> str:
+    """Normalise a storage location to a URL: a bare path becomes ``file://``."""
+    if "://" in value:
+        return value.rstrip("/")
+    return "file://" + os.path.abspath(os.path.expanduser(value))
+
+
+class SamplerDefaults(BaseModel):
+    """Sampler settings a job gets when its producer names none."""
+
+    model_config = ConfigDict(frozen=True)
+
+    warmup: int = Field(500, ge=1)
+    samples: int = Field(1000, ge=1)
+    chains: int = Field(4, ge=1, le=64)
+
+
+class S3Settings(BaseModel):
+    """Endpoint and credentials for ``s3://`` storage (MinIO or AWS)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    endpoint_url: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    region: str | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CALQ_",
+        env_file=".env",
+        env_nested_delimiter="__",
+        extra="ignore",
+        frozen=True,
+    )
+
+    broker_url: SecretStr | None = Field(
+        None, description="Redis URL of the Celery broker; unset means embedded, in-process mode."
+    )
+    result_backend: SecretStr | None = Field(
+        None, description="Celery result backend URL; defaults to the broker URL."
+    )
+    storage_url: str = Field(
+        DEFAULT_STORE, description="Where datasets, posteriors and summaries live: a folder, file:// or s3://."
+    )
+    s3: S3Settings = S3Settings()
+    sampler: SamplerDefaults = SamplerDefaults()
+
+    job_time_limit_s: int = Field(3600, ge=1, description="Hard wall-clock limit of one job.")
+    visibility_timeout_s: int = Field(
+        6 * 3600,
+        ge=60,
+        description="Redis redelivers an unacknowledged job after this long; must exceed queue wait plus run time.",
+    )
+    max_deliveries: int = Field(3, ge=1, description="Deliveries of one job before it is dead-lettered.")
+    compile_cache_dir: Path | None = Field(
+        Path("~/.cache/calq/jax").expanduser(),
+        description="JAX persistent compilation cache; empty to disable.",
+    )
+    log_level: str = "INFO"
+
+    @field_validator("storage_url")
+    @classmethod
+    def _normalise_storage(cls, value: str) -> str:
+        return storage_url_from(value)
+
+    @field_validator("compile_cache_dir", mode="before")
+    @classmethod
+    def _empty_disables_cache(cls, value: object) -> object:
+        return None if value in ("", None) else value
+
+    @model_validator(mode="after")
+    def _visibility_outlasts_jobs(self) -> "Settings":
+        if self.visibility_timeout_s <= self.job_time_limit_s:
+            raise ValueError(
+                "visibility_timeout_s must exceed job_time_limit_s, or Redis redelivers running jobs"
+            )
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker is configured: jobs run in this process."""
+        return self.broker_url is None
+
+    def broker(self) -> str:
+        if self.broker_url is None:
+            raise ValueError("no broker configured (set CALQ_BROKER_URL)")
+        return self.broker_url.get_secret_value()
+
+    def backend(self) -> str:
+        return self.result_backend.get_secret_value() if self.result_backend else self.broker()
+
+    def public(self) -> dict[str, object]:
+        """The settings as a dict that is safe to print: passwords are masked."""
+        data = self.model_dump(mode="json")
+        data["broker_url"] = redact_url(self.broker_url.get_secret_value()) if self.broker_url else None
+        data["result_backend"] = (
+            redact_url(self.result_backend.get_secret_value()) if self.result_backend else None
+        )
+        data["storage_url"] = redact_url(self.storage_url)
+        if self.s3.secret_access_key is not None:
+            data["s3"]["secret_access_key"] = "***"
+        return data
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read from the environment on first use."""
+    return Settings()

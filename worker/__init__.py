@@ -1,0 +1,1 @@
+"""The worker side of calq: a thin Celery shell over :mod:`shared.engine`."""
