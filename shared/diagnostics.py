@@ -1,0 +1,94 @@
+"""MCMC diagnostics and parameter summaries, from an InferenceData.
+
+Layers as in arviz-stats: ArviZ computes the kernels (rank-normalised split
+R-hat, bulk and tail ESS, HDI, BFMI); this module turns them into the
+summary's records. It takes any InferenceData with the calq posterior layout,
+so it is tested on posteriors built from seeded random arrays, with no
+sampler in the loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import arviz as az
+import numpy as np
+
+from shared.sampler import MAX_TREE_DEPTH
+from shared.summary import Diagnostics, ParameterSummary
+
+HDI_PROB = 0.94
+SUMMARISED = ("alpha_arch", "beta_arch", "sigma_alpha", "sigma_log_beta", "alpha_track", "beta_track")
+
+
+def parameter_summaries(idata: az.InferenceData, *, var_names=SUMMARISED) -> list[ParameterSummary]:
+    """Mean, sd, 94 % HDI, R-hat and bulk/tail ESS of every scalar parameter."""
+    post = idata.posterior[list(var_names)]
+    mean = post.mean(("chain", "draw"))
+    sd = post.std(("chain", "draw"), ddof=1)
+    hdi = az.hdi(post, hdi_prob=HDI_PROB)
+    rhat = az.rhat(post, method="rank")
+    ess_bulk = az.ess(post, method="bulk")
+    ess_tail = az.ess(post, method="tail")
+
+    records = []
+    for name in var_names:
+        da = post[name]
+        other_dims = [d for d in da.dims if d not in ("chain", "draw")]
+        for index in np.ndindex(*[da.sizes[d] for d in other_dims]):
+            sel = {d: i for d, i in zip(other_dims, index)}
+            labels = {d: str(da[d].values[i]) for d, i in sel.items()}
+            name_coords = ", ".join(labels.values())
+            records.append(
+                ParameterSummary(
+                    name=f"{name}[{name_coords}]",
+                    parameter=name,
+                    event=labels["event"],
+                    archetype=labels.get("archetype"),
+                    track=labels.get("track"),
+                    mean=_f(mean[name].isel(sel)),
+                    sd=_f(sd[name].isel(sel)),
+                    hdi_low=_f(hdi[name].isel(sel).sel(hdi="lower")),
+                    hdi_high=_f(hdi[name].isel(sel).sel(hdi="higher")),
+                    r_hat=_f(rhat[name].isel(sel)),
+                    ess_bulk=_f(ess_bulk[name].isel(sel)),
+                    ess_tail=_f(ess_tail[name].isel(sel)),
+                )
+            )
+    return records
+
+
+def sampler_diagnostics(
+    idata: az.InferenceData, parameters: list[ParameterSummary], *, sample_seconds: float
+) -> Diagnostics:
+    """Run-level diagnostics: worst R-hat and ESS, divergences, BFMI, tree depth."""
+    stats = idata.sample_stats
+    chains, draws = stats.sizes["chain"], stats.sizes["draw"]
+    bfmi = [float(b) for b in np.atleast_1d(az.bfmi(idata))] if draws > 1 else [math.nan] * chains
+    min_ess_bulk = min((p.ess_bulk for p in parameters), default=math.nan)
+    return Diagnostics(
+        chains=chains,
+        draws=draws,
+        max_rhat=_worst(p.r_hat for p in parameters),
+        min_ess_bulk=min_ess_bulk,
+        min_ess_tail=min((p.ess_tail for p in parameters), default=math.nan),
+        divergences=int(stats["diverging"].sum()),
+        bfmi=bfmi,
+        min_bfmi=min(bfmi),
+        max_tree_depth=MAX_TREE_DEPTH,
+        tree_depth_hits=int(stats["reached_max_treedepth"].sum()),
+        mean_leapfrog_steps=float(stats["n_steps"].mean()),
+        ess_bulk_per_second=min_ess_bulk / sample_seconds if sample_seconds > 0 else math.nan,
+    )
+
+
+def _worst(values) -> float:
+    """The largest R-hat; NaN (a constant chain) counts as the worst."""
+    values = list(values)
+    if any(math.isnan(v) for v in values):
+        return math.inf
+    return max(values, default=math.nan)
+
+
+def _f(value) -> float:
+    return float(np.asarray(value))

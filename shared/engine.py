@@ -1,0 +1,210 @@
+"""The calibration run: ``calibrate(dataset, job) -> (InferenceData, CalibrationSummary)``.
+
+A pure function of its inputs: no Celery, no Redis, no storage. The worker
+and the embedded mode both call it; it is tested directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import arviz as az
+import jax.numpy as jnp
+import numpy as np
+import xarray as xr
+
+import shared
+from shared import diagnostics
+from shared.dataset import EventRows, event_rows, select_archetypes, select_window, validate
+from shared.domain import archetypes_of
+from shared.errors import InvalidDataset
+from shared.evaluation import ensemble_scores, event_calibration, joint_events
+from shared.inference import build_inference_data, calibrated_probability_mean, logit
+from shared.job import CalibrationJob, Progress, utcnow
+from shared.model import ModelData, ModelShape, choose_centering
+from shared.sampler import Bucket, bucket_rows, bucket_tracks, chains_in_parallel, chunk_length, sampler_for
+from shared.summary import CalibrationSummary, ConvergenceCriteria, Timings
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A job's data, ready for its compiled sampler."""
+
+    window: xr.Dataset
+    rows: EventRows
+    data: ModelData
+    bucket: Bucket
+
+
+def prepare(ds: xr.Dataset, job: CalibrationJob) -> Prepared:
+    """Select the job's races, flatten them to rows and pad them to a bucket.
+
+    Raises :class:`InvalidDataset` when the window holds no race of the job's archetypes.
+    """
+    archetypes = archetypes_of(job.archetype)
+    window = select_archetypes(select_window(ds, as_of=job.as_of, window_days=job.window_days), archetypes)
+    if window.sizes["race"] == 0:
+        span = f"before {job.as_of}" if job.as_of else "in the dataset"
+        if job.window_days:
+            span += f" within {job.window_days} days"
+        raise InvalidDataset([f"no races of archetype {job.archetype} {span}"])
+    present = [a for a in archetypes if a in set(window["archetype"].values.astype(str))]
+    rows = event_rows(window, events=job.events, archetypes=present)
+    rows_per_track = rows.n_rows / max(1, len(rows.tracks) * len(rows.events))
+    shape = ModelShape(
+        n_events=len(rows.events),
+        n_archetypes=len(rows.archetypes),
+        n_tracks=bucket_tracks(len(rows.tracks)),
+        centered=choose_centering(rows_per_track),
+    )
+    bucket = Bucket(
+        shape=shape,
+        n_rows=bucket_rows(rows.n_rows),
+        chains=job.sampler.chains,
+        warmup=job.sampler.warmup,
+        chunk=chunk_length(job.sampler.warmup, job.sampler.samples),
+        parallel=chains_in_parallel(job.sampler.chains),
+    )
+    return Prepared(window=window, rows=rows, data=pad(rows, bucket), bucket=bucket)
+
+
+def pad(rows: EventRows, bucket: Bucket) -> ModelData:
+    """The rows as model arrays, padded to the bucket (padding masked out)."""
+    n, N, K = rows.n_rows, bucket.n_rows, bucket.shape.n_tracks
+
+    def padded(values: np.ndarray, dtype, fill=0) -> jnp.ndarray:
+        out = np.full(N, fill, dtype=dtype)
+        out[:n] = values
+        return jnp.asarray(out)
+
+    track_archetype = np.zeros(K, np.int32)
+    track_archetype[: len(rows.tracks)] = rows.track_archetype
+    return ModelData(
+        x=padded(logit(rows.p), np.float32),
+        y=padded(rows.y, np.int32),
+        event=padded(rows.event, np.int32),
+        track=padded(rows.track, np.int32),
+        mask=padded(np.ones(n, bool), bool, False),
+        track_archetype=jnp.asarray(track_archetype),
+        track_real=jnp.asarray(np.arange(K) < len(rows.tracks)),
+    )
+
+
+def track_labels(rows: EventRows) -> list[str]:
+    """Track names, disambiguated by archetype where one name recurs under two."""
+    names = list(rows.tracks)
+    return [
+        f"{name} ({rows.archetypes[a]})" if names.count(name) > 1 else name
+        for name, a in zip(names, rows.track_archetype)
+    ]
+
+
+def calibrate(
+    dataset: xr.Dataset,
+    job: CalibrationJob,
+    *,
+    on_progress: ProgressCallback | None = None,
+    deadline: float | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    criteria: ConvergenceCriteria = ConvergenceCriteria(),
+    load_s: float = 0.0,
+) -> tuple[az.InferenceData, CalibrationSummary]:
+    """Fit the calibration model for ``job`` on ``dataset`` with NUTS.
+
+    The dataset is validated for the job's archetype first (bad data raises
+    :class:`InvalidDataset`). Progress is reported through ``on_progress``;
+    ``deadline`` (a ``time.monotonic()`` instant) and ``cancelled`` are
+    checked between sampling chunks. Non-convergence is reported in the
+    summary (``converged`` and ``convergence_issues``), never raised.
+    ``load_s`` is the caller's time spent loading the dataset, for the summary.
+    """
+    notify = on_progress or (lambda _: None)
+    validate(dataset, archetype=job.archetype)
+    prepared = prepare(dataset, job)
+    rows = prepared.rows
+    log.info(
+        "job %s: %d rows, %d races, %d tracks, bucket %s",
+        job.job_id, rows.n_rows, len(rows.races), len(rows.tracks), prepared.bucket,
+    )
+
+    notify(Progress(phase="compile"))
+    sampler = sampler_for(prepared.bucket)
+    draws = sampler.run(
+        prepared.data,
+        seed=job.sampler.seed,
+        samples=job.sampler.samples,
+        on_progress=notify,
+        deadline=deadline,
+        cancelled=cancelled,
+    )
+
+    notify(Progress(phase="diagnostics"))
+    t0 = time.perf_counter()
+    labelled = EventRows(**{**rows.__dict__, "tracks": tuple(track_labels(rows))})
+    idata = build_inference_data(
+        draws,
+        labelled,
+        seed=job.sampler.seed,
+        attrs={
+            "job_id": job.job_id,
+            "job": job.model_dump(mode="json"),
+            "model_version": job.model_version,
+            "calq_version": shared.__version__,
+            "centered": int(prepared.bucket.shape.centered),
+            "inference_library": "numpyro",
+        },
+    )
+    parameters = diagnostics.parameter_summaries(idata)
+    diag = diagnostics.sampler_diagnostics(idata, parameters, sample_seconds=draws.sample_s)
+    issues = criteria.issues(diag)
+    q_mean = calibrated_probability_mean(draws.params, rows)
+    archetypes = list(rows.archetypes)
+    summary = CalibrationSummary(
+        job_id=job.job_id,
+        archetype=job.archetype,
+        archetypes=archetypes,
+        events=list(job.events),
+        model_version=job.model_version,
+        dataset_uri=job.dataset_uri,
+        dataset_sha256=job.dataset_sha256,
+        as_of=job.as_of,
+        window_days=job.window_days,
+        data_through=_last_race_date(prepared.window),
+        sampler=job.sampler,
+        centered=prepared.bucket.shape.centered,
+        n_rows=rows.n_rows,
+        n_races=len(rows.races),
+        tracks={
+            a: [t for t, ta in zip(labelled.tracks, rows.track_archetype) if ta == i]
+            for i, a in enumerate(archetypes)
+        },
+        converged=not issues,
+        convergence_issues=issues,
+        diagnostics=diag,
+        parameters=parameters,
+        calibration=event_calibration(rows, q_mean),
+        ensemble=ensemble_scores(prepared.window, archetypes),
+        joint_events=joint_events(prepared.window, job.events),
+        timings=Timings(
+            load_s=load_s,
+            compile_s=draws.compile_s,
+            sample_s=draws.sample_s,
+            diagnostics_s=time.perf_counter() - t0,
+        ),
+        created_at=utcnow(),
+        calq_version=shared.__version__,
+    )
+    if issues:
+        log.warning("job %s did not converge: %s", job.job_id, "; ".join(issues))
+    return idata, summary
+
+
+def _last_race_date(ds: xr.Dataset):
+    return np.datetime64(ds["race_date"].values.max(), "D").astype(object)

@@ -1,0 +1,97 @@
+"""The forecast-quality sections of a summary: events, points ensemble, joint events.
+
+Each function takes the data a job fitted and returns the summary's records;
+the scoring kernels live in :mod:`shared.metrics`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import xarray as xr
+
+from shared import metrics
+from shared.dataset import EventRows
+from shared.domain import event_threshold
+from shared.summary import EnsembleScores, EventCalibration, ForecastScores
+
+COVERAGE_LEVELS = (0.5, 0.8, 0.95)
+
+
+def _scores(p: np.ndarray, y: np.ndarray) -> ForecastScores:
+    curve = metrics.reliability_curve(p, y)
+    return ForecastScores(
+        brier=metrics.brier_score(p, y),
+        log_loss=metrics.log_loss(p, y),
+        ece=curve.expected_calibration_error,
+        reliability=curve.to_dict(),
+    )
+
+
+def event_calibration(rows: EventRows, q_mean: np.ndarray) -> list[EventCalibration]:
+    """Raw forecasts p against calibrated q, per archetype and event.
+
+    ``q_mean`` is the posterior-mean calibrated probability of each row. The
+    comparison is in-sample: it shows how much the model moved the forecasts,
+    not a held-out score (a backfill gives the out-of-sample view).
+    """
+    row_archetype = np.asarray(rows.track_archetype)[rows.track]
+    records = []
+    for a, archetype in enumerate(rows.archetypes):
+        for e, event in enumerate(rows.events):
+            sel = (row_archetype == a) & (rows.event == e)
+            if not sel.any():
+                continue
+            y = rows.y[sel].astype(np.float64)
+            records.append(
+                EventCalibration(
+                    event=event,
+                    archetype=archetype,
+                    n=int(sel.sum()),
+                    base_rate=float(y.mean()),
+                    raw=_scores(rows.p[sel], y),
+                    calibrated=_scores(q_mean[sel], y),
+                )
+            )
+    return records
+
+
+def ensemble_scores(ds: xr.Dataset, archetypes: Sequence[str]) -> list[EnsembleScores]:
+    """CRPS, log score and interval coverage of ``sim_points`` against ``points``.
+
+    Empty when the dataset carries no points.
+    """
+    if "sim_points" not in ds or "points" not in ds:
+        return []
+    records = []
+    for archetype in archetypes:
+        sub = ds.sel(race=ds["archetype"].values == archetype)
+        if sub.sizes["race"] == 0:
+            continue
+        # members on the last axis: [race, driver, scenario]
+        members = sub["sim_points"].transpose("race", "driver", "scenario").values
+        observed = sub["points"].transpose("race", "driver").values
+        n = int(np.isfinite(observed).sum())
+        cover = metrics.coverage(observed, members, levels=COVERAGE_LEVELS)
+        records.append(
+            EnsembleScores(
+                archetype=archetype,
+                n=n,
+                crps=float(np.nanmean(metrics.crps_ensemble(observed, members))),
+                log_score=float(np.nanmean(metrics.log_score(observed, members))),
+                coverage={f"{level:g}": float(value) for level, value in cover.items()},
+            )
+        )
+    return records
+
+
+def joint_events(ds: xr.Dataset, events: Sequence[str]) -> list[dict]:
+    """Pairwise co-hit calibration per archetype and event (see :func:`metrics.joint_event_validation`)."""
+    results = metrics.joint_event_validation(
+        ds["sim_position"].transpose("race", "scenario", "driver").values,
+        ds["finish_position"].transpose("race", "driver").values,
+        thresholds=[event_threshold(e) for e in events],
+        groups=ds["archetype"].values.astype(str),
+    )
+    return [r.to_dict() for r in results]

@@ -1,0 +1,102 @@
+"""Running one job end to end: fetch → validate → calibrate → write → summary.
+
+The Celery task and the embedded (in-process) mode both call :func:`run_job`.
+The posterior is written in full before the summary, and the summary only
+after that, so a reader never finds a summary whose posterior is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from shared.dataset import open_dataset
+from shared.engine import calibrate
+from shared.job import CalibrationJob, Progress
+from shared.settings import Settings
+from shared.storage import Store, posterior_key, summary_key
+from shared.summary import CalibrationSummary, ConvergenceCriteria
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[Progress], None]
+
+_process_ready = False
+
+
+def prepare_process(settings: Settings) -> None:
+    """Once per process, before the first job: turn on the persistent compile cache.
+
+    Also imports the heavy libraries (JAX, NumPyro, ArviZ) now rather than
+    inside the first job, so their cost is paid at start-up.
+    """
+    global _process_ready
+    if _process_ready:
+        return
+    from shared import sampler
+
+    sampler.enable_compile_cache(settings.compile_cache_dir)
+    _process_ready = True
+
+
+def run_job(
+    job: CalibrationJob,
+    *,
+    store: Store,
+    settings: Settings,
+    on_progress: ProgressCallback | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    criteria: ConvergenceCriteria = ConvergenceCriteria(),
+) -> CalibrationSummary:
+    """Run ``job`` and store its posterior and summary; return the summary.
+
+    The job's time limit (its own, or the settings' default) is enforced
+    between sampling chunks. Errors propagate as calq's typed exceptions:
+    bad input as :class:`~shared.errors.RejectedError`, storage outages as
+    :class:`~shared.errors.StorageUnavailable`.
+    """
+    prepare_process(settings)
+    notify = on_progress or (lambda _: None)
+    started = time.perf_counter()
+    limit = job.time_limit_s or settings.job_time_limit_s
+    deadline = time.monotonic() + limit
+
+    notify(Progress(phase="load"))
+    path = store.fetch_dataset(job.dataset_uri, job.dataset_sha256)
+    dataset = open_dataset(path, archetype=job.archetype)
+    load_s = time.perf_counter() - started
+
+    idata, summary = calibrate(
+        dataset,
+        job,
+        on_progress=notify,
+        deadline=deadline,
+        cancelled=cancelled,
+        criteria=criteria,
+        load_s=load_s,
+    )
+
+    notify(Progress(phase="write"))
+    t0 = time.perf_counter()
+    archetype = job.archetype
+    posterior_uri = store.put_netcdf(idata, posterior_key(archetype, job.job_id))
+    summary_uri = store.uri(summary_key(archetype, job.job_id))
+    write_s = time.perf_counter() - t0
+    timings = summary.timings.model_copy(
+        update={"write_s": write_s, "total_s": time.perf_counter() - started}
+    )
+    summary = summary.model_copy(
+        update={"posterior_uri": posterior_uri, "summary_uri": summary_uri, "timings": timings}
+    )
+    store.put_bytes(summary_key(archetype, job.job_id), summary.model_dump_json(indent=2).encode())
+    log.info(
+        "job %s finished in %.1f s (converged=%s): %s",
+        job.job_id, timings.total_s, summary.converged, posterior_uri,
+    )
+    return summary
+
+
+def read_summary(store: Store, uri: str) -> CalibrationSummary:
+    """The summary stored at ``uri``."""
+    return CalibrationSummary.model_validate_json(store.get_bytes(uri))

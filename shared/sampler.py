@@ -1,0 +1,289 @@
+"""NUTS compiled once per bucket, run in chunks.
+
+NumPyro's ``MCMC`` compiles anew for every object, process and data shape
+(pyro-ppl/numpyro#514). A worker runs many jobs, so calq drives NumPyro's
+functional NUTS kernel itself:
+
+- data are padded to a few bucket sizes (:func:`bucket_rows`,
+  :func:`bucket_tracks`) and passed as *dynamic* arguments, so datasets of
+  different sizes share one compiled sampler;
+- a :class:`CompiledSampler` per bucket is cached for the life of the process,
+  and JAX's persistent compilation cache (:func:`enable_compile_cache`) makes
+  a restarted worker warm too;
+- warmup and sampling run as a sequence of fixed-length chunks (one
+  ``lax.scan`` each): between chunks the caller hears progress and the job's
+  time limit and cancellation are checked — Celery's solo pool cannot
+  enforce time limits itself (celery/celery#8395).
+
+Chains run in parallel over devices when there are enough (host devices on
+a CPU, forced with ``--xla_force_host_platform_device_count``), else
+vectorised on one device.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro.infer.hmc import hmc
+from numpyro.infer.util import initialize_model
+
+from shared.errors import JobCancelled, JobTimeLimitExceeded
+from shared.job import Progress
+from shared.model import ModelData, ModelShape, calibration_model
+
+log = logging.getLogger(__name__)
+
+MAX_TREE_DEPTH = 10
+TARGET_ACCEPT = 0.8
+MIN_ROW_BUCKET = 1024
+CHUNKS_PER_RUN = 20
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def bucket_rows(n: int) -> int:
+    """Padded row count: the next size in a √2-geometric ladder from 1024, in multiples of 256."""
+    size = MIN_ROW_BUCKET
+    k = 0
+    while size < n:
+        k += 1
+        size = int(math.ceil(MIN_ROW_BUCKET * 2 ** (k / 2) / 256) * 256)
+    return size
+
+
+def bucket_tracks(n: int) -> int:
+    """Padded track count: the next power of two, at least 4."""
+    return max(4, 1 << max(0, n - 1).bit_length())
+
+
+def chunk_length(warmup: int, samples: int) -> int:
+    """Steps per chunk: about :data:`CHUNKS_PER_RUN` chunks a run, a multiple of 10."""
+    return max(10, int(math.ceil((warmup + samples) / CHUNKS_PER_RUN / 10) * 10))
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Everything static about a compiled sampler."""
+
+    shape: ModelShape
+    n_rows: int
+    chains: int
+    warmup: int
+    chunk: int
+    parallel: bool
+
+
+@dataclass
+class Draws:
+    """What a run produced, as numpy arrays of shape (chain, draw, ...)."""
+
+    params: dict[str, np.ndarray]
+    stats: dict[str, np.ndarray]
+    compile_s: float
+    sample_s: float
+
+
+def enable_compile_cache(folder: Path | str | None) -> None:
+    """Turn on JAX's persistent compilation cache in ``folder`` (None: leave it off).
+
+    The folder should be local and owned by this worker: parallel writers to
+    one cache can corrupt it (jax-ml/jax#22718).
+    """
+    if folder is None:
+        return
+    path = Path(folder).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+class CompileCounter:
+    """Counts XLA backend compiles in this process (for tests and benchmarks)."""
+
+    _EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.seconds = 0.0
+        self._lock = threading.Lock()
+
+    def __call__(self, event: str, duration: float, **_: object) -> None:
+        if event == self._EVENT:
+            with self._lock:
+                self.count += 1
+                self.seconds += duration
+
+
+COMPILES = CompileCounter()
+jax.monitoring.register_event_duration_secs_listener(COMPILES)
+
+
+def _stats_of(state) -> dict[str, jnp.ndarray]:
+    return {
+        "diverging": state.diverging,
+        "n_steps": state.num_steps,
+        "energy": state.energy,
+        "lp": -state.potential_energy,
+        "acceptance_rate": state.accept_prob,
+        "step_size": state.adapt_state.step_size,
+    }
+
+
+class CompiledSampler:
+    """A NUTS sampler for one :class:`Bucket`, compiled on first use and then reused."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        self.bucket = bucket
+        self._lock = threading.Lock()
+        model = functools.partial(calibration_model, shape=bucket.shape)
+        info = initialize_model(
+            jax.random.PRNGKey(0), model, model_args=(self._dummy_data(),), dynamic_args=True
+        )
+        self._param_template = info.param_info.z
+        self._postprocess_gen = info.postprocess_fn
+        self._init_kernel, self._sample_kernel = hmc(potential_fn_gen=info.potential_fn, algo="NUTS")
+        self._init, self._chunk = self._build()
+        self._compiled: tuple | None = None
+
+    def _dummy_data(self) -> ModelData:
+        b = self.bucket
+        K = b.shape.n_tracks
+        return ModelData(
+            x=jnp.zeros(b.n_rows, jnp.float32),
+            y=jnp.zeros(b.n_rows, jnp.int32),
+            event=jnp.zeros(b.n_rows, jnp.int32),
+            track=jnp.zeros(b.n_rows, jnp.int32),
+            mask=jnp.zeros(b.n_rows, bool),
+            track_archetype=jnp.zeros(K, jnp.int32),
+            track_real=jnp.zeros(K, bool),
+        )
+
+    def _build(self):
+        warmup, length = self.bucket.warmup, self.bucket.chunk
+        template = self._param_template
+
+        def init_one(key, data):
+            init_key, kernel_key = jax.random.split(key)
+            leaves, treedef = jax.tree_util.tree_flatten(template)
+            keys = jax.random.split(init_key, len(leaves))
+            # init_to_uniform(radius=2) in the unconstrained space, as NumPyro does by default.
+            params = treedef.unflatten(
+                [jax.random.uniform(k, jnp.shape(v), minval=-2.0, maxval=2.0) for k, v in zip(keys, leaves)]
+            )
+            return self._init_kernel(
+                params,
+                warmup,
+                target_accept_prob=TARGET_ACCEPT,
+                max_tree_depth=MAX_TREE_DEPTH,
+                model_args=(data,),
+                rng_key=kernel_key,
+            )
+
+        def chunk_one(state, data):
+            constrain = self._postprocess_gen(data)
+
+            def step(state, _):
+                state = self._sample_kernel(state, model_args=(data,))
+                return state, (constrain(state.z), _stats_of(state))
+
+            return jax.lax.scan(step, state, None, length=length)
+
+        if self.bucket.parallel:
+            return (
+                jax.pmap(init_one, in_axes=(0, None)),
+                jax.pmap(chunk_one, in_axes=(0, None)),
+            )
+        return (
+            jax.jit(jax.vmap(init_one, in_axes=(0, None))),
+            jax.jit(jax.vmap(chunk_one, in_axes=(0, None))),
+        )
+
+    def compile(self, data: ModelData) -> tuple:
+        """Compile (or fetch from the persistent cache) both kernels, once."""
+        with self._lock:
+            if self._compiled is None:
+                keys = jax.random.split(jax.random.PRNGKey(0), self.bucket.chains)
+                init = self._init.lower(keys, data).compile()
+                state = jax.eval_shape(self._init, keys, data)
+                chunk = self._chunk.lower(state, data).compile()
+                self._compiled = (init, chunk)
+            return self._compiled
+
+    def run(
+        self,
+        data: ModelData,
+        *,
+        seed: int,
+        samples: int,
+        on_progress: ProgressCallback | None = None,
+        deadline: float | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Draws:
+        """Run warmup then ``samples`` draws per chain; return the post-warmup draws.
+
+        ``deadline`` is a ``time.monotonic()`` instant; passing it raises
+        :class:`JobTimeLimitExceeded` at the next chunk boundary, as does
+        ``cancelled()`` returning True with :class:`JobCancelled`.
+        """
+        b = self.bucket
+        t0 = time.perf_counter()
+        init, chunk = self.compile(data)
+        compile_s = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        keys = jax.random.split(jax.random.PRNGKey(seed), b.chains)
+        state = init(keys, data)
+        total = b.warmup + samples
+        n_chunks = math.ceil(total / b.chunk)
+        params_parts, stats_parts = [], []
+        for i in range(n_chunks):
+            _check_limits(deadline, cancelled)
+            state, (params, stats) = chunk(state, data)
+            done = min((i + 1) * b.chunk, total)
+            if (i + 1) * b.chunk > b.warmup:
+                params_parts.append(jax.device_get(params))
+                stats_parts.append(jax.device_get(stats))
+            if on_progress is not None:
+                on_progress(_progress(done, b.warmup, samples))
+        first = (math.floor(b.warmup / b.chunk)) * b.chunk  # step index of the first kept chunk
+        skip = b.warmup - first
+        params = {k: np.concatenate([p[k] for p in params_parts], axis=1)[:, skip : skip + samples] for k in params_parts[0]}
+        stats = {k: np.concatenate([s[k] for s in stats_parts], axis=1)[:, skip : skip + samples] for k in stats_parts[0]}
+        return Draws(params=params, stats=stats, compile_s=compile_s, sample_s=time.perf_counter() - t1)
+
+
+def _check_limits(deadline: float | None, cancelled: Callable[[], bool] | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise JobTimeLimitExceeded("the job ran past its time limit while sampling")
+    if cancelled is not None and cancelled():
+        raise JobCancelled("the job was cancelled while sampling")
+
+
+def _progress(done: int, warmup: int, samples: int) -> Progress:
+    if done <= warmup:
+        return Progress(phase="warmup", fraction=done / warmup, draws_done=0, draws_total=samples)
+    drawn = min(done - warmup, samples)
+    return Progress(phase="sampling", fraction=drawn / samples, draws_done=drawn, draws_total=samples)
+
+
+@functools.lru_cache(maxsize=32)
+def sampler_for(bucket: Bucket) -> CompiledSampler:
+    """The process-wide sampler of a bucket (built once, compiled on first run)."""
+    log.info("building sampler for %s", bucket)
+    return CompiledSampler(bucket)
+
+
+def chains_in_parallel(chains: int) -> bool:
+    """Parallel over devices when every chain gets its own device, else vectorised."""
+    return chains > 1 and jax.local_device_count() >= chains
