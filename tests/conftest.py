@@ -10,6 +10,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 
 import pytest  # noqa: E402
 
+pytest_plugins = ["tests.services"]
+
 from shared.settings import Settings  # noqa: E402
 
 
