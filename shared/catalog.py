@@ -1,0 +1,176 @@
+"""The catalog of finished calibrations: the store is the source of truth.
+
+Every job that succeeds leaves two objects side by side in the store::
+
+    posteriors/{archetype}/{job_id}.nc     the posterior (written first)
+    posteriors/{archetype}/{job_id}.json   its CalibrationSummary
+
+:class:`Catalog` reads those summaries back. The ``latest`` pointer of an
+(archetype, event) pair names the summary the optimizer should use; the job
+registry keeps it for quick reads, and :meth:`Catalog.latest_pointers`
+rebuilds it from the summaries alone, by the same rule (:func:`is_newer`),
+after Redis lost it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from datetime import date, datetime, timezone
+from typing import Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from shared.domain import ARCHETYPES
+from shared.errors import NotFound
+from shared.storage import Store, summary_key
+from shared.summary import CalibrationSummary
+
+log = logging.getLogger(__name__)
+
+POSTERIORS_PREFIX = "posteriors"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class _Dated(Protocol):
+    job_id: str
+    data_through: date
+    created_at: datetime
+
+
+class LatestPointer(BaseModel):
+    """Which calibration is the current one for an (archetype, event) pair."""
+
+    model_config = ConfigDict(frozen=True)
+
+    archetype: str
+    event: str
+    job_id: str
+    summary_uri: str | None = None
+    posterior_uri: str | None = None
+    data_through: date
+    created_at: datetime
+
+    @classmethod
+    def of(cls, summary: CalibrationSummary, archetype: str, event: str) -> "LatestPointer":
+        """The pointer to ``summary`` for one of its archetypes and events."""
+        if archetype not in summary.archetypes:
+            raise ValueError(f"job {summary.job_id} did not fit archetype {archetype!r}")
+        if event not in summary.events:
+            raise ValueError(f"job {summary.job_id} did not fit event {event!r}")
+        return cls(
+            archetype=archetype,
+            event=event,
+            job_id=summary.job_id,
+            summary_uri=summary.summary_uri,
+            posterior_uri=summary.posterior_uri,
+            data_through=summary.data_through,
+            created_at=summary.created_at,
+        )
+
+    @property
+    def slot(self) -> tuple[str, str]:
+        """``(archetype, event)``: the key this pointer is stored under."""
+        return (self.archetype, self.event)
+
+
+def _utc(moment: datetime) -> datetime:
+    # A naive timestamp is taken as UTC, so naive and aware ones compare.
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+
+
+def _rank(item: _Dated) -> tuple[date, datetime, str]:
+    return (item.data_through, _utc(item.created_at), item.job_id)
+
+
+def is_newer(
+    candidate: CalibrationSummary | LatestPointer,
+    current: LatestPointer | CalibrationSummary | None,
+) -> bool:
+    """Whether ``candidate`` should replace ``current`` as the latest calibration.
+
+    The rule: a later ``data_through`` (the date of the latest race the fit
+    saw) wins; on the same ``data_through`` the later ``created_at`` wins;
+    on the same instant the larger ``job_id`` wins, so every process picks
+    the same one. Anything is newer than nothing; nothing is newer than
+    itself. Naive timestamps count as UTC.
+    """
+    if current is None:
+        return True
+    return _rank(candidate) > _rank(current)
+
+
+def pointers_for(summary: CalibrationSummary) -> list[LatestPointer]:
+    """One pointer per (archetype, event) the summary fitted; none if it did not converge."""
+    if not summary.converged:
+        return []
+    return [LatestPointer.of(summary, a, e) for a in summary.archetypes for e in summary.events]
+
+
+def newest_pointers(pointers: Iterable[LatestPointer]) -> dict[tuple[str, str], LatestPointer]:
+    """The newest pointer (by :func:`is_newer`) of each (archetype, event)."""
+    best: dict[tuple[str, str], LatestPointer] = {}
+    for pointer in pointers:
+        if is_newer(pointer, best.get(pointer.slot)):
+            best[pointer.slot] = pointer
+    return best
+
+
+class Catalog:
+    """Read access to the summaries in a store (``posteriors/*/*.json``)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def __repr__(self) -> str:
+        return f"Catalog({self.store!r})"
+
+    def summaries(self) -> Iterator[CalibrationSummary]:
+        """Every readable summary in the store, in URI order.
+
+        A summary that cannot be read or fails the schema is skipped with a
+        warning: one bad file must not hide all the others. ``summary_uri``
+        and ``posterior_uri`` are filled in from where the file lies when the
+        stored summary lacks them.
+        """
+        for uri in self.store.list(POSTERIORS_PREFIX):
+            if not uri.endswith(".json"):
+                continue
+            try:
+                summary = self._read(uri)
+            except Exception as exc:  # noqa: BLE001 - log and go on with the rest
+                log.warning("skipping unreadable summary %s: %s: %s", uri, type(exc).__name__, exc)
+                continue
+            yield summary
+
+    def summary(self, job_id: str) -> CalibrationSummary:
+        """The summary of ``job_id``; NotFound if the store holds none."""
+        if _SAFE_ID.match(job_id):
+            for archetype in ("all", *ARCHETYPES):
+                uri = self.store.uri(summary_key(archetype, job_id))
+                try:
+                    return self._read(uri)
+                except NotFound:
+                    continue
+        raise NotFound(f"no summary for job {job_id!r} in {self.store.uri(POSTERIORS_PREFIX)}")
+
+    def latest_pointers(self) -> dict[tuple[str, str], LatestPointer]:
+        """The latest pointer of every (archetype, event), rebuilt from the stored summaries.
+
+        Only converged summaries count, and of those the newest by
+        :func:`is_newer` — the rule the job registry applies as jobs finish.
+        """
+        return newest_pointers(p for s in self.summaries() for p in pointers_for(s))
+
+    def _read(self, uri: str) -> CalibrationSummary:
+        summary = CalibrationSummary.model_validate(self.store.get_json(uri))
+        update: dict[str, str] = {}
+        if summary.summary_uri is None:
+            update["summary_uri"] = uri
+        if summary.posterior_uri is None:
+            update["posterior_uri"] = uri[: -len(".json")] + ".nc"
+        return summary.model_copy(update=update) if update else summary
+
+
+__all__ = ["Catalog", "LatestPointer", "is_newer", "newest_pointers", "pointers_for"]

@@ -1,0 +1,460 @@
+"""Job records and latest pointers: one set of semantics over every backend.
+
+Each test runs on RedisRegistry over fakeredis (fast), on RedisRegistry over
+a real redis-server (``integration``) and on StoreRegistry over a folder.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import date, timedelta
+
+import pytest
+
+from shared.catalog import Catalog
+from shared.errors import BrokerUnavailable, NotFound
+from shared.job import CalibrationJob, JobState, JobStatus, Progress
+from shared.registry import JobRegistry, RedisRegistry, StoreRegistry, WaitTimeout
+from shared.storage import Store
+from shared.summary import CalibrationSummary
+from tests.test_catalog import T0, make_summary
+
+
+@dataclass
+class Backend:
+    kind: str
+    registry: JobRegistry
+    flush: Callable[[], None]  # lose every record and pointer (Redis FLUSHALL)
+    client: object = None
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    return Store(str(tmp_path / "store"), cache_dir=tmp_path / "cache")
+
+
+def _open(kind: str, request: pytest.FixtureRequest, store: Store) -> Iterator[Backend]:
+    if kind == "store":
+
+        def flush() -> None:
+            for uri in store.list("jobs") + store.list("latest"):
+                store.delete(uri)
+
+        yield Backend(kind, StoreRegistry(store), flush)
+        return
+    if kind == "fakeredis":
+        import fakeredis
+
+        client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    else:
+        import redis
+
+        client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+    try:
+        yield Backend(kind, RedisRegistry(client, prefix="t"), client.flushall, client)
+    finally:
+        client.close()
+
+
+REAL_REDIS = pytest.param("redis", marks=pytest.mark.integration)
+
+
+@pytest.fixture(params=["fakeredis", REAL_REDIS, "store"])
+def backend(request: pytest.FixtureRequest, store: Store) -> Iterator[Backend]:
+    yield from _open(request.param, request, store)
+
+
+@pytest.fixture(params=["fakeredis", REAL_REDIS])
+def redis_backend(request: pytest.FixtureRequest, store: Store) -> Iterator[Backend]:
+    yield from _open(request.param, request, store)
+
+
+def make_job(seed: int = 0, archetype: str = "intermediate") -> CalibrationJob:
+    return CalibrationJob(
+        archetype=archetype,
+        dataset_uri="file:///data/races.nc",
+        dataset_sha256="ab" * 32,
+        events=("top_5",),
+        sampler={"warmup": 10, "samples": 10, "chains": 1, "seed": seed},
+    )
+
+
+# -- claim ---------------------------------------------------------------------
+
+
+def test_claim_creates_once_and_deduplicates(backend: Backend) -> None:
+    reg, job = backend.registry, make_job()
+    first, created = reg.claim(job)
+    assert created and first.state is JobState.QUEUED and first.job_id == job.job_id
+    assert first.archetype == "intermediate" and first.submitted_at is not None
+    again, created_again = reg.claim(job)
+    assert not created_again and again == first
+    assert reg.get(job.job_id) == first
+
+
+def test_claim_of_a_running_or_succeeded_job_is_not_repeated(backend: Backend) -> None:
+    reg, job = backend.registry, make_job()
+    reg.claim(job)
+    reg.mark_running(job.job_id, worker="w1")
+    status, created = reg.claim(job)
+    assert not created and status.state is JobState.RUNNING
+    reg.succeed(job.job_id, make_summary(job.job_id))
+    status, created = reg.claim(job)
+    assert not created and status.state is JobState.SUCCEEDED
+
+
+def test_rejected_stays_rejected(backend: Backend) -> None:
+    reg, job = backend.registry, make_job()
+    reg.claim(job)
+    reg.reject(job.job_id, "dataset hash mismatch")
+    status, created = reg.claim(job)
+    assert not created
+    assert status.state is JobState.REJECTED and status.reason == "dataset hash mismatch"
+
+
+def test_failed_is_requeued_with_reason_and_deliveries_reset(backend: Backend) -> None:
+    reg, job = backend.registry, make_job()
+    reg.claim(job)
+    reg.mark_running(job.job_id, worker="w1")
+    assert reg.record_delivery(job.job_id) == 1
+    assert reg.record_delivery(job.job_id) == 2
+    reg.fail(job.job_id, "time limit of 60 s exceeded")
+    failed = reg.get(job.job_id)
+    assert failed.state is JobState.FAILED and failed.deliveries == 2
+
+    status, created = reg.claim(job)
+    assert created
+    assert status.state is JobState.QUEUED
+    assert status.reason is None and status.deliveries == 0 and status.worker is None
+    assert status.finished_at is None and status.started_at is None
+    assert reg.get(job.job_id) == status
+    assert reg.record_delivery(job.job_id) == 1  # counting starts over
+    assert reg.claim(job)[1] is False  # and it is queued once, not twice
+
+
+def test_get_unknown_raises_not_found_and_find_returns_none(backend: Backend) -> None:
+    reg = backend.registry
+    with pytest.raises(NotFound, match="cj-unknown"):
+        reg.get("cj-unknown")
+    assert reg.find("cj-unknown") is None
+    assert reg.find("../../etc/passwd") is None
+
+
+# -- transitions ---------------------------------------------------------------
+
+
+def test_life_of_a_job(backend: Backend) -> None:
+    reg, job = backend.registry, make_job()
+    reg.claim(job)
+    running = reg.mark_running(job.job_id, worker="worker-1@host")
+    assert running is not None and running.state is JobState.RUNNING
+    assert running.worker == "worker-1@host" and running.started_at is not None and running.finished_at is None
+
+    step = Progress(phase="sampling", fraction=0.5, draws_done=5, draws_total=10)
+    reg.progress(job.job_id, step)
+    status = reg.get(job.job_id)
+    assert status.progress == step and status.state is JobState.RUNNING and status.worker == "worker-1@host"
+
+    summary = make_summary(job.job_id)
+    summary = summary.model_copy(update={"summary_uri": "file:///s/x.json", "posterior_uri": "file:///s/x.nc"})
+    done = reg.succeed(job.job_id, summary)
+    assert done.state is JobState.SUCCEEDED and done.finished_at is not None
+    assert done.summary_uri == "file:///s/x.json" and done.posterior_uri == "file:///s/x.nc"
+    assert done.progress == step and done.started_at == running.started_at  # untouched fields stay
+    assert reg.get(job.job_id) == done
+    assert reg.latest("intermediate", "top_5").job_id == job.job_id
+
+
+@pytest.mark.parametrize("finish", ["fail", "reject"])
+def test_finishing_with_a_reason(backend: Backend, finish: str) -> None:
+    reg, job = backend.registry, make_job()
+    reg.claim(job)
+    reg.mark_running(job.job_id, worker="w")
+    getattr(reg, finish)(job.job_id, "it broke")
+    status = reg.get(job.job_id)
+    assert status.state is (JobState.FAILED if finish == "fail" else JobState.REJECTED)
+    assert status.reason == "it broke" and status.finished_at is not None and status.worker == "w"
+
+
+def test_nonsense_transition_is_written_with_a_warning(backend: Backend, caplog) -> None:
+    reg, job = backend.registry, make_job()
+    reg.claim(job)
+    reg.reject(job.job_id, "bad input")
+    with caplog.at_level("WARNING", logger="shared.registry"):
+        status = reg.succeed(job.job_id, make_summary(job.job_id))
+    assert status.state is JobState.SUCCEEDED and reg.get(job.job_id).state is JobState.SUCCEEDED
+    assert "rejected to succeeded" in caplog.text
+
+
+def test_updates_without_a_record_never_raise(backend: Backend, caplog) -> None:
+    reg = backend.registry
+    with caplog.at_level("WARNING", logger="shared.registry"):
+        assert reg.mark_running("cj-ghost", worker="w") is None
+        assert reg.progress("cj-ghost", Progress(phase="load")) is None
+        assert reg.fail("cj-ghost", "x") is None
+    assert "cj-ghost" in caplog.text
+    assert reg.find("cj-ghost") is None
+    # A success without a record still counts: the record is created from the summary.
+    status = reg.succeed("cj-ghost", make_summary("cj-ghost"))
+    assert status.state is JobState.SUCCEEDED and reg.get("cj-ghost").archetype == "intermediate"
+    assert reg.latest("intermediate", "top_5").job_id == "cj-ghost"
+
+
+def test_record_delivery_counts_per_attempt(backend: Backend) -> None:
+    reg, job = backend.registry, make_job()
+    reg.claim(job)
+    assert [reg.record_delivery(job.job_id) for _ in range(3)] == [1, 2, 3]
+    assert reg.get(job.job_id).deliveries == 3
+    assert reg.record_delivery(job.job_id, attempt=1) == 1
+    assert reg.get(job.job_id).deliveries == 1
+    assert reg.record_delivery("cj-no-record") == 1  # counted even without a record
+
+
+# -- latest pointers -----------------------------------------------------------
+
+
+def test_latest_moves_only_forward_and_only_when_converged(backend: Backend) -> None:
+    reg = backend.registry
+    assert reg.latest("intermediate", "top_5") is None
+    base = make_summary("cj-base", data_through=date(2024, 5, 8))
+    assert [p.job_id for p in reg.update_latest(base)] == ["cj-base"]
+
+    older = make_summary("cj-older", data_through=date(2024, 5, 1), created_at=T0 + timedelta(days=1))
+    assert reg.update_latest(older) == []
+    diverged = make_summary("cj-diverged", data_through=date(2024, 5, 15), converged=False)
+    assert reg.update_latest(diverged) == []
+    assert reg.latest("intermediate", "top_5").job_id == "cj-base"
+
+    rerun = make_summary("cj-rerun", data_through=date(2024, 5, 8), created_at=T0 + timedelta(hours=1))
+    assert len(reg.update_latest(rerun)) == 1
+    assert reg.latest("intermediate", "top_5").job_id == "cj-rerun"
+
+
+def test_an_all_summary_moves_every_archetype_it_fitted(backend: Backend) -> None:
+    reg = backend.registry
+    newer_intermediate = make_summary("cj-int", data_through=date(2024, 6, 1))
+    reg.update_latest(newer_intermediate)
+    everything = make_summary("cj-all", archetype="all", events=("top_1", "top_5"), data_through=date(2024, 5, 1))
+    moved = reg.update_latest(everything)
+    assert len(moved) == 7  # 4 archetypes x 2 events, less intermediate/top_5
+    latest = reg.latest_all()
+    assert len(latest) == 8
+    assert latest[("intermediate", "top_5")].job_id == "cj-int"
+    assert latest[("intermediate", "top_1")].job_id == "cj-all"
+    assert latest[("road_course", "top_5")].job_id == "cj-all"
+    assert latest[("road_course", "top_5")] == reg.latest("road_course", "top_5")
+
+
+def test_succeed_of_a_non_converged_job_leaves_latest_alone(backend: Backend) -> None:
+    reg, job = backend.registry, make_job()
+    reg.claim(job)
+    reg.succeed(job.job_id, make_summary(job.job_id, converged=False))
+    assert reg.get(job.job_id).state is JobState.SUCCEEDED
+    assert reg.latest_all() == {}
+
+
+def test_rebuild_latest_after_a_flush_restores_pointers_from_the_store(backend: Backend, store: Store) -> None:
+    reg = backend.registry
+    for summary in (
+        make_summary("cj-old", data_through=date(2024, 5, 1), store=store),
+        make_summary("cj-new", data_through=date(2024, 5, 8), store=store),
+        make_summary("cj-bad", data_through=date(2024, 5, 9), converged=False, store=store),
+        make_summary("cj-all", archetype="all", data_through=date(2024, 5, 2), store=store),
+    ):
+        reg.update_latest(summary)
+    before = reg.latest_all()
+    assert before[("intermediate", "top_5")].job_id == "cj-new" and len(before) == 4
+
+    backend.flush()
+    assert reg.latest_all() == {}
+    assert reg.rebuild_latest(Catalog(store)) == 4
+    assert reg.latest_all() == before
+
+
+def test_rebuild_latest_drops_pointers_the_store_does_not_back(backend: Backend, store: Store) -> None:
+    reg = backend.registry
+    reg.update_latest(make_summary("cj-gone", data_through=date(2025, 1, 1)))  # not in the store
+    kept = make_summary("cj-kept", store=store)
+    assert reg.rebuild_latest(Catalog(store)) == 1
+    assert reg.latest("intermediate", "top_5").job_id == kept.job_id
+
+
+# -- waiting -------------------------------------------------------------------
+
+
+def test_wait_returns_when_the_job_finishes_and_reports_changes(backend: Backend) -> None:
+    reg, job = backend.registry, make_job()
+    reg.claim(job)
+
+    def work() -> None:
+        time.sleep(0.1)
+        reg.mark_running(job.job_id, worker="w")
+        time.sleep(0.2)
+        reg.succeed(job.job_id, make_summary(job.job_id))
+
+    seen: list[JobStatus] = []
+    worker = threading.Thread(target=work)
+    start = time.monotonic()
+    worker.start()
+    try:
+        final = reg.wait(job.job_id, timeout=5, on_update=seen.append, poll_s=2.0)
+    finally:
+        worker.join()
+    elapsed = time.monotonic() - start
+    assert final.state is JobState.SUCCEEDED
+    assert [s.state for s in seen] == [JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED]
+    # poll_s is 2 s: finishing well before that means the change woke the wait.
+    assert elapsed < 1.5
+
+
+def test_wait_polls_when_no_message_comes(backend: Backend) -> None:
+    reg, job = backend.registry, make_job()
+    reg.claim(job)
+    if isinstance(reg, RedisRegistry):  # finish it behind the registry's back: no message
+        key = f"{reg.prefix}:job:{job.job_id}"
+        done = reg.get(job.job_id).model_copy(update={"state": JobState.FAILED, "reason": "x"})
+        threading.Timer(0.2, lambda: backend.client.set(key, done.model_dump_json())).start()
+    else:
+        other = StoreRegistry(Store(reg.store.url))  # another registry, same store
+        threading.Timer(0.2, lambda: other.fail(job.job_id, "x")).start()
+    final = reg.wait(job.job_id, timeout=5, poll_s=0.1)
+    assert final.state is JobState.FAILED
+
+
+def test_wait_times_out_with_the_last_state(backend: Backend) -> None:
+    reg, job = backend.registry, make_job()
+    reg.claim(job)
+    reg.mark_running(job.job_id, worker="w")
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="still running") as info:
+        reg.wait(job.job_id, timeout=0.3, poll_s=0.1)
+    assert 0.25 < time.monotonic() - start < 2
+    assert isinstance(info.value, WaitTimeout) and info.value.status.state is JobState.RUNNING
+
+
+def test_wait_on_an_unknown_job_raises_not_found(backend: Backend) -> None:
+    with pytest.raises(NotFound):
+        backend.registry.wait("cj-unknown", timeout=1)
+
+
+# -- concurrency ---------------------------------------------------------------
+
+
+def test_concurrent_claims_create_exactly_one_record(backend: Backend) -> None:
+    reg, job = backend.registry, make_job()
+    barrier = threading.Barrier(8)
+    results: list[bool] = []
+
+    def claim() -> None:
+        barrier.wait()
+        results.append(reg.claim(job)[1])
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False] * 7 + [True]
+
+
+def test_concurrent_requeue_of_a_failed_job_happens_once(backend: Backend) -> None:
+    reg, job = backend.registry, make_job()
+    reg.claim(job)
+    reg.fail(job.job_id, "worker lost")
+    barrier = threading.Barrier(8)
+    results: list[bool] = []
+
+    def claim() -> None:
+        barrier.wait()
+        results.append(reg.claim(job)[1])
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False] * 7 + [True]
+    assert reg.get(job.job_id).state is JobState.QUEUED
+
+
+def test_concurrent_latest_updates_keep_the_newest(backend: Backend) -> None:
+    reg = backend.registry
+    summaries = [
+        make_summary(f"cj-{i:02d}", archetype="all", data_through=date(2024, 5, 1) + timedelta(days=i % 5),
+                     created_at=T0 + timedelta(seconds=i))
+        for i in range(16)
+    ]
+    newest = max(summaries, key=lambda s: (s.data_through, s.created_at))
+    for _ in range(3):
+        backend.flush()
+        barrier = threading.Barrier(len(summaries))
+
+        def update(summary: CalibrationSummary) -> None:
+            barrier.wait()
+            reg.update_latest(summary)
+
+        threads = [threading.Thread(target=update, args=(s,)) for s in reversed(summaries)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert {p.job_id for p in reg.latest_all().values()} == {newest.job_id}
+        assert len(reg.latest_all()) == 4
+
+
+# -- Redis only ----------------------------------------------------------------
+
+
+def test_state_changes_are_published(redis_backend: Backend) -> None:
+    reg, job = redis_backend.registry, make_job()
+    pubsub = reg.subscribe()
+    try:
+        reg.claim(job)
+        reg.mark_running(job.job_id, worker="w")
+        reg.progress(job.job_id, Progress(phase="warmup", fraction=0.25))
+        reg.fail(job.job_id, "boom")
+        messages = []
+        deadline = time.monotonic() + 2
+        while len(messages) < 4 and time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=0.5)
+            if message and message["type"] == "message":
+                assert message["channel"] in (b"t:jobs", "t:jobs")
+                messages.append(json.loads(message["data"]))
+    finally:
+        pubsub.close()
+    assert [m["state"] for m in messages] == ["queued", "running", "running", "failed"]
+    assert {m["job_id"] for m in messages} == {job.job_id}
+    assert "progress" not in messages[0]
+    assert messages[2]["progress"]["phase"] == "warmup" and messages[2]["progress"]["fraction"] == 0.25
+
+
+def test_records_and_delivery_counters_expire(redis_backend: Backend) -> None:
+    reg, job, client = redis_backend.registry, make_job(), redis_backend.client
+    reg.claim(job)
+    reg.mark_running(job.job_id, worker="w")
+    reg.record_delivery(job.job_id, attempt=2)
+    assert 0 < client.ttl(f"t:job:{job.job_id}") <= reg.record_ttl_s
+    assert 0 < client.ttl(f"t:deliveries:{job.job_id}:2") <= reg.record_ttl_s
+    assert json.loads(client.get(f"t:job:{job.job_id}"))["state"] == "running"
+
+
+def test_unreachable_redis_is_broker_unavailable_without_the_password() -> None:
+    import redis
+
+    from tests.services import free_port
+
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    reg = RedisRegistry(redis.Redis.from_url(url, socket_connect_timeout=0.5), url=url)
+    for call in (lambda: reg.find("cj-x"), lambda: reg.claim(make_job()), lambda: reg.latest_all()):
+        with pytest.raises(BrokerUnavailable) as info:
+            call()
+        assert "hunter2" not in str(info.value) and "127.0.0.1" in str(info.value)
+    assert "hunter2" not in repr(reg)
+    described = RedisRegistry(redis.Redis.from_url(url, socket_connect_timeout=0.5))
+    with pytest.raises(BrokerUnavailable) as info:
+        described.get("cj-x")
+    assert "hunter2" not in str(info.value)
