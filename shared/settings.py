@@ -15,10 +15,13 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.summary import ConvergenceCriteria
 
 DEFAULT_STORE = "./calq-store"
 
@@ -85,6 +88,10 @@ class Settings(BaseSettings):
     )
     s3: S3Settings = S3Settings()
     sampler: SamplerDefaults = SamplerDefaults()
+    convergence: ConvergenceCriteria = ConvergenceCriteria()
+    default_queue: Literal["calq.gpu", "calq.cpu"] = Field(
+        "calq.cpu", description="Queue of submitted jobs; GPU workers serve both queues, CPU workers calq.cpu."
+    )
 
     job_time_limit_s: int = Field(3600, ge=1, description="Hard wall-clock limit of one job.")
     visibility_timeout_s: int = Field(

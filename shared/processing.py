@@ -1,0 +1,296 @@
+"""What a worker does with one job message: a pure function, tested without Celery.
+
+:func:`process` turns a message into a job record's final state::
+
+    message ──parse──▶ invalid ─────────────────────────────▶ rejected
+       │
+       ├─ record already succeeded (duplicate delivery) ─────▶ stored summary
+       ├─ delivered more than max_deliveries times ──────────▶ failed (dead-letter)
+       └─ run_job ─▶ summary ───────────────────────────────▶ succeeded
+                 └─▶ exception, by shared.errors.classify:
+                       REJECT ──────────────────────────────▶ rejected
+                       FAIL ────────────────────────────────▶ failed
+                       RETRY ───────────────────────────────▶ raised (the task retries)
+
+It returns the Celery task result (a JSON-ready dict) and raises only
+:class:`~shared.errors.RetryableError`: a transient fault that is not one
+already (a dropped Redis connection) is wrapped into one, so the task's
+``autoretry_for`` sees every retryable outcome.
+
+Redelivery is normal with late acks: the same message can arrive again after
+a worker was lost, or after ``visibility_timeout``. Job ids are derived from
+content and every write is atomic, so running a job twice is harmless, and a
+job that already succeeded is never run again.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pydantic
+
+from shared.errors import JobFailed, NotFound, Outcome, RetryableError, classify
+from shared.job import CalibrationJob, JobState, JobStatus, Progress
+from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from shared.storage import Store
+    from shared.summary import CalibrationSummary
+
+# shared.runner (and through it JAX, NumPyro, ArviZ) is imported inside the
+# functions that run a job: importing this module must not initialise JAX in a
+# process that may fork.
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 0.5
+MAX_REASON_CHARS = 2000
+
+#: The id of the job this thread is running, for :class:`JobIdFilter`.
+current_job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("calq_job_id", default=None)
+
+
+class Registry(Protocol):
+    """The part of ``shared.registry.RedisRegistry`` the handler uses."""
+
+    def claim(self, job: CalibrationJob) -> tuple[JobStatus, bool]: ...
+    def find(self, job_id: str) -> JobStatus | None: ...
+    def mark_running(self, job_id: str, *, worker: str) -> Any: ...
+    def progress(self, job_id: str, progress: Progress) -> Any: ...
+    def succeed(self, job_id: str, summary: CalibrationSummary) -> Any: ...
+    def fail(self, job_id: str, reason: str) -> Any: ...
+    def reject(self, job_id: str, reason: str) -> Any: ...
+    def record_delivery(self, job_id: str, attempt: int = 0) -> int: ...
+
+
+class JobIdFilter(logging.Filter):
+    """Adds ``record.job_id`` (the running job's id, or ``-``) to every log record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "job_id"):
+            record.job_id = current_job_id.get() or "-"
+        return True
+
+
+class JobLog(logging.LoggerAdapter):
+    """A logger with the job id bound as ``record.job_id`` (the worker's log format shows it)."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs["extra"] = {**(kwargs.get("extra") or {}), **self.extra}
+        return msg, kwargs
+
+
+def status_dict(job_id: str | None, state: JobState | str, reason: str | None = None) -> dict[str, Any]:
+    """The task result of a job that did not produce a summary."""
+    return {"job_id": job_id, "state": JobState(state).value, "reason": reason}
+
+
+def validation_reason(exc: pydantic.ValidationError) -> str:
+    """A pydantic error as one compact line: ``field: problem; other.field: problem``."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in err.get("loc", ())) or "message"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return _clip("invalid job message: " + "; ".join(parts))
+
+
+def _clip(reason: str) -> str:
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 1] + "…"
+
+
+class ProgressThrottle:
+    """Forwards progress to ``sink`` on every phase change, else at most every ``interval_s``.
+
+    A failing sink (Redis blip) is logged once and never stops the job:
+    progress is best-effort, the final state is not.
+    """
+
+    def __init__(
+        self,
+        sink: Callable[[Progress], Any],
+        *,
+        interval_s: float = PROGRESS_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+        logger: logging.Logger | logging.LoggerAdapter = log,
+    ) -> None:
+        self._sink, self._interval, self._clock, self._log = sink, interval_s, clock, logger
+        self._phase: str | None = None
+        self._last = float("-inf")
+        self._warned = False
+
+    def __call__(self, progress: Progress) -> None:
+        now = self._clock()
+        if progress.phase == self._phase and now - self._last < self._interval:
+            return
+        self._phase, self._last = progress.phase, now
+        try:
+            self._sink(progress)
+        except Exception as exc:  # progress must never fail the job
+            if not self._warned:
+                self._log.warning("could not record progress (%s: %s); carrying on", type(exc).__name__, exc)
+                self._warned = True
+
+
+def process(
+    message: Mapping[str, Any],
+    *,
+    registry: Registry,
+    store: Store,
+    settings: Settings,
+    worker: str,
+    attempt: int = 0,
+    cancelled: Callable[[], bool] | None = None,
+    on_progress: Callable[[Progress], Any] | None = None,
+) -> dict[str, Any]:
+    """Run the job in ``message`` once, record its outcome, return the task result.
+
+    Returns the summary as a JSON-ready dict on success (also for a duplicate
+    delivery of a job that already succeeded), or :func:`status_dict` for a
+    rejected or failed job. Raises :class:`~shared.errors.RetryableError`
+    for transient faults, and nothing else for bad input.
+
+    ``cancelled`` is polled between sampling chunks; ``on_progress`` sees
+    the same (throttled) progress as the registry, after it is recorded.
+    """
+    try:
+        return _process(
+            message, registry=registry, store=store, settings=settings,
+            worker=worker, attempt=attempt, cancelled=cancelled, on_progress=on_progress,
+        )
+    except RetryableError:
+        raise
+    except Exception as exc:
+        # A transient fault outside calq's own tree (e.g. redis.ConnectionError
+        # from the registry): make it one the task's autoretry_for catches.
+        if classify(exc) is Outcome.RETRY:
+            raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
+        raise
+
+
+def _process(
+    message: Mapping[str, Any],
+    *,
+    registry: Registry,
+    store: Store,
+    settings: Settings,
+    worker: str,
+    attempt: int,
+    cancelled: Callable[[], bool] | None,
+    on_progress: Callable[[Progress], Any] | None,
+) -> dict[str, Any]:
+    claimed_id = message.get("job_id") if isinstance(message, Mapping) else None
+    claimed_id = claimed_id if isinstance(claimed_id, str) and claimed_id else None
+    try:
+        job = CalibrationJob.model_validate(message)
+    except pydantic.ValidationError as exc:
+        return _reject_message(registry, claimed_id, validation_reason(exc))
+
+    job_id = job.job_id
+    jlog = JobLog(log, {"job_id": job_id})
+    token = current_job_id.set(job_id)
+    try:
+        record = registry.find(job_id)
+        if record is None:
+            # Sent without going through the producer (or its record expired): make one.
+            jlog.warning("no record for this job; creating one")
+            record, _ = registry.claim(job)
+
+        if record.state is JobState.SUCCEEDED:
+            done = _stored_summary(store, record, jlog)
+            if done is not None:
+                jlog.info("already succeeded; duplicate delivery not run again")
+                return done
+
+        deliveries = registry.record_delivery(job_id, attempt)
+        if deliveries > settings.max_deliveries:
+            reason = (
+                f"dead-lettered after {deliveries - 1} deliveries: the worker was lost while "
+                "running it (killed or out of memory)"
+            )
+            jlog.error("%s", reason)
+            registry.fail(job_id, reason)
+            return status_dict(job_id, JobState.FAILED, reason)
+
+        return _run(job, registry=registry, store=store, settings=settings, worker=worker,
+                    attempt=attempt, deliveries=deliveries, cancelled=cancelled,
+                    on_progress=on_progress, jlog=jlog)
+    finally:
+        current_job_id.reset(token)
+
+
+def _run(
+    job: CalibrationJob,
+    *,
+    registry: Registry,
+    store: Store,
+    settings: Settings,
+    worker: str,
+    attempt: int,
+    deliveries: int,
+    cancelled: Callable[[], bool] | None,
+    on_progress: Callable[[Progress], Any] | None,
+    jlog: JobLog,
+) -> dict[str, Any]:
+    from shared import runner
+
+    job_id = job.job_id
+    try:
+        registry.mark_running(job_id, worker=worker)
+        jlog.info(
+            "running %s on %s (attempt %d, delivery %d)", job.archetype, worker, attempt + 1, deliveries
+        )
+        def record(progress: Progress) -> None:
+            registry.progress(job_id, progress)
+            if on_progress is not None:
+                on_progress(progress)
+
+        throttle = ProgressThrottle(record, logger=jlog)
+        summary = runner.run_job(job, store=store, settings=settings, on_progress=throttle, cancelled=cancelled)
+        registry.succeed(job_id, summary)
+    except Exception as exc:
+        outcome = classify(exc)
+        if outcome is Outcome.RETRY:
+            jlog.warning("transient fault, will retry: %s: %s", type(exc).__name__, exc)
+            raise
+        if outcome is Outcome.REJECT:
+            reason = _clip(str(exc))
+            jlog.warning("rejected: %s", reason)
+            registry.reject(job_id, reason)
+            return status_dict(job_id, JobState.REJECTED, reason)
+        reason = _clip(f"{type(exc).__name__}: {exc}")
+        # Failures calq raises on purpose (time limit, cancelled) need no traceback.
+        jlog.error("failed: %s", reason, exc_info=not isinstance(exc, JobFailed))
+        registry.fail(job_id, reason)
+        return status_dict(job_id, JobState.FAILED, reason)
+    jlog.info("succeeded (converged=%s)", summary.converged)
+    return summary.model_dump(mode="json")
+
+
+def _reject_message(registry: Registry, job_id: str | None, reason: str) -> dict[str, Any]:
+    log.warning("rejecting message%s: %s", f" for {job_id}" if job_id else " without a job_id", reason)
+    if job_id is not None:
+        try:
+            registry.reject(job_id, reason)
+        except NotFound:
+            log.warning("no record of %s to mark rejected", job_id)
+    return status_dict(job_id, JobState.REJECTED, reason)
+
+
+def _stored_summary(store: Store, record: JobStatus, jlog: JobLog) -> dict[str, Any] | None:
+    """The summary of a job that already succeeded, or None if it cannot be read (then rerun)."""
+    if not record.summary_uri:
+        jlog.warning("record says succeeded but names no summary; running again")
+        return None
+    from shared import runner
+
+    try:
+        return runner.read_summary(store, record.summary_uri).model_dump(mode="json")
+    except NotFound:
+        jlog.warning("summary %s is gone; running again", record.summary_uri)
+    except (pydantic.ValidationError, ValueError) as exc:
+        jlog.warning("summary %s is unreadable (%s); running again", record.summary_uri, exc)
+    return None

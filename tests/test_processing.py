@@ -1,0 +1,506 @@
+"""shared.processing.process without Celery, the Celery app's configuration, and the task shell.
+
+The registry is an in-memory fake with the RedisRegistry interface; the
+store is a real local Store in a tmp folder; ``shared.runner.run_job`` is
+replaced by a fake that writes a prepared summary (or raises), so no JAX runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.exceptions
+
+import shared.runner
+from shared.errors import (
+    InvalidDataset,
+    JobTimeLimitExceeded,
+    NotFound,
+    RetryableError,
+    StorageUnavailable,
+)
+from shared.job import CalibrationJob, JobState, JobStatus, Progress, SamplerSettings, utcnow
+from shared.settings import Settings
+from shared.storage import Store, posterior_key, summary_key
+from shared.summary import CalibrationSummary, Diagnostics, Timings
+from worker import app as app_module
+from shared import processing as handler
+from shared.processing import ProgressThrottle, process, status_dict
+
+SHA = "ab" * 32
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- fakes -----------------------------------------------------------------------
+
+
+class FakeRegistry:
+    """The RedisRegistry interface, in memory."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, JobStatus] = {}
+        self.deliveries: dict[tuple[str, int], int] = {}
+        self.progress_seen: list[Progress] = []
+        self.calls: list[tuple[str, str]] = []
+
+    def _update(self, job_id: str, **changes: Any) -> JobStatus:
+        record = self.get(job_id).model_copy(update=changes)
+        self.records[job_id] = record
+        return record
+
+    def claim(self, job: CalibrationJob) -> tuple[JobStatus, bool]:
+        self.calls.append(("claim", job.job_id))
+        if job.job_id in self.records:
+            return self.records[job.job_id], False
+        record = JobStatus(job_id=job.job_id, archetype=job.archetype, state=JobState.QUEUED, submitted_at=utcnow())
+        self.records[job.job_id] = record
+        return record, True
+
+    def get(self, job_id: str) -> JobStatus:
+        try:
+            return self.records[job_id]
+        except KeyError:
+            raise NotFound(f"no job {job_id}") from None
+
+    def find(self, job_id: str) -> JobStatus | None:
+        return self.records.get(job_id)
+
+    def mark_running(self, job_id: str, *, worker: str) -> None:
+        self.calls.append(("mark_running", job_id))
+        self._update(job_id, state=JobState.RUNNING, worker=worker, started_at=utcnow())
+
+    def progress(self, job_id: str, progress: Progress) -> None:
+        self.progress_seen.append(progress)
+        self._update(job_id, progress=progress)
+
+    def succeed(self, job_id: str, summary: CalibrationSummary) -> None:
+        self.calls.append(("succeed", job_id))
+        self._update(
+            job_id, state=JobState.SUCCEEDED, summary_uri=summary.summary_uri,
+            posterior_uri=summary.posterior_uri, finished_at=utcnow(),
+        )
+
+    def fail(self, job_id: str, reason: str) -> None:
+        self.calls.append(("fail", job_id))
+        self._update(job_id, state=JobState.FAILED, reason=reason, finished_at=utcnow())
+
+    def reject(self, job_id: str, reason: str) -> None:
+        self.calls.append(("reject", job_id))
+        self._update(job_id, state=JobState.REJECTED, reason=reason, finished_at=utcnow())
+
+    def record_delivery(self, job_id: str, attempt: int = 0) -> int:
+        key = (job_id, attempt)
+        self.deliveries[key] = self.deliveries.get(key, 0) + 1
+        self._update(job_id, deliveries=self.deliveries[key])
+        return self.deliveries[key]
+
+
+def make_job(**over: Any) -> CalibrationJob:
+    fields = {
+        "archetype": "superspeedway",
+        "dataset_uri": f"file:///data/datasets/{SHA}.nc",
+        "dataset_sha256": SHA,
+        "sampler": SamplerSettings(warmup=10, samples=10, chains=1),
+    }
+    return CalibrationJob(**{**fields, **over})
+
+
+def make_summary(job: CalibrationJob, store: Store) -> CalibrationSummary:
+    return CalibrationSummary(
+        job_id=job.job_id,
+        archetype=job.archetype,
+        archetypes=[job.archetype],
+        events=list(job.events),
+        model_version=job.model_version,
+        dataset_uri=job.dataset_uri,
+        dataset_sha256=job.dataset_sha256,
+        data_through=date(2024, 2, 19),
+        sampler=job.sampler,
+        centered=True,
+        n_rows=120,
+        n_races=3,
+        tracks={job.archetype: ["Daytona"]},
+        converged=True,
+        diagnostics=Diagnostics(
+            chains=1, draws=10, max_rhat=1.0, min_ess_bulk=400.0, min_ess_tail=400.0, divergences=0,
+            bfmi=[1.0], min_bfmi=1.0, max_tree_depth=10, tree_depth_hits=0, mean_leapfrog_steps=7.0,
+            ess_bulk_per_second=100.0,
+        ),
+        parameters=[],
+        calibration=[],
+        timings=Timings(total_s=1.0),
+        posterior_uri=store.uri(posterior_key(job.archetype, job.job_id)),
+        summary_uri=store.uri(summary_key(job.archetype, job.job_id)),
+        created_at=datetime(2024, 3, 1, tzinfo=timezone.utc),
+        calq_version="test",
+    )
+
+
+class FakeRunJob:
+    """Stands in for shared.runner.run_job: reports progress, writes the summary, or raises."""
+
+    def __init__(self, *, raises: BaseException | None = None) -> None:
+        self.raises = raises
+        self.calls: list[str] = []
+
+    def __call__(self, job, *, store, settings, on_progress=None, cancelled=None, **_):
+        self.calls.append(job.job_id)
+        notify = on_progress or (lambda _: None)
+        notify(Progress(phase="load"))
+        for i in range(50):  # a burst within one phase: throttled
+            notify(Progress(phase="warmup", fraction=i / 50))
+        notify(Progress(phase="sampling", fraction=0.0))
+        if self.raises is not None:
+            raise self.raises
+        summary = make_summary(job, store)
+        store.put_bytes(summary_key(job.archetype, job.job_id), summary.model_dump_json().encode())
+        return summary
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(str(tmp_path / "store"), cache_dir=tmp_path / "cache")
+
+
+@pytest.fixture
+def registry() -> FakeRegistry:
+    return FakeRegistry()
+
+
+@pytest.fixture
+def job(registry: FakeRegistry) -> CalibrationJob:
+    job = make_job()
+    registry.claim(job)  # what the producer does before sending
+    return job
+
+
+def install(monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> FakeRunJob:
+    fake = FakeRunJob(**kwargs)
+    monkeypatch.setattr(shared.runner, "run_job", fake)
+    return fake
+
+
+def run(message: Any, registry: FakeRegistry, store: Store, settings: Settings, **kw: Any) -> dict[str, Any]:
+    return process(message, registry=registry, store=store, settings=settings, worker="calq-cpu0@test", **kw)
+
+
+# -- process ---------------------------------------------------------------------
+
+
+def test_success_records_summary_and_returns_it(monkeypatch, job, registry, store, settings):
+    fake = install(monkeypatch)
+    observed: list[str] = []
+    result = run(job.to_message(), registry, store, settings, on_progress=lambda p: observed.append(p.phase))
+
+    assert fake.calls == [job.job_id]
+    record = registry.get(job.job_id)
+    assert record.state is JobState.SUCCEEDED
+    assert record.worker == "calq-cpu0@test"
+    assert record.summary_uri == store.uri(summary_key(job.archetype, job.job_id))
+    assert result == make_summary(job, store).model_dump(mode="json")
+    assert result["job_id"] == job.job_id and result["converged"] is True
+    assert [c[0] for c in registry.calls] == ["claim", "mark_running", "succeed"]
+    # Phase changes all reach the registry; the burst of 50 warmup updates does not.
+    phases = [p.phase for p in registry.progress_seen]
+    assert phases[0] == "load" and phases[-1] == "sampling" and "warmup" in phases
+    assert len(phases) < 10
+    assert observed == phases  # the caller's observer sees what the registry recorded
+
+
+def test_invalid_dataset_is_rejected_without_raising(monkeypatch, job, registry, store, settings):
+    install(monkeypatch, raises=InvalidDataset(["race r1 has no finish_position"]))
+    result = run(job.to_message(), registry, store, settings)
+
+    assert result["state"] == "rejected" and result["job_id"] == job.job_id
+    assert "race r1 has no finish_position" in result["reason"]
+    record = registry.get(job.job_id)
+    assert record.state is JobState.REJECTED and record.reason == result["reason"]
+
+
+def test_storage_outage_is_raised_for_retry(monkeypatch, job, registry, store, settings):
+    install(monkeypatch, raises=StorageUnavailable("s3://bucket unreachable"))
+    with pytest.raises(StorageUnavailable):
+        run(job.to_message(), registry, store, settings)
+    assert registry.get(job.job_id).state is JobState.RUNNING  # neither failed nor rejected
+
+
+def test_foreign_transient_error_becomes_retryable(monkeypatch, job, registry, store, settings):
+    install(monkeypatch, raises=redis.exceptions.ConnectionError("redis went away"))
+    with pytest.raises(RetryableError) as info:
+        run(job.to_message(), registry, store, settings)
+    assert isinstance(info.value.__cause__, redis.exceptions.ConnectionError)
+
+
+def test_unexpected_error_fails_with_reason(monkeypatch, job, registry, store, settings, caplog):
+    install(monkeypatch, raises=RuntimeError("NaN in the log density"))
+    with caplog.at_level(logging.ERROR, logger="shared.processing"):
+        result = run(job.to_message(), registry, store, settings)
+
+    reason = "RuntimeError: NaN in the log density"
+    assert result == status_dict(job.job_id, "failed", reason)
+    record = registry.get(job.job_id)
+    assert record.state is JobState.FAILED and record.reason == reason
+    # The job id is bound to the handler's log lines.
+    assert any(getattr(r, "job_id", None) == job.job_id for r in caplog.records)
+
+
+def test_time_limit_fails_the_job(monkeypatch, job, registry, store, settings):
+    install(monkeypatch, raises=JobTimeLimitExceeded("ran past 60 s during warmup"))
+    result = run(job.to_message(), registry, store, settings)
+    assert result["state"] == "failed"
+    assert result["reason"] == "JobTimeLimitExceeded: ran past 60 s during warmup"
+
+
+def test_too_many_deliveries_dead_letters_without_running(monkeypatch, job, registry, store, settings):
+    fake = install(monkeypatch)
+    for _ in range(settings.max_deliveries):  # the worker died this many times already
+        registry.record_delivery(job.job_id, 0)
+
+    result = run(job.to_message(), registry, store, settings)
+
+    assert fake.calls == []
+    assert result["state"] == "failed"
+    assert result["reason"].startswith(f"dead-lettered after {settings.max_deliveries} deliveries")
+    assert registry.get(job.job_id).state is JobState.FAILED
+
+
+def test_deliveries_up_to_the_limit_still_run(monkeypatch, job, registry, store, settings):
+    fake = install(monkeypatch)
+    for _ in range(settings.max_deliveries - 1):
+        registry.record_delivery(job.job_id, 0)
+    assert run(job.to_message(), registry, store, settings)["job_id"] == job.job_id
+    assert fake.calls == [job.job_id]
+    assert registry.get(job.job_id).state is JobState.SUCCEEDED
+
+
+def test_duplicate_delivery_of_succeeded_job_is_not_rerun(monkeypatch, job, registry, store, settings):
+    fake = install(monkeypatch)
+    first = run(job.to_message(), registry, store, settings)
+    # Delivered again, more often than max_deliveries: still the stored summary, never a dead letter.
+    for _ in range(settings.max_deliveries + 1):
+        again = run(job.to_message(), registry, store, settings)
+        assert again == first
+    assert fake.calls == [job.job_id]
+    assert registry.get(job.job_id).state is JobState.SUCCEEDED
+
+
+def test_succeeded_job_whose_summary_is_gone_runs_again(monkeypatch, job, registry, store, settings):
+    fake = install(monkeypatch)
+    run(job.to_message(), registry, store, settings)
+    store.delete(summary_key(job.archetype, job.job_id))
+    run(job.to_message(), registry, store, settings)
+    assert fake.calls == [job.job_id, job.job_id]
+
+
+def test_message_without_record_gets_one(monkeypatch, registry, store, settings):
+    fake = install(monkeypatch)
+    job = make_job(archetype="road_course")
+    result = run(job.to_message(), registry, store, settings)
+    assert fake.calls == [job.job_id] and result["archetype"] == "road_course"
+    assert registry.get(job.job_id).state is JobState.SUCCEEDED
+
+
+def test_invalid_message_is_rejected(monkeypatch, job, registry, store, settings):
+    fake = install(monkeypatch)
+    message = job.to_message()
+    del message["dataset_sha256"]
+    message["sampler"] = {"warmup": 0}
+
+    result = run(message, registry, store, settings)
+
+    assert fake.calls == []
+    assert result["state"] == "rejected" and result["job_id"] == job.job_id
+    assert "dataset_sha256" in result["reason"] and "sampler.warmup" in result["reason"]
+    assert "\n" not in result["reason"]  # compact: one line
+    record = registry.get(job.job_id)
+    assert record.state is JobState.REJECTED and record.reason == result["reason"]
+
+
+def test_message_whose_id_disagrees_with_content_is_rejected(monkeypatch, job, registry, store, settings):
+    install(monkeypatch)
+    message = {**job.to_message(), "archetype": "intermediate"}  # id of a superspeedway job
+    result = run(message, registry, store, settings)
+    assert result["state"] == "rejected" and "does not match" in result["reason"]
+    assert registry.get(job.job_id).state is JobState.REJECTED
+
+
+@pytest.mark.parametrize("message", [{}, {"archetype": "oval"}, ["not", "a", "dict"], "text", None])
+def test_garbage_never_raises(monkeypatch, registry, store, settings, message):
+    fake = install(monkeypatch)
+    result = run(message, registry, store, settings)
+    assert result["state"] == "rejected" and result["job_id"] is None
+    assert fake.calls == [] and registry.calls == []
+
+
+def test_rejecting_unknown_job_id_does_not_raise(monkeypatch, registry, store, settings):
+    install(monkeypatch)
+    result = run({"job_id": "cj-unknown", "archetype": "oval"}, registry, store, settings)
+    assert result == {"job_id": "cj-unknown", "state": "rejected", "reason": result["reason"]}
+
+
+def test_progress_throttle():
+    now = [0.0]
+    seen: list[str] = []
+    throttle = ProgressThrottle(lambda p: seen.append(f"{p.phase}:{p.fraction}"), interval_s=0.5, clock=lambda: now[0])
+    throttle(Progress(phase="warmup", fraction=0.0))
+    now[0] = 0.2
+    throttle(Progress(phase="warmup", fraction=0.1))  # too soon: dropped
+    now[0] = 0.3
+    throttle(Progress(phase="sampling", fraction=0.0))  # phase change: forwarded
+    now[0] = 0.9
+    throttle(Progress(phase="sampling", fraction=0.5))  # 0.6 s later: forwarded
+    assert seen == ["warmup:0.0", "sampling:0.0", "sampling:0.5"]
+
+
+def test_progress_errors_never_stop_the_job():
+    def broken(_: Progress) -> None:
+        raise redis.exceptions.ConnectionError("down")
+
+    throttle = ProgressThrottle(broken)
+    throttle(Progress(phase="load"))
+    throttle(Progress(phase="write"))
+
+
+# -- the Celery app --------------------------------------------------------------
+
+
+def broker_settings(**over: Any) -> Settings:
+    return Settings(broker_url="redis://localhost:6379/15", **over)
+
+
+def test_app_config_is_safe_for_long_jobs_on_redis():
+    settings = broker_settings(visibility_timeout_s=7200, job_time_limit_s=1800)
+    conf = app_module.make_app(settings).conf
+
+    assert conf.accept_content == ["json"]
+    assert conf.task_serializer == "json" and conf.result_serializer == "json"
+    assert conf.task_acks_late is True
+    assert conf.task_reject_on_worker_lost is True
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.broker_transport_options["visibility_timeout"] == 7200
+    assert conf.result_backend_transport_options["visibility_timeout"] == 7200
+    assert conf.visibility_timeout == 7200
+    assert conf.worker_cancel_long_running_tasks_on_connection_loss is True
+    assert conf.task_time_limit == 1800
+    assert 0 < conf.task_soft_time_limit < conf.task_time_limit
+    assert [q.name for q in conf.task_queues] == list(app_module.QUEUES)
+    assert conf.task_default_queue == "calq.cpu"
+    assert conf.result_expires == 7 * 24 * 3600
+    assert conf.task_track_started is True
+    assert conf.worker_hijack_root_logger is False
+    assert conf.broker_url == "redis://localhost:6379/15"
+    assert conf.result_backend == "redis://localhost:6379/15"
+
+
+def test_app_uses_separate_result_backend_and_default_queue():
+    conf = app_module.make_app(broker_settings(result_backend="redis://cache:6379/2", default_queue="calq.gpu")).conf
+    assert conf.result_backend == "redis://cache:6379/2"
+    assert conf.task_default_queue == "calq.gpu"
+
+
+@pytest.mark.parametrize(
+    ("name", "queue"),
+    [("gpu", "calq.gpu"), ("cpu", "calq.cpu"), ("calq.gpu", "calq.gpu"), (" CPU ", "calq.cpu")],
+)
+def test_queue_for(name, queue):
+    assert app_module.queue_for(name) == queue
+
+
+@pytest.mark.parametrize("name", ["tpu", "", "calq.tpu"])
+def test_queue_for_rejects_unknown(name):
+    with pytest.raises(ValueError, match="unknown queue"):
+        app_module.queue_for(name)
+
+
+def test_app_without_broker_fails_clearly_only_when_used(monkeypatch):
+    monkeypatch.setattr(app_module, "get_settings", lambda: Settings(broker_url=None))
+    app_module.get_app.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="CALQ_BROKER_URL"):
+            app_module.app  # noqa: B018
+    finally:
+        app_module.get_app.cache_clear()
+
+
+def test_worker_modules_import_without_broker_or_jax(tmp_path):
+    # A process that forks (prefork, the supervisor) must not have initialised JAX.
+    code = (
+        "import sys, worker.app, worker.tasks, shared.processing, worker.supervisor; "
+        "assert 'jax' not in sys.modules, 'jax imported'; print('ok')"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+# -- the task shell --------------------------------------------------------------
+
+
+@pytest.fixture
+def task_env(monkeypatch, registry, store, settings):
+    from worker import tasks
+
+    app = app_module.make_app(broker_settings())
+    app.conf.task_always_eager = True
+    task = tasks.register(app)
+    ctx = tasks.WorkerContext(settings=settings, registry=registry, store=store)
+    monkeypatch.setattr(tasks, "context", lambda: ctx)
+    return task
+
+
+def test_task_options(task_env):
+    task = task_env
+    assert task.name == app_module.TASK_NAME == "calq.calibrate"
+    assert task.max_retries == 5
+    assert task.acks_late is True and task.reject_on_worker_lost is True
+    assert task.autoretry_for == (RetryableError,)
+    assert task.retry_backoff is True and task.retry_backoff_max == 600 and task.retry_jitter is True
+
+
+def test_task_runs_the_handler(monkeypatch, task_env, job, registry):
+    install(monkeypatch)
+    result = task_env.apply(args=[job.to_message()]).get()
+    assert result["job_id"] == job.job_id
+    assert registry.get(job.job_id).state is JobState.SUCCEEDED
+
+
+def test_task_exhausting_retries_fails_the_job(monkeypatch, task_env, job, registry):
+    fake = install(monkeypatch, raises=StorageUnavailable("s3 down"))
+    outcome = task_env.apply(args=[job.to_message()])
+    assert outcome.failed()
+    assert len(fake.calls) == 1 + task_env.max_retries
+    record = registry.get(job.job_id)
+    assert record.state is JobState.FAILED
+    assert record.reason == "gave up after 5 retries: StorageUnavailable: s3 down"
+
+
+def test_device_check_catches_a_cpu_run_that_wanted_a_gpu():
+    from worker.tasks import device_problem
+
+    # Tests run JAX on the CPU (conftest): fine for a CPU worker, wrong for a GPU one.
+    assert device_problem({"JAX_PLATFORMS": "cpu"}) is None
+    problem = device_problem({"JAX_PLATFORMS": "cuda"})
+    assert problem is not None and "cuda" in problem
+
+
+def test_device_check_reports_a_backend_that_cannot_start(monkeypatch):
+    import jax
+
+    from worker.tasks import device_problem
+
+    def broken() -> list:
+        raise AssertionError()  # what JAX 0.10 raises for JAX_PLATFORMS=cuda without a CUDA plugin
+
+    monkeypatch.setattr(jax, "devices", broken)
+    problem = device_problem({"JAX_PLATFORMS": "cuda"})
+    assert problem is not None and "could not initialise the cuda backend" in problem

@@ -1,0 +1,138 @@
+"""The Celery app and all of its configuration, in one module.
+
+Nothing here imports JAX: the app is built in processes that may fork.
+:func:`make_app` builds an app from explicit :class:`~shared.settings.Settings`
+(tests use it); the module attribute ``app`` is built from the process's
+settings on first use, so importing this module without ``CALQ_BROKER_URL``
+only fails, with a clear message, when something actually needs the app.
+
+Why each setting (see FIELD-NOTES, "Celery on Redis"):
+
+- JSON only, both ways: a job is a small JSON message; pickle is refused.
+- ``task_acks_late`` + ``task_reject_on_worker_lost``: a job whose worker is
+  killed (OOM, SIGKILL) goes back to the queue instead of being lost; the
+  handler counts deliveries and dead-letters a job that keeps killing workers.
+- ``worker_prefetch_multiplier=1``: a worker reserves one job at a time, so a
+  long job never sits prefetched behind another one past the visibility timeout.
+- ``visibility_timeout`` in the broker's and the result backend's transport
+  options and at the top level: Redis redelivers an unacknowledged message
+  after it, so it must outlast queue wait plus run time, and the three places
+  must agree (celery/celery#5935).
+- ``worker_cancel_long_running_tasks_on_connection_loss``: a broker blip must
+  not leave a job running here while Redis hands it to another worker.
+- Time limits: the solo pool ignores them (celery/celery#8395), so the job
+  runner enforces the job's own limit between sampling chunks; these only
+  matter under a pool that honours them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from shared.settings import Settings, get_settings
+
+TASK_NAME = "calq.calibrate"
+GPU_QUEUE = "calq.gpu"
+CPU_QUEUE = "calq.cpu"
+QUEUES = (GPU_QUEUE, CPU_QUEUE)
+RESULT_EXPIRES_S = 7 * 24 * 3600
+SOFT_LIMIT_MARGIN_S = 60
+# A worker_process_init handler gets this long before a prefork child is killed;
+# the handler warms JAX, which takes longer than Celery's default 4 s.
+PROCESS_INIT_TIMEOUT_S = 120.0
+
+_QUEUE_ALIASES = {"gpu": GPU_QUEUE, "cpu": CPU_QUEUE, GPU_QUEUE: GPU_QUEUE, CPU_QUEUE: CPU_QUEUE}
+
+
+def queue_for(name: str) -> str:
+    """The queue a short or full name means: ``gpu``/``calq.gpu`` → ``calq.gpu``, same for cpu."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    try:
+        return _QUEUE_ALIASES[key]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown queue {name!r}: use one of gpu, cpu, {', '.join(QUEUES)}") from None
+
+
+def soft_time_limit(hard_s: int) -> int:
+    """Soft limit for a hard one: ``hard - margin``, margin = min(60 s, 10 % of hard), at least 1 s."""
+    margin = min(SOFT_LIMIT_MARGIN_S, max(1, hard_s // 10))
+    return max(1, hard_s - margin)
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration calq runs with, derived from ``settings``.
+
+    Raises ``ValueError`` when no broker is configured (embedded mode).
+    """
+    visibility = {"visibility_timeout": settings.visibility_timeout_s}
+    exchange = Exchange("calq", type="direct")
+    hard = settings.job_time_limit_s
+    default_queue = queue_for(settings.default_queue)
+    return {
+        "broker_url": settings.broker(),
+        "result_backend": settings.backend(),
+        # Messages are JSON only; pickle is refused on both sides.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # At-least-once delivery; the handler makes repeats harmless.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_transport_options": dict(visibility),
+        "result_backend_transport_options": dict(visibility),
+        "visibility_timeout": settings.visibility_timeout_s,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "broker_connection_retry_on_startup": True,
+        # Limits (ignored by the solo pool; the runner enforces the job's own).
+        "task_time_limit": hard,
+        "task_soft_time_limit": soft_time_limit(hard),
+        "worker_proc_alive_timeout": PROCESS_INIT_TIMEOUT_S,
+        # Queues: GPU workers consume both, CPU workers only calq.cpu; unrouted jobs go to
+        # settings.default_queue (calq.cpu unless set).
+        "task_queues": tuple(Queue(name, exchange, routing_key=name) for name in QUEUES),
+        "task_default_queue": default_queue,
+        "task_default_exchange": exchange.name,
+        "task_default_exchange_type": exchange.type,
+        "task_default_routing_key": default_queue,
+        # Results are small JSON summaries; calq's registry is the durable record.
+        "result_expires": RESULT_EXPIRES_S,
+        "task_track_started": True,
+        # Events for Flower.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        # Logging is configured by worker.tasks (job id on every line), not by Celery.
+        "worker_hijack_root_logger": False,
+        "enable_utc": True,
+    }
+
+
+def make_app(settings: Settings) -> Celery:
+    """A Celery app configured from ``settings`` (the worker's tasks are added by worker.tasks)."""
+    app = Celery("calq", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+@functools.lru_cache(maxsize=1)
+def get_app() -> Celery:
+    """The process's Celery app, built from :func:`~shared.settings.get_settings` on first use."""
+    settings = get_settings()
+    if settings.embedded:
+        raise RuntimeError(
+            "the Celery app needs a broker: set CALQ_BROKER_URL (e.g. redis://localhost:6379/0); "
+            "without one, calq runs jobs in-process and never needs worker.app"
+        )
+    return make_app(settings)
+
+
+def __getattr__(name: str) -> Any:
+    # ``worker.app.app`` is built lazily: importing this module never needs a broker.
+    if name == "app":
+        return get_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

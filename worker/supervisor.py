@@ -1,0 +1,468 @@
+"""One Celery worker process per GPU, started, watched and stopped by one command.
+
+:func:`plan_workers` (pure) decides the children: one per GPU, pinned with
+``CUDA_VISIBLE_DEVICES`` before Python starts, each consuming ``calq.gpu``
+then ``calq.cpu``; or CPU workers consuming ``calq.cpu`` when there is no
+GPU. Each child is ``celery -A worker.tasks worker --pool solo`` (JAX is
+not fork-safe, so no prefork pool), with the environment JAX reads at
+import: ``JAX_PLATFORMS=cuda`` (a missing GPU is an error, not a silent CPU
+run), no preallocation and a memory cap on GPUs; four host devices on CPUs,
+so chains run in parallel.
+
+:class:`Supervisor` runs them: a child that exits on its own is restarted
+with exponential backoff (reset once it has stayed up a while), except one
+that exits with :data:`~worker.tasks.EXIT_DEVICE_ERROR` (wrong device: a
+restart cannot help). The first SIGTERM or SIGINT is forwarded to every
+child as SIGTERM, Celery's warm shutdown (finish the current job, then
+exit); a second one sends SIGQUIT (cold shutdown), then SIGKILL.
+
+:func:`run` is what ``calq worker --gpus auto|none|0,1 [--queues ...]`` calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from worker.app import CPU_QUEUE, GPU_QUEUE, queue_for
+from worker.tasks import EXIT_DEVICE_ERROR
+
+log = logging.getLogger(__name__)
+
+CPU_HOST_DEVICES = 4
+GPU_MEM_FRACTION = "0.9"
+GPU_QUEUES = (GPU_QUEUE, CPU_QUEUE)
+CPU_QUEUES = (CPU_QUEUE,)
+_HOST_DEVICES_FLAG = re.compile(r"--xla_force_host_platform_device_count(=\S*)?")
+_GPU_ID = re.compile(r"^(\d+|(GPU|MIG)-[0-9A-Za-z/\-]+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    """One child worker: its Celery node name, GPU, queues, environment overrides and command."""
+
+    name: str
+    gpu: str | None
+    queues: tuple[str, ...]
+    env: Mapping[str, str] = dataclasses.field(hash=False)
+    argv: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        device = f"GPU {self.gpu}" if self.gpu is not None else "CPU"
+        return f"{self.name}: {device}, queues {','.join(self.queues)}"
+
+
+# -- planning --------------------------------------------------------------------
+
+
+def parse_gpu_list(text: str) -> list[str]:
+    """``"0,1"`` → ``["0", "1"]``; GPU/MIG UUIDs are accepted too. ValueError if malformed."""
+    items = [item.strip() for item in text.split(",")]
+    if not items or any(not item for item in items):
+        raise ValueError(f"invalid GPU list {text!r}: expected auto, none, or comma-separated GPU indices like 0,1")
+    for item in items:
+        if not _GPU_ID.match(item):
+            raise ValueError(
+                f"invalid GPU {item!r} in {text!r}: expected a GPU index (0, 1, …) or a GPU-/MIG- UUID"
+            )
+    normalised = [str(int(item)) if item.isdigit() else item for item in items]
+    duplicates = sorted({g for g in normalised if normalised.count(g) > 1})
+    if duplicates:
+        raise ValueError(f"GPU list {text!r} names {', '.join(duplicates)} more than once: one worker per GPU")
+    return normalised
+
+
+def detect_gpus(environ: Mapping[str, str] | None = None, *, timeout_s: float = 10.0) -> list[str]:
+    """The GPUs this machine offers: ``CUDA_VISIBLE_DEVICES`` if set, else ``nvidia-smi``'s indices.
+
+    No ``nvidia-smi`` binary, or one that fails (no driver), means no GPU.
+    """
+    environ = os.environ if environ is None else environ
+    if "CUDA_VISIBLE_DEVICES" in environ:
+        value = environ["CUDA_VISIBLE_DEVICES"].strip()
+        if value in ("", "-1", "none", "NoDevFiles"):
+            return []
+        return parse_gpu_list(value)
+    binary = shutil.which("nvidia-smi")
+    if binary is None:
+        return []
+    try:
+        out = subprocess.run(
+            [binary, "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=timeout_s, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("nvidia-smi failed (%s); assuming no GPU", exc)
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def _without_host_devices(flags: str) -> str:
+    return " ".join(_HOST_DEVICES_FLAG.sub("", flags).split())
+
+
+def worker_argv(name: str, queues: Sequence[str], *, loglevel: str = "INFO") -> tuple[str, ...]:
+    """The command of one child: a solo-pool Celery worker (JAX is not fork-safe)."""
+    return (
+        sys.executable, "-m", "celery", "-A", "worker.tasks", "worker",
+        "--pool", "solo", "--concurrency", "1",
+        "--hostname", name, "-Q", ",".join(queues),
+        "--loglevel", loglevel, "--without-gossip", "--without-mingle",
+    )
+
+
+def plan_workers(
+    gpus: str,
+    *,
+    queues: Sequence[str] | None = None,
+    visible: Sequence[str] | None = None,
+    cpu_workers: int = 1,
+    hostname: str | None = None,
+    loglevel: str = "INFO",
+    environ: Mapping[str, str] | None = None,
+) -> list[WorkerSpec]:
+    """The children to start for ``gpus`` (``auto``, ``none`` or a list such as ``0,1``).
+
+    ``auto`` uses ``visible`` when given, else :func:`detect_gpus`; no GPU
+    means ``cpu_workers`` CPU workers. ``queues`` (``gpu``/``cpu`` or full
+    names) overrides every child's queues; by default GPU workers consume
+    ``calq.gpu`` then ``calq.cpu``, CPU workers ``calq.cpu``. ``environ``
+    (default ``os.environ``) supplies ``XLA_FLAGS`` to extend.
+    Raises ValueError for an invalid specification.
+    """
+    environ = os.environ if environ is None else environ
+    hostname = hostname or socket.gethostname()
+    if not isinstance(cpu_workers, int) or cpu_workers < 1:
+        raise ValueError(f"cpu_workers must be a positive integer, got {cpu_workers!r}")
+    chosen = _queues(queues)
+
+    spec = (gpus or "").strip().lower()
+    if spec == "auto":
+        devices = [str(g).strip() for g in visible] if visible is not None else detect_gpus(environ)
+        devices = parse_gpu_list(",".join(devices)) if devices else []
+    elif spec in ("none", "cpu"):
+        devices = []
+    else:
+        devices = parse_gpu_list((gpus or "").strip())
+
+    inherited = _without_host_devices(environ.get("XLA_FLAGS", ""))
+    specs = []
+    if devices:
+        for gpu in devices:
+            name = f"calq-gpu{gpu}@{hostname}" if gpu.isdigit() else f"calq-{gpu.lower()[:12]}@{hostname}"
+            worker_queues = chosen or GPU_QUEUES
+            env = {
+                "CUDA_VISIBLE_DEVICES": gpu,
+                "JAX_PLATFORMS": "cuda",
+                "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+                "XLA_PYTHON_CLIENT_MEM_FRACTION": GPU_MEM_FRACTION,
+                "XLA_CLIENT_MEM_FRACTION": GPU_MEM_FRACTION,
+                "XLA_FLAGS": inherited,
+            }
+            specs.append(WorkerSpec(name, gpu, worker_queues, env, worker_argv(name, worker_queues, loglevel=loglevel)))
+    else:
+        for i in range(cpu_workers):
+            name = f"calq-cpu{i}@{hostname}"
+            worker_queues = chosen or CPU_QUEUES
+            env = {
+                "CUDA_VISIBLE_DEVICES": "",
+                "JAX_PLATFORMS": "cpu",
+                "XLA_FLAGS": f"{inherited} --xla_force_host_platform_device_count={CPU_HOST_DEVICES}".strip(),
+            }
+            specs.append(WorkerSpec(name, None, worker_queues, env, worker_argv(name, worker_queues, loglevel=loglevel)))
+    return specs
+
+
+def _queues(queues: Sequence[str] | None) -> tuple[str, ...] | None:
+    if queues is None:
+        return None
+    names: list[str] = []
+    for item in queues:
+        for part in str(item).split(","):
+            if part.strip():
+                name = queue_for(part)
+                if name not in names:
+                    names.append(name)
+    if not names:
+        raise ValueError("queues is empty: name at least one of gpu, cpu")
+    return tuple(names)
+
+
+# -- supervising -----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Child:
+    spec: WorkerSpec
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    quick_failures: int = 0
+    restart_at: float | None = None
+    restarts: int = 0
+    given_up: bool = False
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}" + (" (out of memory?)" if -code == signal.SIGKILL else "")
+    return f"exited with status {code}"
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec function asking Linux to SIGTERM the child if the supervisor dies."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+    term = int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, term, 0, 0, 0)
+
+    return preexec
+
+
+class Supervisor:
+    """Starts every child, restarts the ones that die, and stops them all on request.
+
+    ``restart_backoff_s`` is (first, max) delay: each quick failure doubles it,
+    and it resets once a child stayed up ``stable_after_s``. :meth:`run`
+    blocks until shutdown and returns 0 after a warm shutdown, 1 when children
+    had to be killed or none is left running. :meth:`stop` (any thread, or the
+    SIGTERM/SIGINT handlers :meth:`run` installs in the main thread) asks for
+    shutdown; a second request makes it cold. ``stop_timeout_s`` bounds the
+    warm shutdown (None: wait for the running jobs, however long).
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[WorkerSpec],
+        *,
+        restart_backoff_s: tuple[float, float] = (1.0, 30.0),
+        stable_after_s: float = 60.0,
+        stop_timeout_s: float | None = None,
+        kill_after_s: float = 10.0,
+        poll_s: float = 0.1,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        if not specs:
+            raise ValueError("nothing to supervise: no worker specs")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"worker names must be unique: {names}")
+        first, most = restart_backoff_s
+        if first <= 0 or most < first:
+            raise ValueError(f"restart_backoff_s must be (first, max) with 0 < first <= max, got {restart_backoff_s}")
+        self.children = [_Child(spec) for spec in specs]
+        self._backoff = (float(first), float(most))
+        self._stable_after = stable_after_s
+        self._stop_timeout = stop_timeout_s
+        self._kill_after = kill_after_s
+        self._poll = poll_s
+        self._environ = dict(os.environ if environ is None else environ)
+        self._stop_requests = 0  # plain int: set from signal handlers, no locks there
+        self._started = threading.Event()
+
+    # -- control --
+
+    def stop(self, *, force: bool = False) -> None:
+        """Ask for shutdown: warm the first time, cold the second (or with ``force``)."""
+        self._stop_requests = max(self._stop_requests + 1, 2 if force else 1)
+
+    def wait_started(self, timeout: float | None = None) -> bool:
+        """Block until every child has been started once (for tests and callers on other threads)."""
+        return self._started.wait(timeout)
+
+    @property
+    def pids(self) -> dict[str, int | None]:
+        return {c.spec.name: (c.proc.pid if c.proc else None) for c in self.children}
+
+    # -- the loop --
+
+    def run(self) -> int:
+        """Start the children and supervise them until shutdown; return the exit status."""
+        previous = self._install_signal_handlers()
+        try:
+            for child in self.children:
+                self._start(child)
+            self._started.set()
+            return self._loop()
+        finally:
+            self._restore_signal_handlers(previous)
+            self._kill_leftovers()
+
+    def _loop(self) -> int:
+        term_sent_at: float | None = None
+        quit_sent_at: float | None = None
+        escalated = False
+        while True:
+            now = time.monotonic()
+            requests = self._stop_requests
+            if requests >= 1 and term_sent_at is None:
+                log.info("shutting down: asking %d worker(s) to finish their current job", self._live_count())
+                self._signal_all(signal.SIGTERM)
+                term_sent_at = now
+            timed_out = (
+                term_sent_at is not None and self._stop_timeout is not None
+                and now - term_sent_at >= self._stop_timeout
+            )
+            if (requests >= 2 or timed_out) and quit_sent_at is None:
+                log.warning("cold shutdown: stopping workers without finishing their jobs")
+                self._signal_all(signal.SIGQUIT)
+                quit_sent_at, escalated = now, True
+            if quit_sent_at is not None and now - quit_sent_at >= self._kill_after:
+                if self._live_count():
+                    log.warning("killing %d worker(s) that ignored SIGQUIT", self._live_count())
+                self._signal_all(signal.SIGKILL)
+
+            stopping = term_sent_at is not None
+            for child in self.children:
+                self._check(child, now, stopping=stopping)
+
+            if stopping and not self._live_count():
+                log.info("all workers stopped")
+                return 1 if escalated else 0
+            if not stopping and all(c.given_up for c in self.children):
+                log.error("no worker left running: every child failed in a way a restart cannot fix")
+                return 1
+            time.sleep(self._poll)
+
+    def _check(self, child: _Child, now: float, *, stopping: bool) -> None:
+        proc = child.proc
+        if proc is not None and proc.poll() is not None:
+            code = proc.returncode
+            child.proc = None
+            uptime = now - child.started_at
+            if stopping:
+                log.info("%s %s", child.spec.name, _exit_text(code))
+                return
+            if code == EXIT_DEVICE_ERROR:
+                child.given_up = True
+                log.error(
+                    "%s %s: its device is not usable (see its log); not restarting it",
+                    child.spec.name, _exit_text(code),
+                )
+                return
+            child.quick_failures = 0 if uptime >= self._stable_after else child.quick_failures + 1
+            first, most = self._backoff
+            delay = min(most, first * 2 ** max(0, child.quick_failures - 1))
+            child.restart_at = now + delay
+            log.warning(
+                "%s %s after %.1f s; restarting in %.1f s", child.spec.name, _exit_text(code), uptime, delay
+            )
+        if child.proc is None and child.restart_at is not None and not stopping and now >= child.restart_at:
+            child.restarts += 1
+            log.info("restarting %s (restart #%d)", child.spec.name, child.restarts)
+            self._start(child)
+
+    def _start(self, child: _Child) -> None:
+        spec = child.spec
+        env = {**self._environ, **spec.env}
+        child.restart_at = None
+        child.started_at = time.monotonic()
+        try:
+            child.proc = subprocess.Popen(
+                list(spec.argv), env=env, process_group=0, preexec_fn=_die_with_parent()
+            )
+        except OSError as exc:
+            child.proc = None
+            child.quick_failures += 1
+            delay = min(self._backoff[1], self._backoff[0] * 2 ** (child.quick_failures - 1))
+            child.restart_at = time.monotonic() + delay
+            log.error("could not start %s (%s); trying again in %.1f s", spec.name, exc, delay)
+            return
+        log.info("started %s (pid %d)", spec.describe(), child.proc.pid)
+
+    def _live_count(self) -> int:
+        return sum(1 for c in self.children if c.alive)
+
+    def _signal_all(self, sig: signal.Signals) -> None:
+        for child in self.children:
+            if child.alive:
+                try:
+                    child.proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+
+    def _kill_leftovers(self) -> None:
+        # Only reached with live children if run() itself failed: never leave orphans.
+        for child in self.children:
+            if child.alive:
+                log.error("killing %s, left running by an error in the supervisor", child.spec.name)
+                child.proc.kill()
+                child.proc.wait()
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, self._on_signal)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: Mapping[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        # Runs in the main thread between bytecodes: only bump the counter.
+        self._stop_requests += 1
+
+
+def run(
+    gpus: str = "auto",
+    queues: Sequence[str] | None = None,
+    *,
+    cpu_workers: int = 1,
+    loglevel: str = "INFO",
+    hostname: str | None = None,
+    stop_timeout_s: float | None = None,
+    restart_backoff_s: tuple[float, float] = (1.0, 30.0),
+    require_broker: bool = True,
+) -> int:
+    """Plan the workers for ``gpus``/``queues``, log the plan, supervise until shutdown.
+
+    Returns the supervisor's exit status (0 after a warm shutdown). Raises
+    ValueError for an invalid GPU list or queue name, or when no broker is
+    configured (``CALQ_BROKER_URL``): workers need one.
+    """
+    if require_broker:
+        from shared.settings import get_settings
+
+        if get_settings().embedded:
+            raise ValueError(
+                "calq worker needs a broker: set CALQ_BROKER_URL (e.g. redis://localhost:6379/0); "
+                "without one, jobs run in-process and need no worker"
+            )
+    specs = plan_workers(gpus, queues=queues, cpu_workers=cpu_workers, hostname=hostname, loglevel=loglevel)
+    log.info("starting %d worker(s):", len(specs))
+    for spec in specs:
+        log.info("  %s", spec.describe())
+        if spec.gpu is None and GPU_QUEUE in spec.queues:
+            log.warning("  %s consumes %s without a GPU: GPU jobs will run on the CPU", spec.name, GPU_QUEUE)
+    return Supervisor(specs, restart_backoff_s=restart_backoff_s, stop_timeout_s=stop_timeout_s).run()
