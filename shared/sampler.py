@@ -250,6 +250,7 @@ class CompiledSampler:
         for i in range(n_chunks):
             _check_limits(deadline, cancelled)
             state, (params, stats) = chunk(state, data)
+            jax.block_until_ready(state)  # dispatch is asynchronous: wait, so progress and limits are real
             done = min((i + 1) * b.chunk, total)
             if (i + 1) * b.chunk > b.warmup:
                 params_parts.append(jax.device_get(params))

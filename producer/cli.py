@@ -1,0 +1,449 @@
+"""The ``calq`` command line.
+
+Every command works with nothing running: without ``CALQ_BROKER_URL`` jobs
+run in this process on the local store. With a broker configured, jobs go to
+the Celery fleet. Output is a rich table, or JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from shared.errors import CalqError, NotFound
+
+app = typer.Typer(
+    name="calq",
+    help="calq: calibrated probabilities from race-simulation forecasts, as a job queue.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+log = logging.getLogger("calq")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+Events = Annotated[Optional[str], typer.Option(help="Comma-separated events, e.g. top_5,top_10 (default top_1,top_5,top_10).")]
+Warmup = Annotated[Optional[int], typer.Option(help="Warmup steps per chain (default from settings: 500).")]
+Samples = Annotated[Optional[int], typer.Option(help="Draws per chain (default 1000).")]
+Chains = Annotated[Optional[int], typer.Option(help="Chains (default 4).")]
+Seed = Annotated[int, typer.Option(help="Seed of the sampler.")]
+
+
+def _print_json(obj) -> None:
+    out.print_json(json.dumps(obj, default=str), highlight=False) if out.is_terminal else print(
+        json.dumps(obj, default=str, indent=2)
+    )
+
+
+def _client():
+    from producer.client import CalibrationClient
+
+    return CalibrationClient()
+
+
+def _archetypes_in(dataset: Path, wanted: str | None) -> list[str]:
+    """The jobs to run: the archetypes named, or each archetype the dataset holds."""
+    from shared.dataset import open_dataset
+    from shared.domain import ARCHETYPES
+
+    if wanted:
+        return [a.strip() for a in wanted.split(",") if a.strip()]
+    ds = open_dataset(dataset)
+    present = set(ds["archetype"].values.astype(str))
+    return [a for a in ARCHETYPES if a in present]
+
+
+# -- data ------------------------------------------------------------------------
+
+
+@app.command()
+def synth(
+    out_path: Annotated[Path, typer.Argument(metavar="OUT.nc", help="Where to write the dataset.")],
+    seasons: Annotated[int, typer.Option(min=1, help="Seasons of ~36 races.")] = 1,
+    scenarios: Annotated[int, typer.Option(min=10, help="Simulated scenarios per race.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same dataset.")] = 0,
+    first_season: Annotated[int, typer.Option(help="Year of the first season.")] = 2024,
+) -> None:
+    """Write a synthetic calibration dataset whose miscalibration is known."""
+    from shared.dataset import save_dataset
+    from shared.synth import synthesize
+
+    with err.status(f"simulating {seasons} season(s) × {scenarios} scenarios"):
+        ds = synthesize(seasons=seasons, scenarios=scenarios, seed=seed, first_season=first_season)
+        save_dataset(ds, out_path)
+    err.print(
+        f"wrote {out_path}: {ds.sizes['race']} races, {ds.sizes['driver']} drivers, "
+        f"{ds.sizes['scenario']} scenarios"
+    )
+
+
+@app.command()
+def report(
+    dataset: Annotated[Path, typer.Argument(help="A calibration dataset (NetCDF).")],
+    events: Events = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Score a dataset's raw forecasts: Brier, calibration error, CRPS, coverage, joint events."""
+    from producer.reporting import forecast_report, report_tables
+
+    result = forecast_report(dataset, events=events)
+    if as_json:
+        _print_json(result)
+        return
+    for table in report_tables(result):
+        out.print(table)
+
+
+# -- the main job ----------------------------------------------------------------
+
+
+@app.command()
+def calibrate(
+    dataset: Annotated[Path, typer.Argument(help="A calibration dataset (NetCDF).")],
+    archetype: Annotated[
+        Optional[str],
+        typer.Option(help="An archetype, a comma-separated list, or 'all' for one joint fit (default: each archetype in the data)."),
+    ] = None,
+    events: Events = None,
+    warmup: Warmup = None,
+    samples: Samples = None,
+    chains: Chains = None,
+    seed: Seed = 0,
+    as_of: Annotated[Optional[str], typer.Option(help="Use races before this date (YYYY-MM-DD).")] = None,
+    window_days: Annotated[Optional[int], typer.Option(help="Only races in the last N days before --as-of.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the fleet.")] = 3600,
+    as_json: JsonFlag = False,
+) -> None:
+    """Calibrate a dataset: one job per archetype, here (embedded) or on the fleet."""
+    from producer.client import JobDidNotSucceed
+    from producer.render import summary_notes, summary_table
+
+    client = _client()
+    summaries, failures = [], []
+    ref = client.upload(dataset)
+    for name in _archetypes_in(dataset, archetype):
+        job = client.make_job(
+            dataset, name, events=events, warmup=warmup, samples=samples, chains=chains, seed=seed,
+            as_of=_date(as_of), window_days=window_days, dataset_ref=ref,
+        )
+        try:
+            summaries.append(_run_with_progress(client, job, timeout=timeout, quiet=as_json))
+        except JobDidNotSucceed as exc:
+            failures.append(exc.status)
+            err.print(f"[red]{name}: {exc}[/red]")
+    if as_json:
+        _print_json([s.model_dump(mode="json") for s in summaries] if len(summaries) != 1 else summaries[0].model_dump(mode="json"))
+    else:
+        out.print(summary_table(summaries))
+        for s in summaries:
+            for line in summary_notes(s):
+                out.print(line, highlight=False)
+    if failures:
+        raise typer.Exit(1)
+
+
+def _run_with_progress(client, job, *, timeout: float, quiet: bool):
+    from producer.render import describe, progress_bar
+
+    with progress_bar(err) as bar:
+        task = bar.add_task(job.archetype, total=1.0, phase="queued")
+
+        def update(status) -> None:
+            phase, done = describe(status)
+            bar.update(task, completed=done, phase=phase)
+
+        client.submit_job(job, on_update=None if quiet else update)
+        return client.wait(job.job_id, timeout=timeout, on_update=None if quiet else update)
+
+
+@app.command()
+def demo(
+    seasons: Annotated[int, typer.Option(min=1)] = 1,
+    scenarios: Annotated[int, typer.Option(min=10)] = 1000,
+    warmup: Warmup = None,
+    samples: Samples = None,
+    chains: Chains = None,
+    seed: Seed = 0,
+    out_path: Annotated[Path, typer.Option("--out", help="Where to write the synthetic dataset.")] = Path("calq-demo.nc"),
+    as_json: JsonFlag = False,
+) -> None:
+    """Make a synthetic dataset and calibrate every archetype (the whole job, end to end)."""
+    synth(out_path, seasons=seasons, scenarios=scenarios, seed=seed)
+    calibrate(out_path, archetype=None, events=None, warmup=warmup, samples=samples, chains=chains, seed=seed,
+              as_of=None, window_days=None, timeout=3600, as_json=as_json)
+
+
+@app.command()
+def apply(
+    posterior_uri: Annotated[str, typer.Argument(help="URI (or path) of a posterior NetCDF.")],
+    event: Annotated[str, typer.Option(help="The event, e.g. top_5.")],
+    p: Annotated[str, typer.Option(help="Comma-separated forecast probabilities.")],
+    track: Annotated[Optional[str], typer.Option(help="The track; an unseen track borrows its archetype.")] = None,
+    archetype: Annotated[Optional[str], typer.Option(help="The archetype to fall back on.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Calibrate new forecast probabilities with a stored posterior."""
+    from rich.table import Table
+
+    from shared.posterior import calibrate_probabilities
+    from shared.storage import Store
+
+    probabilities = _floats(p)
+    store = Store.from_settings(_settings())
+    idata = store.get_inference_data(posterior_uri if "://" in posterior_uri else "file://" + str(Path(posterior_uri).resolve()))
+    try:
+        results = calibrate_probabilities(idata, probabilities, event=event, track=track, archetype=archetype)
+    except (KeyError, ValueError) as exc:
+        raise typer.BadParameter(str(exc).strip("'\""))
+    if as_json:
+        _print_json([r.to_dict() for r in results])
+        return
+    table = Table(title=f"{event} at {track or archetype}")
+    for column in ("p", "calibrated", "94% band"):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(f"{r.p:.3f}", f"{r.mean:.3f}", f"[{r.low:.3f}, {r.high:.3f}]")
+    out.print(table)
+
+
+# -- the fleet -------------------------------------------------------------------
+
+
+@app.command()
+def submit(
+    dataset: Annotated[Path, typer.Argument(help="A calibration dataset (NetCDF).")],
+    archetype: Annotated[str, typer.Option(help="An archetype, or 'all'.")],
+    events: Events = None,
+    warmup: Warmup = None,
+    samples: Samples = None,
+    chains: Chains = None,
+    seed: Seed = 0,
+    as_of: Annotated[Optional[str], typer.Option(help="Use races before this date (YYYY-MM-DD).")] = None,
+    window_days: Annotated[Optional[int], typer.Option()] = None,
+    queue: Annotated[Optional[str], typer.Option(help="gpu or cpu (default from settings).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Submit a job and print its id (embedded mode: run it now)."""
+    client = _client()
+    job_id = client.submit(
+        dataset, archetype, events=events, warmup=warmup, samples=samples, chains=chains, seed=seed,
+        as_of=_date(as_of), window_days=window_days, queue=queue,
+    )
+    if as_json:
+        _print_json({"job_id": job_id})
+    else:
+        out.print(job_id)
+
+
+@app.command()
+def status(job_id: str, as_json: JsonFlag = False) -> None:
+    """Show a job's record: state, progress, reason."""
+    from producer.render import status_table
+
+    record = _client().status(job_id)
+    if as_json:
+        _print_json(record.model_dump(mode="json"))
+    else:
+        out.print(status_table(record))
+
+
+@app.command()
+def wait(
+    job_id: str,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 3600,
+    as_json: JsonFlag = False,
+) -> None:
+    """Wait for a job and print its summary; exit 1 if it failed or was rejected."""
+    from producer.client import JobDidNotSucceed
+    from producer.render import describe, progress_bar, summary_notes, summary_table
+
+    client = _client()
+    try:
+        with progress_bar(err) as bar:
+            task = bar.add_task(job_id, total=1.0, phase="waiting")
+
+            def update(record) -> None:
+                phase, done = describe(record)
+                bar.update(task, completed=done, phase=phase)
+
+            summary = client.wait(job_id, timeout=timeout, on_update=None if as_json else update)
+    except JobDidNotSucceed as exc:
+        if as_json:
+            _print_json(exc.status.model_dump(mode="json"))
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1)
+    except TimeoutError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
+    if as_json:
+        _print_json(summary.model_dump(mode="json"))
+    else:
+        out.print(summary_table([summary]))
+        for line in summary_notes(summary):
+            out.print(line, highlight=False)
+
+
+@app.command()
+def result(job_id: str, as_json: JsonFlag = False) -> None:
+    """Print a finished job's summary."""
+    from producer.render import summary_notes, summary_table
+
+    summary = _client().result(job_id)
+    if as_json:
+        _print_json(summary.model_dump(mode="json"))
+    else:
+        out.print(summary_table([summary]))
+        for line in summary_notes(summary):
+            out.print(line, highlight=False)
+
+
+@app.command()
+def latest(
+    archetype: str,
+    event: Annotated[Optional[str], typer.Option(help="Only this event's pointer.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Print the newest converged summary for an archetype."""
+    from producer.render import summary_notes, summary_table
+
+    summary = _client().latest(archetype, event)
+    if as_json:
+        _print_json(summary.model_dump(mode="json"))
+    else:
+        out.print(summary_table([summary]))
+        for line in summary_notes(summary):
+            out.print(line, highlight=False)
+
+
+@app.command()
+def reindex(as_json: JsonFlag = False) -> None:
+    """Rebuild the latest pointers from the summaries in the store (after Redis was flushed)."""
+    client = _client()
+    n = client.registry.rebuild_latest(client.catalog)
+    if as_json:
+        _print_json({"pointers": n})
+    else:
+        out.print(f"rebuilt {n} latest pointer(s) from {client.store.url}")
+
+
+@app.command()
+def worker(
+    gpus: Annotated[str, typer.Option(help="auto, none (CPU workers), or a list like 0,1.")] = "auto",
+    queues: Annotated[Optional[str], typer.Option(help="Comma-separated queues (default by worker kind).")] = None,
+    cpu_workers: Annotated[int, typer.Option(min=1, help="CPU worker processes with --gpus none.")] = 1,
+) -> None:
+    """Start the workers: one pinned process per GPU, supervised."""
+    from worker.supervisor import run
+
+    settings = _settings()
+    if settings.embedded:
+        err.print("[red]no broker configured: set CALQ_BROKER_URL (e.g. redis://localhost:6379/0)[/red]")
+        raise typer.Exit(2)
+    queue_list = [q.strip() for q in queues.split(",")] if queues else None
+    raise typer.Exit(run(gpus, queue_list, cpu_workers=cpu_workers))
+
+
+@app.command()
+def backfill(
+    dataset: Annotated[Path, typer.Argument(help="A calibration dataset (NetCDF).")],
+    date_from: Annotated[str, typer.Option("--from", help="First race date (YYYY-MM-DD).")],
+    date_to: Annotated[str, typer.Option("--to", help="Last race date (YYYY-MM-DD).")],
+    archetypes: Annotated[Optional[str], typer.Option(help="Comma-separated archetypes (default: all four).")] = None,
+    window_days: Annotated[int, typer.Option(help="Rolling window of data before each date.")] = 3 * 365,
+    max_in_flight: Annotated[int, typer.Option(min=1, help="Jobs queued or running at once.")] = 4,
+    events: Events = None,
+    warmup: Warmup = None,
+    samples: Samples = None,
+    chains: Chains = None,
+    seed: Seed = 0,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each job.")] = 3600,
+    as_json: JsonFlag = False,
+) -> None:
+    """Recompute calibration as of every race date in a range; resumable."""
+    from producer.backfill import Backfill, outcome_table
+
+    client = _client()
+    plan = Backfill(
+        client, dataset,
+        start=_date(date_from), end=_date(date_to),
+        archetypes=[a.strip() for a in archetypes.split(",")] if archetypes else None,
+        window_days=window_days, events=events,
+        sampler={"warmup": warmup, "samples": samples, "chains": chains, "seed": seed},
+    )
+    outcomes = plan.run(max_in_flight=max_in_flight, timeout=timeout, console=None if as_json else err)
+    if as_json:
+        _print_json([o.to_dict() for o in outcomes])
+    else:
+        out.print(outcome_table(outcomes))
+    if any(o.state != "succeeded" for o in outcomes):
+        raise typer.Exit(1)
+
+
+@app.command()
+def config() -> None:
+    """Show the settings in effect (passwords masked)."""
+    _print_json(_settings().public())
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def _settings():
+    from shared.settings import get_settings
+
+    return get_settings()
+
+
+def _date(value: str | None) -> date | None:
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a date like 2025-06-01")
+
+
+def _floats(value: str) -> list[float]:
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a comma-separated list of numbers")
+
+
+def main() -> None:
+    """Entry point: configure logging once, run the command, turn calq errors into messages."""
+    from shared.settings import get_settings
+
+    try:
+        level = get_settings().log_level
+    except Exception as exc:  # invalid settings: say which
+        err.print(f"[red]invalid settings: {exc}[/red]")
+        sys.exit(2)
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("jax", "absl", "botocore", "s3fs", "aiobotocore", "celery", "kombu"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        app()
+    except NotFound as exc:
+        err.print(f"[red]not found: {exc}[/red]")
+        sys.exit(1)
+    except CalqError as exc:
+        err.print(f"[red]{type(exc).__name__}: {exc}[/red]")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""The optimizer's client: submit jobs, wait for them, read results and posteriors.
+
+``CalibrationClient`` works the same in both modes:
+
+- **fleet** (``CALQ_BROKER_URL`` set): jobs go to Redis for the Celery
+  workers; records and ``latest`` pointers live in Redis;
+- **embedded** (no broker): ``submit`` runs the job here and now, in this
+  process, on the configured store; records live in the store.
+
+Either way the store's summaries are the source of truth, and the job runs
+through the same :func:`shared.processing.process` as on a worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import xarray as xr
+
+from shared.catalog import Catalog
+from shared.dataset import save_dataset
+from shared.errors import CalqError, NotFound
+from shared.job import CalibrationJob, JobState, JobStatus, SamplerSettings
+from shared.registry import JobRegistry, RedisRegistry, StoreRegistry
+from shared.settings import Settings, get_settings
+from shared.storage import Store
+from shared.summary import CalibrationSummary
+
+log = logging.getLogger(__name__)
+
+QUEUES = {"gpu": "calq.gpu", "cpu": "calq.cpu", "calq.gpu": "calq.gpu", "calq.cpu": "calq.cpu"}
+TASK_NAME = "calq.calibrate"
+
+StatusCallback = Callable[[JobStatus], None]
+
+
+class JobDidNotSucceed(CalqError):
+    """A job that was waited for ended failed or rejected."""
+
+    def __init__(self, status: JobStatus) -> None:
+        super().__init__(f"job {status.job_id} {status.state.value}: {status.reason or 'no reason recorded'}")
+        self.status = status
+
+
+class CalibrationClient:
+    """Submit calibration jobs and read their results (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        store: Store | None = None,
+        registry: JobRegistry | None = None,
+    ) -> None:
+        self.settings = settings or get_settings()
+        self.store = store or Store.from_settings(self.settings)
+        self.registry = registry or self._default_registry()
+        self.catalog = Catalog(self.store)
+        self._celery = None
+
+    @property
+    def embedded(self) -> bool:
+        return self.settings.embedded
+
+    def _default_registry(self) -> JobRegistry:
+        if self.settings.embedded:
+            return StoreRegistry(self.store)
+        import redis
+
+        return RedisRegistry(redis.Redis.from_url(self.settings.backend()))
+
+    # -- jobs --------------------------------------------------------------
+
+    def upload(self, dataset: str | os.PathLike | xr.Dataset) -> tuple[str, str]:
+        """Put a dataset in the store once, by content; returns (uri, sha256)."""
+        if isinstance(dataset, xr.Dataset):
+            with tempfile.TemporaryDirectory(prefix="calq-upload-") as tmp:
+                path = save_dataset(dataset, Path(tmp) / "dataset.nc")
+                return self.store.upload_dataset(path)
+        path = Path(dataset)
+        if not path.is_file():
+            raise NotFound(f"no dataset file at {path}")
+        return self.store.upload_dataset(path)
+
+    def make_job(
+        self,
+        dataset: str | os.PathLike | xr.Dataset,
+        archetype: str,
+        *,
+        events: Sequence[str] | str | None = None,
+        as_of: date | None = None,
+        window_days: int | None = None,
+        warmup: int | None = None,
+        samples: int | None = None,
+        chains: int | None = None,
+        seed: int = 0,
+        time_limit_s: int | None = None,
+        dataset_ref: tuple[str, str] | None = None,
+    ) -> CalibrationJob:
+        """Build (and validate) a job; the dataset is uploaded unless ``dataset_ref`` names it."""
+        uri, sha = dataset_ref or self.upload(dataset)
+        defaults = self.settings.sampler
+        fields: dict[str, Any] = {
+            "archetype": archetype,
+            "dataset_uri": uri,
+            "dataset_sha256": sha,
+            "as_of": as_of,
+            "window_days": window_days,
+            "time_limit_s": time_limit_s,
+            "sampler": SamplerSettings(
+                warmup=warmup or defaults.warmup,
+                samples=samples or defaults.samples,
+                chains=chains or defaults.chains,
+                seed=seed,
+            ),
+        }
+        if events:
+            fields["events"] = events
+        return CalibrationJob(**fields)
+
+    def submit(
+        self,
+        dataset: str | os.PathLike | xr.Dataset,
+        archetype: str,
+        *,
+        queue: str | None = None,
+        on_update: StatusCallback | None = None,
+        **options: Any,
+    ) -> str:
+        """Submit a job; returns its id. The same job submitted twice is one job.
+
+        In embedded mode the job runs to its end before this returns
+        (``on_update`` hears its progress); a rejected or failed job is then
+        in its record, as on the fleet.
+        """
+        return self.submit_job(self.make_job(dataset, archetype, **options), queue=queue, on_update=on_update)
+
+    def submit_job(
+        self, job: CalibrationJob, *, queue: str | None = None, on_update: StatusCallback | None = None
+    ) -> str:
+        """Submit an already built job (see :meth:`submit`)."""
+        status, created = self.registry.claim(job)
+        if not created:
+            log.info("job %s already known (%s): not enqueued again", job.job_id, status.state.value)
+            return job.job_id
+        if self.embedded:
+            self._run_here(job, on_update)
+        else:
+            self._enqueue(job, queue)
+        return job.job_id
+
+    def _enqueue(self, job: CalibrationJob, queue: str | None) -> None:
+        name = QUEUES.get(queue or self.settings.default_queue)
+        if name is None:
+            raise ValueError(f"unknown queue {queue!r}: use gpu or cpu")
+        self._celery_app().send_task(TASK_NAME, args=[job.to_message()], task_id=job.job_id, queue=name)
+        log.info("job %s enqueued on %s", job.job_id, name)
+
+    def _celery_app(self):
+        if self._celery is None:
+            from celery import Celery
+
+            self._celery = Celery(
+                "calq-producer",
+                broker=self.settings.broker(),
+                backend=self.settings.backend(),
+                set_as_current=False,
+            )
+            self._celery.conf.update(
+                task_serializer="json",
+                accept_content=["json"],
+                result_serializer="json",
+                broker_transport_options={"visibility_timeout": self.settings.visibility_timeout_s},
+            )
+        return self._celery
+
+    def _run_here(self, job: CalibrationJob, on_update: StatusCallback | None) -> None:
+        from shared.processing import process  # imports JAX: only when a job runs here
+
+        def forward(progress) -> None:
+            if on_update is not None:
+                on_update(self.registry.get(job.job_id))
+
+        process(
+            job.to_message(),
+            registry=self.registry,
+            store=self.store,
+            settings=self.settings,
+            worker="embedded",
+            on_progress=forward,
+        )
+
+    # -- reading -----------------------------------------------------------
+
+    def status(self, job_id: str) -> JobStatus:
+        """The job's record (NotFound for an id never submitted)."""
+        return self.registry.get(job_id)
+
+    def wait(self, job_id: str, *, timeout: float = 3600, on_update: StatusCallback | None = None) -> CalibrationSummary:
+        """Block until the job ends; its summary, or JobDidNotSucceed with the reason."""
+        status = self.registry.wait(job_id, timeout=timeout, on_update=on_update)
+        if status.state is not JobState.SUCCEEDED:
+            raise JobDidNotSucceed(status)
+        return self.result(job_id)
+
+    def result(self, job_id: str) -> CalibrationSummary:
+        """The summary of a succeeded job, read from the store."""
+        status = self.registry.find(job_id)
+        if status is not None and status.state is not JobState.SUCCEEDED:
+            raise JobDidNotSucceed(status) if status.state.finished else NotFound(
+                f"job {job_id} is {status.state.value}: no summary yet"
+            )
+        if status is not None and status.summary_uri:
+            return CalibrationSummary.model_validate_json(self.store.get_bytes(status.summary_uri))
+        return self.catalog.summary(job_id)
+
+    def latest(self, archetype: str, event: str | None = None) -> CalibrationSummary:
+        """The newest converged summary for an archetype (and event; default: any of its events)."""
+        pointers = self.registry.latest_all()
+        candidates = [
+            p for (a, e), p in pointers.items() if a == archetype and (event is None or e == event)
+        ]
+        if not candidates:
+            what = f"{archetype}" + (f" / {event}" if event else "")
+            raise NotFound(f"no converged calibration for {what} yet")
+        best = max(candidates, key=lambda p: (p.data_through, p.created_at, p.job_id))
+        return CalibrationSummary.model_validate_json(self.store.get_bytes(best.summary_uri))
+
+    def posterior(self, job_id: str):
+        """The job's posterior as an ArviZ InferenceData."""
+        return self.store.get_inference_data(self.result(job_id).posterior_uri)
+
+    def calibrate(self, archetype: str, track: str | None, event: str, p: Sequence[float]):
+        """Calibrate forecast probabilities with the latest converged posterior."""
+        from shared.posterior import calibrate_probabilities
+
+        summary = self.latest(archetype, event)
+        idata = self.store.get_inference_data(summary.posterior_uri)
+        return calibrate_probabilities(idata, p, event=event, track=track, archetype=archetype)
