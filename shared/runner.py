@@ -47,12 +47,13 @@ def run_job(
     settings: Settings,
     on_progress: ProgressCallback | None = None,
     cancelled: Callable[[], bool] | None = None,
-    criteria: ConvergenceCriteria = ConvergenceCriteria(),
+    criteria: ConvergenceCriteria | None = None,
 ) -> CalibrationSummary:
     """Run ``job`` and store its posterior and summary; return the summary.
 
     The job's time limit (its own, or the settings' default) is enforced
-    between sampling chunks. Errors propagate as calq's typed exceptions:
+    between sampling chunks; convergence is judged by ``criteria`` (default:
+    the settings'). Errors propagate as calq's typed exceptions:
     bad input as :class:`~shared.errors.RejectedError`, storage outages as
     :class:`~shared.errors.StorageUnavailable`.
     """
@@ -73,7 +74,7 @@ def run_job(
         on_progress=notify,
         deadline=deadline,
         cancelled=cancelled,
-        criteria=criteria,
+        criteria=criteria or settings.convergence,
         load_s=load_s,
     )
 
