@@ -1,0 +1,83 @@
+"""Diagnostics on posteriors built from seeded random arrays: no sampler in the loop."""
+
+from __future__ import annotations
+
+import arviz as az
+import numpy as np
+
+from shared.diagnostics import parameter_summaries, sampler_diagnostics
+from shared.summary import ConvergenceCriteria
+
+EVENTS, ARCHS, TRACKS = ["top_5", "top_10"], ["intermediate"], ["Kansas", "Texas", "Michigan"]
+
+
+def fake_posterior(*, chains=4, draws=1000, offset=0.0, diverging=0, seed=0) -> az.InferenceData:
+    rng = np.random.default_rng(seed)
+    shift = (np.arange(chains) * offset)[:, None, None, None]
+
+    def arch():
+        return rng.normal(size=(chains, draws, len(EVENTS), len(ARCHS))) + shift
+
+    def track():
+        return rng.normal(size=(chains, draws, len(EVENTS), len(TRACKS))) + shift
+
+    div = np.zeros((chains, draws), dtype=np.int8)
+    div.flat[:diverging] = 1
+    n_steps = np.full((chains, draws), 15)
+    n_steps[0, :5] = 1023
+    return az.from_dict(
+        posterior={
+            "alpha_arch": arch(), "beta_arch": np.exp(arch()), "sigma_alpha": np.abs(arch()),
+            "sigma_log_beta": np.abs(arch()), "alpha_track": track(), "beta_track": np.exp(track()),
+        },
+        sample_stats={
+            "diverging": div,
+            "energy": rng.normal(size=(chains, draws)),
+            "n_steps": n_steps,
+            "reached_max_treedepth": (n_steps >= 1023).astype(np.int8),
+        },
+        coords={"event": EVENTS, "archetype": ARCHS, "track": TRACKS},
+        dims={
+            **{n: ["event", "archetype"] for n in ("alpha_arch", "beta_arch", "sigma_alpha", "sigma_log_beta")},
+            **{n: ["event", "track"] for n in ("alpha_track", "beta_track")},
+        },
+    )
+
+
+def test_parameter_summaries_match_direct_computation():
+    idata = fake_posterior()
+    records = parameter_summaries(idata)
+    assert len(records) == 4 * len(EVENTS) * len(ARCHS) + 2 * len(EVENTS) * len(TRACKS)
+    rec = next(r for r in records if r.parameter == "alpha_track" and r.event == "top_10" and r.track == "Texas")
+    values = idata.posterior["alpha_track"].sel(event="top_10", track="Texas").values
+    assert rec.name == "alpha_track[top_10, Texas]"
+    assert np.isclose(rec.mean, values.mean()) and np.isclose(rec.sd, values.std(ddof=1))
+    # independent standard normal draws: HDI near ±1.88, R-hat near 1, ESS near the draw count
+    assert -2.1 < rec.hdi_low < -1.6 and 1.6 < rec.hdi_high < 2.1
+    assert abs(rec.r_hat - 1) < 0.01
+    assert 3000 < rec.ess_bulk < 5000
+
+
+def test_well_mixed_chains_pass_the_criteria():
+    idata = fake_posterior()
+    diag = sampler_diagnostics(idata, parameter_summaries(idata), sample_seconds=2.0)
+    assert diag.divergences == 0 and diag.tree_depth_hits == 5
+    assert diag.max_rhat < 1.01 and diag.min_ess_bulk > 400
+    assert len(diag.bfmi) == 4 and diag.min_bfmi > 0.5
+    assert np.isclose(diag.ess_bulk_per_second, diag.min_ess_bulk / 2.0)
+    assert ConvergenceCriteria().issues(diag) == []
+
+
+def test_chains_stuck_apart_fail_on_rhat_and_divergences_are_reasons():
+    idata = fake_posterior(offset=0.5, diverging=3)
+    diag = sampler_diagnostics(idata, parameter_summaries(idata), sample_seconds=1.0)
+    assert diag.max_rhat > 1.1
+    issues = ConvergenceCriteria().issues(diag)
+    assert any(i.startswith("max R-hat") for i in issues)
+    assert "3 divergent transitions" in issues
+
+
+def test_few_draws_fail_on_ess():
+    idata = fake_posterior(draws=60)
+    diag = sampler_diagnostics(idata, parameter_summaries(idata), sample_seconds=1.0)
+    assert any(i.startswith("min bulk ESS") for i in ConvergenceCriteria().issues(diag))
