@@ -146,9 +146,14 @@ class CalibrationClient:
     ) -> str:
         """Submit an already built job (see :meth:`submit`)."""
         status, created = self.registry.claim(job)
-        if not created:
+        interrupted = self.embedded and not status.state.finished and not created
+        if not created and not interrupted:
             log.info("job %s already known (%s): not enqueued again", job.job_id, status.state.value)
             return job.job_id
+        if interrupted:
+            # Embedded jobs run inside the submitting call: an unfinished record
+            # means the process that ran it was stopped. Run it again.
+            log.info("job %s was interrupted while %s: running it again", job.job_id, status.state.value)
         if self.embedded:
             self._run_here(job, on_update)
         else:

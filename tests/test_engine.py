@@ -1,0 +1,199 @@
+"""The calibration engine, without Celery or Redis: small data, small sampler settings."""
+
+from __future__ import annotations
+
+import time
+
+import arviz as az
+import numpy as np
+import pytest
+
+from shared.engine import calibrate, prepare
+from shared.errors import InvalidDataset, JobCancelled, JobTimeLimitExceeded
+from shared.job import CalibrationJob
+from shared.sampler import COMPILES, bucket_rows, bucket_tracks, chunk_length
+from shared.storage import Store
+from shared.summary import CalibrationSummary
+from shared.synth import synthesize
+
+SMALL = {"warmup": 100, "samples": 100, "chains": 2, "seed": 7}
+
+
+@pytest.fixture(scope="module")
+def season():
+    return synthesize(seasons=1, scenarios=200, seed=3)
+
+
+def make_job(archetype="road_course", **over) -> CalibrationJob:
+    fields = dict(
+        archetype=archetype,
+        dataset_uri="file:///data/season.nc",
+        dataset_sha256="0" * 64,
+        events=("top_5", "top_10"),
+        sampler=SMALL,
+    )
+    fields.update(over)
+    return CalibrationJob(**fields)
+
+
+@pytest.fixture(scope="module")
+def fitted(season):
+    phases = []
+    idata, summary = calibrate(season, make_job(), on_progress=phases.append)
+    return idata, summary, phases
+
+
+def test_summary_is_complete_and_json_round_trips(fitted):
+    _, summary, _ = fitted
+    again = CalibrationSummary.model_validate_json(summary.model_dump_json())
+    assert again == summary
+    assert summary.archetypes == ["road_course"]
+    assert summary.events == ["top_5", "top_10"]
+    assert summary.n_races == 6
+    assert set(summary.tracks["road_course"]) <= {
+        "Sonoma", "Watkins Glen", "COTA", "Chicago Street", "Charlotte Roval", "Indianapolis Road Course", "Mexico City",
+    }
+    d = summary.diagnostics
+    assert d.chains == 2 and d.draws == 100
+    assert 1.0 <= d.max_rhat < 1.2
+    assert d.min_ess_bulk > 20
+    assert len(d.bfmi) == 2
+    names = {p.parameter for p in summary.parameters}
+    assert names == {"alpha_arch", "beta_arch", "sigma_alpha", "sigma_log_beta", "alpha_track", "beta_track"}
+    for p in summary.parameters:
+        assert p.hdi_low <= p.mean <= p.hdi_high
+        assert p.sd > 0
+    # ESS below 400 at these settings: reported as a reason, not raised
+    assert not summary.converged
+    assert any("ESS" in reason for reason in summary.convergence_issues)
+
+
+def test_summary_scores_raw_and_calibrated_forecasts(fitted):
+    _, summary, _ = fitted
+    assert {(c.archetype, c.event) for c in summary.calibration} == {("road_course", "top_5"), ("road_course", "top_10")}
+    for c in summary.calibration:
+        assert c.n == 6 * 38
+        assert 0 < c.raw.brier < 0.25 and 0 < c.calibrated.brier < 0.25
+        assert sum(c.raw.reliability["count"]) == c.n
+    (ensemble,) = summary.ensemble
+    assert ensemble.crps > 0 and set(ensemble.coverage) == {"0.5", "0.8", "0.95"}
+    assert {j["event"] for j in summary.joint_events} == {"top_5", "top_10"}
+    t = summary.timings
+    assert t.sample_s > 0 and t.diagnostics_s > 0
+
+
+def test_inference_data_has_every_group_with_named_dims(fitted):
+    idata, summary, _ = fitted
+    assert set(idata.groups()) >= {"posterior", "sample_stats", "observed_data", "constant_data", "posterior_predictive"}
+    post = idata.posterior
+    assert post["alpha_arch"].dims == ("chain", "draw", "event", "archetype")
+    assert post["beta_track"].dims == ("chain", "draw", "event", "track")
+    assert list(post["track"].values) == summary.tracks["road_course"]
+    assert float(post["beta_track"].min()) > 0 and float(post["sigma_alpha"].min()) > 0
+    assert idata.observed_data["y"].sizes["row"] == summary.n_rows
+    assert set(np.unique(idata.posterior_predictive["y"].values)) <= {0, 1}
+    assert int(idata.sample_stats["diverging"].sum()) == summary.diagnostics.divergences
+    assert idata.posterior.attrs["job_id"] == summary.job_id
+
+
+def test_posterior_round_trips_through_netcdf(fitted, tmp_path):
+    idata, _, _ = fitted
+    store = Store(str(tmp_path))
+    uri = store.put_netcdf(idata, "posteriors/road_course/x.nc")
+    back = az.from_netcdf(store.get_dataset_file(uri))
+    for group in idata.groups():
+        original, loaded = getattr(idata, group), getattr(back, group)
+        for name in original.data_vars:
+            np.testing.assert_array_equal(original[name].values, loaded[name].values)
+    assert back.posterior.attrs == idata.posterior.attrs
+
+
+def test_progress_runs_through_the_phases_in_order(fitted):
+    _, _, phases = fitted
+    names = [p.phase for p in phases]
+    order = ["compile", "warmup", "sampling", "diagnostics"]
+    assert [n for i, n in enumerate(names) if i == 0 or names[i - 1] != n] == order
+    sampling = [p.fraction for p in phases if p.phase == "sampling"]
+    assert sampling == sorted(sampling) and sampling[-1] == 1.0
+
+
+def test_same_bucket_different_rows_compiles_nothing(season, fitted):
+    """A second job whose data differ in size but share the bucket must not recompile."""
+    job = make_job(as_of=np.datetime64("2024-09-05", "D").astype(object))  # drops one race and its track
+    first, second = prepare(season, make_job()), prepare(season, job)
+    assert first.rows.n_rows != second.rows.n_rows
+    assert first.bucket == second.bucket
+    before = COMPILES.count
+    calibrate(season, job)
+    assert COMPILES.count == before
+
+
+def test_time_limit_is_enforced_between_chunks(season, fitted):
+    with pytest.raises(JobTimeLimitExceeded):
+        calibrate(season, make_job(), deadline=time.monotonic() - 1)
+
+
+def test_cancellation_is_checked_between_chunks(season, fitted):
+    calls = []
+
+    def cancelled() -> bool:
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(JobCancelled):
+        calibrate(season, make_job(), cancelled=cancelled)
+    assert len(calls) == 4
+
+
+def test_a_window_without_races_is_rejected(season):
+    job = make_job(as_of=np.datetime64("2023-01-01", "D").astype(object))
+    with pytest.raises(InvalidDataset, match="no races of archetype road_course before 2023-01-01"):
+        calibrate(season, job)
+
+
+def test_bucket_sizes():
+    assert bucket_rows(1) == 1024 and bucket_rows(1024) == 1024
+    sizes = [bucket_rows(n) for n in range(1, 200_000, 997)]
+    assert all(b >= n for b, n in zip(sizes, range(1, 200_000, 997)))
+    assert len(set(sizes)) <= 16  # a √2 ladder: 16 sizes from 1k to 200k rows
+    assert max(b / n for b, n in zip(sizes, range(1, 200_000, 997)) if n > 1024) < 1.5
+    assert [bucket_tracks(n) for n in (1, 3, 4, 5, 17)] == [4, 4, 4, 8, 32]
+    assert chunk_length(500, 1000) * 20 >= 1500
+
+
+# -- using a posterior ---------------------------------------------------------------
+
+
+def test_calibrating_new_forecasts_at_a_known_track(fitted):
+    from shared.posterior import calibrate_probabilities, parameter_draws
+
+    idata, summary, _ = fitted
+    track = summary.tracks["road_course"][0]
+    _, _, source = parameter_draws(idata, event="top_5", track=track)
+    assert source == "track"
+    results = calibrate_probabilities(idata, [0.02, 0.1, 0.3, 0.6], event="top_5", track=track)
+    means = [r.mean for r in results]
+    assert means == sorted(means)  # β > 0: calibration keeps the order of forecasts
+    for r in results:
+        assert 0 < r.low <= r.mean <= r.high < 1
+
+
+def test_an_unseen_track_borrows_its_archetype_with_a_wider_band(fitted):
+    from shared.posterior import calibrate_probabilities, parameter_draws
+
+    idata, summary, _ = fitted
+    known = calibrate_probabilities(idata, [0.3], event="top_10", track=summary.tracks["road_course"][0])[0]
+    unseen = calibrate_probabilities(idata, [0.3], event="top_10", track="Brand New Street Circuit", archetype="road_course")[0]
+    _, _, source = parameter_draws(idata, event="top_10", track="Brand New Street Circuit", archetype="road_course")
+    assert source == "archetype"
+    assert unseen.high - unseen.low > known.high - known.low
+
+
+def test_calibrating_for_an_event_the_posterior_lacks_is_an_error(fitted):
+    from shared.posterior import calibrate_probabilities
+
+    idata, _, _ = fitted
+    with pytest.raises(KeyError, match="top_3"):
+        calibrate_probabilities(idata, [0.3], event="top_3", archetype="road_course")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        calibrate_probabilities(idata, [1.5], event="top_5", archetype="road_course")
