@@ -24,7 +24,7 @@ from shared.errors import InvalidDataset
 from shared.evaluation import ensemble_scores, event_calibration, joint_events
 from shared.inference import build_inference_data, calibrated_probability_mean, logit
 from shared.job import CalibrationJob, Progress, utcnow
-from shared.model import ModelData, ModelShape, choose_centering
+from shared.model import ModelData, ModelShape
 from shared.sampler import Bucket, bucket_rows, bucket_tracks, chains_in_parallel, chunk_length, sampler_for
 from shared.summary import CalibrationSummary, ConvergenceCriteria, Timings
 
@@ -57,12 +57,11 @@ def prepare(ds: xr.Dataset, job: CalibrationJob) -> Prepared:
         raise InvalidDataset([f"no races of archetype {job.archetype} {span}"])
     present = [a for a in archetypes if a in set(window["archetype"].values.astype(str))]
     rows = event_rows(window, events=job.events, archetypes=present)
-    rows_per_track = rows.n_rows / max(1, len(rows.tracks) * len(rows.events))
     shape = ModelShape(
         n_events=len(rows.events),
         n_archetypes=len(rows.archetypes),
         n_tracks=bucket_tracks(len(rows.tracks)),
-        centered=choose_centering(rows_per_track),
+        centered=False,  # measured: see shared.model
     )
     bucket = Bucket(
         shape=shape,

@@ -1,0 +1,183 @@
+"""The fleet end to end: real redis-server, moto's S3 server, a real `calq worker` process.
+
+What a newcomer does from the README: start Redis, run ``calq worker --gpus
+none``, then ``calq submit`` + ``calq wait`` + ``calq latest`` with
+``CALQ_BROKER_URL`` set. Storage is S3 (moto), so the claim check and the
+atomic uploads run against a real endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from producer.client import CalibrationClient, JobDidNotSucceed
+from shared.dataset import open_dataset, save_dataset
+from shared.job import JobState
+from shared.settings import S3Settings, Settings
+from shared.summary import CalibrationSummary
+
+pytestmark = pytest.mark.integration
+
+SAMPLER = {"warmup": 100, "samples": 150, "chains": 2}
+EVENTS = "top_5,top_10"
+#: tiny runs cannot reach 400 effective draws: these criteria let them count as converged
+CONVERGENCE = {"CALQ_CONVERGENCE__MIN_ESS_BULK": "10", "CALQ_CONVERGENCE__MAX_RHAT": "1.2",
+               "CALQ_CONVERGENCE__MAX_DIVERGENCES": "5"}
+
+
+@pytest.fixture(scope="module")
+def fleet_env(redis_server, s3_server, tmp_path_factory):
+    from tests.services import S3_KEY, S3_REGION, S3_SECRET, s3_client
+
+    bucket = "calq-fleet"
+    s3_client(s3_server).create_bucket(Bucket=bucket)
+    root = tmp_path_factory.mktemp("fleet")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
+    environ.update(
+        CALQ_BROKER_URL=redis_server.url,
+        CALQ_STORAGE_URL=f"s3://{bucket}/calq",
+        CALQ_S3__ENDPOINT_URL=s3_server,
+        CALQ_S3__ACCESS_KEY_ID=S3_KEY,
+        CALQ_S3__SECRET_ACCESS_KEY=S3_SECRET,
+        CALQ_S3__REGION=S3_REGION,
+        CALQ_COMPILE_CACHE_DIR=str(root / "jax-cache"),
+        **CONVERGENCE,
+    )
+    settings = Settings(
+        broker_url=redis_server.url,
+        storage_url=f"s3://{bucket}/calq",
+        s3=S3Settings(endpoint_url=s3_server, access_key_id=S3_KEY, secret_access_key=S3_SECRET, region=S3_REGION),
+        compile_cache_dir=None,
+    )
+    return environ, settings, root
+
+
+@pytest.fixture(scope="module")
+def worker(fleet_env):
+    environ, _, root = fleet_env
+    log = open(root / "worker.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", "worker", "--gpus", "none"],
+        env=environ, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+    )
+    yield proc
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert proc.returncode == 0, (root / "worker.log").read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def client(fleet_env, worker):
+    return CalibrationClient(fleet_env[1])
+
+
+@pytest.fixture(scope="module")
+def dataset(fleet_env):
+    from shared.synth import synthesize
+
+    path = fleet_env[2] / "season.nc"
+    save_dataset(synthesize(seasons=1, scenarios=200, seed=5), path)
+    return path
+
+
+def calq(fleet_env, *args, check=True):
+    environ, _, root = fleet_env
+    result = subprocess.run([sys.executable, "-m", "producer.cli", *args], env=environ, cwd=root,
+                            capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"calq {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result
+
+
+def sampler_args():
+    return [f"--{k}={v}" for k, v in SAMPLER.items()]
+
+
+@pytest.fixture(scope="module")
+def first_summary(fleet_env, worker, dataset):
+    """The README's flow: submit, wait, latest — through the CLI."""
+    submitted = calq(fleet_env, "submit", str(dataset), "--archetype", "intermediate", "--events", EVENTS,
+                     *sampler_args(), "--json")
+    job_id = json.loads(submitted.stdout)["job_id"]
+    waited = calq(fleet_env, "wait", job_id, "--timeout", "300", "--json")
+    return CalibrationSummary.model_validate_json(waited.stdout)
+
+
+def test_submit_wait_latest_through_the_cli(fleet_env, first_summary):
+    assert first_summary.archetype == "intermediate" and first_summary.converged
+    assert first_summary.posterior_uri.startswith("s3://calq-fleet/calq/posteriors/intermediate/")
+    latest = CalibrationSummary.model_validate_json(calq(fleet_env, "latest", "intermediate", "--json").stdout)
+    assert latest.job_id == first_summary.job_id
+    status = json.loads(calq(fleet_env, "status", first_summary.job_id, "--json").stdout)
+    assert status["state"] == "succeeded" and status["worker"].startswith("calq-cpu0@")
+
+
+def test_the_posterior_is_in_s3_and_readable(client, first_summary):
+    idata = client.posterior(first_summary.job_id)
+    assert idata.posterior.attrs["job_id"] == first_summary.job_id
+    assert client.store.exists(first_summary.summary_uri)
+
+
+def test_the_same_job_submitted_twice_is_one_job(client, dataset, first_summary):
+    again = client.submit(dataset, "intermediate", events=EVENTS, **SAMPLER)
+    assert again == first_summary.job_id
+    record = client.status(again)
+    assert record.state is JobState.SUCCEEDED and record.deliveries == 1
+
+
+def test_a_bad_dataset_is_rejected_and_the_worker_goes_on(client, dataset, fleet_env, first_summary):
+    ds = open_dataset(dataset)
+    finish = ds["finish_position"].values.copy()
+    finish[0, ~np.isnan(finish[0])] = 7.0  # everyone finished 7th
+    ds["finish_position"].values = finish
+    broken = fleet_env[2] / "broken.nc"
+    save_dataset(ds, broken)
+    bad = client.submit(broken, "intermediate", events=EVENTS, **SAMPLER)
+    good = client.submit(dataset, "road_course", events=EVENTS, **SAMPLER)
+    with pytest.raises(JobDidNotSucceed) as rejected:
+        client.wait(bad, timeout=120)
+    assert rejected.value.status.state is JobState.REJECTED
+    assert "position 7" in rejected.value.status.reason
+    assert rejected.value.status.deliveries == 1  # never retried
+    assert client.wait(good, timeout=300).archetype == "road_course"
+    # the CLI's wait says so and exits non-zero
+    result = calq(fleet_env, "wait", bad, "--timeout", "10", check=False)
+    assert result.returncode == 1 and "rejected" in result.stderr
+
+
+def test_latest_moves_only_for_newer_converged_jobs(client, dataset, first_summary):
+    from datetime import date
+
+    older = client.submit(dataset, "intermediate", events=EVENTS, as_of=date(2024, 8, 1), **SAMPLER)
+    older_summary = client.wait(older, timeout=300)
+    assert older_summary.data_through < first_summary.data_through
+    assert client.latest("intermediate").job_id == first_summary.job_id
+
+
+def test_embedded_mode_gives_the_same_summary_as_the_fleet(first_summary, dataset, tmp_path):
+    import dataclasses  # noqa: F401 - keep imports local to the test
+
+    settings = Settings(storage_url=str(tmp_path / "store"), compile_cache_dir=None,
+                        convergence={"min_ess_bulk": 10, "max_rhat": 1.2, "max_divergences": 5})
+    here = CalibrationClient(settings)
+    job = here.make_job(dataset, "intermediate", events=EVENTS, **SAMPLER)
+    here.submit_job(job)
+    embedded = here.result(job.job_id)
+    fleet = {p.name: p for p in first_summary.parameters}
+    for p in embedded.parameters:
+        assert p.mean == pytest.approx(fleet[p.name].mean, abs=1e-5), p.name
+    assert embedded.diagnostics.divergences == first_summary.diagnostics.divergences
+    assert embedded.n_rows == first_summary.n_rows

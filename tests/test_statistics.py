@@ -1,0 +1,122 @@
+"""Slow statistical checks of the engine: recovery of known truth, simulation-based calibration."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import pytest
+from scipy import stats
+
+from shared.engine import calibrate
+from shared.job import CalibrationJob
+from shared.model import ModelData, ModelShape, calibration_model
+from shared.sampler import Bucket, chains_in_parallel, chunk_length, sampler_for
+from shared.synth import synthesize, truth
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def five_seasons():
+    return synthesize(seasons=5, scenarios=1000, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fit_all(five_seasons):
+    job = CalibrationJob(
+        archetype="all", dataset_uri="file:///data/five.nc", dataset_sha256="0" * 64,
+        events=("top_1", "top_5", "top_10"),
+    )  # default sampler settings: 4 chains × (500 warmup + 1000 draws)
+    return calibrate(five_seasons, job)
+
+
+def test_posterior_recovers_each_archetypes_pseudo_true_calibration(five_seasons, fit_all):
+    idata, summary = fit_all
+    known = truth(five_seasons)["archetypes"]
+    misses = []
+    for archetype in summary.archetypes:
+        for event in summary.events:
+            for name, key in (("alpha_arch", "alpha"), ("beta_arch", "beta")):
+                draws = idata.posterior[name].sel(event=event, archetype=archetype).values.ravel()
+                target = known[archetype][event][key]
+                low, high = np.quantile(draws, [0.05, 0.95])
+                z = (draws.mean() - target) / draws.std()
+                if not (low <= target <= high or abs(z) <= 3):
+                    misses.append(f"{name}[{event}, {archetype}] = {draws.mean():.2f} ± {draws.std():.2f}, truth {target:.2f}")
+    assert not misses, misses
+
+
+def test_default_settings_converge_without_divergences(fit_all):
+    _, summary = fit_all
+    d = summary.diagnostics
+    assert d.max_rhat <= 1.01, summary.convergence_issues
+    assert d.divergences == 0
+    assert summary.converged
+
+
+def test_calibration_improves_the_miscalibrated_archetypes(fit_all):
+    _, summary = fit_all
+    for c in summary.calibration:
+        if c.archetype in ("superspeedway", "short_track") and c.event != "top_1":
+            assert c.calibrated.ece < c.raw.ece, (c.archetype, c.event)
+            assert c.calibrated.brier <= c.raw.brier
+
+
+def test_superspeedway_forecasts_are_found_over_confident(fit_all):
+    _, summary = fit_all
+    for event in ("top_5", "top_10"):
+        beta = summary.parameter("beta_arch", event, archetype="superspeedway")
+        assert beta.hdi_high < 1.0
+
+
+# -- simulation-based calibration ------------------------------------------------------
+
+SBC_REPLICATES = 40
+SBC_ROWS, SBC_TRACKS = 600, 3
+SBC_PARAMS = {"alpha_arch": (0, 0), "beta_arch": (0, 0), "alpha_track": (0, 1), "beta_track": (0, 2)}
+
+
+def _simulate(shape: ModelShape, key, x, track):
+    """Parameters from the prior and outcomes from the model, by running it unobserved."""
+    data = ModelData(
+        x=x, y=None, event=jnp.zeros_like(track), track=track, mask=jnp.ones(x.shape, bool),
+        track_archetype=jnp.zeros(shape.n_tracks, jnp.int32), track_real=jnp.arange(shape.n_tracks) < SBC_TRACKS,
+    )
+    tr = numpyro.handlers.trace(numpyro.handlers.seed(calibration_model, key)).get_trace(data, shape=shape)
+    return {name: np.asarray(site["value"]) for name, site in tr.items()}
+
+
+def test_simulation_based_calibration_ranks_are_uniform():
+    """Talts et al. (2018): the rank of each prior draw among its posterior draws is uniform."""
+    shape = ModelShape(n_events=1, n_archetypes=1, n_tracks=4, centered=False)
+    bucket = Bucket(shape=shape, n_rows=1024, chains=2, warmup=200, chunk=chunk_length(200, 400),
+                    parallel=chains_in_parallel(2))
+    sampler = sampler_for(bucket)
+    rng = np.random.default_rng(11)
+    ranks = {name: [] for name in SBC_PARAMS}
+    for r in range(SBC_REPLICATES):
+        p = rng.beta(0.6, 3.0, SBC_ROWS).clip(1e-3, 1 - 1e-3)
+        x = np.log(p / (1 - p)).astype(np.float32)
+        track = rng.integers(0, SBC_TRACKS, SBC_ROWS).astype(np.int32)
+        truth_values = _simulate(shape, jax.random.PRNGKey(r), jnp.asarray(x), jnp.asarray(track))
+        pad = 1024 - SBC_ROWS
+        data = ModelData(
+            x=jnp.asarray(np.concatenate([x, np.zeros(pad, np.float32)])),
+            y=jnp.asarray(np.concatenate([truth_values["y"].astype(np.int32), np.zeros(pad, np.int32)])),
+            event=jnp.zeros(1024, jnp.int32),
+            track=jnp.asarray(np.concatenate([track, np.zeros(pad, np.int32)])),
+            mask=jnp.asarray(np.arange(1024) < SBC_ROWS),
+            track_archetype=jnp.zeros(4, jnp.int32),
+            track_real=jnp.asarray(np.arange(4) < SBC_TRACKS),
+        )
+        draws = sampler.run(data, seed=1000 + r, samples=400)
+        for name, index in SBC_PARAMS.items():
+            posterior = draws.params[name][..., index[0], index[1]][:, ::8].ravel()  # thinned: 100 draws
+            ranks[name].append(int((posterior < truth_values[name][index]).sum()))
+    for name, values in ranks.items():
+        counts = np.bincount(np.asarray(values) * 5 // 101, minlength=5)
+        p_chi2 = stats.chisquare(counts).pvalue
+        p_ks = stats.kstest((np.asarray(values) + 0.5) / 101, "uniform").pvalue
+        assert p_chi2 > 0.001 and p_ks > 0.001, (name, counts.tolist(), p_chi2, p_ks)
