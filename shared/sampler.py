@@ -35,7 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from numpyro.infer.hmc import hmc
-from numpyro.infer.util import initialize_model
+import numpyro
+from numpyro.distributions.transforms import biject_to
+from numpyro.infer.util import constrain_fn, potential_energy
 
 from shared.errors import JobCancelled, JobTimeLimitExceeded
 from shared.job import Progress
@@ -129,6 +131,16 @@ COMPILES = CompileCounter()
 jax.monitoring.register_event_duration_secs_listener(COMPILES)
 
 
+def _unconstrained_template(model, data: ModelData) -> dict[str, jnp.ndarray]:
+    """Zeros shaped like each latent site in the unconstrained space."""
+    trace = numpyro.handlers.trace(numpyro.handlers.seed(model, 0)).get_trace(data)
+    return {
+        name: jnp.zeros(jnp.shape(biject_to(site["fn"].support).inv(site["value"])))
+        for name, site in trace.items()
+        if site["type"] == "sample" and not site["is_observed"]
+    }
+
+
 def _stats_of(state) -> dict[str, jnp.ndarray]:
     return {
         "diverging": state.diverging,
@@ -147,12 +159,17 @@ class CompiledSampler:
         self.bucket = bucket
         self._lock = threading.Lock()
         model = functools.partial(calibration_model, shape=bucket.shape)
-        info = initialize_model(
-            jax.random.PRNGKey(0), model, model_args=(self._dummy_data(),), dynamic_args=True
+        # What numpyro's initialize_model builds, without its search for valid
+        # initial values (a dozen small compiles): this model's log density is
+        # finite everywhere, so uniform draws in the unconstrained space do.
+        self._param_template = _unconstrained_template(model, self._dummy_data())
+        self._postprocess_gen = lambda data: functools.partial(
+            constrain_fn, model, (data,), {}, return_deterministic=True
         )
-        self._param_template = info.param_info.z
-        self._postprocess_gen = info.postprocess_fn
-        self._init_kernel, self._sample_kernel = hmc(potential_fn_gen=info.potential_fn, algo="NUTS")
+        self._init_kernel, self._sample_kernel = hmc(
+            potential_fn_gen=lambda data: functools.partial(potential_energy, model, (data,), {}),
+            algo="NUTS",
+        )
         self._init, self._chunk = self._build()
         self._compiled: tuple | None = None
 
