@@ -36,6 +36,8 @@ Warmup = Annotated[Optional[int], typer.Option(help="Warmup steps per chain (def
 Samples = Annotated[Optional[int], typer.Option(help="Draws per chain (default 1000).")]
 Chains = Annotated[Optional[int], typer.Option(help="Chains (default 4).")]
 Seed = Annotated[int, typer.Option(help="Seed of the sampler.")]
+AsOf = Annotated[Optional[str], typer.Option(help="Use races before this date (YYYY-MM-DD).")]
+WindowDays = Annotated[Optional[int], typer.Option(help="Only races in the last N days before --as-of.")]
 
 
 def _print_json(obj) -> None:
@@ -118,14 +120,13 @@ def calibrate(
     samples: Samples = None,
     chains: Chains = None,
     seed: Seed = 0,
-    as_of: Annotated[Optional[str], typer.Option(help="Use races before this date (YYYY-MM-DD).")] = None,
-    window_days: Annotated[Optional[int], typer.Option(help="Only races in the last N days before --as-of.")] = None,
+    as_of: AsOf = None,
+    window_days: WindowDays = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the fleet.")] = 3600,
     as_json: JsonFlag = False,
 ) -> None:
     """Calibrate a dataset: one job per archetype, here (embedded) or on the fleet."""
     from producer.client import JobDidNotSucceed
-    from producer.render import summary_notes, summary_table
 
     client = _client()
     summaries, failures = [], []
@@ -140,13 +141,7 @@ def calibrate(
         except JobDidNotSucceed as exc:
             failures.append(exc.status)
             err.print(f"[red]{name}: {exc}[/red]")
-    if as_json:
-        _print_json([s.model_dump(mode="json") for s in summaries] if len(summaries) != 1 else summaries[0].model_dump(mode="json"))
-    else:
-        out.print(summary_table(summaries))
-        for s in summaries:
-            for line in summary_notes(s):
-                out.print(line, highlight=False)
+    _show(summaries if len(summaries) != 1 else summaries[0], as_json)
     if failures:
         raise typer.Exit(1)
 
@@ -227,8 +222,8 @@ def submit(
     samples: Samples = None,
     chains: Chains = None,
     seed: Seed = 0,
-    as_of: Annotated[Optional[str], typer.Option(help="Use races before this date (YYYY-MM-DD).")] = None,
-    window_days: Annotated[Optional[int], typer.Option()] = None,
+    as_of: AsOf = None,
+    window_days: WindowDays = None,
     queue: Annotated[Optional[str], typer.Option(help="gpu or cpu (default from settings).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -264,7 +259,7 @@ def wait(
 ) -> None:
     """Wait for a job and print its summary; exit 1 if it failed or was rejected."""
     from producer.client import JobDidNotSucceed
-    from producer.render import describe, progress_bar, summary_notes, summary_table
+    from producer.render import describe, progress_bar
 
     client = _client()
     try:
@@ -284,26 +279,14 @@ def wait(
     except TimeoutError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2)
-    if as_json:
-        _print_json(summary.model_dump(mode="json"))
-    else:
-        out.print(summary_table([summary]))
-        for line in summary_notes(summary):
-            out.print(line, highlight=False)
+    _show(summary, as_json)
 
 
 @app.command()
 def result(job_id: str, as_json: JsonFlag = False) -> None:
     """Print a finished job's summary."""
-    from producer.render import summary_notes, summary_table
-
     summary = _client().result(job_id)
-    if as_json:
-        _print_json(summary.model_dump(mode="json"))
-    else:
-        out.print(summary_table([summary]))
-        for line in summary_notes(summary):
-            out.print(line, highlight=False)
+    _show(summary, as_json)
 
 
 @app.command()
@@ -313,15 +296,8 @@ def latest(
     as_json: JsonFlag = False,
 ) -> None:
     """Print the newest converged summary for an archetype."""
-    from producer.render import summary_notes, summary_table
-
     summary = _client().latest(archetype, event)
-    if as_json:
-        _print_json(summary.model_dump(mode="json"))
-    else:
-        out.print(summary_table([summary]))
-        for line in summary_notes(summary):
-            out.print(line, highlight=False)
+    _show(summary, as_json)
 
 
 @app.command()
@@ -349,7 +325,12 @@ def worker(
         err.print("[red]no broker configured: set CALQ_BROKER_URL (e.g. redis://localhost:6379/0)[/red]")
         raise typer.Exit(2)
     queue_list = [q.strip() for q in queues.split(",")] if queues else None
-    raise typer.Exit(run(gpus, queue_list, cpu_workers=cpu_workers))
+    try:
+        code = run(gpus, queue_list, cpu_workers=cpu_workers)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -395,6 +376,22 @@ def config() -> None:
 
 
 # -- helpers ---------------------------------------------------------------------
+
+
+def _show(summaries, as_json: bool) -> None:
+    """A summary (or several) as JSON, or as the calibration table and its notes."""
+    from producer.render import summary_notes, summary_table
+
+    many = isinstance(summaries, list)
+    items = summaries if many else [summaries]
+    if as_json:
+        dumped = [s.model_dump(mode="json") for s in items]
+        _print_json(dumped if many else dumped[0])
+        return
+    out.print(summary_table(items))
+    for s in items:
+        for line in summary_notes(s):
+            out.print(line, highlight=False)
 
 
 def _settings():

@@ -34,9 +34,6 @@ from shared.summary import CalibrationSummary
 
 log = logging.getLogger(__name__)
 
-QUEUES = {"gpu": "calq.gpu", "cpu": "calq.cpu", "calq.gpu": "calq.gpu", "calq.cpu": "calq.cpu"}
-TASK_NAME = "calq.calibrate"
-
 StatusCallback = Callable[[JobStatus], None]
 
 
@@ -161,29 +158,13 @@ class CalibrationClient:
         return job.job_id
 
     def _enqueue(self, job: CalibrationJob, queue: str | None) -> None:
-        name = QUEUES.get(queue or self.settings.default_queue)
-        if name is None:
-            raise ValueError(f"unknown queue {queue!r}: use gpu or cpu")
-        self._celery_app().send_task(TASK_NAME, args=[job.to_message()], task_id=job.job_id, queue=name)
-        log.info("job %s enqueued on %s", job.job_id, name)
+        from shared.celery_app import TASK_NAME, make_app, queue_for
 
-    def _celery_app(self):
+        name = queue_for(queue or self.settings.default_queue)
         if self._celery is None:
-            from celery import Celery
-
-            self._celery = Celery(
-                "calq-producer",
-                broker=self.settings.broker(),
-                backend=self.settings.backend(),
-                set_as_current=False,
-            )
-            self._celery.conf.update(
-                task_serializer="json",
-                accept_content=["json"],
-                result_serializer="json",
-                broker_transport_options={"visibility_timeout": self.settings.visibility_timeout_s},
-            )
-        return self._celery
+            self._celery = make_app(self.settings)
+        self._celery.send_task(TASK_NAME, args=[job.to_message()], task_id=job.job_id, queue=name)
+        log.info("job %s enqueued on %s", job.job_id, name)
 
     def _run_here(self, job: CalibrationJob, on_update: StatusCallback | None) -> None:
         from shared.processing import process  # imports JAX: only when a job runs here

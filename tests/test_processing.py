@@ -30,7 +30,7 @@ from shared.job import CalibrationJob, JobState, JobStatus, Progress, SamplerSet
 from shared.settings import Settings
 from shared.storage import Store, posterior_key, summary_key
 from shared.summary import CalibrationSummary, Diagnostics, Timings
-from worker import app as app_module
+from shared import celery_app as app_module
 from shared import processing as handler
 from shared.processing import ProgressThrottle, process, status_dict
 
@@ -432,7 +432,7 @@ def test_app_without_broker_fails_clearly_only_when_used(monkeypatch):
 def test_worker_modules_import_without_broker_or_jax(tmp_path):
     # A process that forks (prefork, the supervisor) must not have initialised JAX.
     code = (
-        "import sys, worker.app, worker.tasks, shared.processing, worker.supervisor; "
+        "import sys, shared.celery_app, worker.tasks, shared.processing, worker.supervisor; "
         "assert 'jax' not in sys.modules, 'jax imported'; print('ok')"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from worker.app import CPU_QUEUE, GPU_QUEUE, queue_for
+from shared.celery_app import CPU_QUEUE, GPU_QUEUE, queue_for
 from worker.tasks import EXIT_DEVICE_ERROR
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from celery import Celery, Task, signals
 from shared.errors import RetryableError
 from shared.settings import Settings, get_settings
 from shared import processing as handler
-from worker.app import TASK_NAME, get_app
+from shared.celery_app import TASK_NAME, get_app
 
 log = logging.getLogger(__name__)
 

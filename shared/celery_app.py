@@ -1,4 +1,4 @@
-"""The Celery app and all of its configuration, in one module.
+"""The Celery app and all of its configuration, in one module (producers send with it, workers consume).
 
 Nothing here imports JAX: the app is built in processes that may fork.
 :func:`make_app` builds an app from explicit :class:`~shared.settings.Settings`
@@ -126,13 +126,13 @@ def get_app() -> Celery:
     if settings.embedded:
         raise RuntimeError(
             "the Celery app needs a broker: set CALQ_BROKER_URL (e.g. redis://localhost:6379/0); "
-            "without one, calq runs jobs in-process and never needs worker.app"
+            "without one, calq runs jobs in-process and never needs the Celery app"
         )
     return make_app(settings)
 
 
 def __getattr__(name: str) -> Any:
-    # ``worker.app.app`` is built lazily: importing this module never needs a broker.
+    # ``shared.celery_app.app`` is built lazily: importing this module never needs a broker.
     if name == "app":
         return get_app()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
