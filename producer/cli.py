@@ -417,8 +417,11 @@ def _floats(value: str) -> list[float]:
 
 
 def main() -> None:
-    """Entry point: configure logging once, run the command, turn calq errors into messages."""
+    """Entry point: choose the device, configure logging once, run the command, report calq errors."""
+    from shared.device import use_host_devices
     from shared.settings import get_settings
+
+    use_host_devices()  # before anything imports JAX: chains in parallel on the CPU
 
     try:
         level = get_settings().log_level

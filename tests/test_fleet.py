@@ -181,3 +181,23 @@ def test_embedded_mode_gives_the_same_summary_as_the_fleet(first_summary, datase
         assert p.mean == pytest.approx(fleet[p.name].mean, abs=1e-5), p.name
     assert embedded.diagnostics.divergences == first_summary.diagnostics.divergences
     assert embedded.n_rows == first_summary.n_rows
+
+
+def test_the_client_calibrates_new_forecasts_with_the_latest_posterior(client, first_summary):
+    track = first_summary.tracks["intermediate"][0]
+    known = client.calibrate("intermediate", track, "top_5", [0.1, 0.3])
+    unseen = client.calibrate("intermediate", "Brand New Speedway", "top_5", [0.1, 0.3])
+    assert [r.p for r in known] == [0.1, 0.3] and known[0].mean < known[1].mean
+    assert unseen[0].high - unseen[0].low > known[0].high - known[0].low
+
+
+def test_reindex_rebuilds_latest_after_redis_is_flushed(fleet_env, redis_server, first_summary):
+    import redis
+
+    redis.Redis.from_url(redis_server.url).flushall()
+    missing = calq(fleet_env, "latest", "intermediate", "--json", check=False)
+    assert missing.returncode == 1 and "no converged calibration" in missing.stderr
+    rebuilt = json.loads(calq(fleet_env, "reindex", "--json").stdout)
+    assert rebuilt["pointers"] >= 2
+    latest = CalibrationSummary.model_validate_json(calq(fleet_env, "latest", "intermediate", "--json").stdout)
+    assert latest.job_id == first_summary.job_id

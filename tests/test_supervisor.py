@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from shared.device import HOST_DEVICES
 from worker.supervisor import (
-    CPU_HOST_DEVICES,
     Supervisor,
     WorkerSpec,
     detect_gpus,
@@ -37,7 +37,7 @@ def test_none_plans_cpu_workers():
         assert spec.queues == ("calq.cpu",)
         assert spec.env["JAX_PLATFORMS"] == "cpu"
         assert spec.env["CUDA_VISIBLE_DEVICES"] == ""
-        assert spec.env["XLA_FLAGS"] == f"{HOST_FLAG}={CPU_HOST_DEVICES}"
+        assert spec.env["XLA_FLAGS"] == f"{HOST_FLAG}={HOST_DEVICES}"
         argv = list(spec.argv)
         assert argv[:6] == [sys.executable, "-m", "celery", "-A", "worker.tasks", "worker"]
         assert argv[argv.index("--pool") + 1] == "solo"

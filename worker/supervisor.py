@@ -35,16 +35,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from shared.device import HOST_DEVICES, with_host_devices, without_host_devices
 from shared.celery_app import CPU_QUEUE, GPU_QUEUE, queue_for
 from worker.tasks import EXIT_DEVICE_ERROR
 
 log = logging.getLogger(__name__)
 
-CPU_HOST_DEVICES = 4
 GPU_MEM_FRACTION = "0.9"
 GPU_QUEUES = (GPU_QUEUE, CPU_QUEUE)
 CPU_QUEUES = (CPU_QUEUE,)
-_HOST_DEVICES_FLAG = re.compile(r"--xla_force_host_platform_device_count(=\S*)?")
 _GPU_ID = re.compile(r"^(\d+|(GPU|MIG)-[0-9A-Za-z/\-]+)$")
 
 
@@ -108,10 +107,6 @@ def detect_gpus(environ: Mapping[str, str] | None = None, *, timeout_s: float = 
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
-def _without_host_devices(flags: str) -> str:
-    return " ".join(_HOST_DEVICES_FLAG.sub("", flags).split())
-
-
 def worker_argv(name: str, queues: Sequence[str], *, loglevel: str = "INFO") -> tuple[str, ...]:
     """The command of one child: a solo-pool Celery worker (JAX is not fork-safe)."""
     return (
@@ -156,7 +151,7 @@ def plan_workers(
     else:
         devices = parse_gpu_list((gpus or "").strip())
 
-    inherited = _without_host_devices(environ.get("XLA_FLAGS", ""))
+    inherited = without_host_devices(environ.get("XLA_FLAGS", ""))
     specs = []
     if devices:
         for gpu in devices:
@@ -178,7 +173,7 @@ def plan_workers(
             env = {
                 "CUDA_VISIBLE_DEVICES": "",
                 "JAX_PLATFORMS": "cpu",
-                "XLA_FLAGS": f"{inherited} --xla_force_host_platform_device_count={CPU_HOST_DEVICES}".strip(),
+                "XLA_FLAGS": with_host_devices(inherited, HOST_DEVICES),
             }
             specs.append(WorkerSpec(name, None, worker_queues, env, worker_argv(name, worker_queues, loglevel=loglevel)))
     return specs

@@ -25,7 +25,7 @@ from celery import Celery, Task, signals
 
 from shared.errors import RetryableError
 from shared.settings import Settings, get_settings
-from shared import processing as handler
+from shared import processing
 from shared.celery_app import TASK_NAME, get_app
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,10 @@ class CalibrateTask(Task):
             reason = f"gave up after {self.request.retries} retries: {type(exc).__name__}: {exc}"
         else:
             reason = f"{type(exc).__name__}: {exc}"
-        jlog = handler.JobLog(log, {"job_id": job_id})
+        jlog = processing.JobLog(log, {"job_id": job_id})
         jlog.error("task failed: %s", reason)
         try:
-            context().registry.fail(job_id, reason[: handler.MAX_REASON_CHARS])
+            context().registry.fail(job_id, reason[: processing.MAX_REASON_CHARS])
         except Exception:  # the registry may be what is down; the log keeps the reason
             jlog.exception("could not record the failure")
 
@@ -94,7 +94,7 @@ class CalibrateTask(Task):
 def calibrate_message(task: Task, message: Mapping[str, Any]) -> dict[str, Any]:
     """The task body: run ``message`` through the handler with this process's context."""
     ctx = context()
-    return handler.process(
+    return processing.process(
         message,
         registry=ctx.registry,
         store=ctx.store,
@@ -193,7 +193,7 @@ def configure_logging(level: int | str = "INFO") -> None:
     """Log to stderr with the running job's id on every line (worker entry points only)."""
     stream = logging.StreamHandler()
     stream.setFormatter(logging.Formatter(LOG_FORMAT))
-    stream.addFilter(handler.JobIdFilter())
+    stream.addFilter(processing.JobIdFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
