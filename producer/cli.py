@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import date
 from pathlib import Path
@@ -147,8 +148,12 @@ def calibrate(
 
 
 def _run_with_progress(client, job, *, timeout: float, quiet: bool):
+    """Submit (embedded: run) a job and wait for it, with a progress bar unless ``quiet``."""
     from producer.render import describe, progress_bar
 
+    if quiet:
+        client.submit_job(job)
+        return client.wait(job.job_id, timeout=timeout)
     with progress_bar(err) as bar:
         task = bar.add_task(job.archetype, total=1.0, phase="queued")
 
@@ -156,8 +161,8 @@ def _run_with_progress(client, job, *, timeout: float, quiet: bool):
             phase, done = describe(status)
             bar.update(task, completed=done, phase=phase)
 
-        client.submit_job(job, on_update=None if quiet else update)
-        return client.wait(job.job_id, timeout=timeout, on_update=None if quiet else update)
+        client.submit_job(job, on_update=update)
+        return client.wait(job.job_id, timeout=timeout, on_update=update)
 
 
 @app.command()
@@ -428,6 +433,8 @@ def main() -> None:
     except Exception as exc:  # invalid settings: say which
         err.print(f"[red]invalid settings: {exc}[/red]")
         sys.exit(2)
+    if "CALQ_LOG_LEVEL" not in os.environ and sys.argv[1:2] != ["worker"]:
+        level = "WARNING"  # interactive commands show progress bars and tables, not log lines
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
