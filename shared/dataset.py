@@ -21,7 +21,6 @@ entered drivers hold the positions 1..n_entered exactly once.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -38,6 +37,7 @@ import xarray as xr
 
 from shared.domain import ARCHETYPES, archetypes_of, event_threshold
 from shared.errors import DatasetNotFound, InvalidDataset
+from shared.netcdf import write_netcdf
 
 log = logging.getLogger(__name__)
 
@@ -87,19 +87,17 @@ def save_dataset(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool = Tr
 
     The file is written to a temporary name in the same folder, then moved
     over ``path`` with :func:`os.replace`, so a reader sees the old file or
-    the new one, never half of one. Attributes netCDF cannot hold are encoded:
-    dicts and lists as JSON strings, booleans as 0/1; ``None`` attributes are
-    dropped. With ``compress`` the data variables are zlib-compressed (level 1,
+    the new one, never half of one. Attributes netCDF cannot hold (dicts,
+    lists, booleans, ``None``) are stored JSON-encoded (:mod:`shared.netcdf`). With ``compress`` the data variables are zlib-compressed (level 1,
     byte-shuffled). ``open_dataset(save_dataset(ds, path))`` equals ``ds``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    encodable = _with_netcdf_attrs(ds)
-    encoding = _compression(encodable) if compress else {}
+    encoding = _compression(ds) if compress else {}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        encodable.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=encoding)
+        write_netcdf(ds, tmp, encoding=encoding)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -148,39 +146,6 @@ def _read_netcdf_bytes(data: bytes) -> xr.Dataset:
     finally:
         if nc.isopen():
             nc.close()
-
-
-def _with_netcdf_attrs(ds: xr.Dataset) -> xr.Dataset:
-    """A shallow copy of ``ds`` whose attributes netCDF4 can store.
-
-    Encodings inherited from a file read earlier are dropped: after a
-    selection, their chunk sizes may no longer fit the dimensions.
-    """
-    out = ds.drop_encoding()
-    out.attrs = _netcdf_attrs(ds.attrs)
-    for name in out.variables:
-        out[name].attrs = _netcdf_attrs(ds[name].attrs)
-    return out
-
-
-def _netcdf_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
-    encoded: dict[str, Any] = {}
-    for key, value in attrs.items():
-        if value is None:
-            log.debug("dropping attribute %s=None: netCDF cannot store it", key)
-        elif isinstance(value, (bool, np.bool_)):
-            encoded[key] = int(value)
-        elif isinstance(value, (dict, list, tuple)) and not _is_numeric_sequence(value):
-            encoded[key] = json.dumps(value, sort_keys=True, default=str)
-        else:
-            encoded[key] = value
-    return encoded
-
-
-def _is_numeric_sequence(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and all(
-        isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in value
-    )
 
 
 def _compression(ds: xr.Dataset) -> dict[str, dict[str, Any]]:

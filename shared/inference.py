@@ -16,6 +16,7 @@ import arviz as az
 import numpy as np
 
 from shared.dataset import EventRows
+from shared.netcdf import encode_attrs
 from shared.sampler import MAX_TREE_DEPTH, Draws
 
 #: Draws per chain kept for the posterior predictive (it is per row, so large).
@@ -79,7 +80,7 @@ def build_inference_data(
         race=list(rows.races), driver=list(rows.drivers)
     )
     for group in idata.groups():
-        getattr(idata, group).attrs.update(_netcdf_attrs(attrs))
+        getattr(idata, group).attrs.update(encode_attrs(attrs))
     return idata
 
 
@@ -121,17 +122,6 @@ def _replicate(draws: Draws, rows: EventRows, *, seed: int) -> np.ndarray:
     q = calibrated_probability_draws(draws.params, rows, draws=slice(0, n_draws, step))
     rng = np.random.default_rng(seed)
     return (rng.random(q.shape) < q).astype(np.int8)
-
-
-def _netcdf_attrs(attrs: dict[str, Any]) -> dict[str, str | int | float]:
-    """Attributes NetCDF accepts: str/int/float kept, everything else JSON-encoded."""
-    out: dict[str, str | int | float] = {}
-    for key, value in attrs.items():
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            out[key] = json.dumps(value, default=str)
-        else:
-            out[key] = value
-    return out
 
 
 def to_dataset_attrs(idata: az.InferenceData) -> dict[str, Any]:

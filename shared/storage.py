@@ -51,6 +51,7 @@ from shared.errors import (
     NotFound,
     StorageUnavailable,
 )
+from shared.netcdf import read_inference_data, write_netcdf
 from shared.settings import S3Settings, Settings, redact_url, storage_url_from
 
 if TYPE_CHECKING:
@@ -178,77 +179,6 @@ def storage_errors(uri: str, *, missing: type[CalqError] | None = NotFound) -> I
                 f"storage unavailable at {redact_url(uri)}: {type(exc).__name__}: {exc}"
             ) from exc
         raise
-
-
-# -- NetCDF helpers ------------------------------------------------------------
-
-
-def _netcdf_attr(value: Any) -> Any:
-    """``value`` if NetCDF can store it as an attribute, else its JSON encoding."""
-    import numpy as np
-
-    if isinstance(value, (bool, np.bool_)) or value is None:
-        return json.dumps(bool(value) if value is not None else None)
-    if isinstance(value, (str, int, float, np.integer, np.floating)):
-        return value
-    if isinstance(value, np.ndarray) and value.dtype.kind in "iuf" and value.ndim == 1:
-        return value
-    if isinstance(value, (list, tuple)) and value and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-    ):
-        return list(value)
-    return json.dumps(value, default=_json_default, sort_keys=True)
-
-
-def _json_default(value: Any) -> Any:
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
-
-
-def _netcdf_safe(ds: "xr.Dataset") -> "xr.Dataset":
-    """A shallow copy of ``ds`` whose attributes NetCDF can hold."""
-    out = ds.copy(deep=False)
-    out.attrs = {k: _netcdf_attr(v) for k, v in ds.attrs.items()}
-    for name in out.variables:
-        out.variables[name].attrs = {k: _netcdf_attr(v) for k, v in ds.variables[name].attrs.items()}
-    return out
-
-
-def write_netcdf(obj: "az.InferenceData | xr.Dataset", path: str | os.PathLike[str]) -> None:
-    """Write an InferenceData or Dataset to a local NetCDF4 file (netCDF4 engine)."""
-    import arviz as az
-    import xarray as xr
-
-    if isinstance(obj, az.InferenceData):
-        groups = {group: _netcdf_safe(getattr(obj, group)) for group in obj.groups()}
-        attrs = {k: _netcdf_attr(v) for k, v in (obj.attrs or {}).items()}
-        az.InferenceData(attrs=attrs, **groups).to_netcdf(str(path), engine="netcdf4")
-    elif isinstance(obj, xr.Dataset):
-        _netcdf_safe(obj).to_netcdf(path, engine="netcdf4", format="NETCDF4")
-    else:
-        raise TypeError(f"put_netcdf takes an arviz.InferenceData or xarray.Dataset, not {type(obj).__name__}")
-
-
-def read_inference_data(path: str | os.PathLike[str]) -> "az.InferenceData":
-    """Read a NetCDF InferenceData fully into memory, closing every file it opened."""
-    import arviz as az
-    import netCDF4
-    import xarray as xr
-
-    with netCDF4.Dataset(str(path), mode="r") as handle:
-        group_names = list(handle.groups)
-    groups = {}
-    for group in group_names:
-        with xr.open_dataset(path, group=group, engine="netcdf4") as ds:
-            groups[group] = ds.load()
-    with xr.open_dataset(path, engine="netcdf4") as root:
-        attrs = dict(root.attrs)
-    return az.InferenceData(attrs=attrs, **groups)
 
 
 # -- the store -----------------------------------------------------------------
@@ -621,9 +551,7 @@ __all__ = [
     "Store",
     "dataset_key",
     "posterior_key",
-    "read_inference_data",
     "sha256_file",
     "storage_errors",
     "summary_key",
-    "write_netcdf",
 ]

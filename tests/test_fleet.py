@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -168,7 +167,6 @@ def test_latest_moves_only_for_newer_converged_jobs(client, dataset, first_summa
 
 
 def test_embedded_mode_gives_the_same_summary_as_the_fleet(first_summary, dataset, tmp_path):
-    import dataclasses  # noqa: F401 - keep imports local to the test
 
     settings = Settings(storage_url=str(tmp_path / "store"), compile_cache_dir=None,
                         convergence={"min_ess_bulk": 10, "max_rhat": 1.2, "max_divergences": 5})

@@ -31,7 +31,6 @@ from shared.settings import Settings
 from shared.storage import Store, posterior_key, summary_key
 from shared.summary import CalibrationSummary, Diagnostics, Timings
 from shared import celery_app as app_module
-from shared import processing as handler
 from shared.processing import ProgressThrottle, process, status_dict
 
 SHA = "ab" * 32

@@ -1,0 +1,89 @@
+"""Writing and reading NetCDF so that every file round-trips.
+
+NetCDF attributes hold only strings and numbers (arviz-devs/arviz#2365,
+#1417): ``None``, bools, dicts and mixed lists are stored JSON-encoded
+instead, on a copy, so the caller's object is untouched. Files are read fully
+into memory and closed at once: a lazily opened file breaks a later
+overwrite (arviz-devs/arviz#1734).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import xarray as xr
+
+if TYPE_CHECKING:
+    import arviz as az
+
+
+def encode_attr(value: Any) -> Any:
+    """``value`` if NetCDF can store it as an attribute, else its JSON encoding."""
+    if isinstance(value, (bool, np.bool_)) or value is None:
+        return json.dumps(bool(value) if value is not None else None)
+    if isinstance(value, (str, int, float, np.integer, np.floating)):
+        return value
+    if isinstance(value, np.ndarray) and value.dtype.kind in "iuf" and value.ndim == 1:
+        return value
+    if isinstance(value, (list, tuple)) and value and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
+        return list(value)
+    return json.dumps(value, default=_json_default, sort_keys=True)
+
+
+def encode_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {key: encode_attr(value) for key, value in attrs.items()}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def netcdf_ready(ds: xr.Dataset) -> xr.Dataset:
+    """A shallow copy of ``ds`` that NetCDF can store.
+
+    Attributes are encoded, and encodings inherited from a file read earlier
+    are dropped: after a selection their chunk sizes may no longer fit.
+    """
+    out = ds.drop_encoding()
+    out.attrs = encode_attrs(ds.attrs)
+    for name in out.variables:
+        out.variables[name].attrs = encode_attrs(ds.variables[name].attrs)
+    return out
+
+
+def write_netcdf(obj: "az.InferenceData | xr.Dataset", path: str | os.PathLike[str], **options: Any) -> None:
+    """Write an InferenceData or Dataset to a local NetCDF4 file (netCDF4 engine)."""
+    import arviz as az
+
+    if isinstance(obj, az.InferenceData):
+        groups = {group: netcdf_ready(getattr(obj, group)) for group in obj.groups()}
+        az.InferenceData(attrs=encode_attrs(obj.attrs or {}), **groups).to_netcdf(str(path), engine="netcdf4")
+    elif isinstance(obj, xr.Dataset):
+        netcdf_ready(obj).to_netcdf(path, engine="netcdf4", format="NETCDF4", **options)
+    else:
+        raise TypeError(f"write_netcdf takes an arviz.InferenceData or xarray.Dataset, not {type(obj).__name__}")
+
+
+def read_inference_data(path: str | os.PathLike[str]) -> "az.InferenceData":
+    """Read a NetCDF InferenceData fully into memory, closing every file it opened."""
+    import arviz as az
+    import netCDF4
+
+    with netCDF4.Dataset(str(path), mode="r") as handle:
+        group_names = list(handle.groups)
+    groups = {}
+    for group in group_names:
+        with xr.open_dataset(path, group=group, engine="netcdf4") as ds:
+            groups[group] = ds.load()
+    with xr.open_dataset(path, engine="netcdf4") as root:
+        attrs = dict(root.attrs)
+    return az.InferenceData(attrs=attrs, **groups)
