@@ -24,35 +24,31 @@ SUMMARISED = ("alpha_arch", "beta_arch", "sigma_alpha", "sigma_log_beta", "alpha
 def parameter_summaries(idata: az.InferenceData, *, var_names=SUMMARISED) -> list[ParameterSummary]:
     """Mean, sd, 94 % HDI, R-hat and bulk/tail ESS of every scalar parameter."""
     post = idata.posterior[list(var_names)]
-    mean = post.mean(("chain", "draw"))
-    sd = post.std(("chain", "draw"), ddof=1)
-    hdi = az.hdi(post, hdi_prob=HDI_PROB)
-    rhat = az.rhat(post, method="rank")
-    ess_bulk = az.ess(post, method="bulk")
-    ess_tail = az.ess(post, method="tail")
-
+    stats = {
+        "mean": post.mean(("chain", "draw")),
+        "sd": post.std(("chain", "draw"), ddof=1),
+        "hdi_low": (hdi := az.hdi(post, hdi_prob=HDI_PROB)).sel(hdi="lower", drop=True),
+        "hdi_high": hdi.sel(hdi="higher", drop=True),
+        "r_hat": az.rhat(post, method="rank"),
+        "ess_bulk": az.ess(post, method="bulk"),
+        "ess_tail": az.ess(post, method="tail"),
+    }
     records = []
     for name in var_names:
-        da = post[name]
-        other_dims = [d for d in da.dims if d not in ("chain", "draw")]
-        for index in np.ndindex(*[da.sizes[d] for d in other_dims]):
-            sel = {d: i for d, i in zip(other_dims, index)}
-            labels = {d: str(da[d].values[i]) for d, i in sel.items()}
-            name_coords = ", ".join(labels.values())
+        dims = [d for d in post[name].dims if d not in ("chain", "draw")]
+        labels = [[str(v) for v in post[d].values] for d in dims]
+        # numpy arrays in the parameter's own dimension order: no xarray lookups per scalar
+        values = {key: ds[name].transpose(*dims).values for key, ds in stats.items()}
+        for index in np.ndindex(*[len(lab) for lab in labels]):
+            coords = dict(zip(dims, (lab[i] for lab, i in zip(labels, index))))
             records.append(
                 ParameterSummary(
-                    name=f"{name}[{name_coords}]",
+                    name=f"{name}[{', '.join(coords.values())}]",
                     parameter=name,
-                    event=labels["event"],
-                    archetype=labels.get("archetype"),
-                    track=labels.get("track"),
-                    mean=_f(mean[name].isel(sel)),
-                    sd=_f(sd[name].isel(sel)),
-                    hdi_low=_f(hdi[name].isel(sel).sel(hdi="lower")),
-                    hdi_high=_f(hdi[name].isel(sel).sel(hdi="higher")),
-                    r_hat=_f(rhat[name].isel(sel)),
-                    ess_bulk=_f(ess_bulk[name].isel(sel)),
-                    ess_tail=_f(ess_tail[name].isel(sel)),
+                    event=coords["event"],
+                    archetype=coords.get("archetype"),
+                    track=coords.get("track"),
+                    **{key: float(array[index]) for key, array in values.items()},
                 )
             )
     return records
@@ -88,7 +84,3 @@ def _worst(values) -> float:
     if any(math.isnan(v) for v in values):
         return math.inf
     return max(values, default=math.nan)
-
-
-def _f(value) -> float:
-    return float(np.asarray(value))
