@@ -1,0 +1,212 @@
+"""The fleet's registry: records, latest pointers and deliveries in Redis (see :mod:`shared.registry`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from shared.catalog import LatestPointer, is_newer, newest_pointers
+from shared.errors import BrokerUnavailable
+from shared.job import JobStatus
+from shared.registry.base import DEFAULT_RECORD_TTL_S, Change, JobRegistry, _message
+from shared.settings import redact_url
+
+log = logging.getLogger(__name__)
+
+
+# -- Redis ---------------------------------------------------------------------
+
+
+class RedisRegistry(JobRegistry):
+    """Job records in Redis, shared by the producers and workers of a fleet."""
+
+    def __init__(
+        self,
+        redis_client: Any,
+        *,
+        prefix: str = "calq",
+        record_ttl_s: int = DEFAULT_RECORD_TTL_S,
+        url: str | None = None,
+    ) -> None:
+        self.redis = redis_client
+        self.prefix = prefix
+        self.record_ttl_s = record_ttl_s
+        self.channel = f"{prefix}:jobs"
+        self._latest_key = f"{prefix}:latest"
+        self._url = redact_url(url) if url else _describe(redis_client)
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> "RedisRegistry":
+        """A registry on a new client for ``url`` (connect and read time out after 5 s)."""
+        import redis
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5, health_check_interval=30)
+        return cls(client, url=url, **options)
+
+    def __repr__(self) -> str:
+        return f"RedisRegistry({self._url!r}, prefix={self.prefix!r})"
+
+    def _job_key(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def _deliveries_key(self, job_id: str, attempt: int) -> str:
+        return f"{self.prefix}:deliveries:{job_id}:{attempt}"
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Map connection and timeout errors to BrokerUnavailable, without credentials."""
+        import redis.exceptions as rex
+
+        try:
+            yield
+        except (rex.ConnectionError, rex.TimeoutError) as exc:
+            raise BrokerUnavailable(f"Redis unavailable at {self._url}: {type(exc).__name__}: {exc}") from exc
+
+    def find(self, job_id: str) -> JobStatus | None:
+        with self._errors():
+            raw = self.redis.get(self._job_key(job_id))
+        return None if raw is None else JobStatus.model_validate_json(raw)
+
+    def _insert(self, status: JobStatus) -> bool:
+        with self._errors():
+            return bool(
+                self.redis.set(self._job_key(status.job_id), status.model_dump_json(), nx=True, ex=self.record_ttl_s)
+            )
+
+    def _mutate(self, job_id: str, change: Change) -> tuple[JobStatus | None, JobStatus | None]:
+        key = self._job_key(job_id)
+
+        def attempt(pipe: Any) -> tuple[JobStatus | None, JobStatus | None]:
+            raw = pipe.get(key)
+            if raw is None:
+                return None, None
+            before = JobStatus.model_validate_json(raw)
+            after = change(before)
+            if after is not None:
+                pipe.multi()
+                pipe.set(key, after.model_dump_json(), ex=self.record_ttl_s)
+            return before, after
+
+        with self._errors():
+            return self.redis.transaction(attempt, key, value_from_callable=True)
+
+    def _count_delivery(self, job_id: str, attempt: int) -> int:
+        key = self._deliveries_key(job_id, attempt)
+        with self._errors():
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.incr(key)
+            pipe.expire(key, self.record_ttl_s)
+            count, _ = pipe.execute()
+        return int(count)
+
+    def _reset_deliveries(self, job_id: str) -> None:
+        pattern = f"{_glob_escape(self.prefix)}:deliveries:{_glob_escape(job_id)}:*"
+        with self._errors():
+            keys = list(self.redis.scan_iter(match=pattern, count=1000))
+            if keys:
+                self.redis.delete(*keys)
+
+    def _merge(self, pointers: list[LatestPointer]) -> list[LatestPointer]:
+        best = newest_pointers(pointers)
+        fields = [_field(slot) for slot in best]
+
+        def attempt(pipe: Any) -> list[LatestPointer]:
+            current = pipe.hmget(self._latest_key, fields)
+            moved = [
+                p
+                for p, raw in zip(best.values(), current)
+                if is_newer(p, None if raw is None else LatestPointer.model_validate_json(raw))
+            ]
+            if moved:
+                pipe.multi()
+                pipe.hset(self._latest_key, mapping={_field(p.slot): p.model_dump_json() for p in moved})
+            return moved
+
+        if not best:
+            return []
+        with self._errors():
+            return self.redis.transaction(attempt, self._latest_key, value_from_callable=True)
+
+    def latest_all(self) -> dict[tuple[str, str], LatestPointer]:
+        with self._errors():
+            raw = self.redis.hgetall(self._latest_key)
+        pointers = (LatestPointer.model_validate_json(v) for v in raw.values())
+        return {p.slot: p for p in pointers}
+
+    def latest(self, archetype: str, event: str) -> LatestPointer | None:
+        with self._errors():
+            raw = self.redis.hget(self._latest_key, _field((archetype, event)))
+        return None if raw is None else LatestPointer.model_validate_json(raw)
+
+    def _drop_latest(self) -> None:
+        with self._errors():
+            self.redis.delete(self._latest_key)
+
+    def _publish(self, status: JobStatus) -> None:
+        with self._errors():
+            self.redis.publish(self.channel, _message(status))
+
+    def subscribe(self) -> Any:
+        """A redis PubSub subscribed to the job-change channel ``{prefix}:jobs``."""
+        with self._errors():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(self.channel)
+        return pubsub
+
+    @contextlib.contextmanager
+    def _listener(self, job_id: str) -> Iterator[Callable[[float], None]]:
+        import redis.exceptions as rex
+
+        pubsub = self.subscribe()
+        broken = False
+
+        def pause(seconds: float) -> None:
+            nonlocal broken
+            end = time.monotonic() + seconds
+            while (left := end - time.monotonic()) > 0:
+                if broken:
+                    time.sleep(left)
+                    return
+                try:
+                    message = pubsub.get_message(timeout=left)
+                except rex.RedisError as exc:  # fall back to polling; reads report real outages
+                    log.debug("job-change subscription lost: %s", exc)
+                    broken = True
+                    continue
+                if message is None or message.get("type") != "message":
+                    continue
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    if json.loads(message["data"]).get("job_id") == job_id:
+                        return
+
+        try:
+            yield pause
+        finally:
+            with contextlib.suppress(Exception):
+                pubsub.close()
+
+
+def _field(slot: tuple[str, str]) -> str:
+    return f"{slot[0]}:{slot[1]}"
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def _describe(client: Any) -> str:
+    """``redis://host:port/db`` of a client, never with its password."""
+    try:
+        kwargs = client.connection_pool.connection_kwargs
+    except AttributeError:
+        return type(client).__name__
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}"
+    return f"redis://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+
+

@@ -1,0 +1,153 @@
+"""The embedded registry: records and latest pointers as JSON files in the store (see :mod:`shared.registry`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+
+from shared.catalog import LatestPointer, is_newer, newest_pointers
+from shared.job import JobStatus
+from shared.errors import NotFound
+from shared.registry.base import _SAFE_ID, Change, JobRegistry, _check_id
+from shared.storage import Store
+
+log = logging.getLogger(__name__)
+
+
+# -- the store (embedded mode) -------------------------------------------------
+
+_STORE_LOCKS: dict[str, threading.Condition] = {}
+_STORE_LOCKS_GUARD = threading.Lock()
+
+
+def _store_condition(url: str) -> threading.Condition:
+    with _STORE_LOCKS_GUARD:
+        return _STORE_LOCKS.setdefault(url, threading.Condition(threading.RLock()))
+
+
+class StoreRegistry(JobRegistry):
+    """Job records as JSON files in the store, for embedded (single-process) mode.
+
+    Updates are serialised by a lock shared by every StoreRegistry on the
+    same store URL in this process; separate processes writing the same
+    store at once are not coordinated (the fleet uses Redis). There is no
+    pub/sub: :meth:`wait` wakes on changes made in this process and polls
+    otherwise.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._cond = _store_condition(store.url)
+
+    def __repr__(self) -> str:
+        return f"StoreRegistry({self.store!r})"
+
+    @staticmethod
+    def _job_key(job_id: str) -> str:
+        return f"jobs/{job_id}.json"
+
+    @staticmethod
+    def _deliveries_key(job_id: str) -> str:
+        return f"deliveries/{job_id}.json"
+
+    @staticmethod
+    def _latest_key(archetype: str, event: str) -> str:
+        return f"latest/{archetype}/{event}.json"
+
+    def _read(self, key: str) -> bytes | None:
+        try:
+            return self.store.get_bytes(key)
+        except NotFound:
+            return None
+
+    def find(self, job_id: str) -> JobStatus | None:
+        if not _SAFE_ID.match(job_id):
+            return None
+        raw = self._read(self._job_key(job_id))
+        return None if raw is None else JobStatus.model_validate_json(raw)
+
+    def _write(self, status: JobStatus) -> None:
+        _check_id(status.job_id)
+        self.store.put_bytes(self._job_key(status.job_id), status.model_dump_json(indent=2).encode())
+
+    def _insert(self, status: JobStatus) -> bool:
+        with self._cond:
+            if self.find(status.job_id) is not None:
+                return False
+            self._write(status)
+            return True
+
+    def _mutate(self, job_id: str, change: Change) -> tuple[JobStatus | None, JobStatus | None]:
+        with self._cond:
+            before = self.find(job_id)
+            if before is None:
+                return None, None
+            after = change(before)
+            if after is not None:
+                self._write(after)
+            return before, after
+
+    def _count_delivery(self, job_id: str, attempt: int) -> int:
+        _check_id(job_id)
+        key = self._deliveries_key(job_id)
+        with self._cond:
+            raw = self._read(key)
+            counts: dict[str, int] = json.loads(raw) if raw is not None else {}
+            counts[str(attempt)] = counts.get(str(attempt), 0) + 1
+            self.store.put_json(key, counts)
+            return counts[str(attempt)]
+
+    def _reset_deliveries(self, job_id: str) -> None:
+        with self._cond:
+            self.store.delete(self._deliveries_key(job_id))
+
+    def _merge(self, pointers: list[LatestPointer]) -> list[LatestPointer]:
+        moved = []
+        with self._cond:
+            for slot, pointer in newest_pointers(pointers).items():
+                key = self._latest_key(*slot)
+                raw = self._read(key)
+                if is_newer(pointer, None if raw is None else LatestPointer.model_validate_json(raw)):
+                    self.store.put_bytes(key, pointer.model_dump_json(indent=2).encode())
+                    moved.append(pointer)
+        return moved
+
+    def latest_all(self) -> dict[tuple[str, str], LatestPointer]:
+        pointers: dict[tuple[str, str], LatestPointer] = {}
+        for uri in self._latest_uris():
+            raw = self._read(uri)
+            if raw is not None:
+                pointer = LatestPointer.model_validate_json(raw)
+                pointers[pointer.slot] = pointer
+        return pointers
+
+    def latest(self, archetype: str, event: str) -> LatestPointer | None:
+        if not (_SAFE_ID.match(archetype) and _SAFE_ID.match(event)):
+            return None
+        raw = self._read(self._latest_key(archetype, event))
+        return None if raw is None else LatestPointer.model_validate_json(raw)
+
+    def _latest_uris(self) -> Iterable[str]:
+        return [u for u in self.store.list("latest") if u.endswith(".json")]
+
+    def _drop_latest(self) -> None:
+        with self._cond:
+            for uri in self._latest_uris():
+                self.store.delete(uri)
+
+    def _publish(self, status: JobStatus) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def _listener(self, job_id: str) -> Iterator[Callable[[float], None]]:
+        def pause(seconds: float) -> None:
+            with self._cond:
+                self._cond.wait(seconds)
+
+        yield pause
+
+
