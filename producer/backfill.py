@@ -140,14 +140,19 @@ def _bar(console):
 
 
 def outcome_table(outcomes: list[Outcome]) -> Table:
-    """Counts per state, then every job that did not succeed with its reason."""
-    counts = {state.value: 0 for state in (JobState.SUCCEEDED, JobState.FAILED, JobState.REJECTED)}
-    for o in outcomes:
-        counts[o.state] = counts.get(o.state, 0) + 1
-    table = Table(title=f"backfill: {len(outcomes)} jobs — " + ", ".join(f"{n} {s}" for s, n in counts.items()))
-    for column in ("archetype", "as of", "job", "state", "reason"):
-        table.add_column(column)
-    for o in outcomes:
-        if o.state != JobState.SUCCEEDED.value:
-            table.add_row(o.archetype, str(o.as_of), o.job_id, o.state, o.reason or "")
+    """Jobs per archetype and final state, then every job that did not succeed, with its reason."""
+    states = [JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.REJECTED.value]
+    totals = {state: sum(o.state == state for o in outcomes) for state in states}
+    table = Table(title=f"backfill: {len(outcomes)} jobs — " + ", ".join(f"{totals[s]} {s}" for s in states))
+    table.add_column("archetype")
+    for state in states:
+        table.add_column(state, justify="right")
+    for archetype in sorted({o.archetype for o in outcomes}):
+        mine = [o for o in outcomes if o.archetype == archetype]
+        table.add_row(archetype, *(str(sum(o.state == s for o in mine)) for s in states))
+    failures = [o for o in outcomes if o.state != JobState.SUCCEEDED.value]
+    if failures:
+        table.add_section()
+        for o in failures:
+            table.add_row(f"{o.archetype} as of {o.as_of}", o.state, o.job_id, (o.reason or "")[:200])
     return table

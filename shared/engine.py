@@ -203,7 +203,7 @@ def calibrate(
         calq_version=shared.__version__,
     )
     if issues:
-        log.warning("job %s did not converge: %s", job.job_id, "; ".join(issues))
+        log.info("job %s did not converge: %s", job.job_id, "; ".join(issues))  # a result, not a fault
     return idata, summary
 
 
