@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from shared.device import use_host_devices
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -67,7 +69,7 @@ def child(seasons: int, cache: str, jobs: int, store: str) -> dict:
 def run_child(seasons: int, cache: str, jobs: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="calq-bench-store-") as store:
         env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-        env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+        use_host_devices(environ=env)  # as a CPU worker gets them
         out = subprocess.run(
             [sys.executable, __file__, "--child", "--seasons", str(seasons), "--cache", cache, "--jobs", str(jobs),
              "--store", store],

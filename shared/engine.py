@@ -25,7 +25,7 @@ from shared.evaluation import ensemble_scores, event_calibration, joint_events
 from shared.inference import build_inference_data, calibrated_probability_mean, logit
 from shared.job import CalibrationJob, Progress, utcnow
 from shared.model import ModelData, ModelShape
-from shared.sampler import Bucket, bucket_rows, bucket_tracks, chains_in_parallel, chunk_length, sampler_for
+from shared.sampler import Bucket, bucket_rows, bucket_tracks, chain_devices, chunk_length, sampler_for
 from shared.summary import CalibrationSummary, ConvergenceCriteria, Timings
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def prepare(ds: xr.Dataset, job: CalibrationJob) -> Prepared:
         chains=job.sampler.chains,
         warmup=job.sampler.warmup,
         chunk=chunk_length(job.sampler.warmup, job.sampler.samples),
-        parallel=chains_in_parallel(job.sampler.chains),
+        devices=chain_devices(job.sampler.chains),
     )
     return Prepared(window=window, rows=rows, data=pad(rows, bucket), bucket=bucket)
 

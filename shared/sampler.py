@@ -82,7 +82,7 @@ class Bucket:
     chains: int
     warmup: int
     chunk: int
-    parallel: bool
+    devices: int = 1  # chains are split evenly over this many devices (pmap), vectorised within one
 
 
 @dataclass
@@ -216,21 +216,23 @@ class CompiledSampler:
 
             return jax.lax.scan(step, state, None, length=length)
 
-        if self.bucket.parallel:
-            return (
-                jax.pmap(init_one, in_axes=(0, None)),
-                jax.pmap(chunk_one, in_axes=(0, None)),
-            )
-        return (
-            jax.jit(jax.vmap(init_one, in_axes=(0, None))),
-            jax.jit(jax.vmap(chunk_one, in_axes=(0, None))),
-        )
+        init_many = jax.vmap(init_one, in_axes=(0, None))
+        chunk_many = jax.vmap(chunk_one, in_axes=(0, None))
+        if self.bucket.devices > 1:
+            return jax.pmap(init_many, in_axes=(0, None)), jax.pmap(chunk_many, in_axes=(0, None))
+        return jax.jit(init_many), jax.jit(chunk_many)
+
+    def _chain_keys(self, seed: int) -> jnp.ndarray:
+        """One key per chain, laid out (devices, chains per device, 2) when chains span devices."""
+        b = self.bucket
+        keys = jax.random.split(jax.random.PRNGKey(seed), b.chains)
+        return keys.reshape(b.devices, b.chains // b.devices, 2) if b.devices > 1 else keys
 
     def compile(self, data: ModelData) -> tuple:
         """Compile (or fetch from the persistent cache) both kernels, once."""
         with self._lock:
             if self._compiled is None:
-                keys = jax.random.split(jax.random.PRNGKey(0), self.bucket.chains)
+                keys = self._chain_keys(0)
                 init = self._init.lower(keys, data).compile()
                 state = jax.eval_shape(self._init, keys, data)
                 chunk = self._chunk.lower(state, data).compile()
@@ -259,8 +261,7 @@ class CompiledSampler:
         compile_s = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        keys = jax.random.split(jax.random.PRNGKey(seed), b.chains)
-        state = init(keys, data)
+        state = init(self._chain_keys(seed), data)
         total = b.warmup + samples
         n_chunks = math.ceil(total / b.chunk)
         params_parts, stats_parts = [], []
@@ -270,8 +271,8 @@ class CompiledSampler:
             jax.block_until_ready(state)  # dispatch is asynchronous: wait, so progress and limits are real
             done = min((i + 1) * b.chunk, total)
             if (i + 1) * b.chunk > b.warmup:
-                params_parts.append(jax.device_get(params))
-                stats_parts.append(jax.device_get(stats))
+                params_parts.append(self._by_chain(params))
+                stats_parts.append(self._by_chain(stats))
             if on_progress is not None:
                 on_progress(_progress(done, b.warmup, samples))
         first = (math.floor(b.warmup / b.chunk)) * b.chunk  # step index of the first kept chunk
@@ -279,6 +280,15 @@ class CompiledSampler:
         params = {k: np.concatenate([p[k] for p in params_parts], axis=1)[:, skip : skip + samples] for k in params_parts[0]}
         stats = {k: np.concatenate([s[k] for s in stats_parts], axis=1)[:, skip : skip + samples] for k in stats_parts[0]}
         return Draws(params=params, stats=stats, compile_s=compile_s, sample_s=time.perf_counter() - t1)
+
+
+    def _by_chain(self, tree) -> dict[str, np.ndarray]:
+        """Host copies with one leading chain axis, whatever the device layout."""
+        b = self.bucket
+        host = jax.device_get(tree)
+        if b.devices > 1:
+            return {k: v.reshape((b.chains,) + v.shape[2:]) for k, v in host.items()}
+        return host
 
 
 def _check_limits(deadline: float | None, cancelled: Callable[[], bool] | None) -> None:
@@ -302,6 +312,11 @@ def sampler_for(bucket: Bucket) -> CompiledSampler:
     return CompiledSampler(bucket)
 
 
-def chains_in_parallel(chains: int) -> bool:
-    """Parallel over devices when every chain gets its own device, else vectorised."""
-    return chains > 1 and jax.local_device_count() >= chains
+def chain_devices(chains: int) -> int:
+    """How many devices the chains are split over: the most that divide them evenly.
+
+    Four chains on four host devices run one per device; on one GPU (or one
+    CPU device) they are vectorised.
+    """
+    available = jax.local_device_count()
+    return max(d for d in range(1, min(chains, available) + 1) if chains % d == 0)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 
-# Tests always run on the CPU, with four host devices so chains run in parallel.
+from shared.device import use_host_devices  # imports no JAX
+
+# Tests always run on the CPU, with the host devices a CPU worker gets, so chains
+# run in parallel and an embedded run lays chains out as a worker does.
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+use_host_devices()
 
 import pytest  # noqa: E402
 

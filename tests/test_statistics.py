@@ -12,7 +12,7 @@ from scipy import stats
 from shared.engine import calibrate
 from shared.job import CalibrationJob
 from shared.model import ModelData, ModelShape, calibration_model
-from shared.sampler import Bucket, chains_in_parallel, chunk_length, sampler_for
+from shared.sampler import Bucket, chain_devices, chunk_length, sampler_for
 from shared.synth import synthesize, truth
 
 pytestmark = pytest.mark.slow
@@ -96,7 +96,7 @@ def test_simulation_based_calibration_ranks_are_uniform():
     """Talts et al. (2018): the rank of each prior draw among its posterior draws is uniform."""
     shape = ModelShape(n_events=1, n_archetypes=1, n_tracks=4, centered=False)
     bucket = Bucket(shape=shape, n_rows=1024, chains=2, warmup=200, chunk=chunk_length(200, 400),
-                    parallel=chains_in_parallel(2))
+                    devices=chain_devices(2))
     sampler = sampler_for(bucket)
     rng = np.random.default_rng(11)
     ranks = {name: [] for name in SBC_PARAMS}
