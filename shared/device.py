@@ -1,10 +1,10 @@
 """Device choice, made once at process start, before JAX is imported.
 
 On a CPU, JAX sees one device unless told otherwise, and chains can then only
-be vectorised. Forcing one host device per core lets chains run in parallel:
-on this 2-core machine, four chains as 2 devices × 2 vectorised chains took
-about 88 µs per leapfrog step, 4 devices × 1 chain about 105-114 µs, and one
-device × 4 chains about twice that (bench/engine.py). The flag must be
+be vectorised. Forcing one host device per default chain lets chains run in
+parallel: on this 2-core machine four chains on four devices sampled about
+2× faster than on one (bench/engine.py). Two devices × two vectorised chains
+sampled no faster per leapfrog step and compiled twice as slowly. The flag must be
 in ``XLA_FLAGS`` before JAX initialises, so the CLI calls
 :func:`use_host_devices` first thing, and the worker supervisor writes the
 flag into each CPU child's environment.
@@ -17,8 +17,8 @@ import re
 import sys
 from collections.abc import MutableMapping
 
-#: Host devices a CPU process gets: one per core (at most 8).
-HOST_DEVICES = max(1, min(8, os.cpu_count() or 1))
+#: Host devices a CPU process gets: one per default chain.
+HOST_DEVICES = 4
 _FLAG = "--xla_force_host_platform_device_count"
 _FLAG_PATTERN = re.compile(re.escape(_FLAG) + r"(=\S*)?")
 

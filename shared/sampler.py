@@ -216,17 +216,23 @@ class CompiledSampler:
 
             return jax.lax.scan(step, state, None, length=length)
 
+        b = self.bucket
+        if b.devices == b.chains:  # one chain per device
+            return jax.pmap(init_one, in_axes=(0, None)), jax.pmap(chunk_one, in_axes=(0, None))
         init_many = jax.vmap(init_one, in_axes=(0, None))
         chunk_many = jax.vmap(chunk_one, in_axes=(0, None))
-        if self.bucket.devices > 1:
+        if b.devices > 1:  # several chains per device
             return jax.pmap(init_many, in_axes=(0, None)), jax.pmap(chunk_many, in_axes=(0, None))
         return jax.jit(init_many), jax.jit(chunk_many)
 
+    def _split_over_devices(self) -> bool:
+        return 1 < self.bucket.devices < self.bucket.chains
+
     def _chain_keys(self, seed: int) -> jnp.ndarray:
-        """One key per chain, laid out (devices, chains per device, 2) when chains span devices."""
+        """One key per chain, laid out (devices, chains per device, 2) when several chains share a device."""
         b = self.bucket
         keys = jax.random.split(jax.random.PRNGKey(seed), b.chains)
-        return keys.reshape(b.devices, b.chains // b.devices, 2) if b.devices > 1 else keys
+        return keys.reshape(b.devices, b.chains // b.devices, 2) if self._split_over_devices() else keys
 
     def compile(self, data: ModelData) -> tuple:
         """Compile (or fetch from the persistent cache) both kernels, once."""
@@ -286,7 +292,7 @@ class CompiledSampler:
         """Host copies with one leading chain axis, whatever the device layout."""
         b = self.bucket
         host = jax.device_get(tree)
-        if b.devices > 1:
+        if self._split_over_devices():
             return {k: v.reshape((b.chains,) + v.shape[2:]) for k, v in host.items()}
         return host
 

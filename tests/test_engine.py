@@ -197,3 +197,19 @@ def test_calibrating_for_an_event_the_posterior_lacks_is_an_error(fitted):
         calibrate_probabilities(idata, [0.3], event="top_3", archetype="road_course")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         calibrate_probabilities(idata, [1.5], event="top_5", archetype="road_course")
+
+
+def test_chains_shared_between_devices_come_back_one_per_chain(season):
+    """Four chains on two devices (two vectorised per device) give draws of shape (4, samples)."""
+    import dataclasses
+
+    from shared.sampler import sampler_for
+
+    prepared = prepare(season, make_job())
+    bucket = dataclasses.replace(prepared.bucket, chains=4, devices=2)
+    draws = sampler_for(bucket).run(prepared.data, seed=3, samples=40)
+    assert draws.params["alpha_arch"].shape[:2] == (4, 40)
+    assert draws.stats["diverging"].shape == (4, 40)
+    # the chains are distinct: each started from its own key
+    firsts = draws.params["alpha_arch"][:, 0].reshape(4, -1)
+    assert len({tuple(np.round(row, 6)) for row in firsts}) == 4
