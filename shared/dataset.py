@@ -59,18 +59,20 @@ Source = str | os.PathLike | IO[bytes]
 # --------------------------------------------------------------------------- I/O
 
 
-def open_dataset(source: Source, *, archetype: str | None = None) -> xr.Dataset:
+def open_dataset(source: Source, *, archetype: str | None = None, check: bool = True) -> xr.Dataset:
     """Read a calibration dataset fully into memory, close the file, validate it.
 
     ``source`` is a path or a binary file-like object holding NetCDF bytes.
     Raises :class:`~shared.errors.DatasetNotFound` for a path that does not
     exist, and :class:`~shared.errors.InvalidDataset` for bytes that are not
     readable NetCDF or a dataset that breaks the contract (see :func:`validate`).
+    ``check=False`` skips the contract, for callers that validate next anyway
+    (:func:`shared.engine.calibrate` does).
     """
     label = _source_label(source)
     ds = _read_netcdf(source, label=label)
     log.debug("read dataset %s: %s", label, dict(ds.sizes))
-    return validate(ds, archetype=archetype, source=label)
+    return validate(ds, archetype=archetype, source=label) if check else ds
 
 
 def save_dataset(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool = True) -> Path:

@@ -125,7 +125,7 @@ def calibrate(
     ``load_s`` is the caller's time spent loading the dataset, for the summary.
     """
     notify = on_progress or (lambda _: None)
-    validate(dataset, archetype=job.archetype)
+    validate(dataset, archetype=job.archetype, source=job.dataset_uri)
     prepared = prepare(dataset, job)
     rows = prepared.rows
     log.info(
