@@ -344,40 +344,33 @@ def test_wait_on_an_unknown_job_raises_not_found(backend: Backend) -> None:
 # -- concurrency ---------------------------------------------------------------
 
 
-def test_concurrent_claims_create_exactly_one_record(backend: Backend) -> None:
-    reg, job = backend.registry, make_job()
-    barrier = threading.Barrier(8)
+def claim_at_once(reg, job, threads: int = 8) -> list[bool]:
+    """``created`` of ``threads`` claims of one job released together."""
+    barrier = threading.Barrier(threads)
     results: list[bool] = []
 
     def claim() -> None:
         barrier.wait()
         results.append(reg.claim(job)[1])
 
-    threads = [threading.Thread(target=claim) for _ in range(8)]
-    for t in threads:
+    workers = [threading.Thread(target=claim) for _ in range(threads)]
+    for t in workers:
         t.start()
-    for t in threads:
+    for t in workers:
         t.join()
-    assert sorted(results) == [False] * 7 + [True]
+    return results
+
+
+def test_concurrent_claims_create_exactly_one_record(backend: Backend) -> None:
+    reg, job = backend.registry, make_job()
+    assert sorted(claim_at_once(reg, job)) == [False] * 7 + [True]
 
 
 def test_concurrent_requeue_of_a_failed_job_happens_once(backend: Backend) -> None:
     reg, job = backend.registry, make_job()
     reg.claim(job)
     reg.fail(job.job_id, "worker lost")
-    barrier = threading.Barrier(8)
-    results: list[bool] = []
-
-    def claim() -> None:
-        barrier.wait()
-        results.append(reg.claim(job)[1])
-
-    threads = [threading.Thread(target=claim) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(results) == [False] * 7 + [True]
+    assert sorted(claim_at_once(reg, job)) == [False] * 7 + [True]
     assert reg.get(job.job_id).state is JobState.QUEUED
 
 
