@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from shared.device import use_host_devices
+from shared.fit.device import use_host_devices
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,12 +34,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def child(seasons: int, cache: str, jobs: int, store: str) -> dict:
     """Run ``jobs`` jobs in this process and report the phase timings of each."""
     t0 = time.perf_counter()
-    from shared.job import CalibrationJob
-    from shared.runner import prepare_process, run_job
-    from shared.settings import Settings
-    from shared.storage import Store
-    from shared.synth import synthesize
-    from shared.dataset import save_dataset
+    from shared.contract.job import CalibrationJob
+    from shared.contract.settings import Settings
+    from shared.data.dataset import save_dataset
+    from shared.data.synth import synthesize
+    from shared.jobs.run import prepare_process, run_job
+    from shared.storage.store import Store
 
     settings = Settings(storage_url=store, compile_cache_dir=cache)
     prepare_process(settings)

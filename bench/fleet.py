@@ -77,9 +77,9 @@ def main() -> None:
     import redis
 
     from producer.client import CalibrationClient
-    from shared.dataset import save_dataset
-    from shared.settings import Settings
-    from shared.synth import synthesize
+    from shared.contract.settings import Settings
+    from shared.data.dataset import save_dataset
+    from shared.data.synth import synthesize
 
     with tempfile.TemporaryDirectory(prefix="calq-bench-fleet-") as tmp:
         tmp = Path(tmp)

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.metrics import coverage, crps_ensemble, log_score  # noqa: E402
+from shared.stats.metrics import coverage, crps_ensemble, log_score
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "metrics.json"
 TARGET_S = {("crps_ensemble", "38x10000"): 1.0}
@@ -64,7 +64,7 @@ def run(members: int, repeats: int) -> list[dict[str, object]]:
         observations, forecasts = make_case(shape, members)
         label = "x".join(str(n) for n in (*shape, members))
         for name, fn in functions.items():
-            times = time_call(lambda fn=fn: fn(observations, forecasts), repeats)
+            times = time_call(lambda fn=fn, obs=observations, ens=forecasts: fn(obs, ens), repeats)
             median = statistics.median(times)
             target = TARGET_S.get((name, label))
             rows.append(

@@ -19,9 +19,9 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from shared.dataset import open_dataset
-from shared.domain import ARCHETYPES
-from shared.job import CalibrationJob, JobState
+from shared.contract.domain import ARCHETYPES
+from shared.contract.job import CalibrationJob, JobState
+from shared.data.dataset import open_dataset
 
 log = logging.getLogger(__name__)
 

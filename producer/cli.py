@@ -18,7 +18,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from shared.errors import CalqError, NotFound
+from shared.contract.errors import CalqError, NotFound
 
 app = typer.Typer(
     name="calq",
@@ -55,8 +55,8 @@ def _client():
 
 def _archetypes_in(dataset: Path, wanted: str | None) -> list[str]:
     """The jobs to run: the archetypes named, or each archetype the dataset holds."""
-    from shared.dataset import open_dataset
-    from shared.domain import ARCHETYPES
+    from shared.contract.domain import ARCHETYPES
+    from shared.data.dataset import open_dataset
 
     if wanted:
         return [a.strip() for a in wanted.split(",") if a.strip()]
@@ -77,8 +77,8 @@ def synth(
     first_season: Annotated[int, typer.Option(help="Year of the first season.")] = 2024,
 ) -> None:
     """Write a synthetic calibration dataset whose miscalibration is known."""
-    from shared.dataset import save_dataset
-    from shared.synth import synthesize
+    from shared.data.dataset import save_dataset
+    from shared.data.synth import synthesize
 
     with err.status(f"simulating {seasons} season(s) × {scenarios} scenarios"):
         ds = synthesize(seasons=seasons, scenarios=scenarios, seed=seed, first_season=first_season)
@@ -194,8 +194,8 @@ def apply(
     """Calibrate new forecast probabilities with a stored posterior."""
     from rich.table import Table
 
-    from shared.posterior import calibrate_probabilities
-    from shared.storage import Store
+    from shared.fit.apply import calibrate_probabilities
+    from shared.storage.store import Store
 
     probabilities = _floats(p)
     store = Store.from_settings(_settings())
@@ -203,7 +203,7 @@ def apply(
     try:
         results = calibrate_probabilities(idata, probabilities, event=event, track=track, archetype=archetype)
     except (KeyError, ValueError) as exc:
-        raise typer.BadParameter(str(exc).strip("'\""))
+        raise typer.BadParameter(str(exc).strip("'\"")) from None
     if as_json:
         _print_json([r.to_dict() for r in results])
         return
@@ -280,10 +280,10 @@ def wait(
         if as_json:
             _print_json(exc.status.model_dump(mode="json"))
         err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     except TimeoutError as exc:
         err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     _show(summary, as_json)
 
 
@@ -322,20 +322,19 @@ def worker(
     queues: Annotated[Optional[str], typer.Option(help="Comma-separated queues (default by worker kind).")] = None,
     cpu_workers: Annotated[int, typer.Option(min=1, help="CPU worker processes with --gpus none.")] = 1,
 ) -> None:
-    """Start the workers: one pinned process per GPU, supervised."""
-    from worker.supervisor import run
-
+    """Start the workers: one pinned process per GPU, supervised (runs ``python -m worker``)."""
     settings = _settings()
     if settings.embedded:
         err.print("[red]no broker configured: set CALQ_BROKER_URL (e.g. redis://localhost:6379/0)[/red]")
         raise typer.Exit(2)
-    queue_list = [q.strip() for q in queues.split(",")] if queues else None
-    try:
-        code = run(gpus, queue_list, cpu_workers=cpu_workers)
-    except ValueError as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2)
-    raise typer.Exit(code)
+    argv = [sys.executable, "-m", "worker", "--gpus", gpus, "--cpu-workers", str(cpu_workers)]
+    if queues:
+        argv += ["--queues", queues]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The worker is its own program: exec it, so signals reach its supervisor directly
+    # and the producer never imports the worker package.
+    os.execv(sys.executable, argv)
 
 
 @app.command()
@@ -400,7 +399,7 @@ def _show(summaries, as_json: bool) -> None:
 
 
 def _settings():
-    from shared.settings import get_settings
+    from shared.contract.settings import get_settings
 
     return get_settings()
 
@@ -411,20 +410,20 @@ def _date(value: str | None) -> date | None:
     try:
         return date.fromisoformat(value)
     except ValueError:
-        raise typer.BadParameter(f"{value!r} is not a date like 2025-06-01")
+        raise typer.BadParameter(f"{value!r} is not a date like 2025-06-01") from None
 
 
 def _floats(value: str) -> list[float]:
     try:
         return [float(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise typer.BadParameter(f"{value!r} is not a comma-separated list of numbers")
+        raise typer.BadParameter(f"{value!r} is not a comma-separated list of numbers") from None
 
 
 def main() -> None:
     """Entry point: choose the device, configure logging once, run the command, report calq errors."""
-    from shared.device import use_host_devices
-    from shared.settings import get_settings
+    from shared.contract.settings import get_settings
+    from shared.fit.device import use_host_devices
 
     use_host_devices()  # before anything imports JAX: chains in parallel on the CPU
 

@@ -8,7 +8,7 @@
   process, on the configured store; records live in the store.
 
 Either way the store's summaries are the source of truth, and the job runs
-through the same :func:`shared.processing.process` as on a worker.
+through the same :func:`shared.jobs.handle.process` as on a worker.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from typing import Any
 
 import xarray as xr
 
-from shared.catalog import Catalog
-from shared.dataset import save_dataset
-from shared.errors import CalqError, NotFound
-from shared.job import CalibrationJob, JobState, JobStatus, SamplerSettings
-from shared.registry import JobRegistry, RedisRegistry, StoreRegistry
-from shared.settings import Settings, get_settings
-from shared.storage import Store
-from shared.summary import CalibrationSummary
+from shared.contract.errors import CalqError, NotFound
+from shared.contract.job import CalibrationJob, JobState, JobStatus, SamplerSettings
+from shared.contract.settings import Settings, get_settings
+from shared.contract.summary import CalibrationSummary
+from shared.data.dataset import save_dataset
+from shared.jobs.registry import JobRegistry, RedisRegistry, StoreRegistry
+from shared.storage.catalog import Catalog
+from shared.storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class CalibrationClient:
         return job.job_id
 
     def _enqueue(self, job: CalibrationJob, queue: str | None) -> None:
-        from shared.celery_app import TASK_NAME, make_app, queue_for
+        from shared.jobs.celery_app import TASK_NAME, make_app, queue_for
 
         name = queue_for(queue or self.settings.default_queue)
         if self._celery is None:
@@ -167,7 +167,7 @@ class CalibrationClient:
         log.info("job %s enqueued on %s", job.job_id, name)
 
     def _run_here(self, job: CalibrationJob, on_update: StatusCallback | None) -> None:
-        from shared.processing import process  # imports JAX: only when a job runs here
+        from shared.jobs.handle import process  # imports JAX: only when a job runs here
 
         def forward(progress) -> None:
             if on_update is not None:
@@ -224,7 +224,7 @@ class CalibrationClient:
 
     def calibrate(self, archetype: str, track: str | None, event: str, p: Sequence[float]):
         """Calibrate forecast probabilities with the latest converged posterior."""
-        from shared.posterior import calibrate_probabilities
+        from shared.fit.apply import calibrate_probabilities
 
         summary = self.latest(archetype, event)
         idata = self.store.get_inference_data(summary.posterior_uri)

@@ -7,8 +7,8 @@ from collections.abc import Iterable
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from shared.job import JobStatus
-from shared.summary import CalibrationSummary
+from shared.contract.job import JobStatus
+from shared.contract.summary import CalibrationSummary
 
 
 def _interval(low: float, high: float) -> str:

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-from shared import metrics
-from shared.dataset import event_rows, open_dataset
-from shared.domain import ARCHETYPES, DEFAULT_EVENTS
-from shared.evaluation import ensemble_scores, joint_events
+from shared.contract.domain import ARCHETYPES, DEFAULT_EVENTS
+from shared.data.dataset import event_rows, open_dataset
+from shared.stats import metrics
+from shared.stats.evaluation import ensemble_scores, joint_events
 
 
 def forecast_report(dataset: Path, *, events: str | None = None) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from shared.device import use_host_devices  # imports no JAX
+from shared.fit.device import use_host_devices  # imports no JAX
 
 # Tests always run on the CPU, with the host devices a CPU worker gets, so chains
 # run in parallel and an embedded run lays chains out as a worker does.
@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 
 pytest_plugins = ["tests.services"]
 
-from shared.settings import Settings  # noqa: E402
+from shared.contract.settings import Settings  # noqa: E402
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@
   with persistence off; ``redis_url`` (function) flushes it and gives its URL.
 - ``s3_server`` (session): moto's S3-compatible HTTP server on a free local
   port; ``s3_bucket`` (function) creates a fresh bucket on it; ``s3_settings``
-  (function) is a :class:`~shared.settings.Settings` whose store is that bucket.
+  (function) is a :class:`~shared.contract.settings.Settings` whose store is that bucket.
 
 A missing service binary or package skips the test on a laptop and fails it
 in CI (when ``CI`` is set), so CI can never go green by skipping. Nothing
@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import pytest
 
-from shared.settings import S3Settings, Settings
+from shared.contract.settings import S3Settings, Settings
 
 S3_KEY = "testing"
 S3_SECRET = "testing"
@@ -181,7 +181,7 @@ def s3_server() -> Iterator[str]:
         server.stop()
 
 
-def s3_client(endpoint_url: str):  # noqa: ANN201 - boto3 client types are generated
+def s3_client(endpoint_url: str):
     """A boto3 S3 client for ``endpoint_url`` with the dummy test credentials."""
     import boto3
 

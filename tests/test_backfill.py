@@ -8,10 +8,10 @@ import pytest
 
 from producer.backfill import Backfill, outcome_table
 from producer.client import CalibrationClient
-from shared.dataset import save_dataset
-from shared.job import JobState
-from shared.settings import Settings
-from shared.synth import synthesize
+from shared.contract.job import JobState
+from shared.contract.settings import Settings
+from shared.data.dataset import save_dataset
+from shared.data.synth import synthesize
 
 SAMPLER = {"warmup": 60, "samples": 60, "chains": 2, "seed": 0}
 
@@ -39,7 +39,7 @@ def test_plan_has_one_job_per_archetype_and_race_date_with_earlier_data(client, 
     jobs = backfill(client, dataset).plan()
     import numpy as np
 
-    from shared.dataset import open_dataset
+    from shared.data.dataset import open_dataset
 
     ds = open_dataset(dataset)
     days = sorted({d for d in ds["race_date"].values.astype("datetime64[D]").astype(object)

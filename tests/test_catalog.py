@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from shared.catalog import Catalog, LatestPointer, is_newer, pointers_for
-from shared.domain import ARCHETYPES, archetypes_of
-from shared.errors import NotFound
-from shared.job import SamplerSettings
-from shared.storage import Store, posterior_key, summary_key
-from shared.summary import CalibrationSummary, Diagnostics, Timings
+from shared.contract.domain import ARCHETYPES, archetypes_of
+from shared.contract.errors import NotFound
+from shared.contract.job import SamplerSettings
+from shared.contract.summary import CalibrationSummary, Diagnostics, Timings
+from shared.storage.catalog import Catalog, LatestPointer, is_newer, pointers_for
+from shared.storage.store import Store, posterior_key, summary_key
 
-T0 = datetime(2024, 6, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 
 
 def make_summary(
@@ -142,7 +142,7 @@ def test_catalog_lists_stored_summaries_and_skips_unreadable(store: Store, caplo
     b = make_summary("cj-b", archetype="all", store=store)
     store.put_bytes(summary_key("short_track", "cj-broken"), b"{not json")
     store.put_json(summary_key("short_track", "cj-wrong"), {"job_id": "cj-wrong"})
-    with caplog.at_level("WARNING", logger="shared.catalog"):
+    with caplog.at_level("WARNING", logger="shared.storage.catalog"):
         found = {s.job_id: s for s in Catalog(store).summaries()}
     assert found == {"cj-a": a, "cj-b": b}
     assert "cj-broken" in caplog.text and "cj-wrong" in caplog.text

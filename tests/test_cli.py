@@ -10,7 +10,7 @@ import sys
 import arviz as az
 import pytest
 
-from shared.summary import CalibrationSummary
+from shared.contract.summary import CalibrationSummary
 
 TINY = ["--warmup", "60", "--samples", "60", "--chains", "2"]
 
@@ -55,7 +55,7 @@ def calibrated(env, dataset):
 
 
 def test_synth_writes_a_valid_dataset(dataset):
-    from shared.dataset import open_dataset
+    from shared.data.dataset import open_dataset
 
     ds = open_dataset(dataset)
     assert ds.sizes["race"] == 36 and ds.sizes["scenario"] == 200
@@ -103,7 +103,7 @@ def test_submitting_the_same_job_again_runs_nothing(env, dataset, calibrated):
 def test_a_broken_dataset_is_refused_with_its_reasons(env, dataset):
     import numpy as np
 
-    from shared.dataset import open_dataset, save_dataset
+    from shared.data.dataset import open_dataset, save_dataset
 
     ds = open_dataset(dataset)
     ds["finish_position"][0, :] = np.where(np.isnan(ds["finish_position"][0, :]), np.nan, 3.0)

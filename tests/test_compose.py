@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from producer.cli import app
-from shared.settings import Settings
+from shared.contract.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from shared.dataset import (
+from shared.contract.domain import ARCHETYPES
+from shared.contract.errors import DatasetNotFound, InvalidDataset
+from shared.data.dataset import (
     P_EPS,
     REQUIRED_VARIABLES,
     content_sha256,
@@ -24,9 +26,7 @@ from shared.dataset import (
     select_window,
     validate,
 )
-from shared.domain import ARCHETYPES
-from shared.errors import DatasetNotFound, InvalidDataset
-from shared.synth import synthesize
+from shared.data.synth import synthesize
 
 
 @pytest.fixture(scope="module")

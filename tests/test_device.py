@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from shared.device import HOST_DEVICES, use_host_devices, with_host_devices, without_host_devices
+from shared.fit.device import HOST_DEVICES, use_host_devices, with_host_devices, without_host_devices
 
 
 def run_python(code: str, **env: str) -> str:
@@ -24,12 +24,12 @@ def test_flags_are_replaced_not_repeated():
 
 
 def test_a_fresh_cpu_process_gets_host_devices_before_jax_starts():
-    code = "from shared.device import use_host_devices; print(use_host_devices()); import jax; print(jax.local_device_count())"
+    code = "from shared.fit.device import use_host_devices; print(use_host_devices()); import jax; print(jax.local_device_count())"
     assert run_python(code, JAX_PLATFORMS="cpu").split() == ["True", str(HOST_DEVICES)]
 
 
 def test_it_leaves_an_explicit_choice_alone():
     environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     assert use_host_devices(environ=environ) is False and environ["XLA_FLAGS"].endswith("=2")
-    code = "from shared.device import use_host_devices; print(use_host_devices())"
+    code = "from shared.fit.device import use_host_devices; print(use_host_devices())"
     assert run_python(code, JAX_PLATFORMS="cuda") == "False"

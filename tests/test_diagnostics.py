@@ -5,8 +5,8 @@ from __future__ import annotations
 import arviz as az
 import numpy as np
 
-from shared.diagnostics import parameter_summaries, sampler_diagnostics
-from shared.summary import ConvergenceCriteria
+from shared.contract.summary import ConvergenceCriteria
+from shared.stats.diagnostics import parameter_summaries, sampler_diagnostics
 
 EVENTS, ARCHS, TRACKS = ["top_5", "top_10"], ["intermediate"], ["Kansas", "Texas", "Michigan"]
 
@@ -60,7 +60,7 @@ def test_parameter_summaries_match_direct_computation():
 
 def test_well_mixed_chains_pass_the_criteria():
     idata = fake_posterior()
-    diag = sampler_diagnostics(idata, parameter_summaries(idata), sample_seconds=2.0)
+    diag = sampler_diagnostics(idata, parameter_summaries(idata), sample_seconds=2.0, max_tree_depth=10)
     assert diag.divergences == 0 and diag.tree_depth_hits == 5
     assert diag.max_rhat < 1.01 and diag.min_ess_bulk > 400
     assert len(diag.bfmi) == 4 and diag.min_bfmi > 0.5
@@ -70,7 +70,7 @@ def test_well_mixed_chains_pass_the_criteria():
 
 def test_chains_stuck_apart_fail_on_rhat_and_divergences_are_reasons():
     idata = fake_posterior(offset=0.5, diverging=3)
-    diag = sampler_diagnostics(idata, parameter_summaries(idata), sample_seconds=1.0)
+    diag = sampler_diagnostics(idata, parameter_summaries(idata), sample_seconds=1.0, max_tree_depth=10)
     assert diag.max_rhat > 1.1
     issues = ConvergenceCriteria().issues(diag)
     assert any(i.startswith("max R-hat") for i in issues)
@@ -79,5 +79,5 @@ def test_chains_stuck_apart_fail_on_rhat_and_divergences_are_reasons():
 
 def test_few_draws_fail_on_ess():
     idata = fake_posterior(draws=60)
-    diag = sampler_diagnostics(idata, parameter_summaries(idata), sample_seconds=1.0)
+    diag = sampler_diagnostics(idata, parameter_summaries(idata), sample_seconds=1.0, max_tree_depth=10)
     assert any(i.startswith("min bulk ESS") for i in ConvergenceCriteria().issues(diag))

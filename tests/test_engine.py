@@ -8,13 +8,13 @@ import arviz as az
 import numpy as np
 import pytest
 
-from shared.engine import calibrate, prepare
-from shared.errors import InvalidDataset, JobCancelled, JobTimeLimitExceeded
-from shared.job import CalibrationJob
-from shared.sampler import COMPILES, bucket_rows, bucket_tracks, chunk_length
-from shared.storage import Store
-from shared.summary import CalibrationSummary
-from shared.synth import synthesize
+from shared.contract.errors import InvalidDataset, JobCancelled, JobTimeLimitExceeded
+from shared.contract.job import CalibrationJob
+from shared.contract.summary import CalibrationSummary
+from shared.data.synth import synthesize
+from shared.fit.calibrate import calibrate, prepare
+from shared.fit.sampler import COMPILES, bucket_rows, bucket_tracks, chunk_length
+from shared.storage.store import Store
 
 SMALL = {"warmup": 100, "samples": 100, "chains": 2, "seed": 7}
 
@@ -165,7 +165,7 @@ def test_bucket_sizes():
 
 
 def test_calibrating_new_forecasts_at_a_known_track(fitted):
-    from shared.posterior import calibrate_probabilities, parameter_draws
+    from shared.fit.apply import calibrate_probabilities, parameter_draws
 
     idata, summary, _ = fitted
     track = summary.tracks["road_course"][0]
@@ -179,7 +179,7 @@ def test_calibrating_new_forecasts_at_a_known_track(fitted):
 
 
 def test_an_unseen_track_borrows_its_archetype_with_a_wider_band(fitted):
-    from shared.posterior import calibrate_probabilities, parameter_draws
+    from shared.fit.apply import calibrate_probabilities, parameter_draws
 
     idata, summary, _ = fitted
     known = calibrate_probabilities(idata, [0.3], event="top_10", track=summary.tracks["road_course"][0])[0]
@@ -190,7 +190,7 @@ def test_an_unseen_track_borrows_its_archetype_with_a_wider_band(fitted):
 
 
 def test_calibrating_for_an_event_the_posterior_lacks_is_an_error(fitted):
-    from shared.posterior import calibrate_probabilities
+    from shared.fit.apply import calibrate_probabilities
 
     idata, _, _ = fitted
     with pytest.raises(KeyError, match="top_3"):
@@ -203,7 +203,7 @@ def test_chains_shared_between_devices_come_back_one_per_chain(season):
     """Four chains on two devices (two vectorised per device) give draws of shape (4, samples)."""
     import dataclasses
 
-    from shared.sampler import sampler_for
+    from shared.fit.sampler import sampler_for
 
     prepared = prepare(season, make_job())
     bucket = dataclasses.replace(prepared.bucket, chains=4, devices=2)

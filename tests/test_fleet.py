@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from producer.client import CalibrationClient, JobDidNotSucceed
-from shared.dataset import open_dataset, save_dataset
-from shared.job import JobState
-from shared.settings import S3Settings, Settings
-from shared.summary import CalibrationSummary
+from shared.contract.job import JobState
+from shared.contract.settings import S3Settings, Settings
+from shared.contract.summary import CalibrationSummary
+from shared.data.dataset import open_dataset, save_dataset
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +85,7 @@ def client(fleet_env, worker):
 
 @pytest.fixture(scope="module")
 def dataset(fleet_env):
-    from shared.synth import synthesize
+    from shared.data.synth import synthesize
 
     path = fleet_env[2] / "season.nc"
     save_dataset(synthesize(seasons=1, scenarios=200, seed=5), path)

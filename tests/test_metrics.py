@@ -1,4 +1,4 @@
-"""Tests of shared.metrics: known values, reference implementations and statistical properties."""
+"""Tests of shared.stats.metrics: known values, reference implementations and statistical properties."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import stats
 
-from shared.metrics import (
+from shared.stats.metrics import (
     JointEventResult,
     ReliabilityCurve,
     brier_score,

@@ -1,7 +1,7 @@
-"""shared.processing.process without Celery, the Celery app's configuration, and the task shell.
+"""shared.jobs.handle.process without Celery, the Celery app's configuration, and the task shell.
 
 The registry is an in-memory fake with the RedisRegistry interface; the
-store is a real local Store in a tmp folder; ``shared.runner.run_job`` is
+store is a real local Store in a tmp folder; ``shared.jobs.run.run_job`` is
 replaced by a fake that writes a prepared summary (or raises), so no JAX runs.
 """
 
@@ -11,27 +11,27 @@ import logging
 import os
 import subprocess
 import sys
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.exceptions
 
-import shared.runner
-from shared.errors import (
+import shared.jobs.run
+from shared.contract.errors import (
     InvalidDataset,
     JobTimeLimitExceeded,
     NotFound,
     RetryableError,
     StorageUnavailable,
 )
-from shared.job import CalibrationJob, JobState, JobStatus, Progress, SamplerSettings, utcnow
-from shared.settings import Settings
-from shared.storage import Store, posterior_key, summary_key
-from shared.summary import CalibrationSummary, Diagnostics, Timings
-from shared import celery_app as app_module
-from shared.processing import ProgressThrottle, process, status_dict
+from shared.contract.job import CalibrationJob, JobState, JobStatus, Progress, SamplerSettings, utcnow
+from shared.contract.settings import Settings
+from shared.contract.summary import CalibrationSummary, Diagnostics, Timings
+from shared.jobs import celery_app as app_module
+from shared.jobs.handle import ProgressThrottle, process, status_dict
+from shared.storage.store import Store, posterior_key, summary_key
 
 SHA = "ab" * 32
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,13 +137,13 @@ def make_summary(job: CalibrationJob, store: Store) -> CalibrationSummary:
         timings=Timings(total_s=1.0),
         posterior_uri=store.uri(posterior_key(job.archetype, job.job_id)),
         summary_uri=store.uri(summary_key(job.archetype, job.job_id)),
-        created_at=datetime(2024, 3, 1, tzinfo=timezone.utc),
+        created_at=datetime(2024, 3, 1, tzinfo=UTC),
         calq_version="test",
     )
 
 
 class FakeRunJob:
-    """Stands in for shared.runner.run_job: reports progress, writes the summary, or raises."""
+    """Stands in for shared.jobs.run.run_job: reports progress, writes the summary, or raises."""
 
     def __init__(self, *, raises: BaseException | None = None) -> None:
         self.raises = raises
@@ -182,7 +182,7 @@ def job(registry: FakeRegistry) -> CalibrationJob:
 
 def install(monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> FakeRunJob:
     fake = FakeRunJob(**kwargs)
-    monkeypatch.setattr(shared.runner, "run_job", fake)
+    monkeypatch.setattr(shared.jobs.run, "run_job", fake)
     return fake
 
 
@@ -239,7 +239,7 @@ def test_foreign_transient_error_becomes_retryable(monkeypatch, job, registry, s
 
 def test_unexpected_error_fails_with_reason(monkeypatch, job, registry, store, settings, caplog):
     install(monkeypatch, raises=RuntimeError("NaN in the log density"))
-    with caplog.at_level(logging.ERROR, logger="shared.processing"):
+    with caplog.at_level(logging.ERROR, logger="shared.jobs.handle"):
         result = run(job.to_message(), registry, store, settings)
 
     reason = "RuntimeError: NaN in the log density"
@@ -431,7 +431,7 @@ def test_app_without_broker_fails_clearly_only_when_used(monkeypatch):
 def test_worker_modules_import_without_broker_or_jax(tmp_path):
     # A process that forks (prefork, the supervisor) must not have initialised JAX.
     code = (
-        "import sys, shared.celery_app, worker.tasks, shared.processing, worker.supervisor; "
+        "import sys, shared.jobs.celery_app, worker.tasks, shared.jobs.handle, worker.supervisor; "
         "assert 'jax' not in sys.modules, 'jax imported'; print('ok')"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}

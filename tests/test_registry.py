@@ -15,12 +15,12 @@ from datetime import date, timedelta
 
 import pytest
 
-from shared.catalog import Catalog
-from shared.errors import BrokerUnavailable, NotFound
-from shared.job import CalibrationJob, JobState, JobStatus, Progress
-from shared.registry import JobRegistry, RedisRegistry, StoreRegistry, WaitTimeout
-from shared.storage import Store
-from shared.summary import CalibrationSummary
+from shared.contract.errors import BrokerUnavailable, NotFound
+from shared.contract.job import CalibrationJob, JobState, JobStatus, Progress
+from shared.contract.summary import CalibrationSummary
+from shared.jobs.registry import JobRegistry, RedisRegistry, StoreRegistry, WaitTimeout
+from shared.storage.catalog import Catalog
+from shared.storage.store import Store
 from tests.test_catalog import T0, make_summary
 
 
@@ -184,7 +184,7 @@ def test_nonsense_transition_is_written_with_a_warning(backend: Backend, caplog)
     reg, job = backend.registry, make_job()
     reg.claim(job)
     reg.reject(job.job_id, "bad input")
-    with caplog.at_level("WARNING", logger="shared.registry"):
+    with caplog.at_level("WARNING", logger="shared.jobs.registry"):
         status = reg.succeed(job.job_id, make_summary(job.job_id))
     assert status.state is JobState.SUCCEEDED and reg.get(job.job_id).state is JobState.SUCCEEDED
     assert "rejected to succeeded" in caplog.text
@@ -192,7 +192,7 @@ def test_nonsense_transition_is_written_with_a_warning(backend: Backend, caplog)
 
 def test_updates_without_a_record_never_raise(backend: Backend, caplog) -> None:
     reg = backend.registry
-    with caplog.at_level("WARNING", logger="shared.registry"):
+    with caplog.at_level("WARNING", logger="shared.jobs.registry"):
         assert reg.mark_running("cj-ghost", worker="w") is None
         assert reg.progress("cj-ghost", Progress(phase="load")) is None
         assert reg.fail("cj-ghost", "x") is None
@@ -386,7 +386,7 @@ def test_concurrent_latest_updates_keep_the_newest(backend: Backend) -> None:
         backend.flush()
         barrier = threading.Barrier(len(summaries))
 
-        def update(summary: CalibrationSummary) -> None:
+        def update(summary: CalibrationSummary, barrier=barrier) -> None:
             barrier.wait()
             reg.update_latest(summary)
 

@@ -9,11 +9,11 @@ import numpyro
 import pytest
 from scipy import stats
 
-from shared.engine import calibrate
-from shared.job import CalibrationJob
-from shared.model import ModelData, ModelShape, calibration_model
-from shared.sampler import Bucket, chain_devices, chunk_length, sampler_for
-from shared.synth import synthesize, truth
+from shared.contract.job import CalibrationJob
+from shared.data.synth import synthesize, truth
+from shared.fit.calibrate import calibrate
+from shared.fit.model import ModelData, ModelShape, calibration_model
+from shared.fit.sampler import Bucket, chain_devices, chunk_length, sampler_for
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""shared.storage on both backends: a local folder and a real S3 endpoint (moto).
+"""shared.storage.store on both backends: a local folder and a real S3 endpoint (moto).
 
 The ``s3`` parameter and the Redis check are ``integration`` tests: they use
 the real services started by ``tests.services``.
@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared import storage as storage_module
-from shared.errors import DatasetHashMismatch, DatasetNotFound, NotFound, StorageUnavailable
-from shared.settings import S3Settings, Settings
-from shared.storage import Store, posterior_key, sha256_file, summary_key
+from shared.contract.errors import DatasetHashMismatch, DatasetNotFound, NotFound, StorageUnavailable
+from shared.contract.settings import S3Settings, Settings
+from shared.storage import store as storage_module
+from shared.storage.store import Store, posterior_key, sha256_file, summary_key
 from tests.services import free_port
 
 BACKENDS = ["file", pytest.param("s3", marks=pytest.mark.integration)]

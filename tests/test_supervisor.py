@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.device import HOST_DEVICES
+from shared.fit.device import HOST_DEVICES
 from worker.supervisor import (
     Supervisor,
     WorkerSpec,

@@ -10,9 +10,9 @@ import pytest
 import xarray as xr
 from scipy.special import expit, softmax
 
-from shared.dataset import open_dataset, save_dataset, validate
-from shared.domain import ARCHETYPES, TRACKS
-from shared.synth import (
+from shared.contract.domain import ARCHETYPES, TRACKS
+from shared.data.dataset import open_dataset, save_dataset, validate
+from shared.data.synth import (
     TEMPERATURE,
     TRUTH_EVENTS,
     descending_ranks,

@@ -1,1 +1,1 @@
-"""The worker side of calq: a thin Celery shell over :mod:`shared.engine`."""
+"""The worker side of calq: a thin Celery shell over :mod:`shared.fit.calibrate`."""

@@ -35,8 +35,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from shared.device import HOST_DEVICES, with_host_devices, without_host_devices
-from shared.celery_app import CPU_QUEUE, GPU_QUEUE, queue_for
+from shared.fit.device import HOST_DEVICES, with_host_devices, without_host_devices
+from shared.jobs.celery_app import CPU_QUEUE, GPU_QUEUE, queue_for
 from worker.tasks import EXIT_DEVICE_ERROR
 
 log = logging.getLogger(__name__)
@@ -447,7 +447,7 @@ def run(
     configured (``CALQ_BROKER_URL``): workers need one.
     """
     if require_broker:
-        from shared.settings import get_settings
+        from shared.contract.settings import get_settings
 
         if get_settings().embedded:
             raise ValueError(

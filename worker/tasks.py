@@ -1,4 +1,4 @@
-"""The Celery task: a few lines over :func:`shared.processing.process`.
+"""The Celery task: a few lines over :func:`shared.jobs.handle.process`.
 
 Start a worker with ``celery -A worker.tasks worker --pool solo ...`` (the
 supervisor, :mod:`worker.supervisor`, does this once per GPU). Importing this
@@ -23,10 +23,10 @@ from typing import Any
 
 from celery import Celery, Task, signals
 
-from shared.errors import RetryableError
-from shared.settings import Settings, get_settings
-from shared import processing
-from shared.celery_app import TASK_NAME, get_app
+from shared.contract.errors import RetryableError
+from shared.contract.settings import Settings, get_settings
+from shared.jobs import handle
+from shared.jobs.celery_app import TASK_NAME, get_app
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ def context() -> WorkerContext:
     pid = os.getpid()
     ctx = _context_cache.get(pid)
     if ctx is None:
-        from shared.registry import RedisRegistry
-        from shared.storage import Store
+        from shared.jobs.registry import RedisRegistry
+        from shared.storage.store import Store
 
         settings = get_settings()
         # The registry lives beside the results (a client with connect/read timeouts).
@@ -83,10 +83,10 @@ class CalibrateTask(Task):
             reason = f"gave up after {self.request.retries} retries: {type(exc).__name__}: {exc}"
         else:
             reason = f"{type(exc).__name__}: {exc}"
-        jlog = processing.JobLog(log, {"job_id": job_id})
+        jlog = handle.JobLog(log, {"job_id": job_id})
         jlog.error("task failed: %s", reason)
         try:
-            context().registry.fail(job_id, reason[: processing.MAX_REASON_CHARS])
+            context().registry.fail(job_id, reason[: handle.MAX_REASON_CHARS])
         except Exception:  # the registry may be what is down; the log keeps the reason
             jlog.exception("could not record the failure")
 
@@ -94,7 +94,7 @@ class CalibrateTask(Task):
 def calibrate_message(task: Task, message: Mapping[str, Any]) -> dict[str, Any]:
     """The task body: run ``message`` through the handler with this process's context."""
     ctx = context()
-    return processing.process(
+    return handle.process(
         message,
         registry=ctx.registry,
         store=ctx.store,
@@ -104,7 +104,7 @@ def calibrate_message(task: Task, message: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def register(app: Celery) -> Task:
     """Add the calibrate task to ``app`` (once) and return it."""
 
@@ -153,7 +153,7 @@ def device_problem(environ: Mapping[str, str] | None = None) -> str | None:
         import jax
 
         devices = jax.devices()
-    except Exception as exc:  # noqa: BLE001 - JAX 0.10 without a CUDA plugin raises a bare AssertionError
+    except Exception as exc:
         return (
             f"JAX could not initialise the {wanted or 'default'} backend "
             f"({type(exc).__name__}: {str(exc) or 'no details'}); is jax[cuda12] installed and a GPU visible?"
@@ -176,7 +176,7 @@ def _on_process_init(**_: Any) -> None:
         sys.stderr.flush()
         os._exit(EXIT_DEVICE_ERROR)
     try:
-        from shared.runner import prepare_process
+        from shared.jobs.run import prepare_process
 
         prepare_process(get_settings())
     except Exception:  # each job prepares again and fails with the reason if this is fatal
@@ -193,7 +193,7 @@ def configure_logging(level: int | str = "INFO") -> None:
     """Log to stderr with the running job's id on every line (worker entry points only)."""
     stream = logging.StreamHandler()
     stream.setFormatter(logging.Formatter(LOG_FORMAT))
-    stream.addFilter(processing.JobIdFilter())
+    stream.addFilter(handle.JobIdFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -7,13 +7,13 @@
        ├─ record already succeeded (duplicate delivery) ─────▶ stored summary
        ├─ delivered more than max_deliveries times ──────────▶ failed (dead-letter)
        └─ run_job ─▶ summary ───────────────────────────────▶ succeeded
-                 └─▶ exception, by shared.errors.classify:
+                 └─▶ exception, by shared.contract.errors.classify:
                        REJECT ──────────────────────────────▶ rejected
                        FAIL ────────────────────────────────▶ failed
                        RETRY ───────────────────────────────▶ raised (the task retries)
 
 It returns the Celery task result (a JSON-ready dict) and raises only
-:class:`~shared.errors.RetryableError`: a transient fault that is not one
+:class:`~shared.contract.errors.RetryableError`: a transient fault that is not one
 already (a dropped Redis connection) is wrapped into one, so the task's
 ``autoretry_for`` sees every retryable outcome.
 
@@ -33,15 +33,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import pydantic
 
-from shared.errors import JobFailed, NotFound, Outcome, RetryableError, classify
-from shared.job import CalibrationJob, JobState, JobStatus, Progress
-from shared.settings import Settings
+from shared.contract.errors import JobFailed, NotFound, Outcome, RetryableError, classify
+from shared.contract.job import CalibrationJob, JobState, JobStatus, Progress
+from shared.contract.settings import Settings
 
 if TYPE_CHECKING:
-    from shared.storage import Store
-    from shared.summary import CalibrationSummary
+    from shared.contract.summary import CalibrationSummary
+    from shared.storage.store import Store
 
-# shared.runner (and through it JAX, NumPyro, ArviZ) is imported inside the
+# shared.jobs.run (and through it JAX, NumPyro, ArviZ) is imported inside the
 # functions that run a job: importing this module must not initialise JAX in a
 # process that may fork.
 
@@ -55,7 +55,7 @@ current_job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("cal
 
 
 class Registry(Protocol):
-    """The part of ``shared.registry.RedisRegistry`` the handler uses."""
+    """The part of ``shared.jobs.registry.RedisRegistry`` the handler uses."""
 
     def claim(self, job: CalibrationJob) -> tuple[JobStatus, bool]: ...
     def find(self, job_id: str) -> JobStatus | None: ...
@@ -150,7 +150,7 @@ def process(
 
     Returns the summary as a JSON-ready dict on success (also for a duplicate
     delivery of a job that already succeeded), or :func:`status_dict` for a
-    rejected or failed job. Raises :class:`~shared.errors.RetryableError`
+    rejected or failed job. Raises :class:`~shared.contract.errors.RetryableError`
     for transient faults, and nothing else for bad input.
 
     ``cancelled`` is polled between sampling chunks; ``on_progress`` sees
@@ -235,7 +235,7 @@ def _run(
     on_progress: Callable[[Progress], Any] | None,
     jlog: JobLog,
 ) -> dict[str, Any]:
-    from shared import runner
+    from shared.jobs import run as runner
 
     job_id = job.job_id
     try:
@@ -285,7 +285,7 @@ def _stored_summary(store: Store, record: JobStatus, jlog: JobLog) -> dict[str, 
     if not record.summary_uri:
         jlog.warning("record says succeeded but names no summary; running again")
         return None
-    from shared import runner
+    from shared.jobs import run as runner
 
     try:
         return runner.read_summary(store, record.summary_uri).model_dump(mode="json")

@@ -1,7 +1,7 @@
 """The forecast-quality sections of a summary: events, points ensemble, joint events.
 
 Each function takes the data a job fitted and returns the summary's records;
-the scoring kernels live in :mod:`shared.metrics`.
+the scoring kernels live in :mod:`shared.stats.metrics`.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from collections.abc import Sequence
 import numpy as np
 import xarray as xr
 
-from shared import metrics
-from shared.dataset import EventRows
-from shared.domain import event_threshold
-from shared.summary import EnsembleScores, EventCalibration, ForecastScores
+from shared.contract.domain import event_threshold
+from shared.contract.summary import EnsembleScores, EventCalibration, ForecastScores
+from shared.data.dataset import EventRows
+from shared.stats import metrics
 
 COVERAGE_LEVELS = (0.5, 0.8, 0.95)
 

@@ -17,16 +17,24 @@ import numpy as np
 import xarray as xr
 
 import shared
-from shared import diagnostics
-from shared.dataset import EventRows, event_rows, select_archetypes, select_window, validate
-from shared.domain import archetypes_of
-from shared.errors import InvalidDataset
-from shared.evaluation import ensemble_scores, event_calibration, joint_events
-from shared.inference import build_inference_data, calibrated_probability_mean, logit
-from shared.job import CalibrationJob, Progress, utcnow
-from shared.model import ModelData, ModelShape
-from shared.sampler import Bucket, bucket_rows, bucket_tracks, chain_devices, chunk_length, sampler_for
-from shared.summary import CalibrationSummary, ConvergenceCriteria, Timings
+from shared.contract.domain import archetypes_of
+from shared.contract.errors import InvalidDataset
+from shared.contract.job import CalibrationJob, Progress, utcnow
+from shared.contract.summary import CalibrationSummary, ConvergenceCriteria, Timings
+from shared.data.dataset import EventRows, event_rows, select_archetypes, select_window, validate
+from shared.fit.idata import build_inference_data, calibrated_probability_mean, logit
+from shared.fit.model import ModelData, ModelShape
+from shared.fit.sampler import (
+    MAX_TREE_DEPTH,
+    Bucket,
+    bucket_rows,
+    bucket_tracks,
+    chain_devices,
+    chunk_length,
+    sampler_for,
+)
+from shared.stats import diagnostics
+from shared.stats.evaluation import ensemble_scores, event_calibration, joint_events
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +69,7 @@ def prepare(ds: xr.Dataset, job: CalibrationJob) -> Prepared:
         n_events=len(rows.events),
         n_archetypes=len(rows.archetypes),
         n_tracks=bucket_tracks(len(rows.tracks)),
-        centered=False,  # measured: see shared.model
+        centered=False,  # measured: see shared.fit.model
     )
     bucket = Bucket(
         shape=shape,
@@ -163,7 +171,9 @@ def calibrate(
         },
     )
     parameters = diagnostics.parameter_summaries(idata)
-    diag = diagnostics.sampler_diagnostics(idata, parameters, sample_seconds=draws.sample_s)
+    diag = diagnostics.sampler_diagnostics(
+        idata, parameters, sample_seconds=draws.sample_s, max_tree_depth=MAX_TREE_DEPTH
+    )
     issues = criteria.issues(diag)
     q_mean = calibrated_probability_mean(draws.params, rows)
     archetypes = list(rows.archetypes)

@@ -1,6 +1,6 @@
 """Validation of the calibration dataset: every problem found, each named, at once.
 
-The contract (see :mod:`shared.dataset` for the layout): the variables of
+The contract (see :mod:`shared.data.dataset` for the layout): the variables of
 :data:`VARIABLE_DIMS` with those dimensions, the race coordinates
 :data:`RACE_COORDINATES`, known archetypes, unique ids, and in every race and
 scenario the entered drivers holding positions 1..n exactly once, with NaN
@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from shared.domain import ARCHETYPES, archetypes_of
-from shared.errors import InvalidDataset
+from shared.contract.domain import ARCHETYPES, archetypes_of
+from shared.contract.errors import InvalidDataset
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ def validate(ds: xr.Dataset, *, archetype: str | None = None, source: str | None
 
     Every problem found is collected, one human-readable line each naming the
     variable, race and driver concerned, and raised together as one
-    :class:`~shared.errors.InvalidDataset` (with ``source``). ``archetype``
-    (one of :data:`~shared.domain.ARCHETYPES`, ``"all"`` or ``None``) adds
+    :class:`~shared.contract.errors.InvalidDataset` (with ``source``). ``archetype``
+    (one of :data:`~shared.contract.domain.ARCHETYPES`, ``"all"`` or ``None``) adds
     the requirement that the dataset holds races of that archetype.
     Value checks are vectorised and walk the simulations in blocks of races,
     so memory stays bounded on large datasets.
@@ -420,7 +420,7 @@ def _first_cell_lines(
 def _capped(lines: list[str], *, what: str) -> list[str]:
     if len(lines) <= MAX_LINES_PER_PROBLEM:
         return lines
-    return lines[:MAX_LINES_PER_PROBLEM] + [f"… and {len(lines) - MAX_LINES_PER_PROBLEM} more {what}"]
+    return [*lines[:MAX_LINES_PER_PROBLEM], f"… and {len(lines) - MAX_LINES_PER_PROBLEM} more {what}"]
 
 
 def _race_list(ds: xr.Dataset, mask: np.ndarray, *, limit: int = 10) -> str:

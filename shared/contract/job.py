@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from enum import Enum
 from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.domain import DEFAULT_EVENTS, ArchetypeOrAll, event_threshold
+from shared.contract.domain import DEFAULT_EVENTS, ArchetypeOrAll, event_threshold
 
 MODEL_VERSION = "logit-hier/1"
 STORAGE_SCHEMES = ("file", "s3")
@@ -53,7 +53,7 @@ class CalibrationJob(BaseModel):
 
     @model_validator(mode="wrap")
     @classmethod
-    def _verify_id(cls, data: Any, handler: Any) -> "CalibrationJob":
+    def _verify_id(cls, data: Any, handler: Any) -> CalibrationJob:
         # A serialised job carries its id; it must agree with the content.
         claimed = None
         if isinstance(data, dict) and "job_id" in data:
@@ -102,7 +102,7 @@ class CalibrationJob(BaseModel):
         return tuple(e for _, e in sorted(zip(thresholds, events)))
 
     @model_validator(mode="after")
-    def _window_needs_as_of(self) -> "CalibrationJob":
+    def _window_needs_as_of(self) -> CalibrationJob:
         if self.window_days is not None and self.as_of is None:
             raise ValueError("window_days needs as_of: the window ends at as_of")
         return self
@@ -146,7 +146,7 @@ class Progress(BaseModel):
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class JobStatus(BaseModel):

@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.domain import ArchetypeOrAll
-from shared.job import SamplerSettings
+from shared.contract.domain import ArchetypeOrAll
+from shared.contract.job import SamplerSettings
 
 
 class _Frozen(BaseModel):

@@ -14,8 +14,7 @@ import math
 import arviz as az
 import numpy as np
 
-from shared.sampler import MAX_TREE_DEPTH
-from shared.summary import Diagnostics, ParameterSummary
+from shared.contract.summary import Diagnostics, ParameterSummary
 
 HDI_PROB = 0.94
 SUMMARISED = ("alpha_arch", "beta_arch", "sigma_alpha", "sigma_log_beta", "alpha_track", "beta_track")
@@ -55,7 +54,10 @@ def parameter_summaries(idata: az.InferenceData, *, var_names=SUMMARISED) -> lis
 
 
 def sampler_diagnostics(
-    idata: az.InferenceData, parameters: list[ParameterSummary], *, sample_seconds: float
+    idata: az.InferenceData, parameters: list[ParameterSummary],
+    *,
+    sample_seconds: float,
+    max_tree_depth: int,
 ) -> Diagnostics:
     """Run-level diagnostics: worst R-hat and ESS, divergences, BFMI, tree depth."""
     stats = idata.sample_stats
@@ -71,7 +73,7 @@ def sampler_diagnostics(
         divergences=int(stats["diverging"].sum()),
         bfmi=bfmi,
         min_bfmi=min(bfmi),
-        max_tree_depth=MAX_TREE_DEPTH,
+        max_tree_depth=max_tree_depth,
         tree_depth_hits=int(stats["reached_max_treedepth"].sum()),
         mean_leapfrog_steps=float(stats["n_steps"].mean()),
         ess_bulk_per_second=min_ess_bulk / sample_seconds if sample_seconds > 0 else math.nan,

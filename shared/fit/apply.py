@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 import arviz as az
 import numpy as np
 
-from shared.dataset import P_EPS
-from shared.inference import expit, logit
+from shared.data.dataset import P_EPS
+from shared.fit.idata import expit, logit
 
 BAND = 0.94
 

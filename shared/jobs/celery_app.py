@@ -1,7 +1,7 @@
 """The Celery app and all of its configuration, in one module (producers send with it, workers consume).
 
 Nothing here imports JAX: the app is built in processes that may fork.
-:func:`make_app` builds an app from explicit :class:`~shared.settings.Settings`
+:func:`make_app` builds an app from explicit :class:`~shared.contract.settings.Settings`
 (tests use it); the module attribute ``app`` is built from the process's
 settings on first use, so importing this module without ``CALQ_BROKER_URL``
 only fails, with a clear message, when something actually needs the app.
@@ -33,7 +33,7 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
-from shared.settings import Settings, get_settings
+from shared.contract.settings import Settings, get_settings
 
 TASK_NAME = "calq.calibrate"
 GPU_QUEUE = "calq.gpu"
@@ -121,7 +121,7 @@ def make_app(settings: Settings) -> Celery:
 
 @functools.lru_cache(maxsize=1)
 def get_app() -> Celery:
-    """The process's Celery app, built from :func:`~shared.settings.get_settings` on first use."""
+    """The process's Celery app, built from :func:`~shared.contract.settings.get_settings` on first use."""
     settings = get_settings()
     if settings.embedded:
         raise RuntimeError(
@@ -132,7 +132,7 @@ def get_app() -> Celery:
 
 
 def __getattr__(name: str) -> Any:
-    # ``shared.celery_app.app`` is built lazily: importing this module never needs a broker.
+    # ``shared.jobs.celery_app.app`` is built lazily: importing this module never needs a broker.
     if name == "app":
         return get_app()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

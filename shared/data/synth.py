@@ -1,7 +1,7 @@
 """A realistic synthetic calibration dataset whose miscalibration is known.
 
 :func:`synthesize` simulates Cup seasons on the real tracks of
-:data:`~shared.domain.TRACKS`:
+:data:`~shared.contract.domain.TRACKS`:
 
 * a driver pool (ids ``d01``..) with a latent skill that drifts from race to
   race (a random walk) plus a driver × archetype specialism; the strongest
@@ -42,8 +42,8 @@ import numpy as np
 import xarray as xr
 from scipy.special import expit, logit
 
-from shared.dataset import forecast_probability
-from shared.domain import ARCHETYPES, TRACKS, event_threshold
+from shared.contract.domain import ARCHETYPES, TRACKS, event_threshold
+from shared.data.dataset import forecast_probability
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The fleet's registry: records, latest pointers and deliveries in Redis (see :mod:`shared.registry`)."""
+"""The fleet's registry: records, latest pointers and deliveries in Redis (see :mod:`shared.jobs.registry`)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from shared.catalog import LatestPointer, is_newer, newest_pointers
-from shared.errors import BrokerUnavailable
-from shared.job import JobStatus
-from shared.registry.base import DEFAULT_RECORD_TTL_S, Change, JobRegistry, _message
-from shared.settings import redact_url
+from shared.contract.errors import BrokerUnavailable
+from shared.contract.job import JobStatus
+from shared.contract.settings import redact_url
+from shared.jobs.registry.base import DEFAULT_RECORD_TTL_S, Change, JobRegistry, _message
+from shared.storage.catalog import LatestPointer, is_newer, newest_pointers
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class RedisRegistry(JobRegistry):
         self._url = redact_url(url) if url else _describe(redis_client)
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> "RedisRegistry":
+    def from_url(cls, url: str, **options: Any) -> RedisRegistry:
         """A registry on a new client for ``url`` (connect and read time out after 5 s)."""
         import redis
 

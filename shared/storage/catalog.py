@@ -17,15 +17,15 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Iterator
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from shared.domain import ARCHETYPES
-from shared.errors import NotFound
-from shared.storage import Store, summary_key
-from shared.summary import CalibrationSummary
+from shared.contract.domain import ARCHETYPES
+from shared.contract.errors import NotFound
+from shared.contract.summary import CalibrationSummary
+from shared.storage.store import Store, summary_key
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class LatestPointer(BaseModel):
     created_at: datetime
 
     @classmethod
-    def of(cls, summary: CalibrationSummary, archetype: str, event: str) -> "LatestPointer":
+    def of(cls, summary: CalibrationSummary, archetype: str, event: str) -> LatestPointer:
         """The pointer to ``summary`` for one of its archetypes and events."""
         if archetype not in summary.archetypes:
             raise ValueError(f"job {summary.job_id} did not fit archetype {archetype!r}")
@@ -77,7 +77,7 @@ class LatestPointer(BaseModel):
 
 def _utc(moment: datetime) -> datetime:
     # A naive timestamp is taken as UTC, so naive and aware ones compare.
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
 def _rank(item: _Dated) -> tuple[date, datetime, str]:
@@ -139,7 +139,7 @@ class Catalog:
                 continue
             try:
                 summary = self._read(uri)
-            except Exception as exc:  # noqa: BLE001 - log and go on with the rest
+            except Exception as exc:
                 log.warning("skipping unreadable summary %s: %s: %s", uri, type(exc).__name__, exc)
                 continue
             yield summary

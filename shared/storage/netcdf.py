@@ -60,7 +60,7 @@ def netcdf_ready(ds: xr.Dataset) -> xr.Dataset:
     return out
 
 
-def write_netcdf(obj: "az.InferenceData | xr.Dataset", path: str | os.PathLike[str], **options: Any) -> None:
+def write_netcdf(obj: az.InferenceData | xr.Dataset, path: str | os.PathLike[str], **options: Any) -> None:
     """Write an InferenceData or Dataset to a local NetCDF4 file (netCDF4 engine)."""
     import arviz as az
 
@@ -73,7 +73,7 @@ def write_netcdf(obj: "az.InferenceData | xr.Dataset", path: str | os.PathLike[s
         raise TypeError(f"write_netcdf takes an arviz.InferenceData or xarray.Dataset, not {type(obj).__name__}")
 
 
-def read_inference_data(path: str | os.PathLike[str]) -> "az.InferenceData":
+def read_inference_data(path: str | os.PathLike[str]) -> az.InferenceData:
     """Read a NetCDF InferenceData fully into memory, closing every file it opened."""
     import arviz as az
     import netCDF4

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.summary import ConvergenceCriteria
+from shared.contract.summary import ConvergenceCriteria
 
 DEFAULT_STORE = "./calq-store"
 
@@ -117,7 +117,7 @@ class Settings(BaseSettings):
         return None if value in ("", None) else value
 
     @model_validator(mode="after")
-    def _visibility_outlasts_jobs(self) -> "Settings":
+    def _visibility_outlasts_jobs(self) -> Settings:
         if self.visibility_timeout_s <= self.job_time_limit_s:
             raise ValueError(
                 "visibility_timeout_s must exceed job_time_limit_s, or Redis redelivers running jobs"

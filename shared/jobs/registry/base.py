@@ -2,7 +2,7 @@
 
 Celery reports an unknown task id as PENDING and a task id is no uniqueness
 constraint (celery/celery#4070), so calq keeps its own record of every job:
-a :class:`~shared.job.JobStatus`, keyed by the content-derived job id.
+a :class:`~shared.contract.job.JobStatus`, keyed by the content-derived job id.
 
 One set of semantics, two backends:
 
@@ -25,7 +25,7 @@ The rules (in :class:`JobRegistry`):
   ``finished_at``. A transition that makes no sense (succeed after reject)
   is written anyway, with a warning: a record must never block a job.
 - ``latest`` moves only for converged summaries, and only forward
-  (:func:`shared.catalog.is_newer`), atomically, so two workers finishing at
+  (:func:`shared.storage.catalog.is_newer`), atomically, so two workers finishing at
   once cannot move it backwards.
 """
 
@@ -40,10 +40,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from shared.catalog import Catalog, LatestPointer, pointers_for
-from shared.errors import NotFound
-from shared.job import CalibrationJob, JobState, JobStatus, Progress, utcnow
-from shared.summary import CalibrationSummary
+from shared.contract.errors import NotFound
+from shared.contract.job import CalibrationJob, JobState, JobStatus, Progress, utcnow
+from shared.contract.summary import CalibrationSummary
+from shared.storage.catalog import Catalog, LatestPointer, pointers_for
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ class JobRegistry(ABC):
         """Point ``latest`` at ``summary`` wherever it is newer; returns the pointers moved.
 
         Only converged summaries move pointers (one per archetype and event
-        they fitted), and only forward by :func:`shared.catalog.is_newer`.
+        they fitted), and only forward by :func:`shared.storage.catalog.is_newer`.
         """
         pointers = pointers_for(summary)
         moved = self._merge(pointers) if pointers else []

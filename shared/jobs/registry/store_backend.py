@@ -1,4 +1,4 @@
-"""The embedded registry: records and latest pointers as JSON files in the store (see :mod:`shared.registry`)."""
+"""The embedded registry: records and latest pointers as JSON files in the store (see :mod:`shared.jobs.registry`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
 
-from shared.catalog import LatestPointer, is_newer, newest_pointers
-from shared.job import JobStatus
-from shared.errors import NotFound
-from shared.registry.base import _SAFE_ID, Change, JobRegistry, _check_id
-from shared.storage import Store
+from shared.contract.errors import NotFound
+from shared.contract.job import JobStatus
+from shared.jobs.registry.base import _SAFE_ID, Change, JobRegistry, _check_id
+from shared.storage.catalog import LatestPointer, is_newer, newest_pointers
+from shared.storage.store import Store
 
 log = logging.getLogger(__name__)
 

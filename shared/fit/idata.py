@@ -15,9 +15,9 @@ from typing import Any
 import arviz as az
 import numpy as np
 
-from shared.dataset import EventRows
-from shared.netcdf import encode_attrs
-from shared.sampler import MAX_TREE_DEPTH, Draws
+from shared.data.dataset import EventRows
+from shared.fit.sampler import MAX_TREE_DEPTH, Draws
+from shared.storage.netcdf import encode_attrs
 
 #: Draws per chain kept for the posterior predictive (it is per row, so large).
 PREDICTIVE_DRAWS = 100
@@ -128,7 +128,7 @@ def to_dataset_attrs(idata: az.InferenceData) -> dict[str, Any]:
     """The posterior group's attributes, JSON-decoded where they were encoded."""
     out: dict[str, Any] = {}
     for key, value in idata.posterior.attrs.items():
-        if isinstance(value, str) and value[:1] in "[{" or value in ("true", "false", "null"):
+        if (isinstance(value, str) and value[:1] in "[{") or value in ("true", "false", "null"):
             try:
                 out[key] = json.loads(value)
                 continue

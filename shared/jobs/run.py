@@ -11,12 +11,12 @@ import logging
 import time
 from collections.abc import Callable
 
-from shared.dataset import open_dataset
-from shared.engine import calibrate
-from shared.job import CalibrationJob, Progress
-from shared.settings import Settings
-from shared.storage import Store, posterior_key, summary_key
-from shared.summary import CalibrationSummary, ConvergenceCriteria
+from shared.contract.job import CalibrationJob, Progress
+from shared.contract.settings import Settings
+from shared.contract.summary import CalibrationSummary, ConvergenceCriteria
+from shared.data.dataset import open_dataset
+from shared.fit.calibrate import calibrate
+from shared.storage.store import Store, posterior_key, summary_key
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def prepare_process(settings: Settings) -> None:
     global _process_ready
     if _process_ready:
         return
-    from shared import sampler
+    from shared.fit import sampler
 
     sampler.enable_compile_cache(settings.compile_cache_dir)
     _process_ready = True
@@ -54,8 +54,8 @@ def run_job(
     The job's time limit (its own, or the settings' default) is enforced
     between sampling chunks; convergence is judged by ``criteria`` (default:
     the settings'). Errors propagate as calq's typed exceptions:
-    bad input as :class:`~shared.errors.RejectedError`, storage outages as
-    :class:`~shared.errors.StorageUnavailable`.
+    bad input as :class:`~shared.contract.errors.RejectedError`, storage outages as
+    :class:`~shared.contract.errors.StorageUnavailable`.
     """
     prepare_process(settings)
     notify = on_progress or (lambda _: None)

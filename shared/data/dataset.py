@@ -10,7 +10,7 @@ A calibration dataset is an :class:`xarray.Dataset` (NetCDF on disk)::
 with the index coordinates ``race`` and ``driver`` (string ids) and
 ``scenario`` (integers), and the race coordinates ``race_date``
 (datetime64), ``track`` (free-form name) and ``archetype`` (one of
-:data:`~shared.domain.ARCHETYPES`). A driver not entered in a race is NaN in
+:data:`~shared.contract.domain.ARCHETYPES`). A driver not entered in a race is NaN in
 every variable of that race, never 0; in each race and each scenario the
 entered drivers hold the positions 1..n_entered exactly once.
 
@@ -34,10 +34,9 @@ import netCDF4
 import numpy as np
 import xarray as xr
 
-from shared.domain import ARCHETYPES, event_threshold
-from shared.errors import DatasetNotFound, InvalidDataset
-from shared.netcdf import write_netcdf
-from shared.validation import (  # the dataset contract, re-exported
+from shared.contract.domain import ARCHETYPES, event_threshold
+from shared.contract.errors import DatasetNotFound, InvalidDataset
+from shared.data.validation import (  # the dataset contract, re-exported
     MAX_LINES_PER_PROBLEM,
     OPTIONAL_VARIABLES,
     RACE_COORDINATES,
@@ -47,6 +46,7 @@ from shared.validation import (  # the dataset contract, re-exported
     validate,
     variable_values,
 )
+from shared.storage.netcdf import write_netcdf
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,11 @@ def open_dataset(source: Source, *, archetype: str | None = None, check: bool = 
     """Read a calibration dataset fully into memory, close the file, validate it.
 
     ``source`` is a path or a binary file-like object holding NetCDF bytes.
-    Raises :class:`~shared.errors.DatasetNotFound` for a path that does not
-    exist, and :class:`~shared.errors.InvalidDataset` for bytes that are not
+    Raises :class:`~shared.contract.errors.DatasetNotFound` for a path that does not
+    exist, and :class:`~shared.contract.errors.InvalidDataset` for bytes that are not
     readable NetCDF or a dataset that breaks the contract (see :func:`validate`).
     ``check=False`` skips the contract, for callers that validate next anyway
-    (:func:`shared.engine.calibrate` does).
+    (:func:`shared.fit.calibrate.calibrate` does).
     """
     label = _source_label(source)
     ds = _read_netcdf(source, label=label)
@@ -81,8 +81,9 @@ def save_dataset(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool = Tr
     The file is written to a temporary name in the same folder, then moved
     over ``path`` with :func:`os.replace`, so a reader sees the old file or
     the new one, never half of one. Attributes netCDF cannot hold (dicts,
-    lists, booleans, ``None``) are stored JSON-encoded (:mod:`shared.netcdf`). With ``compress`` the data variables are zlib-compressed (level 1,
-    byte-shuffled). ``open_dataset(save_dataset(ds, path))`` equals ``ds``.
+    lists, booleans, ``None``) are stored JSON-encoded (:mod:`shared.storage.netcdf`).
+    With ``compress`` the data variables are zlib-compressed (level 1, byte-shuffled).
+    ``open_dataset(save_dataset(ds, path))`` equals ``ds``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

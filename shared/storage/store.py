@@ -18,9 +18,9 @@ Contracts:
   A job carries the URI and the hash; :meth:`Store.fetch_dataset` returns a
   local file whose bytes have exactly that hash, or raises.
 - **Errors** are mapped in one place (:func:`storage_errors`): a missing
-  object becomes :class:`~shared.errors.NotFound` (or ``DatasetNotFound``),
+  object becomes :class:`~shared.contract.errors.NotFound` (or ``DatasetNotFound``),
   an unreachable or overloaded endpoint becomes the retryable
-  :class:`~shared.errors.StorageUnavailable`, and permission errors propagate
+  :class:`~shared.contract.errors.StorageUnavailable`, and permission errors propagate
   unchanged, since retrying cannot fix them. Messages name the URI, never a
   credential.
 """
@@ -44,15 +44,15 @@ from urllib.parse import urlsplit
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from shared.errors import (
+from shared.contract.errors import (
     CalqError,
     DatasetHashMismatch,
     DatasetNotFound,
     NotFound,
     StorageUnavailable,
 )
-from shared.netcdf import read_inference_data, write_netcdf
-from shared.settings import S3Settings, Settings, redact_url, storage_url_from
+from shared.contract.settings import S3Settings, Settings, redact_url, storage_url_from
+from shared.storage.netcdf import read_inference_data, write_netcdf
 
 if TYPE_CHECKING:
     import arviz as az
@@ -228,7 +228,7 @@ class Store:
         self._s3fs_pid: int | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, **options: Any) -> "Store":
+    def from_settings(cls, settings: Settings, **options: Any) -> Store:
         """The store ``settings.storage_url`` names, with ``settings.s3``."""
         return cls(settings.storage_url, s3=settings.s3, **options)
 
@@ -383,7 +383,7 @@ class Store:
 
     # -- NetCDF --
 
-    def put_netcdf(self, obj: "az.InferenceData | xr.Dataset", key: str) -> str:
+    def put_netcdf(self, obj: az.InferenceData | xr.Dataset, key: str) -> str:
         """Write an InferenceData or Dataset as NetCDF4 at ``key`` atomically.
 
         The file is written locally first (NetCDF4 cannot stream to S3) and
@@ -395,7 +395,7 @@ class Store:
             write_netcdf(obj, local)
             return self.put_file(local, key)
 
-    def get_inference_data(self, uri_or_key: str) -> "az.InferenceData":
+    def get_inference_data(self, uri_or_key: str) -> az.InferenceData:
         """The InferenceData at a URI or key, fully in memory, with no file left open."""
         fs, path, uri = self._resolve(uri_or_key)
         if isinstance(fs, LocalFileSystem):

@@ -34,19 +34,19 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numpyro.infer.hmc import hmc
 import numpyro
 from numpyro.distributions.transforms import biject_to
+from numpyro.infer.hmc import hmc
 from numpyro.infer.util import constrain_fn, potential_energy
 
-from shared.errors import JobCancelled, JobTimeLimitExceeded
-from shared.job import Progress
-from shared.model import ModelData, ModelShape, calibration_model
+from shared.contract.errors import JobCancelled, JobTimeLimitExceeded
+from shared.contract.job import Progress
+from shared.fit.model import ModelData, ModelShape, calibration_model
 
 log = logging.getLogger(__name__)
 
 MAX_TREE_DEPTH = 10
-TARGET_ACCEPT = 0.8  # divergence-free on five seasons × four archetypes (see shared.model)
+TARGET_ACCEPT = 0.8  # divergence-free on five seasons × four archetypes (see shared.fit.model)
 MIN_ROW_BUCKET = 1024
 CHUNKS_PER_RUN = 20
 
@@ -293,7 +293,7 @@ class CompiledSampler:
         b = self.bucket
         host = jax.device_get(tree)
         if self._split_over_devices():
-            return {k: v.reshape((b.chains,) + v.shape[2:]) for k, v in host.items()}
+            return {k: v.reshape((b.chains, *v.shape[2:])) for k, v in host.items()}
         return host
 
 

@@ -1,0 +1,1 @@
+"""Calibration datasets: reading and writing, the validated contract, event rows, synthetic seasons."""

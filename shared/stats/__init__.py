@@ -1,0 +1,1 @@
+"""Statistics without JAX: scoring kernels (metrics), MCMC diagnostics, forecast evaluation."""

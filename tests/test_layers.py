@@ -1,0 +1,94 @@
+"""The package layers are a checked contract, not a convention.
+
+``shared`` stacks contract → storage → data → stats → fit → jobs: a module may
+import its own layer and the ones before it, never a later one. ``producer``
+and ``worker`` sit on top and never import each other; ``shared`` imports
+neither. JAX is imported only from the fit layer up (checked in a fresh
+interpreter, so the test sees real import side effects, lazy imports aside).
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = ["contract", "storage", "data", "stats", "fit", "jobs"]
+BELOW_FIT = LAYERS[: LAYERS.index("fit")]
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at top level or inside functions."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _modules(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def _layer_of(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[0] != "shared" or len(parts) < 2 or parts[1] not in LAYERS:
+        return None
+    return LAYERS.index(parts[1])
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_layer_imports_only_itself_and_the_layers_before_it(layer):
+    own = LAYERS.index(layer)
+    offences = [
+        f"{path.relative_to(ROOT)} imports {module}"
+        for path in _modules(f"shared/{layer}")
+        for module in _imports(path)
+        if (other := _layer_of(module)) is not None and other > own
+    ]
+    assert not offences, "\n".join(offences)
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [("shared", ("producer", "worker")), ("producer", ("worker",)), ("worker", ("producer",))],
+)
+def test_producer_and_worker_never_import_each_other(package, forbidden):
+    offences = [
+        f"{path.relative_to(ROOT)} imports {module}"
+        for path in _modules(package)
+        for module in _imports(path)
+        if module.split(".")[0] in forbidden
+    ]
+    assert not offences, "\n".join(offences)
+
+
+def test_every_shared_module_lives_in_a_layer():
+    loose = [p.name for p in (ROOT / "shared").glob("*.py") if p.name != "__init__.py"]
+    assert not loose, f"modules outside the layers: {loose}"
+    assert sorted(p.name for p in (ROOT / "shared").iterdir() if p.is_dir() and p.name != "__pycache__") == sorted(LAYERS)
+
+
+def test_the_layers_below_fit_never_import_jax():
+    modules = [
+        ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        for layer in BELOW_FIT
+        for path in _modules(f"shared/{layer}")
+    ]
+    modules = [m.removesuffix(".__init__") for m in modules]
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "heavy = sorted(m for m in ('jax', 'jaxlib', 'numpyro') if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"imported below the fit layer: {result.stdout.strip()}"
