@@ -29,7 +29,7 @@ from shared.contract.settings import Settings, get_settings
 from shared.contract.summary import CalibrationSummary
 from shared.data.dataset import save_dataset
 from shared.jobs.registry import JobRegistry, RedisRegistry, StoreRegistry
-from shared.storage.catalog import Catalog
+from shared.storage.catalog import Catalog, newest
 from shared.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -203,20 +203,17 @@ class CalibrationClient:
                 f"job {job_id} is {status.state.value}: no summary yet"
             )
         if status is not None and status.summary_uri:
-            return CalibrationSummary.model_validate_json(self.store.get_bytes(status.summary_uri))
+            return self.catalog.read(status.summary_uri)
         return self.catalog.summary(job_id)
 
     def latest(self, archetype: str, event: str | None = None) -> CalibrationSummary:
         """The newest converged summary for an archetype (and event; default: any of its events)."""
         pointers = self.registry.latest_all()
-        candidates = [
-            p for (a, e), p in pointers.items() if a == archetype and (event is None or e == event)
-        ]
-        if not candidates:
+        best = newest(p for (a, e), p in pointers.items() if a == archetype and (event is None or e == event))
+        if best is None:
             what = f"{archetype}" + (f" / {event}" if event else "")
             raise NotFound(f"no converged calibration for {what} yet")
-        best = max(candidates, key=lambda p: (p.data_through, p.created_at, p.job_id))
-        return CalibrationSummary.model_validate_json(self.store.get_bytes(best.summary_uri))
+        return self.catalog.read(best.summary_uri)
 
     def posterior(self, job_id: str):
         """The job's posterior as an ArviZ InferenceData."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 from enum import Enum
 from typing import Any
@@ -143,6 +144,10 @@ class Progress(BaseModel):
     fraction: float = Field(0.0, ge=0.0, le=1.0, description="done share of the current phase")
     draws_done: int = 0
     draws_total: int = 0
+
+
+#: What long work calls as it goes; the CLI draws a bar, the worker writes the record.
+ProgressCallback = Callable[[Progress], None]
 
 
 def utcnow() -> datetime:

@@ -19,7 +19,7 @@ import xarray as xr
 import shared
 from shared.contract.domain import archetypes_of
 from shared.contract.errors import InvalidDataset
-from shared.contract.job import CalibrationJob, Progress, utcnow
+from shared.contract.job import CalibrationJob, Progress, ProgressCallback, utcnow
 from shared.contract.summary import CalibrationSummary, ConvergenceCriteria, Timings
 from shared.data.dataset import EventRows, event_rows, select_archetypes, select_window, validate
 from shared.fit.idata import build_inference_data, calibrated_probability_mean, logit
@@ -38,7 +38,6 @@ from shared.stats.evaluation import ensemble_scores, event_calibration, joint_ev
 
 log = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[Progress], None]
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from numpyro.infer.hmc import hmc
 from numpyro.infer.util import constrain_fn, potential_energy
 
 from shared.contract.errors import JobCancelled, JobTimeLimitExceeded
-from shared.contract.job import Progress
+from shared.contract.job import Progress, ProgressCallback
 from shared.fit.model import ModelData, ModelShape, calibration_model
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,6 @@ TARGET_ACCEPT = 0.8  # divergence-free on five seasons × four archetypes (see s
 MIN_ROW_BUCKET = 1024
 CHUNKS_PER_RUN = 20
 
-ProgressCallback = Callable[[Progress], None]
 
 
 def bucket_rows(n: int) -> int:

@@ -36,6 +36,7 @@ import pydantic
 from shared.contract.errors import JobFailed, NotFound, Outcome, RetryableError, classify
 from shared.contract.job import CalibrationJob, JobState, JobStatus, Progress
 from shared.contract.settings import Settings
+from shared.storage.catalog import Catalog
 
 if TYPE_CHECKING:
     from shared.contract.summary import CalibrationSummary
@@ -285,10 +286,9 @@ def _stored_summary(store: Store, record: JobStatus, jlog: JobLog) -> dict[str, 
     if not record.summary_uri:
         jlog.warning("record says succeeded but names no summary; running again")
         return None
-    from shared.jobs import run as runner
 
     try:
-        return runner.read_summary(store, record.summary_uri).model_dump(mode="json")
+        return Catalog(store).read(record.summary_uri).model_dump(mode="json")
     except NotFound:
         jlog.warning("summary %s is gone; running again", record.summary_uri)
     except (pydantic.ValidationError, ValueError) as exc:

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from shared.contract.job import CalibrationJob, Progress
+from shared.contract.job import CalibrationJob, Progress, ProgressCallback
 from shared.contract.settings import Settings
 from shared.contract.summary import CalibrationSummary, ConvergenceCriteria
 from shared.data.dataset import open_dataset
@@ -20,7 +20,6 @@ from shared.storage.store import Store, posterior_key, summary_key
 
 log = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[Progress], None]
 
 _process_ready = False
 
@@ -97,7 +96,3 @@ def run_job(
     )
     return summary
 
-
-def read_summary(store: Store, uri: str) -> CalibrationSummary:
-    """The summary stored at ``uri``."""
-    return CalibrationSummary.model_validate_json(store.get_bytes(uri))

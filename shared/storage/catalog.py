@@ -18,7 +18,7 @@ import logging
 import re
 from collections.abc import Iterable, Iterator
 from datetime import UTC, date, datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -75,6 +75,9 @@ class LatestPointer(BaseModel):
         return (self.archetype, self.event)
 
 
+D = TypeVar("D", bound=_Dated)
+
+
 def _utc(moment: datetime) -> datetime:
     # A naive timestamp is taken as UTC, so naive and aware ones compare.
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
@@ -108,6 +111,11 @@ def pointers_for(summary: CalibrationSummary) -> list[LatestPointer]:
     return [LatestPointer.of(summary, a, e) for a in summary.archetypes for e in summary.events]
 
 
+def newest(items: Iterable[D]) -> D | None:
+    """The newest of ``items`` by :func:`is_newer`'s rule; None when there are none."""
+    return max(items, key=_rank, default=None)
+
+
 def newest_pointers(pointers: Iterable[LatestPointer]) -> dict[tuple[str, str], LatestPointer]:
     """The newest pointer (by :func:`is_newer`) of each (archetype, event)."""
     best: dict[tuple[str, str], LatestPointer] = {}
@@ -138,7 +146,7 @@ class Catalog:
             if not uri.endswith(".json"):
                 continue
             try:
-                summary = self._read(uri)
+                summary = self.read(uri)
             except Exception as exc:
                 log.warning("skipping unreadable summary %s: %s: %s", uri, type(exc).__name__, exc)
                 continue
@@ -150,7 +158,7 @@ class Catalog:
             for archetype in ("all", *ARCHETYPES):
                 uri = self.store.uri(summary_key(archetype, job_id))
                 try:
-                    return self._read(uri)
+                    return self.read(uri)
                 except NotFound:
                     continue
         raise NotFound(f"no summary for job {job_id!r} in {self.store.uri(POSTERIORS_PREFIX)}")
@@ -163,7 +171,8 @@ class Catalog:
         """
         return newest_pointers(p for s in self.summaries() for p in pointers_for(s))
 
-    def _read(self, uri: str) -> CalibrationSummary:
+    def read(self, uri: str) -> CalibrationSummary:
+        """The summary stored at ``uri``: the one way a summary is read back (NotFound if absent)."""
         summary = CalibrationSummary.model_validate(self.store.get_json(uri))
         update: dict[str, str] = {}
         if summary.summary_uri is None:
@@ -173,4 +182,4 @@ class Catalog:
         return summary.model_copy(update=update) if update else summary
 
 
-__all__ = ["Catalog", "LatestPointer", "is_newer", "newest_pointers", "pointers_for"]
+__all__ = ["Catalog", "LatestPointer", "is_newer", "newest", "newest_pointers", "pointers_for"]
