@@ -17,7 +17,6 @@ from shared.contract.errors import DatasetNotFound, InvalidDataset
 from shared.data.dataset import (
     P_EPS,
     REQUIRED_VARIABLES,
-    content_sha256,
     event_rows,
     forecast_probability,
     open_dataset,
@@ -27,6 +26,7 @@ from shared.data.dataset import (
     validate,
 )
 from shared.data.synth import synthesize
+from shared.storage.store import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -304,11 +304,11 @@ def test_a_missing_file_is_not_found(tmp_path):
         open_dataset(tmp_path / "nothing.nc")
 
 
-def test_content_sha256_hashes_the_bytes(tmp_path):
+def test_sha256_file_hashes_the_bytes(tmp_path):
     path = tmp_path / "blob"
-    data = np.random.default_rng(0).bytes(3 * 1024 + 17)
+    data = np.random.default_rng(0).bytes(3 * (1 << 20) + 17)  # more than one read buffer
     path.write_bytes(data)
-    assert content_sha256(path, chunk_size=1024) == hashlib.sha256(data).hexdigest()
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
 
 
 def test_required_variables():

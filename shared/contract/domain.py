@@ -33,6 +33,14 @@ TRACKS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+#: What a job id, archetype or event must look like to become part of a storage key or Redis key.
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+#: The model's parameter names, by level (shared by the model, the InferenceData and the diagnostics).
+ARCHETYPE_PARAMETERS: tuple[str, ...] = ("alpha_arch", "beta_arch", "sigma_alpha", "sigma_log_beta")
+TRACK_PARAMETERS: tuple[str, ...] = ("alpha_track", "beta_track")
+PARAMETERS: tuple[str, ...] = ARCHETYPE_PARAMETERS + TRACK_PARAMETERS
+
 _EVENT = re.compile(r"^top_([1-9][0-9]{0,2})$")
 
 DEFAULT_EVENTS: tuple[str, ...] = ("top_1", "top_5", "top_10")

@@ -20,7 +20,6 @@ entered drivers hold the positions 1..n_entered exactly once.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -98,15 +97,6 @@ def save_dataset(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool = Tr
         raise
     log.debug("wrote dataset %s", path)
     return path
-
-
-def content_sha256(path: str | os.PathLike, *, chunk_size: int = 1 << 20) -> str:
-    """The sha256 hex digest of a file's bytes, read in chunks of ``chunk_size``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _source_label(source: Source) -> str:
@@ -322,7 +312,6 @@ __all__ = [
     "REQUIRED_VARIABLES",
     "VARIABLE_DIMS",
     "EventRows",
-    "content_sha256",
     "event_rows",
     "forecast_probability",
     "open_dataset",

@@ -15,6 +15,7 @@ from typing import Any
 import arviz as az
 import numpy as np
 
+from shared.contract.domain import ARCHETYPE_PARAMETERS, TRACK_PARAMETERS
 from shared.data.dataset import EventRows
 from shared.fit.sampler import MAX_TREE_DEPTH, Draws
 from shared.storage.netcdf import encode_attrs
@@ -22,8 +23,6 @@ from shared.storage.netcdf import encode_attrs
 #: Draws per chain kept for the posterior predictive (it is per row, so large).
 PREDICTIVE_DRAWS = 100
 
-_ARCH_PARAMS = ("alpha_arch", "beta_arch", "sigma_alpha", "sigma_log_beta")
-_TRACK_PARAMS = ("alpha_track", "beta_track")
 
 
 def expit(x: np.ndarray) -> np.ndarray:
@@ -40,16 +39,16 @@ def build_inference_data(
 ) -> az.InferenceData:
     """Assemble the InferenceData of one job from its draws and its rows."""
     n_tracks = len(rows.tracks)
-    posterior = {name: draws.params[name] for name in _ARCH_PARAMS}
-    posterior.update({name: draws.params[name][..., :n_tracks] for name in _TRACK_PARAMS})
+    posterior = {name: draws.params[name] for name in ARCHETYPE_PARAMETERS}
+    posterior.update({name: draws.params[name][..., :n_tracks] for name in TRACK_PARAMETERS})
     coords = {
         "event": list(rows.events),
         "archetype": list(rows.archetypes),
         "track": list(rows.tracks),
         "row": np.arange(rows.n_rows),
     }
-    dims = {name: ["event", "archetype"] for name in _ARCH_PARAMS}
-    dims.update({name: ["event", "track"] for name in _TRACK_PARAMS})
+    dims = {name: ["event", "archetype"] for name in ARCHETYPE_PARAMETERS}
+    dims.update({name: ["event", "track"] for name in TRACK_PARAMETERS})
 
     idata = az.from_dict(
         posterior=posterior,

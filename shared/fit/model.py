@@ -73,7 +73,6 @@ LOG_BETA_ARCH_SD = 0.5
 SIGMA_ALPHA_SCALE = 0.25
 SIGMA_LOG_BETA_SCALE = 0.15
 
-PARAMETERS = ("alpha_arch", "beta_arch", "sigma_alpha", "sigma_log_beta", "alpha_track", "beta_track")
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -145,7 +144,6 @@ def calibration_model(data: ModelData, *, shape: ModelShape) -> None:
 
 
 __all__ = [
-    "PARAMETERS",
     "ModelData",
     "ModelShape",
     "calibration_model",

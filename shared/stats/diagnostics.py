@@ -14,10 +14,11 @@ import math
 import arviz as az
 import numpy as np
 
+from shared.contract.domain import PARAMETERS
 from shared.contract.summary import Diagnostics, ParameterSummary
 
 HDI_PROB = 0.94
-SUMMARISED = ("alpha_arch", "beta_arch", "sigma_alpha", "sigma_log_beta", "alpha_track", "beta_track")
+SUMMARISED = PARAMETERS
 
 
 def parameter_summaries(idata: az.InferenceData, *, var_names=SUMMARISED) -> list[ParameterSummary]:

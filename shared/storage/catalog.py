@@ -15,14 +15,13 @@ after Redis lost it.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable, Iterator
 from datetime import UTC, date, datetime
 from typing import Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from shared.contract.domain import ARCHETYPES
+from shared.contract.domain import ARCHETYPES, SAFE_ID
 from shared.contract.errors import NotFound
 from shared.contract.summary import CalibrationSummary
 from shared.storage.store import Store, summary_key
@@ -30,7 +29,6 @@ from shared.storage.store import Store, summary_key
 log = logging.getLogger(__name__)
 
 POSTERIORS_PREFIX = "posteriors"
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class _Dated(Protocol):
@@ -154,7 +152,7 @@ class Catalog:
 
     def summary(self, job_id: str) -> CalibrationSummary:
         """The summary of ``job_id``; NotFound if the store holds none."""
-        if _SAFE_ID.match(job_id):
+        if SAFE_ID.match(job_id):
             for archetype in ("all", *ARCHETYPES):
                 uri = self.store.uri(summary_key(archetype, job_id))
                 try:

@@ -34,12 +34,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from shared.contract.domain import SAFE_ID
 from shared.contract.errors import NotFound
 from shared.contract.job import CalibrationJob, JobState, JobStatus, Progress, utcnow
 from shared.contract.summary import CalibrationSummary
@@ -48,7 +48,6 @@ from shared.storage.catalog import Catalog, LatestPointer, pointers_for
 log = logging.getLogger(__name__)
 
 DEFAULT_RECORD_TTL_S = 30 * 24 * 3600
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 # Transitions that make sense; anything else is written with a warning.
 _ALLOWED: dict[JobState, frozenset[JobState]] = {
@@ -310,5 +309,5 @@ class JobRegistry(ABC):
 
 
 def _check_id(job_id: str) -> None:
-    if not _SAFE_ID.match(job_id):
+    if not SAFE_ID.match(job_id):
         raise ValueError(f"job id {job_id!r} cannot name a file")

@@ -8,9 +8,10 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
 
+from shared.contract.domain import SAFE_ID
 from shared.contract.errors import NotFound
 from shared.contract.job import JobStatus
-from shared.jobs.registry.base import _SAFE_ID, Change, JobRegistry, _check_id
+from shared.jobs.registry.base import Change, JobRegistry, _check_id
 from shared.storage.catalog import LatestPointer, is_newer, newest_pointers
 from shared.storage.store import Store
 
@@ -64,7 +65,7 @@ class StoreRegistry(JobRegistry):
             return None
 
     def find(self, job_id: str) -> JobStatus | None:
-        if not _SAFE_ID.match(job_id):
+        if not SAFE_ID.match(job_id):
             return None
         raw = self._read(self._job_key(job_id))
         return None if raw is None else JobStatus.model_validate_json(raw)
@@ -125,7 +126,7 @@ class StoreRegistry(JobRegistry):
         return pointers
 
     def latest(self, archetype: str, event: str) -> LatestPointer | None:
-        if not (_SAFE_ID.match(archetype) and _SAFE_ID.match(event)):
+        if not (SAFE_ID.match(archetype) and SAFE_ID.match(event)):
             return None
         raw = self._read(self._latest_key(archetype, event))
         return None if raw is None else LatestPointer.model_validate_json(raw)
