@@ -102,7 +102,6 @@ class CalibrationClient:
     ) -> CalibrationJob:
         """Build (and validate) a job; the dataset is uploaded unless ``dataset_ref`` names it."""
         uri, sha = dataset_ref or self.upload(dataset)
-        defaults = self.settings.sampler
         fields: dict[str, Any] = {
             "archetype": archetype,
             "dataset_uri": uri,
@@ -110,11 +109,10 @@ class CalibrationClient:
             "as_of": as_of,
             "window_days": window_days,
             "time_limit_s": time_limit_s,
-            "sampler": SamplerSettings(
-                warmup=warmup or defaults.warmup,
-                samples=samples or defaults.samples,
-                chains=chains or defaults.chains,
-                seed=seed,
+            "sampler": SamplerSettings.model_validate(
+                self.settings.sampler.model_dump()
+                | {k: v for k, v in {"warmup": warmup, "samples": samples, "chains": chains}.items() if v}
+                | {"seed": seed}
             ),
         }
         if events:

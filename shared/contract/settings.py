@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.contract.job import SamplerSettings
 from shared.contract.summary import ConvergenceCriteria
 
 DEFAULT_STORE = "./calq-store"
@@ -45,16 +46,6 @@ def storage_url_from(value: str) -> str:
     if "://" in value:
         return value.rstrip("/")
     return "file://" + os.path.abspath(os.path.expanduser(value))
-
-
-class SamplerDefaults(BaseModel):
-    """Sampler settings a job gets when its producer names none."""
-
-    model_config = ConfigDict(frozen=True)
-
-    warmup: int = Field(500, ge=1)
-    samples: int = Field(1000, ge=1)
-    chains: int = Field(4, ge=1, le=64)
 
 
 class S3Settings(BaseModel):
@@ -87,7 +78,7 @@ class Settings(BaseSettings):
         DEFAULT_STORE, description="Where datasets, posteriors and summaries live: a folder, file:// or s3://."
     )
     s3: S3Settings = S3Settings()
-    sampler: SamplerDefaults = SamplerDefaults()
+    sampler: SamplerSettings = Field(SamplerSettings(), description="sampler settings a job gets when its producer names none")
     convergence: ConvergenceCriteria = ConvergenceCriteria()
     default_queue: Literal["calq.gpu", "calq.cpu"] = Field(
         "calq.cpu", description="Queue of submitted jobs; GPU workers serve both queues, CPU workers calq.cpu."
