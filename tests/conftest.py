@@ -1,8 +1,16 @@
-"""Test-wide setup. The device is chosen here, before anything imports JAX."""
+"""Test-wide setup. The device is chosen here, before anything imports JAX.
+
+Tests are hermetic: a developer's exported ``CALQ_*`` variables and ``.env``
+file never change what a test does. Tests that need settings build them
+(``Settings(...)``) or pass an explicit environment to the subprocess they start.
+"""
 
 from __future__ import annotations
 
 import os
+
+for _name in [name for name in os.environ if name.startswith("CALQ_")]:
+    del os.environ[_name]
 
 from shared.fit.device import use_host_devices  # imports no JAX
 
@@ -16,6 +24,8 @@ import pytest  # noqa: E402
 pytest_plugins = ["tests.services"]
 
 from shared.contract.settings import Settings  # noqa: E402
+
+Settings.model_config["env_file"] = None  # a .env in the working directory is the developer's, not the test's
 
 
 @pytest.fixture

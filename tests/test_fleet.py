@@ -190,12 +190,16 @@ def test_the_client_calibrates_new_forecasts_with_the_latest_posterior(client, f
 
 
 def test_reindex_rebuilds_latest_after_redis_is_flushed(fleet_env, redis_server, first_summary):
+    """A flushed Redis, seen through an empty database of the same server, so no other test loses its records."""
     import redis
 
-    redis.Redis.from_url(redis_server.url).flushall()
-    missing = calq(fleet_env, "latest", "intermediate", "--json", check=False)
+    environ, settings, root = fleet_env
+    empty = redis_server.url.rsplit("/", 1)[0] + "/15"
+    redis.Redis.from_url(empty).flushdb()
+    flushed = (dict(environ, CALQ_BROKER_URL=empty), settings, root)
+    missing = calq(flushed, "latest", "intermediate", "--json", check=False)
     assert missing.returncode == 1 and "no converged calibration" in missing.stderr
-    rebuilt = json.loads(calq(fleet_env, "reindex", "--json").stdout)
-    assert rebuilt["pointers"] >= 2
-    latest = CalibrationSummary.model_validate_json(calq(fleet_env, "latest", "intermediate", "--json").stdout)
+    rebuilt = json.loads(calq(flushed, "reindex", "--json").stdout)
+    assert rebuilt["pointers"] >= len(first_summary.events)
+    latest = CalibrationSummary.model_validate_json(calq(flushed, "latest", "intermediate", "--json").stdout)
     assert latest.job_id == first_summary.job_id
