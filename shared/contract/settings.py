@@ -59,6 +59,45 @@ class S3Settings(BaseModel):
     region: str | None = None
 
 
+class RecoverySettings(BaseModel):
+    """Leases, the reaper and the patient write: how faults cost seconds, never jobs.
+
+    A running job holds a lease in Redis that its worker renews every
+    ``heartbeat_s``; a lease not renewed for ``lease_s`` has lapsed, and the
+    reaper (every worker's supervisor, one at a time, every
+    ``reaper_interval_s``) hands its job back to the queue. Finished draws
+    wait on local disk (``spool_dir``) while the store or Redis is out, and
+    the write is retried with backoff (``retry_first_s`` doubling up to
+    ``retry_max_s``) for up to ``write_budget_s``; a local permission error
+    for up to ``permission_budget_s``.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    lease_s: float = Field(60.0, gt=0, description="A lease not renewed for this long has lapsed.")
+    heartbeat_s: float = Field(10.0, gt=0, description="How often a worker renews the lease of its running job.")
+    reaper_interval_s: float = Field(15.0, gt=0, description="How often the fleet looks for lapsed leases.")
+    write_budget_s: float = Field(
+        3600.0, ge=0, description="How long finished draws wait on local disk for the store or Redis."
+    )
+    permission_budget_s: float = Field(
+        120.0, ge=0, description="How long a local permission error is retried before the job fails."
+    )
+    retry_first_s: float = Field(1.0, gt=0, description="First pause before writing again; it doubles.")
+    retry_max_s: float = Field(30.0, gt=0, description="Longest pause between two write attempts.")
+    spool_dir: Path = Field(
+        Path("~/.cache/calq/spool").expanduser(), description="Local folder where finished draws wait for the store."
+    )
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> RecoverySettings:
+        if self.heartbeat_s * 2 > self.lease_s:
+            raise ValueError("recovery.heartbeat_s must be at most half of recovery.lease_s, or leases lapse under load")
+        if self.retry_max_s < self.retry_first_s:
+            raise ValueError("recovery.retry_max_s must be at least recovery.retry_first_s")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CALQ_",
@@ -91,6 +130,7 @@ class Settings(BaseSettings):
         description="Redis redelivers an unacknowledged job after this long; must exceed queue wait plus run time.",
     )
     max_deliveries: int = Field(3, ge=1, description="Deliveries of one job before it is dead-lettered.")
+    recovery: RecoverySettings = RecoverySettings()
     compile_cache_dir: Path | None = Field(
         Path("~/.cache/calq/jax").expanduser(),
         description="JAX persistent compilation cache; empty to disable.",
