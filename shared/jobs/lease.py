@@ -1,0 +1,392 @@
+"""Leases on running jobs, handing a job back to the queue, and the reaper.
+
+Celery on Redis gives a job back only after its ``visibility_timeout``
+(hours): a worker killed mid-job would strand it that long. So a running job
+holds a *lease*, a Redis key its worker renews every ``heartbeat_s``; a lease
+that is not renewed lapses after ``lease_s``, and the job is handed back::
+
+    worker takes the job ─ acquire ─▶ lease (PX lease_s) ◀─ renew every heartbeat_s ─ Heartbeat
+        │                                   │
+        ├─ job ends ─ release ─▶ gone        ├─ child dies ─▶ the supervisor takes it at once ─┐
+        └─ stop asked (cold shutdown,        └─ lease lapses ─▶ the reaper takes it ─────────────┤
+           supervisor gone) ─ release ─▶ handed back by the worker itself ─────────────────────┤
+                                                                                                 ▼
+                  hand_back: summary in the store? ─yes─▶ record repaired to succeeded
+                                                    └─no──▶ record re-queued, message re-published
+
+Keys (``prefix`` is ``calq``):
+
+- ``{prefix}:lease:{job_id}``: ``"{worker}|{token}"``, expiring after ``lease_s``.
+  ``token`` comes from the counter ``{prefix}:lease-token`` (a fencing token:
+  a renewal or release only touches the lease it took).
+- ``{prefix}:leased``: the set of job ids whose lease is not yet released or
+  handed back. Taking a job out of it (``SREM``, atomic) is what entitles
+  one actor — the worker, its supervisor or the reaper — to hand it back, so
+  a job is re-queued at most once per lapse.
+- ``{prefix}:holding:{worker}``: ``"{job_id}|{token}"`` of the job a worker
+  process runs, for its supervisor when that process dies.
+- ``{prefix}:resend:{job_id}``: the job message, its attempt and its queue,
+  to publish it again (the original sits in kombu's ``unacked`` set until the
+  visibility timeout, and is dropped as a duplicate when it comes back).
+
+A duplicate delivery of a job whose lease is held elsewhere is not run: the
+lease is the mutual exclusion, the registry record is what people read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: Publishes a job message again: ``publish(message, attempt=..., queue=...)``.
+Publisher = Callable[..., Any]
+
+# KEYS: lease, leased, holding, resend, token counter.
+# ARGV: worker, lease ms, job id, resend JSON, record ttl s.
+_ACQUIRE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local token = redis.call('INCR', KEYS[5])
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[3], ARGV[3] .. '|' .. token, 'EX', ARGV[5])
+redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[5])
+return token
+"""
+
+# KEYS: lease, leased. ARGV: value, lease ms, job id.
+# 1: renewed; 1 also when the lease had lapsed but nobody took the job yet (taken again);
+# 0: someone else holds it, or the job was handed back: this worker has lost it.
+_RENEW = """
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if current == false and redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 1 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: lease, leased, holding. ARGV: value, job id, holding value.
+# Drops this worker's lease; 1 if the job was still this worker's to release.
+_RELEASE = """
+if redis.call('GET', KEYS[3]) == ARGV[3] then redis.call('DEL', KEYS[3]) end
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return redis.call('SREM', KEYS[2], ARGV[2])
+end
+if current == false then return redis.call('SREM', KEYS[2], ARGV[2]) end
+return 0
+"""
+
+# KEYS: lease, leased. ARGV: job id. The reaper's claim: 1 if the lease has lapsed and the job is now ours.
+_CLAIM_LAPSED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+return redis.call('SREM', KEYS[2], ARGV[1])
+"""
+
+# KEYS: holding, leased. ARGV: worker, lease key prefix.
+# The supervisor's claim on a dead child's job: its id if the child still held it.
+_CLAIM_HELD = """
+local held = redis.call('GET', KEYS[1])
+if held == false then return false end
+redis.call('DEL', KEYS[1])
+local job, token = string.match(held, '^(.*)|(%d+)$')
+if job == nil then return false end
+local lease = ARGV[2] .. job
+local current = redis.call('GET', lease)
+if current ~= false and current ~= (ARGV[1] .. '|' .. token) then return false end
+if current ~= false then redis.call('DEL', lease) end
+if redis.call('SREM', KEYS[2], job) == 1 then return job end
+return false
+"""
+
+
+class HandBack(BaseException):
+    """Stop the running job at its next check and give it back, unfinished.
+
+    A ``BaseException`` on purpose: it is no failure of the job, so the
+    handler's ``except Exception`` never records it as one. ``requeue`` is
+    False when the job is no longer this worker's (its lease was taken).
+    """
+
+    def __init__(self, reason: str, *, requeue: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.requeue = requeue
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A lease this process holds: ``job_id``, ``worker`` and its fencing ``token``."""
+
+    job_id: str
+    worker: str
+    token: int
+
+    @property
+    def value(self) -> str:
+        return f"{self.worker}|{self.token}"
+
+
+class Leases:
+    """The lease keys of one fleet (one Redis, one prefix)."""
+
+    def __init__(self, redis_client: Any, *, prefix: str = "calq", lease_s: float = 60.0,
+                 record_ttl_s: int = 30 * 24 * 3600) -> None:
+        self.redis = redis_client
+        self.prefix = prefix
+        self.lease_ms = max(1, int(lease_s * 1000))
+        self.record_ttl_s = record_ttl_s
+        self._acquire = redis_client.register_script(_ACQUIRE)
+        self._renew = redis_client.register_script(_RENEW)
+        self._release = redis_client.register_script(_RELEASE)
+        self._claim_lapsed = redis_client.register_script(_CLAIM_LAPSED)
+        self._claim_held = redis_client.register_script(_CLAIM_HELD)
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> Leases:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5, health_check_interval=30)
+        return cls(client, **options)
+
+    # -- keys --
+
+    def lease_key(self, job_id: str) -> str:
+        return f"{self.prefix}:lease:{job_id}"
+
+    @property
+    def leased_key(self) -> str:
+        return f"{self.prefix}:leased"
+
+    def holding_key(self, worker: str) -> str:
+        return f"{self.prefix}:holding:{worker}"
+
+    def resend_key(self, job_id: str) -> str:
+        return f"{self.prefix}:resend:{job_id}"
+
+    # -- the worker's side --
+
+    def acquire(self, job_id: str, worker: str, *, message: Mapping[str, Any], attempt: int = 0,
+                queue: str | None = None) -> Lease | None:
+        """Take the lease of ``job_id`` for ``worker``; None if another worker holds it."""
+        resend = json.dumps({"message": dict(message), "attempt": attempt, "queue": queue}, separators=(",", ":"))
+        token = self._acquire(
+            keys=[self.lease_key(job_id), self.leased_key, self.holding_key(worker), self.resend_key(job_id),
+                  f"{self.prefix}:lease-token"],
+            args=[worker, self.lease_ms, job_id, resend, self.record_ttl_s],
+        )
+        return None if token is None else Lease(job_id, worker, int(token))
+
+    def renew(self, lease: Lease) -> bool:
+        """Extend the lease by ``lease_s``; False if the job is no longer this worker's."""
+        return bool(self._renew(keys=[self.lease_key(lease.job_id), self.leased_key],
+                                args=[lease.value, self.lease_ms, lease.job_id]))
+
+    def release(self, lease: Lease) -> bool:
+        """Drop the lease (the job ended, or this worker hands it back); True if it was still this worker's."""
+        return bool(self._release(
+            keys=[self.lease_key(lease.job_id), self.leased_key, self.holding_key(lease.worker)],
+            args=[lease.value, lease.job_id, f"{lease.job_id}|{lease.token}"],
+        ))
+
+    def holder(self, job_id: str) -> str | None:
+        """The worker holding the lease of ``job_id``, or None."""
+        raw = self.redis.get(self.lease_key(job_id))
+        return None if raw is None else raw.decode().rsplit("|", 1)[0]
+
+    # -- the supervisor's and the reaper's side --
+
+    def claim_held(self, worker: str) -> str | None:
+        """The job ``worker`` (a process that died) held, now to be handed back; None if none."""
+        job = self._claim_held(keys=[self.holding_key(worker), self.leased_key],
+                               args=[worker, f"{self.prefix}:lease:"])
+        return None if job is None else job.decode()
+
+    def lapsed(self) -> list[str]:
+        """Claim every job whose lease has lapsed; each is the caller's to hand back."""
+        claimed = []
+        for raw in self.redis.smembers(self.leased_key):
+            job_id = raw.decode()
+            if self._claim_lapsed(keys=[self.lease_key(job_id), self.leased_key], args=[job_id]):
+                claimed.append(job_id)
+        return claimed
+
+    def unclaim(self, job_id: str) -> None:
+        """Put a claimed job back in the leased set (its hand-back failed; the reaper tries again)."""
+        self.redis.sadd(self.leased_key, job_id)
+
+    def resend_info(self, job_id: str) -> dict[str, Any] | None:
+        """What :meth:`acquire` kept to publish the job again, or None."""
+        raw = self.redis.get(self.resend_key(job_id))
+        return None if raw is None else json.loads(raw)
+
+    def try_lock(self, name: str, ttl_s: float) -> bool:
+        """Take the fleet-wide lock ``name`` for ``ttl_s`` (never released early: one holder per period)."""
+        return bool(self.redis.set(f"{self.prefix}:lock:{name}", uuid.uuid4().hex, nx=True,
+                                   px=max(1, int(ttl_s * 1000))))
+
+
+class Heartbeat:
+    """A daemon thread renewing ``lease`` every ``interval_s`` until :meth:`stop`.
+
+    A renewal that fails (Redis out) is tried again at the next beat; the
+    lease lasts ``lease_s``, several beats. When the job is no longer this
+    worker's (:meth:`Leases.renew` says so), :attr:`lost` is set and the
+    beats stop.
+    """
+
+    def __init__(self, leases: Leases, lease: Lease, *, interval_s: float) -> None:
+        self.leases, self.lease, self.interval_s = leases, lease, interval_s
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{lease.job_id}", daemon=True)
+        self._warned = False
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                if not self.leases.renew(self.lease):
+                    log.warning("lease of %s lost: the job was handed back or taken by another worker", self.lease.job_id)
+                    self.lost.set()
+                    return
+                if self._warned:
+                    log.info("lease of %s renewed again", self.lease.job_id)
+                    self._warned = False
+            except Exception as exc:  # Redis out: the lease outlasts several beats
+                if not self._warned:
+                    log.warning("could not renew the lease of %s (%s: %s); trying again",
+                                self.lease.job_id, type(exc).__name__, exc)
+                    self._warned = True
+
+
+# -- handing back ------------------------------------------------------------------
+
+
+def hand_back(job_id: str, *, registry: Any, leases: Leases, store: Any, publish: Publisher,
+              reason: str, count_delivery: bool) -> str:
+    """Give a job nobody runs any more back to the fleet; returns what was done.
+
+    The caller has claimed the job (out of the leased set). If its summary
+    is in the store the record is repaired to succeeded (``"repaired"``:
+    finished work is never redone); if the record is already final nothing
+    happens (``"finished"``); otherwise the record goes back to queued — the
+    delivery counted or not, per ``count_delivery`` — and its message is
+    published again (``"requeued"``). On any error the claim is returned (the
+    reaper tries again) and the error raised.
+    """
+    from shared.storage.catalog import Catalog
+
+    try:
+        record = registry.find(job_id)
+        if record is not None and record.state.finished:
+            return "finished"
+        if registry.repair(job_id, Catalog(store)) is not None:
+            log.info("job %s: its summary is in the store; record repaired to succeeded (%s)", job_id, reason)
+            return "repaired"
+        resend = leases.resend_info(job_id)
+        if record is None or resend is None:
+            log.error("job %s cannot be handed back (%s): no %s", job_id, reason,
+                      "record" if record is None else "message to publish")
+            return "lost"
+        registry.requeue_abandoned(job_id, reason=reason, count_delivery=count_delivery)
+        publish(resend["message"], attempt=resend.get("attempt", 0), queue=resend.get("queue"))
+        log.warning("job %s handed back to the queue: %s", job_id, reason)
+        return "requeued"
+    except Exception:
+        try:
+            leases.unclaim(job_id)
+        except Exception:
+            log.warning("job %s: could not return the claim either; the lease is gone, so the reaper cannot see it",
+                        job_id)
+        raise
+
+
+def celery_publisher(app: Any) -> Publisher:
+    """A :data:`Publisher` sending the calibrate task on ``app``, with the job id as task id."""
+    from shared.jobs.celery_app import TASK_NAME
+
+    def publish(message: Mapping[str, Any], *, attempt: int = 0, queue: str | None = None) -> None:
+        options: dict[str, Any] = {"task_id": message.get("job_id"), "retries": attempt}
+        if queue:
+            options["queue"] = queue
+        app.send_task(TASK_NAME, args=[dict(message)], **options)
+
+    return publish
+
+
+class Reaper:
+    """Hands back every job whose lease lapsed; run by every supervisor, one at a time.
+
+    :meth:`run_once` takes the fleet-wide lock ``reaper`` for one interval
+    (so fleets of any size reap once per interval) and hands back what it
+    finds, counting the delivery (the worker stopped renewing: it may have
+    been killed by its job).
+    """
+
+    def __init__(self, *, registry: Any, leases: Leases, store: Any, publish: Publisher, interval_s: float) -> None:
+        self.registry, self.leases, self.store, self.publish = registry, leases, store, publish
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> dict[str, str]:
+        """One pass: ``{job_id: what was done}`` (empty when another worker holds the lock)."""
+        if not self.leases.try_lock("reaper", self.interval_s * 0.9):
+            return {}
+        done = {}
+        for job_id in self.leases.lapsed():
+            done[job_id] = hand_back(
+                job_id, registry=self.registry, leases=self.leases, store=self.store, publish=self.publish,
+                reason=f"its lease lapsed (no heartbeat for {self.leases.lease_ms / 1000:g} s): worker lost",
+                count_delivery=True,
+            )
+        return done
+
+    def start(self) -> Reaper:
+        self._thread = threading.Thread(target=self._run, name="calq-reaper", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        warned = False
+        while True:
+            started = time.monotonic()
+            try:
+                self.run_once()
+                warned = False
+            except Exception as exc:
+                if not warned:
+                    log.warning("reaper pass failed (%s: %s); trying again", type(exc).__name__, exc)
+                    warned = True
+            if self._stop.wait(max(0.0, self.interval_s - (time.monotonic() - started))):
+                return
