@@ -1,17 +1,28 @@
-"""Backfills: calibration as of every past race date, resumable.
+"""Backfills: calibration as of every past race date, one job per data window, resumable.
 
-For each archetype and each race date in the range, one job fits the data
-known before that date (a rolling window of ``window_days``). Job ids come
-from job content, so a rerun finds the jobs already done and skips them:
-an interrupted backfill picks up where it stopped.
+A fit is determined by the races it sees, not by the calendar: for an
+archetype, the races of that archetype strictly before ``as_of`` and on or
+after ``as_of - window_days`` (see :func:`shared.data.dataset.select_window`).
+That *data window* changes only when one of the archetype's races enters it
+(the day after the race) or leaves it (``window_days`` later), so many race
+dates share a window: a superspeedway fit as of every intermediate race date
+is the same fit again. A backfill therefore plans one job per archetype per
+distinct window among the race dates in the range, and gives each job the
+window's *first* day as its ``as_of`` (the canonical date of that window), so
+the job's content, and with it its id, is the same whichever race date asked
+for it.
+
+Job ids come from job content, so a rerun finds the jobs already done and
+skips them: an interrupted backfill picks up where it stopped.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
-from datetime import date, timedelta
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +37,8 @@ from shared.data.dataset import open_dataset
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5
+#: The default rolling window of ``calq backfill`` and ``calq evaluate``: three years.
+DEFAULT_WINDOW_DAYS = 3 * 365
 
 
 @dataclass(frozen=True)
@@ -35,9 +48,89 @@ class Outcome:
     job_id: str
     state: str
     reason: str | None = None
+    races: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "as_of": self.as_of.isoformat()}
+
+
+@dataclass(frozen=True)
+class Window:
+    """One archetype's data window: the races a fit as of any of ``days`` sees.
+
+    ``as_of`` is the first day on which the window holds exactly ``races``
+    (the canonical as-of date of its job); ``days`` are the requested dates
+    it serves, each on or after ``as_of``.
+    """
+
+    archetype: str
+    as_of: date
+    races: tuple[str, ...]
+    days: tuple[date, ...] = ()
+    job: CalibrationJob | None = field(default=None, compare=False)
+
+
+class RaceCalendar:
+    """The races of a dataset as plain arrays: id, day and archetype; answers window questions."""
+
+    def __init__(
+        self, race_ids: Sequence[str], days: np.ndarray, archetypes: Sequence[str], tracks: Sequence[str] | None = None
+    ) -> None:
+        self.race_ids = np.asarray(race_ids).astype(str)
+        self.days = np.asarray(days).astype("datetime64[D]")
+        self.archetypes = np.asarray(archetypes).astype(str)
+        self.tracks = np.asarray(tracks if tracks is not None else [""] * len(self.race_ids)).astype(str)
+
+    @classmethod
+    def of(cls, ds) -> RaceCalendar:
+        return cls(ds["race"].values, ds["race_date"].values, ds["archetype"].values, ds["track"].values)
+
+    def race_days(self, start: date, end: date, archetypes: Sequence[str] | None = None) -> list[date]:
+        """Distinct race dates in [start, end] (of ``archetypes``, default any), ascending."""
+        keep = (self.days >= np.datetime64(start)) & (self.days <= np.datetime64(end))
+        if archetypes is not None:
+            keep &= np.isin(self.archetypes, list(archetypes))
+        return sorted({d.astype(object) for d in self.days[keep]})
+
+    def seen(self, archetype: str, as_of: date, window_days: int | None) -> np.ndarray:
+        """Mask of the races a fit of ``archetype`` as of ``as_of`` sees (``select_window``'s rule)."""
+        end = np.datetime64(as_of, "D")
+        mask = (self.archetypes == archetype) & (self.days < end)
+        if window_days is not None:
+            mask &= self.days >= end - np.timedelta64(window_days, "D")
+        return mask
+
+    def window_start(self, archetype: str, as_of: date, window_days: int | None) -> date:
+        """The first day whose window equals ``as_of``'s: the latest entry or exit on or before ``as_of``.
+
+        Race day r enters a window on r + 1 and leaves it on r + window_days + 1.
+        """
+        mine = self.days[self.archetypes == archetype]
+        changes = mine + np.timedelta64(1, "D")
+        if window_days is not None:
+            changes = np.concatenate([changes, mine + np.timedelta64(window_days + 1, "D")])
+        changes = changes[changes <= np.datetime64(as_of, "D")]
+        return changes.max().astype(object) if changes.size else as_of
+
+    def windows(
+        self, archetype: str, days: Sequence[date], *, window_days: int | None
+    ) -> list[Window]:
+        """The distinct non-empty windows of ``archetype`` over ``days``, by their first day."""
+        found: dict[date, Window] = {}
+        for day in sorted(days):
+            seen = self.seen(archetype, day, window_days)
+            if not seen.any():
+                log.info("skipping %s as of %s: no earlier races in the window", archetype, day)
+                continue
+            first = self.window_start(archetype, day, window_days)
+            races = tuple(self.race_ids[seen].tolist())
+            if first in found:
+                found[first] = Window(archetype, first, races, (*found[first].days, day))
+                continue
+            if not np.array_equal(self.seen(archetype, first, window_days), seen):
+                raise AssertionError(f"window of {archetype} as of {first} differs from as of {day}")
+            found[first] = Window(archetype, first, races, (day,))
+        return list(found.values())
 
 
 class Backfill:
@@ -51,9 +144,10 @@ class Backfill:
         start: date,
         end: date,
         archetypes: list[str] | None = None,
-        window_days: int | None = 3 * 365,
+        window_days: int | None = DEFAULT_WINDOW_DAYS,
         events: str | None = None,
         sampler: dict[str, Any] | None = None,
+        dedup: bool = True,
     ) -> None:
         if end < start:
             raise ValueError(f"--to {end} is before --from {start}")
@@ -64,39 +158,50 @@ class Backfill:
         self.window_days = window_days
         self.events = events
         self.sampler = {k: v for k, v in (sampler or {}).items() if v is not None}
+        self.dedup = dedup
+
+    def windows(self, calendar: RaceCalendar | None = None) -> list[Window]:
+        """One window, with its job, per archetype and distinct data window of the race dates in range.
+
+        With ``dedup=False`` (for comparison only) every race date gets its own
+        job as of that date, as backfills did before windows were keys.
+        """
+        calendar = calendar or RaceCalendar.of(open_dataset(self.dataset))
+        ref = self.client.upload(self.dataset)
+        days = calendar.race_days(self.start, self.end)
+        planned = []
+        for archetype in self.archetypes:
+            windows = calendar.windows(archetype, days, window_days=self.window_days)
+            if not self.dedup:
+                windows = [Window(archetype, d, w.races, (d,)) for w in windows for d in w.days]
+            for w in windows:
+                job = self.client.make_job(
+                    self.dataset, archetype, events=self.events, as_of=w.as_of,
+                    window_days=self.window_days, dataset_ref=ref, **self.sampler,
+                )
+                planned.append(Window(w.archetype, w.as_of, w.races, w.days, job))
+        return planned
 
     def plan(self) -> list[CalibrationJob]:
-        """One job per archetype per race date in range that has earlier data to fit."""
-        ds = open_dataset(self.dataset)
-        dates = ds["race_date"].values.astype("datetime64[D]")
-        kinds = ds["archetype"].values.astype(str)
-        ref = self.client.upload(self.dataset)
-        race_days = sorted({d.astype(object) for d in dates if self.start <= d.astype(object) <= self.end})
-        jobs = []
-        for day in race_days:
-            for archetype in self.archetypes:
-                earliest = day - timedelta(days=self.window_days) if self.window_days else date.min
-                has_data = np.any(
-                    (kinds == archetype) & (dates < np.datetime64(day)) & (dates >= np.datetime64(earliest))
-                )
-                if not has_data:
-                    log.info("skipping %s as of %s: no earlier races in the window", archetype, day)
-                    continue
-                jobs.append(
-                    self.client.make_job(
-                        self.dataset, archetype, events=self.events, as_of=day,
-                        window_days=self.window_days, dataset_ref=ref, **self.sampler,
-                    )
-                )
-        return jobs
+        """The jobs of :meth:`windows`: one per archetype per distinct data window."""
+        return [w.job for w in self.windows()]
 
-    def run(self, *, max_in_flight: int = 4, timeout: float = 3600, console=None) -> list[Outcome]:
+    def run(
+        self,
+        *,
+        max_in_flight: int = 4,
+        timeout: float = 3600,
+        console=None,
+        windows: list[Window] | None = None,
+    ) -> list[Outcome]:
         """Submit every planned job, at most ``max_in_flight`` unfinished at once; wait for all."""
-        jobs = self.plan()
+        windows = windows if windows is not None else self.windows()
+        races = {w.job.job_id: len(w.races) for w in windows}
+        jobs = [w.job for w in windows]
         outcomes: dict[str, Outcome] = {}
         pending = list(jobs)
         in_flight: dict[str, tuple[CalibrationJob, float]] = {}
-        with _bar(console) as bar:
+        with counting_bar(console) as bar:
             task = bar.add_task("backfill", total=len(jobs))
             while pending or in_flight:
                 while pending and len(in_flight) < max_in_flight:
@@ -109,7 +214,7 @@ class Backfill:
                     if record is not None and (record.state.finished or expired):
                         state = record.state.value if record.state.finished else "failed"
                         reason = record.reason if record.state.finished else f"no result within {timeout:.0f} s"
-                        outcomes[job_id] = Outcome(job.archetype, job.as_of, job_id, state, reason)
+                        outcomes[job_id] = Outcome(job.archetype, job.as_of, job_id, state, reason, races[job_id])
                         del in_flight[job_id]
                         bar.advance(task)
                 if in_flight and not self.client.embedded:
@@ -131,7 +236,8 @@ class _NoBar:
         pass
 
 
-def _bar(console):
+def counting_bar(console):
+    """A progress bar counting done items on ``console``; a silent stand-in when it is None."""
     if console is None:
         return _NoBar()
     return Progress(
@@ -141,7 +247,7 @@ def _bar(console):
 
 def outcome_table(outcomes: list[Outcome]) -> Table:
     """Jobs per archetype and final state, then every job that did not succeed, with its reason."""
-    states = [JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.REJECTED.value]
+    states = [state.value for state in JobState if state.finished]  # cancelled too, where jobs can be
     totals = {state: sum(o.state == state for o in outcomes) for state in states}
     table = Table(title=f"backfill: {len(outcomes)} jobs — " + ", ".join(f"{totals[s]} {s}" for s in states))
     table.add_column("archetype")
