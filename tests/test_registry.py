@@ -110,6 +110,7 @@ def test_claim_of_a_running_or_succeeded_job_is_not_repeated(backend: Backend) -
 def test_rejected_stays_rejected(backend: Backend) -> None:
     reg, job = backend.registry, make_job()
     reg.claim(job)
+    reg.mark_running(job.job_id, worker="w")
     reg.reject(job.job_id, "dataset hash mismatch")
     status, created = reg.claim(job)
     assert not created
@@ -180,14 +181,17 @@ def test_finishing_with_a_reason(backend: Backend, finish: str) -> None:
     assert status.reason == "it broke" and status.finished_at is not None and status.worker == "w"
 
 
-def test_nonsense_transition_is_written_with_a_warning(backend: Backend, caplog) -> None:
+def test_a_refused_transition_is_logged_and_never_written(backend: Backend, caplog) -> None:
     reg, job = backend.registry, make_job()
     reg.claim(job)
-    reg.reject(job.job_id, "bad input")
+    reg.mark_running(job.job_id, worker="w")
+    rejected = reg.reject(job.job_id, "bad input")
     with caplog.at_level("WARNING", logger="shared.jobs.registry"):
-        status = reg.succeed(job.job_id, make_summary(job.job_id))
-    assert status.state is JobState.SUCCEEDED and reg.get(job.job_id).state is JobState.SUCCEEDED
-    assert "rejected to succeeded" in caplog.text
+        assert reg.succeed(job.job_id, make_summary(job.job_id)) is None
+        assert reg.mark_running(job.job_id, worker="w2") is None
+    assert reg.get(job.job_id) == rejected
+    assert "may not move job" in caplog.text and "from rejected to succeeded" in caplog.text
+    assert reg.latest_all() == {}  # a refused success moves no pointer
 
 
 def test_updates_without_a_record_never_raise(backend: Backend, caplog) -> None:
@@ -318,11 +322,16 @@ def test_wait_polls_when_no_message_comes(backend: Backend) -> None:
         key = f"{reg.prefix}:job:{job.job_id}"
         done = reg.get(job.job_id).model_copy(update={"state": JobState.FAILED, "reason": "x"})
         threading.Timer(0.2, lambda: backend.client.set(key, done.model_dump_json())).start()
-    else:
-        other = StoreRegistry(Store(reg.store.url))  # another registry, same store
-        threading.Timer(0.2, lambda: other.fail(job.job_id, "x")).start()
-    final = reg.wait(job.job_id, timeout=5, poll_s=0.1)
+    else:  # what another process does: write the file, with no notification in this one
+        done = reg.get(job.job_id).model_copy(update={"state": JobState.FAILED, "reason": "x"})
+        other = Store(reg.store.url)
+        threading.Timer(0.2, lambda: other.put_bytes(f"jobs/{job.job_id}.json", done.model_dump_json().encode())).start()
+    start = time.monotonic()
+    final = reg.wait(job.job_id, timeout=5, poll_s=0.3)
+    elapsed = time.monotonic() - start
     assert final.state is JobState.FAILED
+    # Nothing woke the wait: it saw the change by reading again, one poll after the write.
+    assert 0.3 <= elapsed < 2
 
 
 def test_wait_times_out_with_the_last_state(backend: Backend) -> None:
@@ -451,3 +460,233 @@ def test_unreachable_redis_is_broker_unavailable_without_the_password() -> None:
     with pytest.raises(BrokerUnavailable) as info:
         described.get("cj-x")
     assert "hunter2" not in str(info.value)
+
+
+# -- the transition table --------------------------------------------------------
+
+NONE, Q, R, S, F, X, C = (None, JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED,
+                          JobState.REJECTED, JobState.CANCELLED)
+FROM = [NONE, Q, R, S, F, X, C]
+
+
+def put_in(reg: JobRegistry, job: CalibrationJob, state: JobState | None) -> None:
+    """Bring ``job``'s record to ``state`` through allowed moves only."""
+    if state is None:
+        return
+    reg.claim(job)
+    if state is C:
+        reg.cancel(job.job_id, "not wanted")
+    elif state is not Q:
+        reg.mark_running(job.job_id, worker="w1")
+        {S: lambda: reg.succeed(job.job_id, make_summary(job.job_id)),
+         F: lambda: reg.fail(job.job_id, "broke"),
+         X: lambda: reg.reject(job.job_id, "bad input"),
+         R: lambda: None}[state]()
+    assert reg.get(job.job_id).state is state
+
+
+def _operations(store: Store):
+    """Each registry method that changes a record, and the state it leads to from each state (None: refused)."""
+    summary = make_summary
+    return {
+        # method: (call, {from: to})
+        "claim": (lambda r, j: r.claim(j), {NONE: Q, F: Q, C: Q}),
+        "cancel": (lambda r, j: r.cancel(j.job_id, "stop"), {Q: C, R: R}),
+        "mark_running": (lambda r, j: r.mark_running(j.job_id, worker="w2"), {Q: R, R: R}),
+        "progress": (lambda r, j: r.progress(j.job_id, Progress(phase="load")), {R: R}),
+        "record_delivery": (lambda r, j: r.record_delivery(j.job_id), {Q: Q, R: R}),
+        "succeed": (lambda r, j: r.succeed(j.job_id, summary(j.job_id)), {NONE: S, Q: S, R: S, F: S}),
+        "fail": (lambda r, j: r.fail(j.job_id, "x"), {Q: F, R: F}),
+        "reject": (lambda r, j: r.reject(j.job_id, "x"), {R: X}),
+        "finish_cancelled": (lambda r, j: r.finish_cancelled(j.job_id, "x"), {R: C}),
+        "requeue_abandoned": (lambda r, j: r.requeue_abandoned(j.job_id, reason="lease lapsed", count_delivery=True),
+                              {R: Q}),
+        "repair": (lambda r, j: r.repair(j.job_id, Catalog(store)), {NONE: S, Q: S, R: S, F: S}),
+    }
+
+
+OPERATIONS = list(_operations(None))  # names only
+
+
+@pytest.mark.parametrize("start", FROM, ids=lambda s: "none" if s is None else s.value)
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_every_transition_in_the_table(backend: Backend, store: Store, operation: str, start) -> None:
+    """Each method from each state: the table's move is applied; anything else leaves the record alone."""
+    reg, job = backend.registry, make_job()
+    call, moves = _operations(store)[operation]
+    put_in(reg, job, start)
+    if operation == "repair":
+        make_summary(job.job_id, store=store)  # the summary is in the store: repair may apply
+    before = reg.find(job.job_id)
+    if operation == "cancel" and start is None:
+        with pytest.raises(NotFound):
+            call(reg, job)
+        return
+    call(reg, job)
+    after = reg.find(job.job_id)
+    expected = moves.get(start)
+    if expected is None:
+        assert after == before, f"{operation} from {start} changed the record"
+    else:
+        assert after is not None and after.state is expected
+        if before is not None and operation not in ("claim",):
+            assert after.submitted_at == before.submitted_at  # the same record, changed
+
+
+def test_the_table_in_the_docstring_is_the_one_enforced() -> None:
+    import re
+
+    from shared.jobs.registry import base
+
+    documented = set()
+    actors = {a.value: a for a in base.Actor}
+    for line in base.__doc__.splitlines():
+        columns = re.split(r"\s{2,}", line.strip())
+        if len(columns) >= 3 and columns[0] in actors:
+            for before in columns[1].split(", "):
+                documented.add((actors[columns[0]], None if before == "(none)" else JobState(before),
+                                JobState(columns[2])))
+    assert documented == set(base.TRANSITIONS)
+
+
+def test_repair_needs_the_summary_in_the_store(backend: Backend, store: Store) -> None:
+    reg, job = backend.registry, make_job()
+    put_in(reg, job, R)
+    assert reg.repair(job.job_id, Catalog(store)) is None
+    assert reg.get(job.job_id).state is R
+    make_summary(job.job_id, store=store)
+    repaired = reg.repair(job.job_id, Catalog(store))
+    assert repaired is not None and repaired.state is S and repaired.summary_uri.endswith(f"{job.job_id}.json")
+    assert reg.latest("intermediate", "top_5").job_id == job.job_id
+
+
+# -- cancellation ------------------------------------------------------------------
+
+
+def test_cancel_a_queued_job_ends_it_with_when_and_why(backend: Backend) -> None:
+    reg, job = backend.registry, make_job()
+    reg.claim(job)
+    status, changed = reg.cancel(job.job_id, "wrong window")
+    assert changed and status.state is C and status.finished_at is not None
+    assert status.reason == "cancelled: wrong window" and status.cancel_reason == "wrong window"
+    assert reg.mark_running(job.job_id, worker="w") is None  # it never starts
+    assert reg.get(job.job_id).state is C
+
+
+def test_cancel_a_running_job_flags_it_for_its_worker(backend: Backend) -> None:
+    reg, job = backend.registry, make_job()
+    reg.claim(job)
+    reg.mark_running(job.job_id, worker="w")
+    status, changed = reg.cancel(job.job_id, "not needed")
+    assert changed and status.state is R and status.cancel_requested and status.cancel_reason == "not needed"
+    again, changed_again = reg.cancel(job.job_id, "twice")
+    assert not changed_again and again.cancel_reason == "not needed"
+    done = reg.finish_cancelled(job.job_id, "cancelled during sampling: not needed")
+    assert done.state is C and done.finished_at is not None
+
+
+def test_cancel_a_finished_job_changes_nothing(backend: Backend) -> None:
+    reg, job = backend.registry, make_job()
+    put_in(reg, job, S)
+    before = reg.get(job.job_id)
+    status, changed = reg.cancel(job.job_id)
+    assert not changed and status == before == reg.get(job.job_id)
+
+
+def test_cancel_an_unknown_job_is_not_found(backend: Backend) -> None:
+    with pytest.raises(NotFound):
+        backend.registry.cancel("cj-unknown")
+
+
+def test_a_cancelled_job_can_be_submitted_again(backend: Backend) -> None:
+    reg, job = backend.registry, make_job()
+    reg.claim(job)
+    reg.cancel(job.job_id)
+    status, enqueue = reg.claim(job)
+    assert enqueue and status.state is Q and not status.cancel_requested and status.reason is None
+    assert reg.mark_running(job.job_id, worker="w").state is R
+
+
+def test_wait_returns_a_cancelled_job(backend: Backend) -> None:
+    reg, job = backend.registry, make_job()
+    reg.claim(job)
+    threading.Timer(0.1, lambda: reg.cancel(job.job_id)).start()
+    assert reg.wait(job.job_id, timeout=5, poll_s=0.2).state is C
+
+
+# -- the reaper's move -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [True, False])
+def test_requeue_abandoned_returns_a_running_job_to_the_queue(backend: Backend, count: bool) -> None:
+    reg, job = backend.registry, make_job()
+    reg.claim(job)
+    assert reg.record_delivery(job.job_id) == 1
+    reg.mark_running(job.job_id, worker="w")
+    reg.progress(job.job_id, Progress(phase="sampling", fraction=0.3))
+    requeued = reg.requeue_abandoned(job.job_id, reason="lease lapsed", count_delivery=count)
+    assert requeued.state is Q and requeued.worker is None and requeued.progress is None
+    assert requeued.reason == "lease lapsed"
+    assert requeued.deliveries == (1 if count else 0)
+    assert reg.record_delivery(job.job_id) == (2 if count else 1)
+    assert [s.job_id for s in reg.running()] == []
+
+
+def test_running_lists_every_running_job(backend: Backend) -> None:
+    reg = backend.registry
+    jobs = [make_job(seed=i) for i in range(4)]
+    for j in jobs:
+        reg.claim(j)
+    for j in jobs[:3]:
+        reg.mark_running(j.job_id, worker="w")
+    reg.fail(jobs[0].job_id, "x")
+    assert {s.job_id for s in reg.running()} == {jobs[1].job_id, jobs[2].job_id}
+
+
+# -- listing -----------------------------------------------------------------------------
+
+
+def test_jobs_lists_the_newest_first_with_filters(backend: Backend) -> None:
+    reg = backend.registry
+    jobs = [make_job(seed=i, archetype="intermediate" if i % 2 else "road_course") for i in range(6)]
+    for j in jobs:
+        reg.claim(j)
+        time.sleep(0.002)
+    reg.mark_running(jobs[0].job_id, worker="w")  # the oldest, updated last
+    listed = reg.jobs(limit=None)
+    assert [s.job_id for s in listed] == [jobs[0].job_id] + [j.job_id for j in reversed(jobs[1:])]
+    assert [s.job_id for s in reg.jobs(limit=2)] == [jobs[0].job_id, jobs[5].job_id]
+    assert [s.job_id for s in reg.jobs(state="running")] == [jobs[0].job_id]
+    assert {s.archetype for s in reg.jobs(archetype="intermediate")} == {"intermediate"}
+    assert len(reg.jobs(archetype="intermediate", state=Q)) == 3
+
+
+def test_an_expired_record_leaves_the_listing(redis_backend: Backend) -> None:
+    reg, client = redis_backend.registry, redis_backend.client
+    a, b = make_job(seed=1), make_job(seed=2)
+    reg.claim(a)
+    reg.claim(b)
+    client.delete(f"t:job:{a.job_id}")  # what its TTL does
+    assert [s.job_id for s in reg.jobs()] == [b.job_id]
+    assert client.zscore("t:index", a.job_id) is None
+
+
+# -- invalid messages ---------------------------------------------------------------------
+
+
+def test_invalid_messages_are_kept_capped_and_change_no_record(backend: Backend) -> None:
+    from shared.jobs.registry.base import INVALID_KEEP, MAX_INVALID_REASON_CHARS
+
+    reg, job = backend.registry, make_job()
+    put_in(reg, job, S)
+    before = reg.get(job.job_id)
+    reg.record_invalid("sampler.warmup: too small", job_id=job.job_id)
+    reg.record_invalid("x" * 10_000)
+    newest, older = reg.invalid_messages(limit=2)
+    assert len(newest["reason"]) <= MAX_INVALID_REASON_CHARS and newest["job_id"] == ""
+    assert older == {"at": older["at"], "job_id": job.job_id, "reason": "sampler.warmup: too small"}
+    assert reg.get(job.job_id) == before
+    for i in range(INVALID_KEEP + 20):
+        reg.record_invalid(f"r{i}")
+    assert INVALID_KEEP <= reg.invalid_count() <= INVALID_KEEP + 110  # Redis trims approximately
+    assert reg.invalid_messages(limit=1)[0]["reason"] == f"r{INVALID_KEEP + 19}"

@@ -124,15 +124,19 @@ class CalibrationJob(BaseModel):
 
 
 class JobState(str, Enum):
+    """Where a job is; the registry's transition table says how it moves (:mod:`shared.jobs.registry.base`)."""
+
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     REJECTED = "rejected"
+    CANCELLED = "cancelled"
 
     @property
     def finished(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.REJECTED)
+        """A final state: nothing runs any more (a failed or cancelled job may be submitted again)."""
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.REJECTED, JobState.CANCELLED)
 
 
 class Progress(BaseModel):
@@ -171,3 +175,10 @@ class JobStatus(BaseModel):
     finished_at: datetime | None = None
     summary_uri: str | None = None
     posterior_uri: str | None = None
+    #: the delivery attempt (Celery retry number) ``deliveries`` counts
+    attempt: int = 0
+    #: a cancel request for a running job: its worker stops at the next check
+    cancel_requested: bool = False
+    cancel_reason: str | None = None
+    #: when the registry last wrote this record (the job listing is ordered by it)
+    updated_at: datetime | None = None

@@ -7,26 +7,48 @@ a :class:`~shared.contract.job.JobStatus`, keyed by the content-derived job id.
 One set of semantics, two backends:
 
 - :class:`RedisRegistry` for the fleet. Records are JSON at
-  ``{prefix}:job:{job_id}`` (with a TTL), latest pointers live in the hash
+  ``{prefix}:job:{job_id}`` (with a TTL), indexed by update time in the
+  sorted set ``{prefix}:index``; latest pointers live in the hash
   ``{prefix}:latest`` (field ``{archetype}:{event}``), delivery counters at
-  ``{prefix}:deliveries:{job_id}:{attempt}``; every state change is
-  published on ``{prefix}:jobs``. Creation is ``SET NX``; every
-  read-modify-write is a WATCH/MULTI transaction, retried on conflict.
+  ``{prefix}:deliveries:{job_id}:{attempt}``, messages that were refused in
+  the capped stream ``{prefix}:invalid``; every state change is published on
+  ``{prefix}:jobs``. Creation is ``SET NX``; every read-modify-write is a
+  WATCH/MULTI transaction, retried on conflict.
 - :class:`StoreRegistry` for embedded mode: JSON files ``jobs/{job_id}.json``
   and ``latest/{archetype}/{event}.json`` in the store, serialised by a lock
   shared by every registry on the same store in this process.
 
-The rules (in :class:`JobRegistry`):
+Records change only through one table of allowed transitions
+(:data:`TRANSITIONS`), enforced in :meth:`JobRegistry._transition`; any other
+change is refused, logged, and never written::
 
-- :meth:`~JobRegistry.claim` creates the QUEUED record, or returns the one
-  that exists. A FAILED job is re-queued (a time limit or a dead-lettered
-  delivery may pass on another try); a REJECTED one stays rejected.
-- Updates change only the fields concerned; finishing states set
-  ``finished_at``. A transition that makes no sense (succeed after reject)
-  is written anyway, with a warning: a record must never block a job.
-- ``latest`` moves only for converged summaries, and only forward
-  (:func:`shared.storage.catalog.is_newer`), atomically, so two workers finishing at
-  once cannot move it backwards.
+    actor      from                            to          by
+    ─────────  ──────────────────────────────  ──────────  ───────────────────────────────────────────────
+    submitter  (none), failed, cancelled       queued      claim (rejected stays rejected)
+    cancel     queued                          cancelled   cancel: it never starts
+    cancel     running                         running     cancel: sets cancel_requested
+    worker     queued                          queued      record_delivery
+    worker     queued                          running     mark_running
+    worker     running                         running     mark_running, progress, record_delivery
+    worker     queued                          failed      fail: dead-lettered before it started
+    worker     running                         succeeded   succeed
+    worker     running                         failed      fail
+    worker     running                         rejected    reject
+    worker     running                         cancelled   finish_cancelled: it saw cancel_requested
+    reaper     running                         queued      requeue_abandoned
+    repair     (none), queued, running, failed  succeeded  repair (summary in the store); succeed (below)
+
+``succeeded``, ``rejected`` and ``cancelled`` are final; ``failed`` and
+``cancelled`` jobs may be submitted again. A worker's :meth:`succeed` comes
+after its summary is written, so where the worker's own move is refused (a
+reaper re-queued the job meanwhile, or the record expired) the summary in
+hand is repaired in. ``latest`` moves only for converged summaries of jobs
+that succeeded, and only forward (:func:`shared.storage.catalog.is_newer`),
+atomically, so two workers finishing at once cannot move it backwards.
+
+A message that fails to parse, or whose content does not give its job id,
+changes no record: :meth:`JobRegistry.record_invalid` logs it and keeps its
+reason in a capped list (:meth:`JobRegistry.invalid_messages`).
 """
 
 from __future__ import annotations
@@ -37,6 +59,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from enum import Enum
 from typing import Any
 
 from shared.contract.domain import SAFE_ID
@@ -48,15 +71,42 @@ from shared.storage.catalog import Catalog, LatestPointer, pointers_for
 log = logging.getLogger(__name__)
 
 DEFAULT_RECORD_TTL_S = 30 * 24 * 3600
+#: How many refused messages are kept (the oldest are dropped first).
+INVALID_KEEP = 1000
+MAX_INVALID_REASON_CHARS = 500
 
-# Transitions that make sense; anything else is written with a warning.
-_ALLOWED: dict[JobState, frozenset[JobState]] = {
-    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.REJECTED}),
-    JobState.RUNNING: frozenset({JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED, JobState.REJECTED}),
-    JobState.FAILED: frozenset({JobState.FAILED}),
-    JobState.SUCCEEDED: frozenset({JobState.SUCCEEDED}),
-    JobState.REJECTED: frozenset({JobState.REJECTED}),
-}
+
+class Actor(str, Enum):
+    """Who asks for a change of a job record."""
+
+    SUBMITTER = "submitter"
+    CANCEL = "cancel"
+    WORKER = "worker"
+    REAPER = "reaper"
+    REPAIR = "repair"
+
+
+_Q, _R, _S, _F, _X, _C = (
+    JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED, JobState.REJECTED, JobState.CANCELLED,
+)
+
+#: The allowed transitions: ``(actor, from, to)``; ``from`` None is "no record yet". See the module docstring.
+TRANSITIONS: frozenset[tuple[Actor, JobState | None, JobState]] = frozenset(
+    {
+        (Actor.SUBMITTER, None, _Q), (Actor.SUBMITTER, _F, _Q), (Actor.SUBMITTER, _C, _Q),
+        (Actor.CANCEL, _Q, _C), (Actor.CANCEL, _R, _R),
+        (Actor.WORKER, _Q, _Q), (Actor.WORKER, _Q, _R), (Actor.WORKER, _R, _R), (Actor.WORKER, _Q, _F),
+        (Actor.WORKER, _R, _S), (Actor.WORKER, _R, _F), (Actor.WORKER, _R, _X), (Actor.WORKER, _R, _C),
+        (Actor.REAPER, _R, _Q),
+        (Actor.REPAIR, None, _S), (Actor.REPAIR, _Q, _S), (Actor.REPAIR, _R, _S), (Actor.REPAIR, _F, _S),
+    }
+)
+
+
+def allowed(actor: Actor, before: JobState | None, after: JobState) -> bool:
+    """Whether ``actor`` may move a record from ``before`` (None: no record) to ``after``."""
+    return (actor, before, after) in TRANSITIONS
+
 
 Change = Callable[[JobStatus], "JobStatus | None"]
 
@@ -70,7 +120,8 @@ class WaitTimeout(TimeoutError):
 
 
 def _queued(job_id: str, archetype: str) -> JobStatus:
-    return JobStatus(job_id=job_id, archetype=archetype, state=JobState.QUEUED, submitted_at=utcnow())
+    now = utcnow()
+    return JobStatus(job_id=job_id, archetype=archetype, state=JobState.QUEUED, submitted_at=now, updated_at=now)
 
 
 def _message(status: JobStatus) -> str:
@@ -79,6 +130,10 @@ def _message(status: JobStatus) -> str:
     if status.progress is not None:
         body["progress"] = status.progress.model_dump(mode="json")
     return json.dumps(body, separators=(",", ":"))
+
+
+def _clip(text: str, limit: int = MAX_INVALID_REASON_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class JobRegistry(ABC):
@@ -104,7 +159,7 @@ class JobRegistry(ABC):
         """
 
     @abstractmethod
-    def _count_delivery(self, job_id: str, attempt: int) -> int: ...
+    def _count_delivery(self, job_id: str, attempt: int, by: int = 1) -> int: ...
 
     @abstractmethod
     def _reset_deliveries(self, job_id: str) -> None: ...
@@ -128,6 +183,18 @@ class JobRegistry(ABC):
     def _listener(self, job_id: str) -> Iterator[Callable[[float], None]]:
         """Yield ``pause(seconds)``: returns early when ``job_id`` may have changed."""
 
+    @abstractmethod
+    def _newest(self) -> Iterator[JobStatus]:
+        """Every record, most recently updated first (lazily: the caller stops when it has enough)."""
+
+    @abstractmethod
+    def _append_invalid(self, entry: dict[str, str]) -> None:
+        """Keep ``entry`` in the capped list of refused messages."""
+
+    @abstractmethod
+    def invalid_messages(self, limit: int = 100) -> list[dict[str, str]]:
+        """The newest refused messages, newest first: ``{"at", "job_id", "reason"}``."""
+
     # -- records --
 
     def get(self, job_id: str) -> JobStatus:
@@ -137,56 +204,106 @@ class JobRegistry(ABC):
             raise NotFound(f"no job {job_id!r} in {self!r} (never submitted, or its record expired)")
         return status
 
+    def jobs(
+        self, *, state: JobState | str | None = None, archetype: str | None = None, limit: int | None = 20
+    ) -> list[JobStatus]:
+        """The most recently updated records, newest first, optionally of one state and archetype."""
+        wanted = JobState(state) if state is not None else None
+        found: list[JobStatus] = []
+        for status in self._newest():
+            if (wanted is None or status.state is wanted) and (archetype is None or status.archetype == archetype):
+                found.append(status)
+                if limit is not None and len(found) >= limit:
+                    break
+        return found
+
+    def running(self) -> list[JobStatus]:
+        """Every running job's record (for a reaper looking for abandoned ones)."""
+        return self.jobs(state=JobState.RUNNING, limit=None)
+
     def claim(self, job: CalibrationJob) -> tuple[JobStatus, bool]:
         """Record ``job`` as QUEUED unless it is known: ``(record, enqueue)``.
 
         ``enqueue`` is True when the caller must send the job to a worker:
-        the record is new, or the job had FAILED and is now re-queued (reason
-        cleared, deliveries reset). Otherwise the existing record comes back
-        with False: queued, running and succeeded jobs are done once, and a
-        REJECTED job stays rejected (bad input never passes).
+        the record is new, or the job had FAILED or was CANCELLED and is now
+        re-queued (reason cleared, deliveries reset). Otherwise the existing
+        record comes back with False: queued, running and succeeded jobs are
+        done once, and a REJECTED job stays rejected (bad input never passes).
         """
         job_id = job.job_id
-
-        def requeue(current: JobStatus) -> JobStatus | None:
-            return _queued(job_id, job.archetype) if current.state is JobState.FAILED else None
-
         while True:
             fresh = _queued(job_id, job.archetype)
             if self._insert(fresh):
                 self._publish(fresh)
                 return fresh, True
-            before, after = self._mutate(job_id, requeue)
+            before, after = self._transition(
+                job_id, Actor.SUBMITTER, JobState.QUEUED, lambda _: _queued(job_id, job.archetype), quiet=True
+            )
             if before is None:  # expired or deleted in between: create it after all
                 continue
             if after is None:
                 return before, False
             self._reset_deliveries(job_id)
-            log.info("job %s had failed (%s); queued again", job_id, before.reason)
-            self._publish(after)
+            log.info("job %s had %s (%s); queued again", job_id, before.state.value, before.reason)
             return after, True
 
+    def cancel(self, job_id: str, reason: str = "cancelled by request") -> tuple[JobStatus, bool]:
+        """Cancel a job: ``(record, changed)``; NotFound for an unknown id.
+
+        A queued job becomes CANCELLED at once (its message is dropped when a
+        worker sees it); a running one is flagged ``cancel_requested`` and its
+        worker stops at the next check. A finished job is left as it is
+        (``changed`` False), as is a running one already flagged.
+        """
+
+        def change(status: JobStatus) -> JobStatus | None:
+            if status.state is JobState.QUEUED:
+                now = utcnow()
+                return status.model_copy(update={
+                    "state": JobState.CANCELLED, "reason": f"cancelled: {reason}", "cancel_requested": True,
+                    "cancel_reason": reason, "finished_at": now,
+                })
+            if status.state is JobState.RUNNING and not status.cancel_requested:
+                return status.model_copy(update={"cancel_requested": True, "cancel_reason": reason})
+            return None
+
+        for _ in range(5):  # the record may move on between the read and the write: look again
+            current = self.get(job_id)
+            if current.state is JobState.QUEUED:
+                target = JobState.CANCELLED
+            elif current.state is JobState.RUNNING and not current.cancel_requested:
+                target = JobState.RUNNING
+            else:
+                return current, False
+            before, after = self._transition(job_id, Actor.CANCEL, target, change, quiet=True)
+            if before is None:
+                raise NotFound(f"no job {job_id!r} in {self!r} (its record expired)")
+            if after is not None:
+                log.info("job %s: cancel requested (%s); now %s", job_id, reason, after.state.value)
+                return after, True
+        return self.get(job_id), False
+
     def mark_running(self, job_id: str, *, worker: str) -> JobStatus | None:
-        """The job started on ``worker``."""
+        """The job started on ``worker``; None (and nothing written) if it may not start."""
         return self._transition(
-            job_id, JobState.RUNNING, lambda s: s.model_copy(
+            job_id, Actor.WORKER, JobState.RUNNING, lambda s: s.model_copy(
                 update={"state": JobState.RUNNING, "worker": worker, "started_at": utcnow()}
             )
-        )
+        )[1]
 
     def progress(self, job_id: str, progress: Progress) -> JobStatus | None:
-        """Record how far the job has got (the state is left as it is)."""
-        before, after = self._mutate(job_id, lambda s: s.model_copy(update={"progress": progress}))
-        if before is None:
-            log.warning("progress of job %s not recorded: no record", job_id)
-        elif after is not None:
-            if before.state.finished:
-                log.warning("progress reported for job %s, which is already %s", job_id, before.state.value)
-            self._publish(after)
-        return after
+        """Record how far a running job has got."""
+        return self._transition(
+            job_id, Actor.WORKER, JobState.RUNNING, lambda s: s.model_copy(update={"progress": progress})
+        )[1]
 
-    def succeed(self, job_id: str, summary: CalibrationSummary) -> JobStatus:
-        """The job succeeded: record its URIs, move ``latest`` if it should, then publish."""
+    def succeed(self, job_id: str, summary: CalibrationSummary) -> JobStatus | None:
+        """The job succeeded (its summary is written): record its URIs, move ``latest`` if it should.
+
+        The worker's own move is from RUNNING; where that is refused because
+        the record was re-queued, had failed, or is gone, the summary in hand
+        repairs it (see the module docstring). None if both are refused.
+        """
         update = {
             "state": JobState.SUCCEEDED,
             "reason": None,
@@ -198,49 +315,151 @@ class JobRegistry(ABC):
         def change(status: JobStatus) -> JobStatus:
             return status.model_copy(update=update)
 
-        after = self._transition(job_id, JobState.SUCCEEDED, change, publish=False)
-        if after is None:  # no record (expired, or Redis flushed): the result still counts
-            created = JobStatus(job_id=job_id, archetype=summary.archetype, **update)
-            after = created if self._insert(created) else (self._mutate(job_id, change)[1] or created)
-        self.update_latest(summary)
-        self._publish(after)
+        current = self.find(job_id)
+        actor = Actor.WORKER if current is not None and current.state is JobState.RUNNING else Actor.REPAIR
+        after = self._finish_with(job_id, actor, summary, change, update)
+        if after is not None:
+            self.update_latest(summary)
+        return after
+
+    def repair(self, job_id: str, catalog: Catalog) -> JobStatus | None:
+        """Mark the job succeeded if its summary is in the store; None (nothing written) otherwise."""
+        try:
+            summary = catalog.summary(job_id)
+        except NotFound:
+            log.info("job %s: no summary in the store; record left as it is", job_id)
+            return None
+        update = {
+            "state": JobState.SUCCEEDED, "reason": None, "summary_uri": summary.summary_uri,
+            "posterior_uri": summary.posterior_uri, "finished_at": utcnow(),
+        }
+        after = self._finish_with(job_id, Actor.REPAIR, summary, lambda s: s.model_copy(update=update), update)
+        if after is not None:
+            log.info("job %s repaired from the store: succeeded", job_id)
+            self.update_latest(summary)
+        return after
+
+    def _finish_with(
+        self, job_id: str, actor: Actor, summary: CalibrationSummary, change: Change, update: dict[str, Any]
+    ) -> JobStatus | None:
+        before, after = self._transition(job_id, actor, JobState.SUCCEEDED, change)
+        if before is None and allowed(actor, None, JobState.SUCCEEDED):
+            # No record (expired, or Redis flushed): the result still counts.
+            created = JobStatus(job_id=job_id, archetype=summary.archetype, updated_at=utcnow(), **update)
+            if self._insert(created):
+                self._publish(created)
+                return created
+            before, after = self._transition(job_id, actor, JobState.SUCCEEDED, change)
+        if after is None and before is not None and actor is Actor.WORKER:
+            return self._transition(job_id, Actor.REPAIR, JobState.SUCCEEDED, change)[1]
         return after
 
     def fail(self, job_id: str, reason: str) -> JobStatus | None:
-        """The job ran and could not finish; ``reason`` says why."""
+        """The job ran (or was dead-lettered) and could not finish; ``reason`` says why."""
         return self._finish(job_id, JobState.FAILED, reason)
 
     def reject(self, job_id: str, reason: str) -> JobStatus | None:
         """The job's input is bad and it will never be retried."""
         return self._finish(job_id, JobState.REJECTED, reason)
 
+    def finish_cancelled(self, job_id: str, reason: str) -> JobStatus | None:
+        """The worker stopped the job because it was cancelled."""
+        return self._finish(job_id, JobState.CANCELLED, reason)
+
     def _finish(self, job_id: str, state: JobState, reason: str) -> JobStatus | None:
         return self._transition(
-            job_id, state, lambda s: s.model_copy(update={"state": state, "reason": reason, "finished_at": utcnow()})
-        )
+            job_id, Actor.WORKER, state,
+            lambda s: s.model_copy(update={"state": state, "reason": reason, "finished_at": utcnow()}),
+        )[1]
 
-    def _transition(self, job_id: str, state: JobState, change: Change, *, publish: bool = True) -> JobStatus | None:
-        before, after = self._mutate(job_id, change)
-        if before is None:
-            log.warning("job %s has no record to mark %s", job_id, state.value)
-            return None
-        if state not in _ALLOWED[before.state]:
-            log.warning("job %s goes from %s to %s", job_id, before.state.value, state.value)
-        if publish and after is not None:
-            self._publish(after)
+    def requeue_abandoned(self, job_id: str, *, reason: str, count_delivery: bool) -> JobStatus | None:
+        """Return a RUNNING job whose worker is gone to QUEUED; None (nothing written) otherwise.
+
+        The delivery that was abandoned was counted when it started; with
+        ``count_delivery`` False (a hand-back at shutdown) that count is
+        taken back, so it does not count towards ``max_deliveries``. Progress,
+        worker and start time are cleared; ``reason`` says why it was re-queued.
+        """
+
+        def change(status: JobStatus) -> JobStatus:
+            return status.model_copy(update={
+                "state": JobState.QUEUED, "reason": reason, "worker": None, "progress": None, "started_at": None,
+            })
+
+        before, after = self._transition(job_id, Actor.REAPER, JobState.QUEUED, change)
+        if after is not None and not count_delivery and before is not None and before.deliveries > 0:
+            count = self._count_delivery(job_id, before.attempt, by=-1)
+            after = self._transition(
+                job_id, Actor.WORKER, JobState.QUEUED, lambda s: s.model_copy(update={"deliveries": count}),
+                publish=False,
+            )[1] or after
+        if after is not None:
+            log.info("job %s re-queued (%s)", job_id, reason)
         return after
+
+    def _transition(
+        self, job_id: str, actor: Actor, target: JobState, change: Change, *, publish: bool = True,
+        quiet: bool = False,
+    ) -> tuple[JobStatus | None, JobStatus | None]:
+        """Apply ``change`` if the table allows ``actor`` to move the record to ``target``: ``(before, after)``.
+
+        A refused change is logged (``quiet``: at debug level, for callers
+        that expect refusals) and not written; ``after`` is then None.
+        """
+        refused: list[JobState] = []
+
+        def guarded(status: JobStatus) -> JobStatus | None:
+            refused.clear()
+            if not allowed(actor, status.state, target):
+                refused.append(status.state)
+                return None
+            after = change(status)
+            if after is None:
+                return None
+            if after.state is not target:  # a change must land where the table said it would
+                refused.append(status.state)
+                return None
+            return after.model_copy(update={"updated_at": utcnow()})
+
+        before, after = self._mutate(job_id, guarded)
+        if before is None:
+            (log.debug if quiet else log.warning)(
+                "job %s has no record: %s cannot move it to %s", job_id, actor.value, target.value
+            )
+        elif refused:
+            (log.debug if quiet else log.warning)(
+                "refused: %s may not move job %s from %s to %s", actor.value, job_id, refused[0].value, target.value
+            )
+        elif publish and after is not None:
+            self._publish(after)
+        return before, after
 
     def record_delivery(self, job_id: str, attempt: int = 0) -> int:
         """Count one more delivery of attempt ``attempt`` of the job; returns the count.
 
         A job that keeps killing its worker is delivered again and again
         with the same attempt number; the caller dead-letters it past
-        ``max_deliveries``. The count is also stored as the record's
-        ``deliveries``.
+        ``max_deliveries``. The count (and the attempt) is also stored in a
+        queued or running record's ``deliveries``.
         """
         count = self._count_delivery(job_id, attempt)
-        self._mutate(job_id, lambda s: s.model_copy(update={"deliveries": count}))
+        target = self.find(job_id)
+        if target is not None:
+            self._transition(
+                job_id, Actor.WORKER, target.state,
+                lambda s: s.model_copy(update={"deliveries": count, "attempt": attempt}), publish=False,
+            )
         return count
+
+    def record_invalid(self, reason: str, *, job_id: str | None = None) -> None:
+        """A message was refused (it fails to parse, or its content does not give its id): log and keep it.
+
+        No record changes. ``job_id`` is the id the message claimed, if any.
+        """
+        log.warning("invalid message%s dropped: %s", f" claiming {job_id}" if job_id else "", _clip(reason, 300))
+        self._append_invalid({
+            "at": utcnow().isoformat(), "job_id": _clip(job_id or "", 100), "reason": _clip(reason),
+        })
 
     # -- latest pointers --
 

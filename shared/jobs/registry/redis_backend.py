@@ -13,7 +13,7 @@ from typing import Any
 from shared.contract.errors import BrokerUnavailable
 from shared.contract.job import JobStatus
 from shared.contract.settings import redact_url
-from shared.jobs.registry.base import DEFAULT_RECORD_TTL_S, Change, JobRegistry, _message
+from shared.jobs.registry.base import DEFAULT_RECORD_TTL_S, INVALID_KEEP, Change, JobRegistry, _message
 from shared.storage.catalog import LatestPointer, is_newer, newest_pointers
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ class RedisRegistry(JobRegistry):
         self.record_ttl_s = record_ttl_s
         self.channel = f"{prefix}:jobs"
         self._latest_key = f"{prefix}:latest"
+        self._index_key = f"{prefix}:index"
+        self._invalid_key = f"{prefix}:invalid"
         self._url = redact_url(url) if url else _describe(redis_client)
 
     @classmethod
@@ -74,9 +76,16 @@ class RedisRegistry(JobRegistry):
 
     def _insert(self, status: JobStatus) -> bool:
         with self._errors():
-            return bool(
+            created = bool(
                 self.redis.set(self._job_key(status.job_id), status.model_dump_json(), nx=True, ex=self.record_ttl_s)
             )
+            if created:
+                now = time.time()
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.zadd(self._index_key, {status.job_id: now})
+                pipe.zremrangebyscore(self._index_key, "-inf", now - self.record_ttl_s)  # records gone by TTL
+                pipe.execute()
+            return created
 
     def _mutate(self, job_id: str, change: Change) -> tuple[JobStatus | None, JobStatus | None]:
         key = self._job_key(job_id)
@@ -90,16 +99,17 @@ class RedisRegistry(JobRegistry):
             if after is not None:
                 pipe.multi()
                 pipe.set(key, after.model_dump_json(), ex=self.record_ttl_s)
+                pipe.zadd(self._index_key, {job_id: time.time()})
             return before, after
 
         with self._errors():
             return self.redis.transaction(attempt, key, value_from_callable=True)
 
-    def _count_delivery(self, job_id: str, attempt: int) -> int:
+    def _count_delivery(self, job_id: str, attempt: int, by: int = 1) -> int:
         key = self._deliveries_key(job_id, attempt)
         with self._errors():
             pipe = self.redis.pipeline(transaction=True)
-            pipe.incr(key)
+            pipe.incrby(key, by)
             pipe.expire(key, self.record_ttl_s)
             count, _ = pipe.execute()
         return int(count)
@@ -110,6 +120,36 @@ class RedisRegistry(JobRegistry):
             keys = list(self.redis.scan_iter(match=pattern, count=1000))
             if keys:
                 self.redis.delete(*keys)
+
+    def _newest(self) -> Iterator[JobStatus]:
+        page, start = 100, 0
+        while True:
+            with self._errors():
+                ids = self.redis.zrevrange(self._index_key, start, start + page - 1)
+                if not ids:
+                    return
+                raws = self.redis.mget([self._job_key(i.decode() if isinstance(i, bytes) else i) for i in ids])
+                gone = [i for i, raw in zip(ids, raws) if raw is None]
+                if gone:  # expired records leave the index as they are met
+                    self.redis.zrem(self._index_key, *gone)
+            for raw in raws:
+                if raw is not None:
+                    yield JobStatus.model_validate_json(raw)
+            start += len(ids) - len(gone)
+
+    def _append_invalid(self, entry: dict[str, str]) -> None:
+        with self._errors():
+            self.redis.xadd(self._invalid_key, entry, maxlen=INVALID_KEEP, approximate=True)
+
+    def invalid_messages(self, limit: int = 100) -> list[dict[str, str]]:
+        with self._errors():
+            entries = self.redis.xrevrange(self._invalid_key, count=limit)
+        return [{_text(k): _text(v) for k, v in fields.items()} for _, fields in entries]
+
+    def invalid_count(self) -> int:
+        """How many refused messages ``{prefix}:invalid`` holds (capped at about INVALID_KEEP)."""
+        with self._errors():
+            return int(self.redis.xlen(self._invalid_key))
 
     def _merge(self, pointers: list[LatestPointer]) -> list[LatestPointer]:
         best = newest_pointers(pointers)
@@ -189,6 +229,10 @@ class RedisRegistry(JobRegistry):
         finally:
             with contextlib.suppress(Exception):
                 pubsub.close()
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _field(slot: tuple[str, str]) -> str:

@@ -7,11 +7,12 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
 
 from shared.contract.domain import SAFE_ID
 from shared.contract.errors import NotFound
 from shared.contract.job import JobStatus
-from shared.jobs.registry.base import Change, JobRegistry, _check_id
+from shared.jobs.registry.base import INVALID_KEEP, Change, JobRegistry, _check_id
 from shared.storage.catalog import LatestPointer, is_newer, newest_pointers
 from shared.storage.store import Store
 
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 
 # -- the store (embedded mode) -------------------------------------------------
 
+_INVALID_KEY = "invalid-messages.json"
 _STORE_LOCKS: dict[str, threading.Condition] = {}
 _STORE_LOCKS_GUARD = threading.Lock()
 
@@ -91,19 +93,51 @@ class StoreRegistry(JobRegistry):
                 self._write(after)
             return before, after
 
-    def _count_delivery(self, job_id: str, attempt: int) -> int:
+    def _count_delivery(self, job_id: str, attempt: int, by: int = 1) -> int:
         _check_id(job_id)
         key = self._deliveries_key(job_id)
         with self._cond:
             raw = self._read(key)
             counts: dict[str, int] = json.loads(raw) if raw is not None else {}
-            counts[str(attempt)] = counts.get(str(attempt), 0) + 1
+            counts[str(attempt)] = counts.get(str(attempt), 0) + by
             self.store.put_json(key, counts)
             return counts[str(attempt)]
 
     def _reset_deliveries(self, job_id: str) -> None:
         with self._cond:
             self.store.delete(self._deliveries_key(job_id))
+
+    def _newest(self) -> Iterator[JobStatus]:
+        records = []
+        for uri in self.store.list("jobs"):
+            if not uri.endswith(".json"):
+                continue
+            raw = self._read(uri)
+            if raw is None:
+                continue
+            try:
+                records.append(JobStatus.model_validate_json(raw))
+            except ValueError as exc:
+                log.warning("skipping unreadable job record %s: %s", uri, exc)
+        epoch = datetime.min.replace(tzinfo=UTC)
+        records.sort(key=lambda r: r.updated_at or r.submitted_at or epoch, reverse=True)
+        yield from records
+
+    def _append_invalid(self, entry: dict[str, str]) -> None:
+        with self._cond:
+            raw = self._read(_INVALID_KEY)
+            entries: list[dict[str, str]] = json.loads(raw) if raw is not None else []
+            entries = [*entries, entry][-INVALID_KEEP:]
+            self.store.put_json(_INVALID_KEY, entries)
+
+    def invalid_messages(self, limit: int = 100) -> list[dict[str, str]]:
+        raw = self._read(_INVALID_KEY)
+        entries: list[dict[str, str]] = json.loads(raw) if raw is not None else []
+        return entries[::-1][:limit]
+
+    def invalid_count(self) -> int:
+        """How many refused messages the store keeps (capped at INVALID_KEEP)."""
+        return len(self.invalid_messages(limit=INVALID_KEEP))
 
     def _merge(self, pointers: list[LatestPointer]) -> list[LatestPointer]:
         moved = []
