@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import arviz as az
 import numpy as np
 import pytest
 
+from shared.contract.control import JobControl
 from shared.contract.errors import InvalidDataset, JobCancelled, JobTimeLimitExceeded
 from shared.contract.job import CalibrationJob
 from shared.contract.summary import CalibrationSummary
@@ -39,7 +38,7 @@ def make_job(archetype="road_course", **over) -> CalibrationJob:
 @pytest.fixture(scope="module")
 def fitted(season):
     phases = []
-    idata, summary = calibrate(season, make_job(), on_progress=phases.append)
+    idata, summary = calibrate(season, make_job(), control=JobControl(on_progress=phases.append))
     return idata, summary, phases
 
 
@@ -130,18 +129,18 @@ def test_same_bucket_different_rows_compiles_nothing(season, fitted):
 
 def test_time_limit_is_enforced_between_chunks(season, fitted):
     with pytest.raises(JobTimeLimitExceeded):
-        calibrate(season, make_job(), deadline=time.monotonic() - 1)
+        calibrate(season, make_job(), control=JobControl().start(0))
 
 
 def test_cancellation_is_checked_between_chunks(season, fitted):
     calls = []
 
-    def cancelled() -> bool:
+    def cancelled() -> str | None:
         calls.append(1)
-        return len(calls) > 3
+        return "asked to stop" if len(calls) > 3 else None
 
-    with pytest.raises(JobCancelled):
-        calibrate(season, make_job(), cancelled=cancelled)
+    with pytest.raises(JobCancelled, match="asked to stop"):
+        calibrate(season, make_job(), control=JobControl(cancel_source=cancelled, poll_s=0))
     assert len(calls) == 4
 
 

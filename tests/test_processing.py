@@ -1,12 +1,13 @@
 """shared.jobs.handle.process without Celery, the Celery app's configuration, and the task shell.
 
-The registry is an in-memory fake with the RedisRegistry interface; the
-store is a real local Store in a tmp folder; ``shared.jobs.run.run_job`` is
+The registry is the real RedisRegistry over fakeredis, noting the calls the
+handler makes; the store is a real local Store in a tmp folder; ``shared.jobs.run.run_job`` is
 replaced by a fake that writes a prepared summary (or raises), so no JAX runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -19,18 +20,19 @@ import pytest
 import redis.exceptions
 
 import shared.jobs.run
+from shared.contract.control import JobControl
 from shared.contract.errors import (
     InvalidDataset,
     JobTimeLimitExceeded,
-    NotFound,
     RetryableError,
     StorageUnavailable,
 )
-from shared.contract.job import CalibrationJob, JobState, JobStatus, Progress, SamplerSettings, utcnow
+from shared.contract.job import CalibrationJob, JobState, JobStatus, Progress, SamplerSettings
 from shared.contract.settings import Settings
 from shared.contract.summary import CalibrationSummary, Diagnostics, Timings
 from shared.jobs import celery_app as app_module
 from shared.jobs.handle import ProgressThrottle, process, status_dict
+from shared.jobs.registry import RedisRegistry
 from shared.storage.store import Store, posterior_key, summary_key
 
 SHA = "ab" * 32
@@ -40,65 +42,47 @@ ROOT = Path(__file__).resolve().parents[1]
 # -- fakes -----------------------------------------------------------------------
 
 
-class FakeRegistry:
-    """The RedisRegistry interface, in memory."""
+class RecordingRegistry(RedisRegistry):
+    """The real RedisRegistry (transition table and all) over fakeredis, noting what the handler asked of it."""
 
     def __init__(self) -> None:
-        self.records: dict[str, JobStatus] = {}
-        self.deliveries: dict[tuple[str, int], int] = {}
+        import fakeredis
+
+        super().__init__(fakeredis.FakeRedis(server=fakeredis.FakeServer()), prefix="t")
         self.progress_seen: list[Progress] = []
         self.calls: list[tuple[str, str]] = []
 
-    def _update(self, job_id: str, **changes: Any) -> JobStatus:
-        record = self.get(job_id).model_copy(update=changes)
-        self.records[job_id] = record
-        return record
-
     def claim(self, job: CalibrationJob) -> tuple[JobStatus, bool]:
         self.calls.append(("claim", job.job_id))
-        if job.job_id in self.records:
-            return self.records[job.job_id], False
-        record = JobStatus(job_id=job.job_id, archetype=job.archetype, state=JobState.QUEUED, submitted_at=utcnow())
-        self.records[job.job_id] = record
-        return record, True
+        return super().claim(job)
 
-    def get(self, job_id: str) -> JobStatus:
-        try:
-            return self.records[job_id]
-        except KeyError:
-            raise NotFound(f"no job {job_id}") from None
-
-    def find(self, job_id: str) -> JobStatus | None:
-        return self.records.get(job_id)
-
-    def mark_running(self, job_id: str, *, worker: str) -> None:
+    def mark_running(self, job_id: str, *, worker: str) -> JobStatus | None:
         self.calls.append(("mark_running", job_id))
-        self._update(job_id, state=JobState.RUNNING, worker=worker, started_at=utcnow())
+        return super().mark_running(job_id, worker=worker)
 
-    def progress(self, job_id: str, progress: Progress) -> None:
+    def progress(self, job_id: str, progress: Progress) -> JobStatus | None:
         self.progress_seen.append(progress)
-        self._update(job_id, progress=progress)
+        return super().progress(job_id, progress)
 
-    def succeed(self, job_id: str, summary: CalibrationSummary) -> None:
+    def succeed(self, job_id: str, summary: CalibrationSummary) -> JobStatus | None:
         self.calls.append(("succeed", job_id))
-        self._update(
-            job_id, state=JobState.SUCCEEDED, summary_uri=summary.summary_uri,
-            posterior_uri=summary.posterior_uri, finished_at=utcnow(),
-        )
+        return super().succeed(job_id, summary)
 
-    def fail(self, job_id: str, reason: str) -> None:
+    def fail(self, job_id: str, reason: str) -> JobStatus | None:
         self.calls.append(("fail", job_id))
-        self._update(job_id, state=JobState.FAILED, reason=reason, finished_at=utcnow())
+        return super().fail(job_id, reason)
 
-    def reject(self, job_id: str, reason: str) -> None:
+    def reject(self, job_id: str, reason: str) -> JobStatus | None:
         self.calls.append(("reject", job_id))
-        self._update(job_id, state=JobState.REJECTED, reason=reason, finished_at=utcnow())
+        return super().reject(job_id, reason)
 
-    def record_delivery(self, job_id: str, attempt: int = 0) -> int:
-        key = (job_id, attempt)
-        self.deliveries[key] = self.deliveries.get(key, 0) + 1
-        self._update(job_id, deliveries=self.deliveries[key])
-        return self.deliveries[key]
+    def finish_cancelled(self, job_id: str, reason: str) -> JobStatus | None:
+        self.calls.append(("finish_cancelled", job_id))
+        return super().finish_cancelled(job_id, reason)
+
+    def record_invalid(self, reason: str, *, job_id: str | None = None) -> None:
+        self.calls.append(("record_invalid", job_id or ""))
+        super().record_invalid(reason, job_id=job_id)
 
 
 def make_job(**over: Any) -> CalibrationJob:
@@ -145,17 +129,22 @@ def make_summary(job: CalibrationJob, store: Store) -> CalibrationSummary:
 class FakeRunJob:
     """Stands in for shared.jobs.run.run_job: reports progress, writes the summary, or raises."""
 
-    def __init__(self, *, raises: BaseException | None = None) -> None:
+    def __init__(self, *, raises: BaseException | None = None, on_chunk: Any = None) -> None:
         self.raises = raises
+        self.on_chunk = on_chunk  # called before each chunk's check, as a test's hook
         self.calls: list[str] = []
 
-    def __call__(self, job, *, store, settings, on_progress=None, cancelled=None, **_):
+    def __call__(self, job, *, store, settings, control=None, **_):
         self.calls.append(job.job_id)
-        notify = on_progress or (lambda _: None)
-        notify(Progress(phase="load"))
+        control = (control or JobControl()).start(job.time_limit_s or settings.job_time_limit_s)
+        control.check("fetch")
+        control.progress(Progress(phase="load"))
         for i in range(50):  # a burst within one phase: throttled
-            notify(Progress(phase="warmup", fraction=i / 50))
-        notify(Progress(phase="sampling", fraction=0.0))
+            if self.on_chunk is not None:
+                self.on_chunk(i)
+            control.check("warmup")
+            control.progress(Progress(phase="warmup", fraction=i / 50))
+        control.progress(Progress(phase="sampling", fraction=0.0))
         if self.raises is not None:
             raise self.raises
         summary = make_summary(job, store)
@@ -169,12 +158,12 @@ def store(tmp_path: Path) -> Store:
 
 
 @pytest.fixture
-def registry() -> FakeRegistry:
-    return FakeRegistry()
+def registry() -> RecordingRegistry:
+    return RecordingRegistry()
 
 
 @pytest.fixture
-def job(registry: FakeRegistry) -> CalibrationJob:
+def job(registry: RecordingRegistry) -> CalibrationJob:
     job = make_job()
     registry.claim(job)  # what the producer does before sending
     return job
@@ -186,7 +175,7 @@ def install(monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> FakeRunJob:
     return fake
 
 
-def run(message: Any, registry: FakeRegistry, store: Store, settings: Settings, **kw: Any) -> dict[str, Any]:
+def run(message: Any, registry: RecordingRegistry, store: Store, settings: Settings, **kw: Any) -> dict[str, Any]:
     return process(message, registry=registry, store=store, settings=settings, worker="calq-cpu0@test", **kw)
 
 
@@ -290,12 +279,15 @@ def test_duplicate_delivery_of_succeeded_job_is_not_rerun(monkeypatch, job, regi
     assert registry.get(job.job_id).state is JobState.SUCCEEDED
 
 
-def test_succeeded_job_whose_summary_is_gone_runs_again(monkeypatch, job, registry, store, settings):
+def test_succeeded_job_whose_summary_is_gone_is_not_rerun_by_a_redelivery(monkeypatch, job, registry, store, settings):
     fake = install(monkeypatch)
     run(job.to_message(), registry, store, settings)
+    done = registry.get(job.job_id)
     store.delete(summary_key(job.archetype, job.job_id))
-    run(job.to_message(), registry, store, settings)
-    assert fake.calls == [job.job_id, job.job_id]
+    again = run(job.to_message(), registry, store, settings)
+    assert fake.calls == [job.job_id]  # succeeded is final: the table never moves it back to running
+    assert again["state"] == "succeeded" and "could not be read" in again["reason"]
+    assert registry.get(job.job_id) == done
 
 
 def test_message_without_record_gets_one(monkeypatch, registry, store, settings):
@@ -318,8 +310,10 @@ def test_invalid_message_is_rejected(monkeypatch, job, registry, store, settings
     assert result["state"] == "rejected" and result["job_id"] == job.job_id
     assert "dataset_sha256" in result["reason"] and "sampler.warmup" in result["reason"]
     assert "\n" not in result["reason"]  # compact: one line
-    record = registry.get(job.job_id)
-    assert record.state is JobState.REJECTED and record.reason == result["reason"]
+    assert registry.get(job.job_id).state is JobState.QUEUED  # no record changes
+    assert registry.invalid_messages(limit=1)[0] == {
+        "at": registry.invalid_messages(limit=1)[0]["at"], "job_id": job.job_id, "reason": result["reason"],
+    }
 
 
 def test_message_whose_id_disagrees_with_content_is_rejected(monkeypatch, job, registry, store, settings):
@@ -327,7 +321,38 @@ def test_message_whose_id_disagrees_with_content_is_rejected(monkeypatch, job, r
     message = {**job.to_message(), "archetype": "intermediate"}  # id of a superspeedway job
     result = run(message, registry, store, settings)
     assert result["state"] == "rejected" and "does not match" in result["reason"]
-    assert registry.get(job.job_id).state is JobState.REJECTED
+    assert registry.get(job.job_id).state is JobState.QUEUED
+    assert registry.invalid_count() == 1
+
+
+@pytest.mark.parametrize("poison", [
+    {"archetype": "intermediate"},  # valid content, but not the content this id names
+    {"sampler": {"warmup": 0}},  # fails to parse
+    {"dataset_sha256": "not a hash", "archetype": "oval"},
+])
+def test_a_malformed_message_never_rewrites_a_finished_job(monkeypatch, job, registry, store, settings, poison):
+    """Issue 8: a malformed message carrying a succeeded job's id made it rejected, for good."""
+    fake = install(monkeypatch)
+    run(job.to_message(), registry, store, settings)
+    done = registry.get(job.job_id)
+    assert done.state is JobState.SUCCEEDED
+
+    result = run({**job.to_message(), **poison}, registry, store, settings)
+    assert result["state"] == "rejected" and result["job_id"] == job.job_id
+    assert registry.get(job.job_id) == done  # not a field changed
+    assert fake.calls == [job.job_id] and registry.invalid_count() == 1
+    # and the job itself still reads back, resubmits as one job, and is never run again
+    assert run(job.to_message(), registry, store, settings)["job_id"] == job.job_id
+    assert registry.claim(job) == (done, False) and fake.calls == [job.job_id]
+
+
+def test_a_valid_job_without_its_id_changes_no_record(monkeypatch, registry, store, settings):
+    fake = install(monkeypatch)
+    job = make_job()
+    message = job.model_dump(mode="json")  # no job_id: the content alone is not a claim
+    result = run(message, registry, store, settings)
+    assert result["state"] == "rejected" and "job_id" in result["reason"]
+    assert fake.calls == [] and registry.find(job.job_id) is None and registry.invalid_count() == 1
 
 
 @pytest.mark.parametrize("message", [{}, {"archetype": "oval"}, ["not", "a", "dict"], "text", None])
@@ -335,13 +360,15 @@ def test_garbage_never_raises(monkeypatch, registry, store, settings, message):
     fake = install(monkeypatch)
     result = run(message, registry, store, settings)
     assert result["state"] == "rejected" and result["job_id"] is None
-    assert fake.calls == [] and registry.calls == []
+    assert fake.calls == [] and registry.calls == [("record_invalid", "")]
+    assert registry.jobs() == [] and registry.invalid_count() == 1
 
 
 def test_rejecting_unknown_job_id_does_not_raise(monkeypatch, registry, store, settings):
     install(monkeypatch)
     result = run({"job_id": "cj-unknown", "archetype": "oval"}, registry, store, settings)
     assert result == {"job_id": "cj-unknown", "state": "rejected", "reason": result["reason"]}
+    assert registry.find("cj-unknown") is None
 
 
 def test_progress_throttle():
@@ -358,13 +385,103 @@ def test_progress_throttle():
     assert seen == ["warmup:0.0", "sampling:0.0", "sampling:0.5"]
 
 
+# -- cancellation ----------------------------------------------------------------
+
+
+def test_a_cancelled_queued_job_never_starts(monkeypatch, job, registry, store, settings):
+    fake = install(monkeypatch)
+    registry.cancel(job.job_id, "changed my mind")
+    result = run(job.to_message(), registry, store, settings)
+    assert fake.calls == [] and ("mark_running", job.job_id) not in registry.calls
+    assert result["state"] == "cancelled" and result["reason"] == "cancelled: changed my mind"
+    record = registry.get(job.job_id)
+    assert record.state is JobState.CANCELLED and record.deliveries == 0
+
+
+def test_a_running_job_stops_at_its_next_check_when_cancelled(monkeypatch, job, registry, store, settings):
+    seen: list[int] = []
+
+    def cancel_at(i: int) -> None:
+        seen.append(i)
+        if i == 10:
+            registry.cancel(job.job_id, "wrong data")
+
+    fake = install(monkeypatch, on_chunk=cancel_at)
+    result = run(job.to_message(), registry, store, settings, control=JobControl(poll_s=0))
+    assert fake.calls == [job.job_id] and seen[-1] == 10  # the check right after the request stopped it
+    assert result["state"] == "cancelled" and "during warmup: wrong data" in result["reason"]
+    record = registry.get(job.job_id)
+    assert record.state is JobState.CANCELLED and record.finished_at is not None and "wrong data" in record.reason
+    assert not store.exists(summary_key(job.archetype, job.job_id)) and registry.latest_all() == {}
+    # submitted again, it runs to the end
+    assert registry.claim(job)[1] is True
+    install(monkeypatch)
+    assert run(job.to_message(), registry, store, settings)["job_id"] == job.job_id
+    assert registry.get(job.job_id).state is JobState.SUCCEEDED
+
+
+def test_the_cancel_flag_is_polled_at_most_every_poll_interval(monkeypatch, job, registry, store, settings):
+    reads: list[str] = []
+    find = registry.find
+
+    def counting_find(job_id: str):
+        reads.append(job_id)
+        return find(job_id)
+
+    during: list[int] = []
+    install(monkeypatch, on_chunk=lambda i: during.append(len(reads)))
+    monkeypatch.setattr(registry, "find", counting_find)
+    run(job.to_message(), registry, store, settings)  # 51 checks in well under a second
+    assert during[-1] - during[0] == 0  # the first check read the flag; the next 50 did not, within 1 s
+    assert during[0] >= 1
+
+
+def test_a_redelivered_job_that_was_cancelled_while_running_ends_cancelled(monkeypatch, job, registry, store, settings):
+    fake = install(monkeypatch)
+    registry.mark_running(job.job_id, worker="lost-worker")
+    registry.cancel(job.job_id, "stop it")
+    result = run(job.to_message(), registry, store, settings)
+    assert fake.calls == [] and result["state"] == "cancelled"
+    assert registry.get(job.job_id).state is JobState.CANCELLED
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def caplog_warning():
+    handler = _Capture()
+    logger = logging.getLogger("shared.jobs.handle")
+    logger.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_progress_errors_never_stop_the_job():
     def broken(_: Progress) -> None:
         raise redis.exceptions.ConnectionError("down")
 
-    throttle = ProgressThrottle(broken)
-    throttle(Progress(phase="load"))
-    throttle(Progress(phase="write"))
+    calls: list[str] = []
+
+    def counted(progress: Progress) -> None:
+        calls.append(progress.phase)
+        broken(progress)
+
+    throttle = ProgressThrottle(counted)
+    with caplog_warning() as records:
+        throttle(Progress(phase="load"))  # raises nothing
+        throttle(Progress(phase="write"))
+    assert calls == ["load", "write"]  # every phase was still tried
+    warned = [r for r in records if "could not record progress" in r.getMessage()]
+    assert len(warned) == 1  # logged once, not on every call
 
 
 # -- the Celery app --------------------------------------------------------------

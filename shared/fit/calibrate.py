@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import arviz as az
@@ -17,9 +16,10 @@ import numpy as np
 import xarray as xr
 
 import shared
+from shared.contract.control import JobControl
 from shared.contract.domain import archetypes_of
 from shared.contract.errors import InvalidDataset
-from shared.contract.job import CalibrationJob, Progress, ProgressCallback, utcnow
+from shared.contract.job import CalibrationJob, Progress, utcnow
 from shared.contract.summary import CalibrationSummary, ConvergenceCriteria, Timings
 from shared.data.dataset import EventRows, event_rows, select_archetypes, select_window, validate
 from shared.fit.idata import build_inference_data, calibrated_probability_mean, logit
@@ -116,22 +116,20 @@ def calibrate(
     dataset: xr.Dataset,
     job: CalibrationJob,
     *,
-    on_progress: ProgressCallback | None = None,
-    deadline: float | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    control: JobControl | None = None,
     criteria: ConvergenceCriteria = ConvergenceCriteria(),
     load_s: float = 0.0,
 ) -> tuple[az.InferenceData, CalibrationSummary]:
     """Fit the calibration model for ``job`` on ``dataset`` with NUTS.
 
     The dataset is validated for the job's archetype first (bad data raises
-    :class:`InvalidDataset`). Progress is reported through ``on_progress``;
-    ``deadline`` (a ``time.monotonic()`` instant) and ``cancelled`` are
-    checked between sampling chunks. Non-convergence is reported in the
+    :class:`InvalidDataset`). Progress is reported to ``control``, which
+    is checked (time limit, cancellation) before compiling, between sampling
+    chunks and before the diagnostics. Non-convergence is reported in the
     summary (``converged`` and ``convergence_issues``), never raised.
     ``load_s`` is the caller's time spent loading the dataset, for the summary.
     """
-    notify = on_progress or (lambda _: None)
+    control = control or JobControl()
     validate(dataset, archetype=job.archetype, source=job.dataset_uri)
     prepared = prepare(dataset, job)
     rows = prepared.rows
@@ -140,7 +138,8 @@ def calibrate(
         job.job_id, rows.n_rows, len(rows.races), len(rows.tracks), prepared.bucket,
     )
 
-    notify(Progress(phase="compile"))
+    control.check("compile")
+    control.progress(Progress(phase="compile"))
     t_build = time.perf_counter()
     sampler = sampler_for(prepared.bucket)  # traced once per bucket and process
     build_s = time.perf_counter() - t_build
@@ -148,12 +147,11 @@ def calibrate(
         prepared.data,
         seed=job.sampler.seed,
         samples=job.sampler.samples,
-        on_progress=notify,
-        deadline=deadline,
-        cancelled=cancelled,
+        control=control,
     )
 
-    notify(Progress(phase="diagnostics"))
+    control.check("diagnostics")
+    control.progress(Progress(phase="diagnostics"))
     t0 = time.perf_counter()
     labelled = EventRows(**{**rows.__dict__, "tracks": tuple(track_labels(rows))})
     idata = build_inference_data(

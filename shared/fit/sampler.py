@@ -27,7 +27,6 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +38,8 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.infer.hmc import hmc
 from numpyro.infer.util import constrain_fn, potential_energy
 
-from shared.contract.errors import JobCancelled, JobTimeLimitExceeded
-from shared.contract.job import Progress, ProgressCallback
+from shared.contract.control import JobControl
+from shared.contract.job import Progress
 from shared.fit.model import ModelData, ModelShape, calibration_model
 
 log = logging.getLogger(__name__)
@@ -250,15 +249,13 @@ class CompiledSampler:
         *,
         seed: int,
         samples: int,
-        on_progress: ProgressCallback | None = None,
-        deadline: float | None = None,
-        cancelled: Callable[[], bool] | None = None,
+        control: JobControl | None = None,
     ) -> Draws:
         """Run warmup then ``samples`` draws per chain; return the post-warmup draws.
 
-        ``deadline`` is a ``time.monotonic()`` instant; passing it raises
-        :class:`JobTimeLimitExceeded` at the next chunk boundary, as does
-        ``cancelled()`` returning True with :class:`JobCancelled`.
+        ``control`` hears progress after every chunk and is checked before
+        each one: its time limit raises :class:`JobTimeLimitExceeded` and a
+        cancellation :class:`JobCancelled` at the next chunk boundary.
         """
         b = self.bucket
         t0 = time.perf_counter()
@@ -271,15 +268,16 @@ class CompiledSampler:
         n_chunks = math.ceil(total / b.chunk)
         params_parts, stats_parts = [], []
         for i in range(n_chunks):
-            _check_limits(deadline, cancelled)
+            if control is not None:
+                control.check("warmup" if i * b.chunk < b.warmup else "sampling")
             state, (params, stats) = chunk(state, data)
             jax.block_until_ready(state)  # dispatch is asynchronous: wait, so progress and limits are real
             done = min((i + 1) * b.chunk, total)
             if (i + 1) * b.chunk > b.warmup:
                 params_parts.append(self._by_chain(params))
                 stats_parts.append(self._by_chain(stats))
-            if on_progress is not None:
-                on_progress(_progress(done, b.warmup, samples))
+            if control is not None:
+                control.progress(_progress(done, b.warmup, samples))
         first = (math.floor(b.warmup / b.chunk)) * b.chunk  # step index of the first kept chunk
         skip = b.warmup - first
         params = {k: np.concatenate([p[k] for p in params_parts], axis=1)[:, skip : skip + samples] for k in params_parts[0]}
@@ -294,13 +292,6 @@ class CompiledSampler:
         if self._split_over_devices():
             return {k: v.reshape((b.chains, *v.shape[2:])) for k, v in host.items()}
         return host
-
-
-def _check_limits(deadline: float | None, cancelled: Callable[[], bool] | None) -> None:
-    if deadline is not None and time.monotonic() > deadline:
-        raise JobTimeLimitExceeded("the job ran past its time limit while sampling")
-    if cancelled is not None and cancelled():
-        raise JobCancelled("the job was cancelled while sampling")
 
 
 def _progress(done: int, warmup: int, samples: int) -> Progress:

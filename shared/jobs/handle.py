@@ -2,15 +2,23 @@
 
 :func:`process` turns a message into a job record's final state::
 
-    message ──parse──▶ invalid ─────────────────────────────▶ rejected
-       │
+    message ──parse──▶ invalid, or content does not give its job_id ──▶ dropped: no record changes
+       │                                                                (counted in {prefix}:invalid)
        ├─ record already succeeded (duplicate delivery) ─────▶ stored summary
+       ├─ record cancelled, failed or rejected ──────────────▶ dropped (a cancelled queued job never starts)
+       ├─ record running with cancel_requested (redelivery) ─▶ cancelled
        ├─ delivered more than max_deliveries times ──────────▶ failed (dead-letter)
        └─ run_job ─▶ summary ───────────────────────────────▶ succeeded
+                 ├─▶ JobCancelled (the cancel flag, checked ─▶ cancelled
+                 │   at each phase and between chunks)
                  └─▶ exception, by shared.contract.errors.classify:
                        REJECT ──────────────────────────────▶ rejected
                        FAIL ────────────────────────────────▶ failed
                        RETRY ───────────────────────────────▶ raised (the task retries)
+
+Every record change goes through the registry's transition table
+(:mod:`shared.jobs.registry.base`); where the table refuses one (the job was
+cancelled or finished meanwhile), the message is dropped.
 
 It returns the Celery task result (a JSON-ready dict) and raises only
 :class:`~shared.contract.errors.RetryableError`: a transient fault that is not one
@@ -33,7 +41,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import pydantic
 
-from shared.contract.errors import JobFailed, NotFound, Outcome, RetryableError, classify
+from shared.contract.control import JobControl
+from shared.contract.errors import JobCancelled, JobFailed, NotFound, Outcome, RetryableError, classify
 from shared.contract.job import CalibrationJob, JobState, JobStatus, Progress
 from shared.contract.settings import Settings
 from shared.storage.catalog import Catalog
@@ -60,12 +69,14 @@ class Registry(Protocol):
 
     def claim(self, job: CalibrationJob) -> tuple[JobStatus, bool]: ...
     def find(self, job_id: str) -> JobStatus | None: ...
-    def mark_running(self, job_id: str, *, worker: str) -> Any: ...
+    def mark_running(self, job_id: str, *, worker: str) -> JobStatus | None: ...
     def progress(self, job_id: str, progress: Progress) -> Any: ...
     def succeed(self, job_id: str, summary: CalibrationSummary) -> Any: ...
     def fail(self, job_id: str, reason: str) -> Any: ...
     def reject(self, job_id: str, reason: str) -> Any: ...
+    def finish_cancelled(self, job_id: str, reason: str) -> Any: ...
     def record_delivery(self, job_id: str, attempt: int = 0) -> int: ...
+    def record_invalid(self, reason: str, *, job_id: str | None = None) -> None: ...
 
 
 class JobIdFilter(logging.Filter):
@@ -136,6 +147,18 @@ class ProgressThrottle:
                 self._warned = True
 
 
+def cancel_source(registry: Registry, job_id: str) -> Callable[[], str | None]:
+    """What a running job polls: the reason, once its record says ``cancel_requested``."""
+
+    def reason() -> str | None:
+        record = registry.find(job_id)
+        if record is not None and (record.cancel_requested or record.state is JobState.CANCELLED):
+            return record.cancel_reason or "cancelled by request"
+        return None
+
+    return reason
+
+
 def process(
     message: Mapping[str, Any],
     *,
@@ -144,23 +167,26 @@ def process(
     settings: Settings,
     worker: str,
     attempt: int = 0,
-    cancelled: Callable[[], bool] | None = None,
+    control: JobControl | None = None,
     on_progress: Callable[[Progress], Any] | None = None,
 ) -> dict[str, Any]:
     """Run the job in ``message`` once, record its outcome, return the task result.
 
     Returns the summary as a JSON-ready dict on success (also for a duplicate
     delivery of a job that already succeeded), or :func:`status_dict` for a
-    rejected or failed job. Raises :class:`~shared.contract.errors.RetryableError`
-    for transient faults, and nothing else for bad input.
+    rejected, failed, cancelled or dropped job. Raises
+    :class:`~shared.contract.errors.RetryableError` for transient faults, and
+    nothing else for bad input.
 
-    ``cancelled`` is polled between sampling chunks; ``on_progress`` sees
-    the same (throttled) progress as the registry, after it is recorded.
+    The handler gives the job one :class:`JobControl`: it records progress
+    (throttled) in the registry, then passes it to ``on_progress``, and polls
+    the record's cancel flag. A caller that passes ``control`` (embedded
+    mode, to cancel the job from a signal handler) gets it wired the same way.
     """
     try:
         return _process(
             message, registry=registry, store=store, settings=settings,
-            worker=worker, attempt=attempt, cancelled=cancelled, on_progress=on_progress,
+            worker=worker, attempt=attempt, control=control, on_progress=on_progress,
         )
     except RetryableError:
         raise
@@ -180,7 +206,7 @@ def _process(
     settings: Settings,
     worker: str,
     attempt: int,
-    cancelled: Callable[[], bool] | None,
+    control: JobControl | None,
     on_progress: Callable[[Progress], Any] | None,
 ) -> dict[str, Any]:
     claimed_id = message.get("job_id") if isinstance(message, Mapping) else None
@@ -188,7 +214,9 @@ def _process(
     try:
         job = CalibrationJob.model_validate(message)
     except pydantic.ValidationError as exc:
-        return _reject_message(registry, claimed_id, validation_reason(exc))
+        return _invalid_message(registry, claimed_id, validation_reason(exc))
+    if claimed_id is None:  # a message must say which job it is; its content must then give that id
+        return _invalid_message(registry, None, "invalid job message: job_id: missing")
 
     job_id = job.job_id
     jlog = JobLog(log, {"job_id": job_id})
@@ -205,6 +233,14 @@ def _process(
             if done is not None:
                 jlog.info("already succeeded; duplicate delivery not run again")
                 return done
+            return status_dict(job_id, JobState.SUCCEEDED, "already succeeded; its summary could not be read")
+        if record.state.finished:
+            jlog.info("record is %s; message dropped", record.state.value)
+            return status_dict(job_id, record.state, record.reason)
+        if record.cancel_requested:  # a redelivery of a job that was cancelled while it ran
+            reason = f"cancelled: {record.cancel_reason or 'cancelled by request'}"
+            registry.finish_cancelled(job_id, reason)
+            return status_dict(job_id, JobState.CANCELLED, reason)
 
         deliveries = registry.record_delivery(job_id, attempt)
         if deliveries > settings.max_deliveries:
@@ -217,7 +253,7 @@ def _process(
             return status_dict(job_id, JobState.FAILED, reason)
 
         return _run(job, registry=registry, store=store, settings=settings, worker=worker,
-                    attempt=attempt, deliveries=deliveries, cancelled=cancelled,
+                    attempt=attempt, deliveries=deliveries, control=control,
                     on_progress=on_progress, jlog=jlog)
     finally:
         current_job_id.reset(token)
@@ -232,26 +268,38 @@ def _run(
     worker: str,
     attempt: int,
     deliveries: int,
-    cancelled: Callable[[], bool] | None,
+    control: JobControl | None,
     on_progress: Callable[[Progress], Any] | None,
     jlog: JobLog,
 ) -> dict[str, Any]:
     from shared.jobs import run as runner
 
     job_id = job.job_id
+    if registry.mark_running(job_id, worker=worker) is None:
+        # Cancelled (or finished) between the read and now: the table refused the start.
+        record = registry.find(job_id)
+        state = record.state if record is not None else JobState.CANCELLED
+        jlog.info("may not start (record is %s); message dropped", state.value)
+        return status_dict(job_id, state, record.reason if record is not None else None)
     try:
-        registry.mark_running(job_id, worker=worker)
         jlog.info(
             "running %s on %s (attempt %d, delivery %d)", job.archetype, worker, attempt + 1, deliveries
         )
+
         def record(progress: Progress) -> None:
             registry.progress(job_id, progress)
             if on_progress is not None:
                 on_progress(progress)
 
         throttle = ProgressThrottle(record, logger=jlog)
-        summary = runner.run_job(job, store=store, settings=settings, on_progress=throttle, cancelled=cancelled)
+        control = (control or JobControl()).attach(on_progress=throttle, cancel_source=cancel_source(registry, job_id))
+        summary = runner.run_job(job, store=store, settings=settings, control=control)
         registry.succeed(job_id, summary)
+    except JobCancelled as exc:
+        reason = _clip(str(exc))
+        jlog.info("%s", reason)
+        registry.finish_cancelled(job_id, reason)
+        return status_dict(job_id, JobState.CANCELLED, reason)
     except Exception as exc:
         outcome = classify(exc)
         if outcome is Outcome.RETRY:
@@ -263,7 +311,7 @@ def _run(
             registry.reject(job_id, reason)
             return status_dict(job_id, JobState.REJECTED, reason)
         reason = _clip(f"{type(exc).__name__}: {exc}")
-        # Failures calq raises on purpose (time limit, cancelled) need no traceback.
+        # Failures calq raises on purpose (time limit) need no traceback.
         jlog.error("failed: %s", reason, exc_info=not isinstance(exc, JobFailed))
         registry.fail(job_id, reason)
         return status_dict(job_id, JobState.FAILED, reason)
@@ -271,13 +319,12 @@ def _run(
     return summary.model_dump(mode="json")
 
 
-def _reject_message(registry: Registry, job_id: str | None, reason: str) -> dict[str, Any]:
-    log.warning("rejecting message%s: %s", f" for {job_id}" if job_id else " without a job_id", reason)
-    if job_id is not None:
-        try:
-            registry.reject(job_id, reason)
-        except NotFound:
-            log.warning("no record of %s to mark rejected", job_id)
+def _invalid_message(registry: Registry, job_id: str | None, reason: str) -> dict[str, Any]:
+    """A message that is not a valid job changes no record: it is logged, counted, and dropped."""
+    try:
+        registry.record_invalid(reason, job_id=job_id)
+    except Exception as exc:  # the count is best-effort; the message is dropped either way
+        log.warning("could not count an invalid message (%s: %s)", type(exc).__name__, exc)
     return status_dict(job_id, JobState.REJECTED, reason)
 
 

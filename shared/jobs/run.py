@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 
-from shared.contract.job import CalibrationJob, Progress, ProgressCallback
+from shared.contract.control import JobControl
+from shared.contract.job import CalibrationJob, Progress
 from shared.contract.settings import Settings
 from shared.contract.summary import CalibrationSummary, ConvergenceCriteria
 from shared.data.dataset import open_dataset
 from shared.fit.calibrate import calibrate
-from shared.storage.store import Store, posterior_key, summary_key
+from shared.jobs.spool import write_results
+from shared.storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -44,55 +45,46 @@ def run_job(
     *,
     store: Store,
     settings: Settings,
-    on_progress: ProgressCallback | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    control: JobControl | None = None,
     criteria: ConvergenceCriteria | None = None,
 ) -> CalibrationSummary:
     """Run ``job`` and store its posterior and summary; return the summary.
 
-    The job's time limit (its own, or the settings' default) is enforced
-    between sampling chunks; convergence is judged by ``criteria`` (default:
-    the settings'). Errors propagate as calq's typed exceptions:
+    ``control`` hears progress and is checked at every phase boundary
+    (fetch, load, compile, diagnostics, write) and between sampling chunks:
+    the job's time limit (its own, or the settings' default) starts here, so
+    it covers fetching and loading too, and a cancellation stops the job
+    before anything is written. Convergence is judged by ``criteria``
+    (default: the settings'). Errors propagate as calq's typed exceptions:
     bad input as :class:`~shared.contract.errors.RejectedError`, storage outages as
     :class:`~shared.contract.errors.StorageUnavailable`.
     """
     prepare_process(settings)
-    notify = on_progress or (lambda _: None)
+    control = (control or JobControl()).start(job.time_limit_s or settings.job_time_limit_s)
     started = time.perf_counter()
-    limit = job.time_limit_s or settings.job_time_limit_s
-    deadline = time.monotonic() + limit
 
-    notify(Progress(phase="load"))
+    control.check("fetch")
+    control.progress(Progress(phase="load"))
     path = store.fetch_dataset(job.dataset_uri, job.dataset_sha256)
+    control.check("load")
     dataset = open_dataset(path, check=False)  # calibrate() validates it, once
     load_s = time.perf_counter() - started
 
     idata, summary = calibrate(
         dataset,
         job,
-        on_progress=notify,
-        deadline=deadline,
-        cancelled=cancelled,
+        control=control,
         criteria=criteria or settings.convergence,
         load_s=load_s,
     )
 
-    notify(Progress(phase="write"))
-    t0 = time.perf_counter()
-    archetype = job.archetype
-    posterior_uri = store.put_netcdf(idata, posterior_key(archetype, job.job_id))
-    summary_uri = store.uri(summary_key(archetype, job.job_id))
-    write_s = time.perf_counter() - t0
-    timings = summary.timings.model_copy(
-        update={"write_s": write_s, "total_s": time.perf_counter() - started}
-    )
-    summary = summary.model_copy(
-        update={"posterior_uri": posterior_uri, "summary_uri": summary_uri, "timings": timings}
-    )
-    store.put_bytes(summary_key(archetype, job.job_id), summary.model_dump_json(indent=2).encode())
+    control.check("write")  # the last check: once the posterior is written, the job finishes
+    control.progress(Progress(phase="write"))
+    # The draws are in hand: from here on an outage costs waiting, never the fit (shared.jobs.spool).
+    summary = write_results(idata, summary, job, store=store, settings=settings, notify=control.progress, started=started)
     log.info(
         "job %s finished in %.1f s (converged=%s): %s",
-        job.job_id, timings.total_s, summary.converged, posterior_uri,
+        job.job_id, summary.timings.total_s, summary.converged, summary.posterior_uri,
     )
     return summary
 
