@@ -16,7 +16,8 @@ from shared.contract.settings import Settings
 from shared.contract.summary import CalibrationSummary, ConvergenceCriteria
 from shared.data.dataset import open_dataset
 from shared.fit.calibrate import calibrate
-from shared.storage.store import Store, posterior_key, summary_key
+from shared.jobs.spool import write_results
+from shared.storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -79,21 +80,11 @@ def run_job(
 
     control.check("write")  # the last check: once the posterior is written, the job finishes
     control.progress(Progress(phase="write"))
-    t0 = time.perf_counter()
-    archetype = job.archetype
-    posterior_uri = store.put_netcdf(idata, posterior_key(archetype, job.job_id))
-    summary_uri = store.uri(summary_key(archetype, job.job_id))
-    write_s = time.perf_counter() - t0
-    timings = summary.timings.model_copy(
-        update={"write_s": write_s, "total_s": time.perf_counter() - started}
-    )
-    summary = summary.model_copy(
-        update={"posterior_uri": posterior_uri, "summary_uri": summary_uri, "timings": timings}
-    )
-    store.put_bytes(summary_key(archetype, job.job_id), summary.model_dump_json(indent=2).encode())
+    # The draws are in hand: from here on an outage costs waiting, never the fit (shared.jobs.spool).
+    summary = write_results(idata, summary, job, store=store, settings=settings, notify=control.progress, started=started)
     log.info(
         "job %s finished in %.1f s (converged=%s): %s",
-        job.job_id, timings.total_s, summary.converged, posterior_uri,
+        job.job_id, summary.timings.total_s, summary.converged, summary.posterior_uri,
     )
     return summary
 
