@@ -17,10 +17,12 @@ from shared.fit.device import HOST_DEVICES
 from worker.supervisor import (
     Supervisor,
     WorkerSpec,
+    _exit_text,
     detect_gpus,
+    oom_kills,
     plan_workers,
 )
-from worker.tasks import EXIT_DEVICE_ERROR
+from worker.tasks import EXIT_DEVICE_ERROR, SUPERVISOR_PID_ENV, stop_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST_FLAG = "--xla_force_host_platform_device_count"
@@ -137,13 +139,15 @@ CHILD = textwrap.dedent(
         sys.exit(int(sys.argv[3]))
     def on_term(*_):
         note("term")
-        if mode != "ignore-term":
+        if mode not in ("ignore-term", "ignore-all"):
             sys.exit(0)
-    def on_quit(*_):
-        note("quit")
+    def on_hand_back(*_):
+        note("handback")
         sys.exit(1)
     signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGQUIT, on_quit)
+    signal.signal(signal.SIGUSR2, on_hand_back)
+    if mode == "ignore-all":
+        signal.signal(signal.SIGUSR2, lambda *_: note("ignored"))
     note("ready")
     while True:
         time.sleep(0.05)
@@ -217,7 +221,48 @@ def test_second_stop_is_a_cold_shutdown(tmp_path):
     sup.stop()
     thread.join(10)
     assert result == [1]
-    assert lines(log)[-1] == "quit"
+    assert lines(log)[-1] == "handback"  # the hand-back signal, never Celery's SIGQUIT (it fails the job)
+
+
+def test_a_child_that_ignores_the_cold_shutdown_is_killed(tmp_path):
+    log = tmp_path / "deaf.log"
+    sup = Supervisor([fake_spec("w0", log, "ignore-all")], poll_s=0.02, kill_after_s=0.5)
+    thread, result = start(sup)
+    wait_for(lambda: "ready" in lines(log))
+    sup.stop(force=True)
+    thread.join(10)
+    assert result == [1]
+    assert lines(log)[-2:] == ["term", "ignored"]
+
+
+def test_children_know_their_supervisor(tmp_path):
+    out = tmp_path / "env.txt"
+    code = f"import os; open({str(out)!r}, 'w').write(os.environ[{SUPERVISOR_PID_ENV!r}] + ' ' + str(os.getppid()))"
+    sup = Supervisor([WorkerSpec("w0", None, ("calq.cpu",), {}, (sys.executable, "-c", code))], poll_s=0.02,
+                     restart_backoff_s=(5, 5))
+    thread, _ = start(sup)
+    try:
+        wait_for(out.exists)
+        wait_for(lambda: len(out.read_text().split()) == 2)
+        told, parent = out.read_text().split()
+        assert told == parent  # the child's check: a different parent means the supervisor is gone
+    finally:
+        sup.stop()
+        thread.join(10)
+    assert stop_reason({SUPERVISOR_PID_ENV: str(os.getppid())}) is None
+    assert "supervisor is gone" in stop_reason({SUPERVISOR_PID_ENV: "1"})
+    assert stop_reason({}) is None
+
+
+def test_only_the_kernel_makes_a_kill_out_of_memory(tmp_path):
+    assert _exit_text(-9) == "was killed by SIGKILL (signal 9)"
+    assert "OOM killer" in _exit_text(-9, oom_killed=True)
+    assert _exit_text(-15) == "was killed by SIGTERM"
+    assert _exit_text(3) == "exited with status 3"
+    events = tmp_path / "memory.events"
+    events.write_text("low 0\nhigh 0\nmax 0\noom 2\noom_kill 2\n")
+    assert oom_kills([str(tmp_path / "missing"), str(events)]) == 2
+    assert oom_kills([str(tmp_path / "missing")]) is None
 
 
 def test_device_error_is_not_restarted(tmp_path):

@@ -14,7 +14,18 @@ with exponential backoff (reset once it has stayed up a while), except one
 that exits with :data:`~worker.tasks.EXIT_DEVICE_ERROR` (wrong device: a
 restart cannot help). The first SIGTERM or SIGINT is forwarded to every
 child as SIGTERM, Celery's warm shutdown (finish the current job, then
-exit); a second one sends SIGQUIT (cold shutdown), then SIGKILL.
+exit); a second one is a cold shutdown: each child gets
+:data:`~worker.tasks.HAND_BACK_SIGNAL` and hands its running job back at the
+next sampling chunk (Celery's own SIGQUIT would fail the job under the solo
+pool), and a child still alive ``kill_after_s`` later is killed.
+
+With a :class:`Fleet` (what :func:`run` builds from the settings) the
+supervisor also keeps jobs moving when processes die: a child that dies
+holding a job has it handed back at once (:func:`shared.jobs.lease.hand_back`;
+the delivery counts, unless the supervisor itself stopped the child), and a
+reaper thread hands back jobs whose lease lapsed anywhere in the fleet (a
+whole worker killed). Each child knows its supervisor's pid: when the
+supervisor dies, the child stops at its next chunk and hands its job back.
 
 :func:`run` is what ``calq worker --gpus auto|none|0,1 [--queues ...]`` calls.
 """
@@ -37,7 +48,7 @@ from typing import Any
 
 from shared.fit.device import HOST_DEVICES, with_host_devices, without_host_devices
 from shared.jobs.celery_app import CPU_QUEUE, GPU_QUEUE, queue_for
-from worker.tasks import EXIT_DEVICE_ERROR
+from worker.tasks import EXIT_DEVICE_ERROR, HAND_BACK_SIGNAL, SUPERVISOR_PID_ENV
 
 log = logging.getLogger(__name__)
 
@@ -206,20 +217,82 @@ class _Child:
     restart_at: float | None = None
     restarts: int = 0
     given_up: bool = False
+    oom_kills_at_start: int | None = None
 
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
 
-def _exit_text(code: int) -> str:
+def _exit_text(code: int, *, oom_killed: bool = False) -> str:
+    """How a child ended, in words; "out of memory" only when the kernel says its OOM killer acted."""
     if code < 0:
         try:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
-        return f"was killed by {name}" + (" (out of memory?)" if -code == signal.SIGKILL else "")
+        if -code == signal.SIGKILL:
+            return "was killed by the kernel's OOM killer (out of memory)" if oom_killed else f"was killed by {name} (signal 9)"
+        return f"was killed by {name}"
     return f"exited with status {code}"
+
+
+#: cgroup v2 (then v1) files whose ``oom_kill`` line counts the kernel's OOM kills in this container.
+_OOM_EVENTS = ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control")
+
+
+def oom_kills(paths: Sequence[str] = _OOM_EVENTS) -> int | None:
+    """The kernel's OOM-kill count for this cgroup, or None where the kernel does not say."""
+    for path in paths:
+        try:
+            with open(path) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+@dataclasses.dataclass
+class Fleet:
+    """What a supervisor needs to hand jobs back: leases, registry, store, a publisher, the reaper's interval."""
+
+    leases: Any
+    registry: Any
+    store: Any
+    publish: Callable[..., Any]
+    reaper_interval_s: float = 15.0
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Fleet:
+        from shared.jobs.celery_app import make_app
+        from shared.jobs.lease import Leases, celery_publisher
+        from shared.jobs.registry import RedisRegistry
+        from shared.storage.store import Store
+
+        registry = RedisRegistry.from_url(settings.backend())
+        leases = Leases(registry.redis, prefix=registry.prefix, lease_s=settings.recovery.lease_s,
+                        record_ttl_s=registry.record_ttl_s)
+        return cls(leases, registry, Store.from_settings(settings), celery_publisher(make_app(settings)),
+                   settings.recovery.reaper_interval_s)
+
+    def hand_back_held(self, worker: str, *, why: str, count_delivery: bool) -> str | None:
+        """Hand back the job the dead process ``worker`` held; what was done, or None if it held none."""
+        from shared.jobs.lease import hand_back
+
+        job_id = self.leases.claim_held(worker)
+        if job_id is None:
+            return None
+        return hand_back(job_id, registry=self.registry, leases=self.leases, store=self.store, publish=self.publish,
+                         reason=f"{worker} {why}", count_delivery=count_delivery)
+
+    def reaper(self) -> Any:
+        from shared.jobs.lease import Reaper
+
+        return Reaper(registry=self.registry, leases=self.leases, store=self.store, publish=self.publish,
+                      interval_s=self.reaper_interval_s)
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -263,6 +336,7 @@ class Supervisor:
         kill_after_s: float = 10.0,
         poll_s: float = 0.1,
         environ: Mapping[str, str] | None = None,
+        fleet: Fleet | None = None,
     ) -> None:
         if not specs:
             raise ValueError("nothing to supervise: no worker specs")
@@ -281,6 +355,8 @@ class Supervisor:
         self._environ = dict(os.environ if environ is None else environ)
         self._stop_requests = 0  # plain int: set from signal handlers, no locks there
         self._started = threading.Event()
+        self._fleet = fleet
+        self._cold = False
 
     # -- control --
 
@@ -301,6 +377,7 @@ class Supervisor:
     def run(self) -> int:
         """Start the children and supervise them until shutdown; return the exit status."""
         previous = self._install_signal_handlers()
+        reaper = self._fleet.reaper().start() if self._fleet is not None else None
         try:
             for child in self.children:
                 self._start(child)
@@ -309,6 +386,8 @@ class Supervisor:
         finally:
             self._restore_signal_handlers(previous)
             self._kill_leftovers()
+            if reaper is not None:
+                reaper.stop()
 
     def _loop(self) -> int:
         term_sent_at: float | None = None
@@ -326,12 +405,13 @@ class Supervisor:
                 and now - term_sent_at >= self._stop_timeout
             )
             if (requests >= 2 or timed_out) and quit_sent_at is None:
-                log.warning("cold shutdown: stopping workers without finishing their jobs")
-                self._signal_all(signal.SIGQUIT)
-                quit_sent_at, escalated = now, True
+                log.warning("cold shutdown: workers hand their running jobs back at the next chunk")
+                self._signal_all(HAND_BACK_SIGNAL)
+                quit_sent_at, escalated, self._cold = now, True, True
             if quit_sent_at is not None and now - quit_sent_at >= self._kill_after:
                 if self._live_count():
-                    log.warning("killing %d worker(s) that ignored SIGQUIT", self._live_count())
+                    log.warning("killing %d worker(s) still running %.0f s after the cold shutdown",
+                                self._live_count(), self._kill_after)
                 self._signal_all(signal.SIGKILL)
 
             stopping = term_sent_at is not None
@@ -352,14 +432,18 @@ class Supervisor:
             code = proc.returncode
             child.proc = None
             uptime = now - child.started_at
+            kills = oom_kills()
+            oom = kills is not None and child.oom_kills_at_start is not None and kills > child.oom_kills_at_start
+            how = _exit_text(code, oom_killed=oom)
+            self._hand_back(child, how, count_delivery=not (stopping and self._cold) and code != 0)
             if stopping:
-                log.info("%s %s", child.spec.name, _exit_text(code))
+                log.info("%s %s", child.spec.name, how)
                 return
             if code == EXIT_DEVICE_ERROR:
                 child.given_up = True
                 log.error(
                     "%s %s: its device is not usable (see its log); not restarting it",
-                    child.spec.name, _exit_text(code),
+                    child.spec.name, how,
                 )
                 return
             child.quick_failures = 0 if uptime >= self._stable_after else child.quick_failures + 1
@@ -367,18 +451,32 @@ class Supervisor:
             delay = min(most, first * 2 ** max(0, child.quick_failures - 1))
             child.restart_at = now + delay
             log.warning(
-                "%s %s after %.1f s; restarting in %.1f s", child.spec.name, _exit_text(code), uptime, delay
+                "%s %s after %.1f s; restarting in %.1f s", child.spec.name, how, uptime, delay
             )
         if child.proc is None and child.restart_at is not None and not stopping and now >= child.restart_at:
             child.restarts += 1
             log.info("restarting %s (restart #%d)", child.spec.name, child.restarts)
             self._start(child)
 
+    def _hand_back(self, child: _Child, how: str, *, count_delivery: bool) -> None:
+        """Hand back the job a dead child held, at once (not after its lease lapses)."""
+        if self._fleet is None:
+            return
+        try:
+            done = self._fleet.hand_back_held(child.spec.name, why=how, count_delivery=count_delivery)
+        except Exception as exc:  # Redis out: the lease lapses and the reaper hands the job back
+            log.warning("could not hand back %s's job (%s: %s); the reaper will", child.spec.name,
+                        type(exc).__name__, exc)
+            return
+        if done is not None:
+            log.info("%s's job: %s", child.spec.name, done)
+
     def _start(self, child: _Child) -> None:
         spec = child.spec
-        env = {**self._environ, **spec.env}
+        env = {**self._environ, **spec.env, SUPERVISOR_PID_ENV: str(os.getpid())}
         child.restart_at = None
         child.started_at = time.monotonic()
+        child.oom_kills_at_start = oom_kills()
         try:
             child.proc = subprocess.Popen(
                 list(spec.argv), env=env, process_group=0, preexec_fn=_die_with_parent()
@@ -460,4 +558,9 @@ def run(
         log.info("  %s", spec.describe())
         if spec.gpu is None and GPU_QUEUE in spec.queues:
             log.warning("  %s consumes %s without a GPU: GPU jobs will run on the CPU", spec.name, GPU_QUEUE)
-    return Supervisor(specs, restart_backoff_s=restart_backoff_s, stop_timeout_s=stop_timeout_s).run()
+    fleet = None
+    if require_broker:
+        from shared.contract.settings import get_settings
+
+        fleet = Fleet.from_settings(get_settings())
+    return Supervisor(specs, restart_backoff_s=restart_backoff_s, stop_timeout_s=stop_timeout_s, fleet=fleet).run()

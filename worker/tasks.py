@@ -9,6 +9,14 @@ Process start (``worker_process_init``, sent by the solo pool too) is where
 the device is checked: a worker started with ``JAX_PLATFORMS=cuda`` that sees
 no GPU logs an error and exits with :data:`EXIT_DEVICE_ERROR`, which the
 supervisor does not restart, rather than quietly running jobs on the CPU.
+
+Every job runs under a lease (:mod:`shared.jobs.lease`) renewed by a
+heartbeat thread: a delivery whose job holds a lease elsewhere is dropped,
+and a job whose worker dies is handed back by its supervisor or the reaper.
+A running job stops at its next progress report and hands itself back
+(without counting the delivery) when this process is asked to stop cold
+(:data:`HAND_BACK_SIGNAL`, sent by the supervisor instead of Celery's
+SIGQUIT, whose solo pool would fail the job) or its supervisor is gone.
 """
 
 from __future__ import annotations
@@ -17,16 +25,20 @@ import dataclasses
 import functools
 import logging
 import os
+import signal
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from celery import Celery, Task, signals
 
-from shared.contract.errors import RetryableError
+from shared.contract.errors import Outcome, RetryableError, classify
+from shared.contract.job import JobState, Progress
 from shared.contract.settings import Settings, get_settings
 from shared.jobs import handle
 from shared.jobs.celery_app import TASK_NAME, get_app
+from shared.jobs.lease import HandBack, Heartbeat, Leases, celery_publisher, hand_back
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +47,12 @@ EXIT_DEVICE_ERROR = 78
 MAX_RETRIES = 5
 RETRY_BACKOFF_MAX_S = 600
 LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s [%(job_id)s] %(message)s"
+#: The supervisor's cold shutdown: stop the running job at its next progress report and hand it back.
+HAND_BACK_SIGNAL = signal.SIGUSR2
+#: The supervisor's pid, in each child's environment: when it changes, the supervisor is gone.
+SUPERVISOR_PID_ENV = "CALQ_SUPERVISOR_PID"
+#: Phases that mean the sampler is running (counted once per delivery).
+SAMPLING_PHASES = frozenset({"compile", "warmup", "sampling"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +62,7 @@ class WorkerContext:
     settings: Settings
     registry: Any
     store: Any
+    leases: Leases | None = None
 
 
 _context_cache: dict[int, WorkerContext] = {}
@@ -60,7 +79,9 @@ def context() -> WorkerContext:
         settings = get_settings()
         # The registry lives beside the results (a client with connect/read timeouts).
         registry = RedisRegistry.from_url(settings.backend())
-        ctx = WorkerContext(settings=settings, registry=registry, store=Store.from_settings(settings))
+        leases = Leases(registry.redis, prefix=registry.prefix, lease_s=settings.recovery.lease_s,
+                        record_ttl_s=registry.record_ttl_s)
+        ctx = WorkerContext(settings=settings, registry=registry, store=Store.from_settings(settings), leases=leases)
         _context_cache.clear()
         _context_cache[pid] = ctx
     return ctx
@@ -91,17 +112,149 @@ class CalibrateTask(Task):
             jlog.exception("could not record the failure")
 
 
+class PatientRegistry:
+    """The registry, with a job's final record change retried through Redis outages.
+
+    ``succeed`` comes after the summary is in the store: if Redis is out at
+    that moment the finished result must not be orphaned, so the final
+    changes (``succeed``, ``fail``, ``reject``, ``finish_cancelled``) are
+    retried with backoff for up to ``recovery.write_budget_s``. Everything
+    else is the registry's own.
+    """
+
+    FINAL = frozenset({"succeed", "fail", "reject", "finish_cancelled"})
+
+    def __init__(self, registry: Any, settings: Settings, *, sleep: Any = time.sleep) -> None:
+        self._registry, self._recovery, self._sleep = registry, settings.recovery, sleep
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._registry, name)
+        if name not in self.FINAL:
+            return method
+
+        @functools.wraps(method)
+        def patient(*args: Any, **kwargs: Any) -> Any:
+            r = self._recovery
+            deadline, pause, warned = time.monotonic() + r.write_budget_s, r.retry_first_s, False
+            while True:
+                try:
+                    result = method(*args, **kwargs)
+                except Exception as exc:
+                    if classify(exc) is not Outcome.RETRY or time.monotonic() + pause > deadline:
+                        raise
+                    if not warned:
+                        log.warning("waiting for Redis to record %s (%s: %s); retrying for up to %g s",
+                                    name, type(exc).__name__, exc, r.write_budget_s)
+                        warned = True
+                    self._sleep(pause)
+                    pause = min(r.retry_max_s, pause * 2)
+                    continue
+                if warned:
+                    log.info("Redis is back: %s recorded", name)
+                return result
+
+        return patient
+
+
+_hand_back_reason: str | None = None
+
+
+def _on_hand_back_signal(signum: int, _frame: Any) -> None:
+    global _hand_back_reason
+    _hand_back_reason = "the worker is shutting down (cold shutdown)"
+
+
+def stop_reason(environ: Mapping[str, str] | None = None) -> str | None:
+    """Why this process must hand its job back now, or None: a cold shutdown, or its supervisor is gone."""
+    if _hand_back_reason is not None:
+        return _hand_back_reason
+    environ = os.environ if environ is None else environ
+    supervisor = environ.get(SUPERVISOR_PID_ENV, "").strip()
+    if supervisor.isdigit() and os.getppid() != int(supervisor):
+        return "its supervisor is gone (the worker was killed)"
+    return None
+
+
 def calibrate_message(task: Task, message: Mapping[str, Any]) -> dict[str, Any]:
-    """The task body: run ``message`` through the handler with this process's context."""
+    """The task body: run ``message`` through the handler, under the job's lease.
+
+    A delivery whose job holds a lease elsewhere is dropped (Celery's own
+    late redelivery of a job another worker took over); a redelivery of a job
+    whose summary is already in the store repairs the record instead of
+    fitting again.
+    """
     ctx = context()
-    return handle.process(
-        message,
-        registry=ctx.registry,
-        store=ctx.store,
-        settings=ctx.settings,
-        worker=task.request.hostname or f"pid{os.getpid()}",
-        attempt=task.request.retries or 0,
-    )
+    worker = task.request.hostname or f"pid{os.getpid()}"
+    attempt = task.request.retries or 0
+    registry = PatientRegistry(ctx.registry, ctx.settings)
+    job_id = _message_job_id((message,), {})
+
+    def run(on_progress: Any = None) -> dict[str, Any]:
+        return handle.process(message, registry=registry, store=ctx.store, settings=ctx.settings,
+                              worker=worker, attempt=attempt, on_progress=on_progress)
+
+    if job_id is None or ctx.leases is None:
+        return run()  # the handler refuses a message without a job id
+    leases = ctx.leases
+    jlog = handle.JobLog(log, {"job_id": job_id})
+    queue = (task.request.delivery_info or {}).get("routing_key")
+    lease = leases.acquire(job_id, worker, message=message, attempt=attempt, queue=queue)
+    if lease is None:
+        holder = leases.holder(job_id)
+        jlog.info("already running on %s; this delivery is dropped", holder)
+        return handle.status_dict(job_id, JobState.RUNNING, f"running on {holder}")
+    released = False
+    try:
+        repaired = _repair_redelivery(ctx, job_id, jlog)
+        if repaired is not None:
+            return repaired
+        with Heartbeat(leases, lease, interval_s=ctx.settings.recovery.heartbeat_s) as beat:
+            sampling = False
+
+            def check(progress: Progress) -> None:
+                nonlocal sampling
+                if not sampling and progress.phase in SAMPLING_PHASES:
+                    sampling = True
+                    leases.count_sampler_run(job_id)
+                if beat.lost.is_set():
+                    raise HandBack("its lease was taken: another worker runs it", requeue=False)
+                reason = stop_reason()
+                if reason is not None:
+                    raise HandBack(reason)
+
+            try:
+                return run(check)
+            except HandBack as stop:
+                released = True
+                if stop.requeue and leases.release(lease):
+                    hand_back(job_id, registry=ctx.registry, leases=leases, store=ctx.store,
+                              publish=celery_publisher(task.app), reason=f"{worker} stopped: {stop.reason}",
+                              count_delivery=False)
+                else:
+                    jlog.warning("stopped: %s", stop.reason)
+                return handle.status_dict(job_id, JobState.QUEUED, stop.reason)
+    finally:
+        if not released:
+            try:
+                leases.release(lease)
+            except Exception as exc:  # the lease lapses on its own; the reaper finds the job finished
+                jlog.warning("could not release the lease (%s: %s)", type(exc).__name__, exc)
+
+
+def _repair_redelivery(ctx: WorkerContext, job_id: str, jlog: logging.LoggerAdapter) -> dict[str, Any] | None:
+    """The stored summary of a redelivered job that finished (record repaired), or None to run it."""
+    from shared.storage.catalog import Catalog
+
+    record = ctx.registry.find(job_id)
+    if record is None or record.state is JobState.SUCCEEDED or record.state.finished:
+        return None  # the handler deals with these
+    if record.deliveries == 0 and record.state is JobState.QUEUED:
+        return None  # a first delivery: nothing can be in the store yet
+    repaired = ctx.registry.repair(job_id, Catalog(ctx.store))
+    if repaired is None:
+        return None
+    jlog.info("redelivered, but its summary is in the store: record repaired, the fit not run again")
+    return Catalog(ctx.store).read(repaired.summary_uri).model_dump(mode="json")
 
 
 @functools.cache
@@ -166,6 +319,7 @@ def device_problem(environ: Mapping[str, str] | None = None) -> str | None:
 
 @signals.worker_process_init.connect
 def _on_process_init(**_: Any) -> None:
+    signal.signal(HAND_BACK_SIGNAL, _on_hand_back_signal)
     problem = device_problem()
     if problem is not None:
         log.error(
