@@ -7,10 +7,13 @@ the Celery fleet. Output is a rich table, or JSON with ``--json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,7 +21,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from producer.report.command import report
+from producer import exit_codes, job_commands
 from shared.contract.errors import CalqError, NotFound
 
 app = typer.Typer(
@@ -90,7 +93,21 @@ def synth(
     )
 
 
-app.command()(report)  # calq report: tables, or HTML / markdown pages (producer.report.command)
+@app.command()
+def report(
+    dataset: Annotated[Path, typer.Argument(help="A calibration dataset (NetCDF).")],
+    events: Events = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Score a dataset's raw forecasts: Brier, calibration error, CRPS, coverage, joint events."""
+    from producer.reporting import forecast_report, report_tables
+
+    result = forecast_report(dataset, events=events)
+    if as_json:
+        _print_json(result)
+        return
+    for table in report_tables(result):
+        out.print(table)
 
 
 # -- the main job ----------------------------------------------------------------
@@ -113,25 +130,55 @@ def calibrate(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the fleet.")] = 3600,
     as_json: JsonFlag = False,
 ) -> None:
-    """Calibrate a dataset: one job per archetype, here (embedded) or on the fleet."""
+    """Calibrate a dataset: one job per archetype, here (embedded) or on the fleet.
+
+    Embedded, Ctrl-C cancels the running job at its next check (it ends
+    ``cancelled`` and writes nothing) and the jobs after it; exit code 4.
+    """
     from producer.client import JobDidNotSucceed
 
     client = _client()
     summaries, failures = [], []
     ref = client.upload(dataset)
-    for name in _archetypes_in(dataset, archetype):
-        job = client.make_job(
-            dataset, name, events=events, warmup=warmup, samples=samples, chains=chains, seed=seed,
-            as_of=_date(as_of), window_days=window_days, dataset_ref=ref,
-        )
-        try:
-            summaries.append(_run_with_progress(client, job, timeout=timeout, quiet=as_json))
-        except JobDidNotSucceed as exc:
-            failures.append(exc.status)
-            err.print(f"[red]{name}: {exc}[/red]")
-    _show(summaries if len(summaries) != 1 else summaries[0], as_json)
-    if failures:
-        raise typer.Exit(1)
+    with _ctrl_c_cancels(client):
+        for name in _archetypes_in(dataset, archetype):
+            if client.interrupted:
+                break
+            job = client.make_job(
+                dataset, name, events=events, warmup=warmup, samples=samples, chains=chains, seed=seed,
+                as_of=_date(as_of), window_days=window_days, dataset_ref=ref,
+            )
+            try:
+                summaries.append(_run_with_progress(client, job, timeout=timeout, quiet=as_json))
+            except JobDidNotSucceed as exc:
+                failures.append(exc.status)
+                err.print(f"{name}: {exc}", style="red", markup=False, highlight=False)
+    if summaries or not failures:
+        _show(summaries if len(summaries) != 1 else summaries[0], as_json)
+    code = exit_codes.worst(exit_codes.for_state(s.state) for s in failures)
+    if client.interrupted:
+        code = exit_codes.ExitCode.CANCELLED
+    if code:
+        raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _ctrl_c_cancels(client):
+    """Embedded mode: the first Ctrl-C cancels the running job cleanly; a second one quits at once."""
+    if not client.embedded or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum, frame) -> None:
+        if client.interrupted:
+            raise KeyboardInterrupt
+        client.interrupt("interrupted (Ctrl-C)")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _run_with_progress(client, job, *, timeout: float, quiet: bool):
@@ -249,11 +296,22 @@ def wait(
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 3600,
     as_json: JsonFlag = False,
 ) -> None:
-    """Wait for a job and print its summary; exit 1 if it failed or was rejected."""
+    """Wait for a job and print its summary.
+
+    Exit 0 if it succeeded, 1 if it failed or was rejected, 3 if it had not
+    ended within --timeout, 4 if it was cancelled, 5 if the fleet could not
+    be reached (Redis or the store) when time ran out; outages shorter than
+    the timeout are ridden through, with a message.
+    """
     from producer.client import JobDidNotSucceed
     from producer.render import describe, progress_bar
 
     client = _client()
+
+    def outage(exc: Exception, left: float) -> None:
+        err.print(f"cannot reach the fleet ({exc}); still waiting, {left:.0f} s left",
+                  style="yellow", markup=False, highlight=False)
+
     try:
         with progress_bar(err) as bar:
             task = bar.add_task(job_id, total=1.0, phase="waiting")
@@ -262,15 +320,15 @@ def wait(
                 phase, done = describe(record)
                 bar.update(task, completed=done, phase=phase)
 
-            summary = client.wait(job_id, timeout=timeout, on_update=None if as_json else update)
+            summary = client.wait(job_id, timeout=timeout, on_update=None if as_json else update, on_outage=outage)
     except JobDidNotSucceed as exc:
         if as_json:
             _print_json(exc.status.model_dump(mode="json"))
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from None
+        err.print(str(exc), style="red", markup=False, highlight=False)
+        raise typer.Exit(exit_codes.for_state(exc.status.state)) from None
     except TimeoutError as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
+        err.print(str(exc), style="red", markup=False, highlight=False)
+        raise typer.Exit(exit_codes.ExitCode.TIMED_OUT) from None
     _show(summary, as_json)
 
 
@@ -407,6 +465,9 @@ def _floats(value: str) -> list[float]:
         raise typer.BadParameter(f"{value!r} is not a comma-separated list of numbers") from None
 
 
+job_commands.register(app)  # calq cancel, calq jobs
+
+
 def main() -> None:
     """Entry point: choose the device, configure logging once, run the command, report calq errors."""
     from shared.contract.settings import get_settings
@@ -431,11 +492,16 @@ def main() -> None:
     try:
         app()
     except NotFound as exc:
-        err.print(f"[red]not found: {exc}[/red]")
-        sys.exit(1)
+        err.print(f"not found: {exc}", style="red", markup=False, highlight=False)
+        sys.exit(exit_codes.ExitCode.FAILED)
     except CalqError as exc:
-        err.print(f"[red]{type(exc).__name__}: {exc}[/red]")
-        sys.exit(1)
+        status = getattr(exc, "status", None)  # JobDidNotSucceed: the job's own outcome
+        code = exit_codes.for_state(status.state) if status is not None else exit_codes.for_error(exc)
+        err.print(f"{type(exc).__name__}: {exc}", style="red", markup=False, highlight=False)
+        sys.exit(code)
+    except KeyboardInterrupt:
+        err.print("interrupted", style="red")
+        sys.exit(exit_codes.ExitCode.CANCELLED)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,16 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import xarray as xr
 
-from shared.contract.errors import CalqError, NotFound
+from shared.contract.control import JobControl
+from shared.contract.errors import CalqError, NotFound, RetryableError
 from shared.contract.job import CalibrationJob, JobState, JobStatus, SamplerSettings
 from shared.contract.settings import Settings, get_settings
 from shared.contract.summary import CalibrationSummary
@@ -35,10 +37,15 @@ from shared.storage.store import Store
 log = logging.getLogger(__name__)
 
 StatusCallback = Callable[[JobStatus], None]
+#: Hears ``(error, seconds_left)`` while a wait rides through an outage.
+OutageCallback = Callable[[Exception, float], None]
+#: First and longest pause between tries while the fleet cannot be reached.
+OUTAGE_BACKOFF_S = (0.5, 5.0)
+T = TypeVar("T")
 
 
 class JobDidNotSucceed(CalqError):
-    """A job that was waited for ended failed or rejected."""
+    """A job that was waited for ended failed, rejected or cancelled (``status.state`` says which)."""
 
     def __init__(self, status: JobStatus) -> None:
         super().__init__(f"job {status.job_id} {status.state.value}: {status.reason or 'no reason recorded'}")
@@ -60,6 +67,8 @@ class CalibrationClient:
         self.registry = registry or self._default_registry()
         self.catalog = Catalog(self.store)
         self._celery = None
+        self._interrupted: str | None = None
+        self._control: JobControl | None = None
 
     @property
     def embedded(self) -> bool:
@@ -68,9 +77,7 @@ class CalibrationClient:
     def _default_registry(self) -> JobRegistry:
         if self.settings.embedded:
             return StoreRegistry(self.store)
-        import redis
-
-        return RedisRegistry(redis.Redis.from_url(self.settings.backend()))
+        return RedisRegistry.from_url(self.settings.backend())  # connect/read time out: an outage is an error, not a hang
 
     # -- jobs --------------------------------------------------------------
 
@@ -171,14 +178,51 @@ class CalibrationClient:
             if on_update is not None:
                 on_update(self.registry.get(job.job_id))
 
-        process(
-            job.to_message(),
-            registry=self.registry,
-            store=self.store,
-            settings=self.settings,
-            worker="embedded",
-            on_progress=forward,
-        )
+        self._control = JobControl()
+        if self._interrupted is not None:
+            self._control.cancel(self._interrupted)
+        try:
+            process(
+                job.to_message(),
+                registry=self.registry,
+                store=self.store,
+                settings=self.settings,
+                worker="embedded",
+                control=self._control,
+                on_progress=forward,
+            )
+        finally:
+            self._control = None
+
+    def interrupt(self, reason: str = "interrupted") -> None:
+        """Cancel the job running in this process (embedded mode) at its next check, and every later one.
+
+        Safe to call from a signal handler: the job ends ``cancelled`` with
+        ``reason``, writes nothing, and :meth:`wait` raises JobDidNotSucceed.
+        """
+        self._interrupted = reason
+        control = self._control
+        if control is not None:
+            control.cancel(reason)
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupted is not None
+
+    def cancel(self, job_id: str, reason: str = "cancelled by request") -> tuple[JobStatus, bool]:
+        """Cancel a job: ``(record, changed)``; NotFound for an unknown id.
+
+        A queued job ends ``cancelled`` now and never starts; a running one
+        is flagged and stops at its next check (within seconds), ending
+        ``cancelled``. A finished job is left as it is (``changed`` False).
+        """
+        return self.registry.cancel(job_id, reason)
+
+    def jobs(
+        self, *, state: JobState | str | None = None, archetype: str | None = None, limit: int | None = 20
+    ) -> list[JobStatus]:
+        """The most recently updated jobs, newest first (optionally of one state and archetype)."""
+        return self.registry.jobs(state=state, archetype=archetype, limit=limit)
 
     # -- reading -----------------------------------------------------------
 
@@ -186,12 +230,46 @@ class CalibrationClient:
         """The job's record (NotFound for an id never submitted)."""
         return self.registry.get(job_id)
 
-    def wait(self, job_id: str, *, timeout: float = 3600, on_update: StatusCallback | None = None) -> CalibrationSummary:
-        """Block until the job ends; its summary, or JobDidNotSucceed with the reason."""
-        status = self.registry.wait(job_id, timeout=timeout, on_update=on_update)
+    def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float = 3600,
+        on_update: StatusCallback | None = None,
+        on_outage: OutageCallback | None = None,
+    ) -> CalibrationSummary:
+        """Block until the job ends; its summary, or JobDidNotSucceed with the reason.
+
+        Rides through outages of Redis and the store: a RetryableError is
+        reported to ``on_outage(error, seconds_left)`` and the wait goes on,
+        with backoff, until ``timeout``. Raises the last RetryableError if
+        the fleet could not be reached when time ran out, WaitTimeout (a
+        TimeoutError) if it could and the job had not ended.
+        """
+        deadline = time.monotonic() + timeout
+        status = self._riding_through(
+            lambda left: self.registry.wait(job_id, timeout=left, on_update=on_update), deadline, on_outage
+        )
         if status.state is not JobState.SUCCEEDED:
             raise JobDidNotSucceed(status)
-        return self.result(job_id)
+        return self._riding_through(lambda _: self.result(job_id), deadline, on_outage)
+
+    @staticmethod
+    def _riding_through(call: Callable[[float], T], deadline: float, on_outage: OutageCallback | None) -> T:
+        delay = OUTAGE_BACKOFF_S[0]
+        while True:
+            try:
+                return call(max(0.0, deadline - time.monotonic()))
+            except RetryableError as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                if on_outage is not None:
+                    on_outage(exc, left)
+                else:
+                    log.warning("%s; retrying for up to %.0f s more", exc, left)
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, OUTAGE_BACKOFF_S[1])
 
     def result(self, job_id: str) -> CalibrationSummary:
         """The summary of a succeeded job, read from the store."""

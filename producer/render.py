@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from shared.contract.job import JobStatus
+from shared.contract.job import JobState, JobStatus
 from shared.contract.summary import CalibrationSummary
 
 
@@ -58,13 +59,43 @@ def summary_notes(summary: CalibrationSummary) -> list[str]:
 
 
 def status_table(status: JobStatus) -> Table:
+    """One job's record, field by field (data-derived text escaped: rich reads ``[...]`` as markup)."""
     table = Table(show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column()
     for key, value in status.model_dump(mode="json").items():
-        if value is not None:
-            table.add_row(key, str(value))
+        if value is not None and value is not False:
+            table.add_row(key, escape(str(value)))
     return table
+
+
+def jobs_table(records: Iterable[JobStatus]) -> Table:
+    """The job listing: newest first, with state, progress and worker (``calq status ID`` has the rest)."""
+    table = Table(title="jobs (newest first)")
+    table.add_column("job", no_wrap=True, min_width=27)  # whole: it is what calq cancel / wait take
+    table.add_column("archetype", no_wrap=True)
+    table.add_column("state", overflow="fold")
+    table.add_column("progress", overflow="fold")
+    table.add_column("worker", overflow="fold")
+    table.add_column("updated", overflow="fold")
+    for status in records:
+        phase, done = describe(status)
+        updated = status.updated_at or status.submitted_at
+        table.add_row(
+            status.job_id,
+            status.archetype,
+            _state_label(status),
+            "" if status.state.finished else escape(f"{phase} {done:.0%}"),
+            escape(status.worker or ""),
+            updated.strftime("%H:%M:%S") if updated else "",
+        )
+    return table
+
+
+def _state_label(status: JobStatus) -> str:
+    if status.state is JobState.RUNNING and status.cancel_requested:
+        return "running (cancelling)"
+    return status.state.value
 
 
 def progress_bar(console) -> Progress:
@@ -83,6 +114,11 @@ def describe(status: JobStatus) -> tuple[str, float]:
     """A phase label and an overall completion fraction for a progress bar."""
     if status.state.finished:
         return status.state.value, 1.0
+    phase, done = _phase(status)
+    return (f"cancelling ({phase})" if status.cancel_requested else phase), done
+
+
+def _phase(status: JobStatus) -> tuple[str, float]:
     progress = status.progress
     if progress is None:
         return status.state.value, 0.0

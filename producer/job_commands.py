@@ -1,0 +1,66 @@
+"""``calq cancel`` and ``calq jobs``: find a job, and stop it.
+
+Registered on the ``calq`` app by :mod:`producer.cli`; an unknown job id
+ends the command with exit code 1 (:mod:`producer.exit_codes`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from shared.contract.job import JobState
+
+STATES = ", ".join(s.value for s in JobState)
+
+
+def cancel(
+    job_id: Annotated[str, typer.Argument(help="The job to cancel (calq jobs lists them).")],
+    reason: Annotated[str, typer.Option(help="Why; kept in the job's record.")] = "cancelled by request",
+    as_json: Annotated[bool, typer.Option("--json", help='Print {"job_id", "state"} as JSON.')] = False,
+) -> None:
+    """Cancel a job: a queued job never starts; a running one stops at its next check.
+
+    Cancelling a finished job changes nothing and says so; an unknown id is an error (exit 1).
+    """
+    from producer.cli import _client, _print_json, err, out
+
+    record, changed = _client().cancel(job_id, reason)
+    if as_json:
+        _print_json({"job_id": record.job_id, "state": record.state.value})
+    elif record.state is JobState.CANCELLED and changed:
+        out.print(f"{record.job_id} cancelled", highlight=False)
+    elif changed:
+        out.print(f"{record.job_id} is running: it stops at its next check (calq wait {record.job_id})", highlight=False)
+    if not changed:
+        what = "already asked to stop" if record.state is JobState.RUNNING else f"already {record.state.value}"
+        err.print(f"{record.job_id} is {what}: nothing changed", highlight=False, markup=False)
+
+
+def jobs(
+    state: Annotated[Optional[str], typer.Option(help=f"Only jobs in this state ({STATES}).")] = None,
+    archetype: Annotated[Optional[str], typer.Option(help="Only jobs of this archetype (or 'all').")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many jobs.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the records as JSON.")] = False,
+) -> None:
+    """List the newest jobs, with state, progress and worker."""
+    from producer.cli import _client, _print_json, out
+    from producer.render import jobs_table
+
+    if state is not None and state not in {s.value for s in JobState}:
+        raise typer.BadParameter(f"{state!r} is not a state; one of {STATES}", param_hint="--state")
+    records = _client().jobs(state=state, archetype=archetype, limit=limit)
+    if as_json:
+        _print_json([r.model_dump(mode="json") for r in records])
+    else:
+        out.print(jobs_table(records))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``cancel`` and ``jobs`` to the ``calq`` app."""
+    app.command()(cancel)
+    app.command()(jobs)
+
+
+__all__ = ["cancel", "jobs", "register"]
