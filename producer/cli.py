@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 
 from producer import exit_codes, job_commands
+from producer.report.command import report
 from shared.contract.errors import CalqError, NotFound
 
 app = typer.Typer(
@@ -93,21 +94,7 @@ def synth(
     )
 
 
-@app.command()
-def report(
-    dataset: Annotated[Path, typer.Argument(help="A calibration dataset (NetCDF).")],
-    events: Events = None,
-    as_json: JsonFlag = False,
-) -> None:
-    """Score a dataset's raw forecasts: Brier, calibration error, CRPS, coverage, joint events."""
-    from producer.reporting import forecast_report, report_tables
-
-    result = forecast_report(dataset, events=events)
-    if as_json:
-        _print_json(result)
-        return
-    for table in report_tables(result):
-        out.print(table)
+app.command()(report)  # calq report: tables, or HTML / markdown pages (producer.report.command)
 
 
 # -- the main job ----------------------------------------------------------------
