@@ -406,6 +406,41 @@ def backfill(
 
 
 @app.command()
+def evaluate(
+    dataset: Annotated[Path, typer.Argument(help="A calibration dataset (NetCDF).")],
+    date_from: Annotated[str, typer.Option("--from", help="First race date to score (YYYY-MM-DD).")],
+    date_to: Annotated[str, typer.Option("--to", help="Last race date to score (YYYY-MM-DD).")],
+    archetypes: Annotated[Optional[str], typer.Option(help="Comma-separated archetypes (default: all four).")] = None,
+    events: Events = None,
+    window_days: Annotated[int, typer.Option(help="Rolling window of data before each race (as in backfill).")] = 3 * 365,
+    fleet: Annotated[bool, typer.Option("--fleet", help="Run the fits on the fleet (needs CALQ_BROKER_URL) and wait.")] = False,
+    max_in_flight: Annotated[int, typer.Option(min=1, help="Jobs queued or running at once.")] = 4,
+    warmup: Warmup = None,
+    samples: Samples = None,
+    chains: Chains = None,
+    seed: Seed = 0,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each job.")] = 3600,
+    html: Annotated[Optional[Path], typer.Option(metavar="OUT.html", help="Also write the evaluation page here.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Out of sample: score each race with the newest converged fit on earlier races; raw against calibrated."""
+    from producer.evaluate import evaluate_command, evaluate_table, write_page
+
+    try:
+        result = evaluate_command(
+            _client(), dataset, start=_date(date_from), end=_date(date_to), archetypes=archetypes, events=events,
+            window_days=window_days, fleet=fleet, max_in_flight=max_in_flight, timeout=timeout,
+            sampler={"warmup": warmup, "samples": samples, "chains": chains, "seed": seed},
+            console=None if as_json else err,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if html is not None:
+        write_page(result, html)
+    _print_json(result.to_json()) if as_json else out.print(evaluate_table(result.records))
+
+
+@app.command()
 def config() -> None:
     """Show the settings in effect (passwords masked)."""
     _print_json(_settings().public())
