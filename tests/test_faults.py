@@ -1,0 +1,489 @@
+"""The fault suite: faults cost seconds, never jobs.
+
+Real ``redis-server`` with AOF (restarted on the same port and folder), moto's
+S3 server (stopped and started on the same port; its buckets live in this
+process, so they survive), real ``python -m worker`` supervisors with their
+Celery children. Leases and backoff are shortened through the settings
+(:data:`FAST`), except in the one test at default settings.
+
+Every test asserts that no job was lost (each ends succeeded, or
+dead-lettered where that is the point), that no job has more than one
+summary and one posterior and moved ``latest`` at most once, and how long
+recovery took. Sampler runs are counted per job (``Leases.sampler_runs``),
+so a finished fit that ran again would show.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.contract.job import JobState
+from shared.contract.settings import S3Settings, Settings
+from tests.services import S3_KEY, S3_REGION, S3_SECRET, free_port, s3_client
+
+pytestmark = [pytest.mark.faults, pytest.mark.integration]
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "calq-faults"
+EVENTS = "top_5,top_10"
+#: Tiny runs cannot reach 400 effective draws: these criteria let them count as converged.
+CONVERGENCE = {"CALQ_CONVERGENCE__MIN_ESS_BULK": "10", "CALQ_CONVERGENCE__MAX_RHAT": "1.2",
+               "CALQ_CONVERGENCE__MAX_DIVERGENCES": "5"}
+#: Leases and backoff shortened, so a lapse or an outage costs seconds in the suite.
+FAST = {"CALQ_RECOVERY__LEASE_S": "4", "CALQ_RECOVERY__HEARTBEAT_S": "1", "CALQ_RECOVERY__REAPER_INTERVAL_S": "1",
+        "CALQ_RECOVERY__RETRY_FIRST_S": "0.5", "CALQ_RECOVERY__RETRY_MAX_S": "2"}
+#: A job long enough to be killed in the middle of sampling (20 chunks).
+LONG = {"warmup": 100, "samples": 3000, "chains": 2}
+SHORT = {"warmup": 100, "samples": 200, "chains": 2}
+
+
+# -- services that can be stopped and started again ---------------------------------
+
+
+class AofRedis:
+    """A redis-server with ``appendonly yes`` (fsync always) that can be restarted on its port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            if os.environ.get("CI"):
+                pytest.fail("redis-server is not on PATH (CI is set)")
+            pytest.skip("redis-server is not on PATH")
+        self.workdir, self.port = workdir, free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import redis
+
+        log = open(self.workdir / "redis.log", "ab")
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--maxmemory-policy", "noeviction"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        wait_until(lambda: _pings(client), 15, "redis-server to answer")
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+def _pings(client) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+
+
+class Moto:
+    """moto's S3 server on a fixed port; stopping it is an S3 outage (the buckets stay in this process)."""
+
+    def __init__(self) -> None:
+        try:
+            from moto.server import ThreadedMotoServer
+        except ImportError:
+            if os.environ.get("CI"):
+                pytest.fail("moto[server] is not installed (CI is set)")
+            pytest.skip("moto[server] is not installed")
+        self._cls, self.port, self.server = ThreadedMotoServer, free_port(), None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        for _ in range(50):  # the port may linger a moment after a stop
+            try:
+                self.server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
+                self.server.start()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"moto could not listen on {self.port} again")
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, poll: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(poll)
+
+
+# -- workers -------------------------------------------------------------------------
+
+
+def children_of(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class Worker:
+    """``python -m worker --gpus none`` (a supervisor and its Celery children), logging to a file."""
+
+    def __init__(self, env: dict[str, str], log: Path, *, children: int = 1) -> None:
+        self.log = log
+        out = open(log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "--gpus", "none", "--cpu-workers", str(children)],
+            env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        )
+        out.close()
+        self.n = children
+
+    def children(self) -> list[int]:
+        return children_of(self.proc.pid)
+
+    def child_named(self, name: str) -> int | None:
+        """The pid of the child whose Celery hostname is ``name`` (a record's ``worker``)."""
+        for pid in self.children():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if name.encode() in argv:
+                return pid
+        return None
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        wait_until(lambda: self.log.read_text(errors="replace").count(" ready.") >= self.n, timeout,
+                   f"{self.n} Celery worker(s) ready in {self.log}", poll=0.25)
+
+    def kill_all(self) -> None:
+        """SIGKILL the supervisor and its children: the whole worker is gone at once."""
+        kids = self.children()
+        self.proc.kill()
+        for pid in kids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.kill_all()
+
+
+# -- the fleet under test --------------------------------------------------------------
+
+
+class Faults:
+    """Everything a fault test touches: services, workers, a client, and the checks."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.redis = AofRedis(tmp)
+        self.s3 = Moto()
+        self.workers: list[Worker] = []
+        self.phases: dict[str, list[str]] = {}
+        self._listening = False
+
+    def start(self) -> None:
+        from shared.data.dataset import save_dataset
+        from shared.data.synth import synthesize
+
+        self.redis.start()
+        self.s3.start()
+        s3_client(self.s3.url).create_bucket(Bucket=BUCKET)
+        self.settings = Settings(
+            broker_url=self.redis.url, storage_url=f"s3://{BUCKET}/calq", compile_cache_dir=None,
+            s3=S3Settings(endpoint_url=self.s3.url, access_key_id=S3_KEY, secret_access_key=S3_SECRET, region=S3_REGION),
+        )
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
+        self.env.update(
+            CALQ_BROKER_URL=self.redis.url, CALQ_STORAGE_URL=f"s3://{BUCKET}/calq",
+            CALQ_S3__ENDPOINT_URL=self.s3.url, CALQ_S3__ACCESS_KEY_ID=S3_KEY,
+            CALQ_S3__SECRET_ACCESS_KEY=S3_SECRET, CALQ_S3__REGION=S3_REGION,
+            CALQ_COMPILE_CACHE_DIR=str(self.tmp / "jax-cache"),
+            CALQ_RECOVERY__SPOOL_DIR=str(self.tmp / "spool"),
+            PYTHONPATH=str(ROOT), **CONVERGENCE,
+        )
+        self.dataset = self.tmp / "season.nc"
+        save_dataset(synthesize(seasons=1, scenarios=200, seed=5), self.dataset)
+        self.client = self.new_client()
+        self.dataset_ref = self.client.upload(self.dataset)
+        self.listen()
+
+    def new_client(self):
+        from producer.client import CalibrationClient
+
+        return CalibrationClient(self.settings)
+
+    def close(self) -> None:
+        self._listening = False
+        for worker in self.workers:
+            worker.stop()
+        self.s3.stop()
+        self.redis.stop()
+
+    # -- workers and jobs --
+
+    def worker(self, *, children: int = 1, fast: bool = True, **env: str) -> Worker:
+        worker = Worker({**self.env, **(FAST if fast else {}), **env}, self.tmp / f"worker{len(self.workers)}.log",
+                        children=children)
+        self.workers.append(worker)
+        return worker
+
+    def submit(self, seed: int, sampler: dict[str, int] = LONG, archetype: str = "intermediate") -> str:
+        return self.client.submit(self.dataset, archetype, events=EVENTS, seed=seed, dataset_ref=self.dataset_ref,
+                                  **sampler)
+
+    def record(self, job_id: str):
+        try:
+            return self.client.registry.find(job_id)
+        except Exception:
+            return None  # Redis may be the fault
+
+    def wait_state(self, job_id: str, states: set[JobState], timeout: float):
+        return wait_until(lambda: (r := self.record(job_id)) is not None and r.state in states and r, timeout,
+                          f"{job_id} to be {', '.join(s.value for s in states)}")
+
+    def wait_sampling(self, job_id: str, fraction: float = 0.1, timeout: float = 120):
+        def sampling():
+            r = self.record(job_id)
+            return r is not None and r.state is JobState.RUNNING and r.progress is not None and \
+                r.progress.phase == "sampling" and r.progress.fraction >= fraction and r
+        return wait_until(sampling, timeout, f"{job_id} to be sampling", poll=0.05)
+
+    def leases(self):
+        import redis
+
+        from shared.jobs.lease import Leases
+
+        return Leases(redis.Redis.from_url(self.redis.url))
+
+    def listen(self) -> None:
+        """Collect every progress phase each job reports (the registry's pub/sub), across Redis restarts."""
+        import redis
+
+        self._listening = True
+
+        def run() -> None:
+            while self._listening:
+                try:
+                    pubsub = redis.Redis.from_url(self.redis.url).pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe("calq:jobs")
+                    while self._listening:
+                        message = pubsub.get_message(timeout=0.5)
+                        if message and message.get("type") == "message":
+                            body = json.loads(message["data"])
+                            phase = (body.get("progress") or {}).get("phase") or body.get("state")
+                            seen = self.phases.setdefault(body["job_id"], [])
+                            if not seen or seen[-1] != phase:
+                                seen.append(phase)
+                except Exception:
+                    time.sleep(0.2)
+
+        threading.Thread(target=run, daemon=True).start()
+
+    # -- the checks every test makes --
+
+    def worker_logs(self) -> str:
+        return "".join(w.log.read_text(errors="replace") for w in self.workers)
+
+    def assert_done_once(self, job_id: str, *, sampler_runs: int | None = None) -> None:
+        """Succeeded, one summary and one posterior, ``latest`` moved at most once, the sampler run as often as said."""
+        record = self.record(job_id)
+        assert record is not None and record.state is JobState.SUCCEEDED, record
+        objects = [uri for uri in self.client.store.list("posteriors") if job_id in uri]
+        assert sorted(Path(u).suffix for u in objects) == [".json", ".nc"], objects
+        summary = self.client.result(job_id)
+        assert summary.job_id == job_id
+        moves = self.worker_logs().count(f"latest now {job_id}")
+        assert moves <= 1, f"latest moved {moves} times for {job_id}"
+        if sampler_runs is not None:
+            assert self.leases().sampler_runs(job_id) == sampler_runs
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory) -> Iterator[Faults]:
+    fleet = Faults(tmp_path_factory.mktemp("faults"))
+    fleet.start()
+    try:
+        yield fleet
+    finally:
+        fleet.close()
+
+
+@pytest.fixture(scope="module")
+def pair(faults) -> Worker:
+    """One worker with two children and short leases, shared by the tests that do not kill it."""
+    worker = faults.worker(children=2)
+    worker.wait_ready()
+    return worker
+
+
+def report(what: str, seconds: float) -> None:
+    print(f"\n[faults] {what}: {seconds:.1f} s")
+
+
+# -- the faults ------------------------------------------------------------------------
+
+
+def test_child_sigkilled_mid_sampling_runs_again_within_90_s_at_default_settings(faults):
+    """The one test at default settings (lease 60 s, heartbeat 10 s, reaper 15 s)."""
+    worker = faults.worker(children=1, fast=False)
+    worker.wait_ready()
+    job_id = faults.submit(seed=101)
+    first = faults.wait_sampling(job_id)
+    (child,) = worker.children()
+    os.kill(child, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_until(lambda: (r := faults.record(job_id)) and r.state is JobState.RUNNING and
+               r.started_at != first.started_at and r, 90, "the job to run again")
+    recovery = time.monotonic() - killed
+    report("SIGKILL of the child → running again (default settings)", recovery)
+    assert recovery < 90
+    faults.wait_state(job_id, {JobState.SUCCEEDED}, 240)
+    faults.assert_done_once(job_id, sampler_runs=2)
+    assert "killed by SIGKILL (signal 9)" in worker.log.read_text() and "out of memory" not in worker.log.read_text()
+    assert faults.record(job_id).deliveries == 2
+    worker.stop()
+
+
+def test_twenty_concurrent_submits_of_one_job_with_two_workers_run_it_once(faults, pair):
+    from concurrent.futures import ThreadPoolExecutor
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(20) as pool:
+        ids = set(pool.map(lambda _: faults.new_client().submit(
+            faults.dataset, "intermediate", events=EVENTS, seed=201, dataset_ref=faults.dataset_ref, **SHORT), range(20)))
+    (job_id,) = ids
+    record = faults.wait_state(job_id, {JobState.SUCCEEDED}, 180)
+    report("20 concurrent submits → succeeded", time.monotonic() - start)
+    faults.assert_done_once(job_id, sampler_runs=1)
+    assert record.deliveries == 1
+    assert pair.log.read_text().count(f"calq.calibrate[{job_id}] received") == 1
+
+
+def restart_redis(faults, down_s: float) -> None:
+    faults.redis.stop()
+    time.sleep(down_s)
+    faults.redis.start()
+
+
+def test_redis_restart_mid_run_loses_nothing(faults, pair):
+    job_id = faults.submit(seed=301)
+    faults.wait_sampling(job_id, 0.1)
+    restart_redis(faults, 3)
+    back = time.monotonic()
+    faults.wait_state(job_id, {JobState.SUCCEEDED}, 240)
+    report("Redis restarted mid-run (3 s down) → succeeded after", time.monotonic() - back)
+    faults.assert_done_once(job_id, sampler_runs=1)
+
+
+def test_redis_out_at_the_moment_of_finishing_orphans_nothing(faults, pair):
+    job_id = faults.submit(seed=302)
+    faults.wait_sampling(job_id, 0.9)
+    restart_redis(faults, 8)  # longer than the lease: the worker's succeed waits, then the record is made right
+    back = time.monotonic()
+    faults.wait_state(job_id, {JobState.SUCCEEDED}, 120)
+    report("Redis out 8 s as the job finished → succeeded after", time.monotonic() - back)
+    faults.assert_done_once(job_id, sampler_runs=1)
+
+
+@pytest.mark.parametrize("down_s", [10, 25], ids=["10s", "longer-than-backoff"])
+def test_s3_stopped_mid_write_costs_waiting_not_the_fit(faults, pair, down_s):
+    job_id = faults.submit(seed=400 + down_s)
+    faults.wait_sampling(job_id, 0.9)
+    faults.s3.stop()
+    try:
+        wait_until(lambda: "waiting for storage" in faults.phases.get(job_id, []), 60, "the write to wait for S3")
+        assert faults.record(job_id).state is JobState.RUNNING
+        time.sleep(down_s)
+    finally:
+        faults.s3.start()
+    back = time.monotonic()
+    faults.wait_state(job_id, {JobState.SUCCEEDED}, 120)
+    report(f"S3 stopped {down_s} s mid-write → succeeded after", time.monotonic() - back)
+    faults.assert_done_once(job_id, sampler_runs=1)
+
+
+def test_a_job_that_kills_its_worker_every_time_is_dead_lettered(faults, pair):
+    job_id = faults.submit(seed=501, sampler=SHORT)
+    started = time.monotonic()
+    kills, seen = 0, set()
+    while True:
+        record = faults.record(job_id)
+        if record is not None and record.state.finished:
+            break
+        if record is not None and record.state is JobState.RUNNING and record.started_at not in seen:
+            pid = pair.child_named(record.worker)
+            if pid is not None:
+                seen.add(record.started_at)
+                os.kill(pid, signal.SIGKILL)  # the poison: its worker dies every time it runs
+                kills += 1
+        assert time.monotonic() - started < 180, f"not dead-lettered after {kills} kills: {record}"
+        time.sleep(0.05)
+    report(f"poison job dead-lettered after {kills} kills", time.monotonic() - started)
+    assert record.state is JobState.FAILED and "dead-lettered" in record.reason
+    assert kills == faults.settings.max_deliveries
+    assert [u for u in faults.client.store.list("posteriors") if job_id in u] == []
+
+
+def test_the_whole_worker_sigkilled_then_a_new_one_started(faults, pair):
+    pair.stop()  # only the worker under test and its successor
+    worker = faults.worker(children=1)
+    worker.wait_ready()
+    job_id = faults.submit(seed=601)
+    first = faults.wait_sampling(job_id, 0.1)
+    worker.kill_all()
+    killed = time.monotonic()
+    successor = faults.worker(children=1)
+    record = wait_until(lambda: (r := faults.record(job_id)) and r.state is JobState.RUNNING and
+                        r.started_at != first.started_at and r, 120, "the job to run again on the new worker")
+    report("whole worker SIGKILLed → running on the new worker", time.monotonic() - killed)
+    faults.wait_state(job_id, {JobState.SUCCEEDED}, 240)
+    faults.assert_done_once(job_id, sampler_runs=2)
+    assert "lease lapsed" in successor.log.read_text()
+    assert record.deliveries == 2
