@@ -369,7 +369,8 @@ class JobRegistry(ABC):
     def _finish(self, job_id: str, state: JobState, reason: str) -> JobStatus | None:
         return self._transition(
             job_id, Actor.WORKER, state,
-            lambda s: s.model_copy(update={"state": state, "reason": reason, "finished_at": utcnow()}),
+            # a finished job's progress is history: a failed record must not show it frozen mid-run
+            lambda s: s.model_copy(update={"state": state, "reason": reason, "finished_at": utcnow(), "progress": None}),
         )[1]
 
     def requeue_abandoned(self, job_id: str, *, reason: str, count_delivery: bool) -> JobStatus | None:
