@@ -158,7 +158,7 @@ def _ctrl_c_cancels(client):
 
     def on_sigint(signum, frame) -> None:
         if client.interrupted:
-            raise KeyboardInterrupt
+            raise Interrupted
         client.interrupt("interrupted (Ctrl-C)")
 
     previous = signal.signal(signal.SIGINT, on_sigint)
@@ -490,6 +490,14 @@ def _floats(value: str) -> list[float]:
 job_commands.register(app)  # calq cancel, calq jobs
 
 
+class Interrupted(BaseException):
+    """Ctrl-C. Not a KeyboardInterrupt, which Click turns into its own exit code on the way out."""
+
+
+def _on_sigint(signum, frame) -> None:
+    raise Interrupted
+
+
 def main() -> None:
     """Entry point: choose the device, configure logging once, run the command, report calq errors."""
     from shared.contract.settings import get_settings
@@ -511,6 +519,7 @@ def main() -> None:
     )
     for noisy in ("jax", "absl", "botocore", "s3fs", "aiobotocore", "celery", "kombu"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    signal.signal(signal.SIGINT, _on_sigint)
     try:
         app()
     except NotFound as exc:
@@ -521,7 +530,7 @@ def main() -> None:
         code = exit_codes.for_state(status.state) if status is not None else exit_codes.for_error(exc)
         err.print(f"{type(exc).__name__}: {exc}", style="red", markup=False, highlight=False)
         sys.exit(code)
-    except KeyboardInterrupt:
+    except (Interrupted, KeyboardInterrupt):
         err.print("interrupted", style="red")
         sys.exit(exit_codes.ExitCode.CANCELLED)
 
