@@ -296,7 +296,8 @@ def test_a_file_that_is_not_netcdf_is_an_invalid_dataset(tmp_path, content):
         with pytest.raises(InvalidDataset) as caught:
             open_dataset(source)
         (problem,) = caught.value.problems
-        assert "not a readable NetCDF dataset" in problem
+        assert ("the file is not NetCDF" if content else "the file is empty") in problem
+        assert caught.value.intrinsic
 
 
 def test_a_missing_file_is_not_found(tmp_path):

@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.contract.errors import DatasetHashMismatch, DatasetNotFound, NotFound, StorageUnavailable
+from shared.contract.errors import (
+    DatasetHashMismatch,
+    DatasetNotAllowed,
+    DatasetNotFound,
+    NotFound,
+    StorageUnavailable,
+)
 from shared.contract.settings import S3Settings, Settings
 from shared.storage import store as storage_module
 from shared.storage.store import Store, posterior_key, sha256_file, summary_key
@@ -257,6 +263,7 @@ def test_fetch_dataset_verifies_the_hash(store: Store, tmp_path: Path) -> None:
         fresh.fetch_dataset(uri, sha)
     assert info.value.expected == sha
     assert info.value.actual == hashlib.sha256(b"tampered").hexdigest()
+    assert info.value.actual not in str(info.value)  # no hash oracle in the reason
     leftovers = list((tmp_path / "fresh-cache").glob("*")) if (tmp_path / "fresh-cache").exists() else []
     assert leftovers == []  # nothing unverified is kept
 
@@ -267,15 +274,36 @@ def test_fetch_dataset_missing(store: Store) -> None:
         store.fetch_dataset(store.uri(f"datasets/{sha}.nc"), sha)
 
 
-def test_fetch_dataset_accepts_any_file_uri(store: Store, tmp_path: Path) -> None:
+def test_fetch_dataset_reads_only_the_content_address(store: Store, tmp_path: Path) -> None:
     (tmp_path / "elsewhere").mkdir()
     path = _dataset_file(tmp_path / "elsewhere" / "mine.nc")
     sha = sha256_file(path)
+    for uri in (f"file://{path}", f"file://{tmp_path}/nope.nc", "file:///etc/passwd"):
+        with pytest.raises(DatasetNotAllowed) as info:
+            store.fetch_dataset(uri, sha)
+        assert str(info.value) == DatasetNotAllowed.MESSAGE  # the same whether or not the target exists
+    uri, _ = store.upload_dataset(path)
+    assert uri == store.dataset_uri(sha)
+    assert store.fetch_dataset(uri, sha).read_bytes() == path.read_bytes()
+
+
+def test_dataset_roots_allow_embedded_reads_under_them_only(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    path = _dataset_file(root / "mine.nc")
+    sha = sha256_file(path)
+    (root / "escape.nc").symlink_to("/etc/passwd")
+    store = Store(str(tmp_path / "store"), cache_dir=tmp_path / "cache", dataset_roots=[str(root)])
     assert store.fetch_dataset(f"file://{path}", sha) == path
     with pytest.raises(DatasetHashMismatch):
         store.fetch_dataset(f"file://{path}", "1" * 64)
     with pytest.raises(DatasetNotFound):
-        store.fetch_dataset(f"file://{tmp_path}/nope.nc", sha)
+        store.fetch_dataset(f"file://{root}/nope.nc", sha)
+    for outside in (f"file://{root}/../store/x.nc", f"file://{root}/escape.nc", f"file://{root}"):
+        with pytest.raises(DatasetNotAllowed):
+            store.fetch_dataset(outside, sha)
+    store.discard_dataset(sha)  # touches only the store's content address
+    assert path.exists()
 
 
 @pytest.mark.integration
@@ -333,7 +361,7 @@ def test_unreachable_s3_raises_storage_unavailable_quickly(tmp_path: Path) -> No
         lambda: once.put_bytes("a.bin", b"x"),
         lambda: once.list("posteriors"),
         lambda: once.get_inference_data(posterior_key("intermediate", "j")),
-        lambda: once.fetch_dataset(once.uri("datasets/x.nc"), "0" * 64),
+        lambda: once.fetch_dataset(once.dataset_uri("0" * 64), "0" * 64),
     ):
         expect_unavailable(call, limit_s=3)
 

@@ -9,11 +9,14 @@ that matters to the fleet is whether trying again can help::
     │   └── BrokerUnavailable   Redis unreachable
     ├── RejectedError           permanent: bad input, never retried
     │   ├── InvalidJob          the job message fails its schema
-    │   ├── DatasetNotFound     the dataset URI points at nothing
+    │   ├── DatasetNotFound     nothing at the job's own content address in the store
+    │   ├── DatasetNotAllowed   the URI is not the store's content address (one message, no oracle)
     │   ├── DatasetHashMismatch the bytes at the URI are not the ones the job names
-    │   └── InvalidDataset      the dataset breaks the contract (one problem per line)
+    │   ├── InvalidDataset      the dataset breaks the contract or a limit (one problem per line)
+    │   └── JobOverLimit        the job asks for more than this worker's caps
     ├── JobFailed               the job ran and could not finish (time limit,
     │   └── JobTimeLimitExceeded  numerical failure); not retried automatically
+    ├── AuthenticationFailed    a wrong password or key (Redis, S3): permanent, never "unavailable"
     └── NotFound                a lookup (job, summary, posterior) found nothing
 
 Non-convergence is *not* an error: it is a flag with reasons in the summary.
@@ -54,14 +57,30 @@ class DatasetNotFound(RejectedError):
     """Nothing exists at the dataset URI the job names."""
 
 
+class DatasetNotAllowed(RejectedError):
+    """The dataset URI is not where a job may read: its content address in the store.
+
+    The message is one constant sentence: it says nothing about the target
+    (whether it exists, its size or hash), so a job cannot probe the worker.
+    """
+
+    MESSAGE = (
+        "dataset_uri is not this store's content address for dataset_sha256: a job reads its dataset only "
+        "from the store, at datasets/<sha256>.nc under the store's prefix (upload it first)"
+    )
+
+    def __init__(self) -> None:
+        super().__init__(self.MESSAGE)
+
+
 class DatasetHashMismatch(RejectedError):
-    """The dataset's content hash differs from the one the job was submitted with."""
+    """The bytes at the dataset's address do not hash to the sha256 the job names.
+
+    The message never holds the actual hash (no hash oracle).
+    """
 
     def __init__(self, uri: str, expected: str, actual: str) -> None:
-        super().__init__(
-            f"dataset {uri} has sha256 {actual}, but the job names {expected}: "
-            "the file changed after submission"
-        )
+        super().__init__(f"dataset {uri}: its bytes do not have sha256 {expected}, the hash the job names")
         self.uri, self.expected, self.actual = uri, expected, actual
 
 
@@ -70,14 +89,28 @@ class InvalidDataset(RejectedError):
 
     ``problems`` holds one human-readable line per distinct problem, so a
     producer can fix all of them in one go.
+
+    ``intrinsic`` is True only when the file's own bytes are at fault
+    (unreadable, over a limit, breaking the contract), never for a problem
+    of one job's choice (an archetype or window without races): only then
+    may a worker delete the stored copy.
     """
 
-    def __init__(self, problems: Sequence[str], *, source: str | None = None) -> None:
+    def __init__(self, problems: Sequence[str], *, source: str | None = None, intrinsic: bool = False) -> None:
         self.problems = list(problems)
         self.source = source
+        self.intrinsic = intrinsic
         where = f" ({source})" if source else ""
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"invalid calibration dataset{where}:\n{lines}")
+
+
+class JobOverLimit(RejectedError):
+    """The job asks for more than the worker's caps allow (chains, draws, events)."""
+
+
+class AuthenticationFailed(CalqError):
+    """A service refused calq's credentials: permanent until the settings are fixed."""
 
 
 class JobFailed(CalqError):
@@ -123,6 +156,8 @@ def classify(exc: BaseException) -> Outcome:
             return Outcome.REJECT
     except ImportError:  # pragma: no cover - pydantic is a hard dependency
         pass
+    if is_authentication_failure(exc):
+        return Outcome.FAIL
     try:
         import redis.exceptions
 
@@ -131,3 +166,35 @@ def classify(exc: BaseException) -> Outcome:
     except ImportError:  # pragma: no cover
         pass
     return Outcome.FAIL
+
+
+_S3_AUTH_CODES = frozenset(
+    {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "AuthorizationHeaderMalformed"}
+)
+
+
+def is_authentication_failure(exc: BaseException) -> bool:
+    """True if ``exc`` (or what caused it) is a refused password or key.
+
+    Redis raises ``redis.AuthenticationError`` (a subclass of its
+    ``ConnectionError``, hence the check before the retryable ones) or a
+    ``ResponseError`` "WRONGPASS"/"NOAUTH"; S3 answers 403 with an access-key
+    or signature error code.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, AuthenticationFailed):
+            return True
+        name = type(current).__name__
+        text = str(current)
+        if name in ("AuthenticationError", "AuthenticationWrongNumberOfArgsError"):
+            return True
+        if name == "ResponseError" and text.startswith(("WRONGPASS", "NOAUTH")):
+            return True
+        response = getattr(current, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code") in _S3_AUTH_CODES:
+            return True
+        current = current.__cause__ or current.__context__
+    return False

@@ -22,6 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from shared.contract.domain import DEFAULT_EVENTS, ArchetypeOrAll, event_threshold
 
 MODEL_VERSION = "logit-hier/1"
+#: The model versions this code can fit; any other is rejected, never run as the current one.
+SUPPORTED_MODEL_VERSIONS = (MODEL_VERSION,)
+#: The longest dataset URI a job may carry.
+MAX_URI_CHARS = 2048
+#: The most events one job may name (a worker may cap lower: limits.max_events).
+MAX_EVENTS = 32
 STORAGE_SCHEMES = ("file", "s3")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -43,14 +49,16 @@ class CalibrationJob(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     archetype: ArchetypeOrAll
-    dataset_uri: str = Field(description="file:// or s3:// URI of the NetCDF dataset")
+    dataset_uri: str = Field(max_length=MAX_URI_CHARS, description="file:// or s3:// URI of the NetCDF dataset")
     dataset_sha256: str = Field(description="sha256 of the dataset file's bytes")
-    events: tuple[str, ...] = DEFAULT_EVENTS
+    events: tuple[str, ...] = Field(DEFAULT_EVENTS, max_length=MAX_EVENTS)
     as_of: date | None = Field(None, description="use races strictly before this date")
     window_days: int | None = Field(None, ge=1, description="only races in the last N days before as_of")
     sampler: SamplerSettings = SamplerSettings()
-    model_version: str = MODEL_VERSION
-    time_limit_s: int | None = Field(None, ge=1, description="overrides the worker's job time limit")
+    model_version: str = Field(MODEL_VERSION, max_length=64)
+    time_limit_s: int | None = Field(
+        None, ge=1, le=7 * 24 * 3600, description="shortens the worker's job time limit (never lengthens it)"
+    )
 
     @model_validator(mode="wrap")
     @classmethod
@@ -76,6 +84,13 @@ class CalibrationJob(BaseModel):
         if parts.scheme == "file" and not parts.path.startswith("/"):
             raise ValueError(f"dataset_uri {uri!r} must hold an absolute path")
         return uri
+
+    @field_validator("model_version")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value not in SUPPORTED_MODEL_VERSIONS:
+            raise ValueError(f"unknown model_version; this calq fits {', '.join(SUPPORTED_MODEL_VERSIONS)}")
+        return value
 
     @field_validator("dataset_sha256")
     @classmethod

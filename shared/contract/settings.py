@@ -98,6 +98,29 @@ class RecoverySettings(BaseModel):
         return self
 
 
+class DataLimits(BaseModel):
+    """What one job may cost a worker: checked before the work they bound.
+
+    Dataset limits are read from the NetCDF header before any array is
+    decoded (:mod:`shared.data.limits`); the defaults fit a 10-season ×
+    10,000-scenario × 50-driver dataset (360 × 10,000 × 50 cells: 720 MB per
+    float32 variable). Job caps bound what a producer asks for: a job above
+    one is rejected naming the cap, never run smaller.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    max_decoded_bytes: int = Field(4 * 2**30, ge=1, description="Bytes of all variables once decoded (and of the file).")
+    max_races: int = Field(2_000, ge=1, description="Length of the race dimension.")
+    max_scenarios: int = Field(20_000, ge=1, description="Length of the scenario dimension.")
+    max_drivers: int = Field(200, ge=2, description="Length of the driver dimension.")
+    max_id_chars: int = Field(200, ge=1, description="Characters in one race id, driver id, track or archetype name.")
+    min_scenarios: int = Field(20, ge=1, description="Fewest scenarios per race a forecast probability is built from.")
+    max_chains: int = Field(8, ge=1, description="Chains one job may ask for.")
+    max_draws_per_chain: int = Field(20_000, ge=2, description="Warmup plus samples one chain may ask for.")
+    max_events: int = Field(10, ge=1, description="Events one job may fit.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CALQ_",
@@ -124,6 +147,12 @@ class Settings(BaseSettings):
     )
 
     job_time_limit_s: int = Field(3600, ge=1, description="Hard wall-clock limit of one job.")
+    limits: DataLimits = DataLimits()
+    dataset_roots: tuple[str, ...] = Field(
+        (),
+        description="Extra read-only folders (or file:// URLs) a job may read datasets from, for embedded use; "
+        "the fleet reads only the store's datasets/<sha256>.nc.",
+    )
     visibility_timeout_s: int = Field(
         6 * 3600,
         ge=60,

@@ -35,6 +35,8 @@ import xarray as xr
 
 from shared.contract.domain import ARCHETYPES, event_threshold
 from shared.contract.errors import DatasetNotFound, InvalidDataset
+from shared.contract.settings import DataLimits
+from shared.data.limits import check_bytes, check_file, unreadable_reason
 from shared.data.validation import (  # the dataset contract, re-exported
     MAX_LINES_PER_PROBLEM,
     OPTIONAL_VARIABLES,
@@ -58,17 +60,36 @@ Source = str | os.PathLike | IO[bytes]
 # --------------------------------------------------------------------------- I/O
 
 
-def open_dataset(source: Source, *, archetype: str | None = None, check: bool = True) -> xr.Dataset:
+def open_dataset(
+    source: Source,
+    *,
+    archetype: str | None = None,
+    check: bool = True,
+    limits: DataLimits | None = None,
+    label: str | None = None,
+) -> xr.Dataset:
     """Read a calibration dataset fully into memory, close the file, validate it.
 
     ``source`` is a path or a binary file-like object holding NetCDF bytes.
+    Before any array is decoded, the file and its header are checked against
+    ``limits`` (default: :class:`DataLimits`'s defaults; see
+    :mod:`shared.data.limits`), so a file declaring 50 GB costs a header
+    read, a FIFO is never opened and a folder is named as one.
     Raises :class:`~shared.contract.errors.DatasetNotFound` for a path that does not
     exist, and :class:`~shared.contract.errors.InvalidDataset` for bytes that are not
-    readable NetCDF or a dataset that breaks the contract (see :func:`validate`).
-    ``check=False`` skips the contract, for callers that validate next anyway
-    (:func:`shared.fit.calibrate.calibrate` does).
+    readable NetCDF, break a limit, do not fit in memory while loading, or
+    break the contract (see :func:`validate`).
+    ``check=False`` skips the contract (not the limits), for callers that
+    validate next anyway (:func:`shared.fit.calibrate.calibrate` does).
+    ``label`` names the dataset in messages (default: the path).
     """
-    label = _source_label(source)
+    label = label or _source_label(source)
+    limits = limits or DataLimits()
+    if isinstance(source, (str, os.PathLike)):
+        check_file(source, limits, source=label)
+    else:
+        source = _BytesSource(source.read())
+        check_bytes(source.data, limits, source=label)
     ds = _read_netcdf(source, label=label)
     log.debug("read dataset %s: %s", label, dict(ds.sizes))
     return validate(ds, archetype=archetype, source=label) if check else ds
@@ -105,18 +126,35 @@ def _source_label(source: Source) -> str:
     return str(getattr(source, "name", None) or "<file object>")
 
 
-def _read_netcdf(source: Source, *, label: str) -> xr.Dataset:
-    """Load a NetCDF source into memory; the file is closed on return."""
+@dataclass(frozen=True)
+class _BytesSource:
+    data: bytes
+
+
+def _read_netcdf(source: str | os.PathLike | _BytesSource, *, label: str) -> xr.Dataset:
+    """Load a NetCDF source into memory; the file is closed on return.
+
+    A MemoryError while decoding is a rejection with a clear reason (the
+    limits were not tight enough for this worker), never a traceback.
+    """
     try:
-        if isinstance(source, (str, os.PathLike)):
-            with xr.open_dataset(os.fspath(source), engine="netcdf4") as lazy:
-                return lazy.load()
-        return _read_netcdf_bytes(source.read())
+        if isinstance(source, _BytesSource):
+            return _read_netcdf_bytes(source.data)
+        with xr.open_dataset(os.fspath(source), engine="netcdf4") as lazy:
+            return lazy.load()
     except FileNotFoundError as exc:
         raise DatasetNotFound(f"no dataset file at {label}") from exc
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
-        problem = f"the file is not a readable NetCDF dataset ({type(exc).__name__}: {exc})"
+    except MemoryError as exc:
+        problem = (
+            "the dataset did not fit in this worker's memory while it was decoded (MemoryError); "
+            "lower limits.max_decoded_bytes on this worker, or split the dataset"
+        )
         raise InvalidDataset([problem], source=label) from exc
+    except UnicodeDecodeError as exc:
+        problem = f"the file holds text that is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+        raise InvalidDataset([problem], source=label, intrinsic=True) from exc
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, IndexError) as exc:
+        raise InvalidDataset([unreadable_reason(exc)], source=label, intrinsic=True) from exc
 
 
 def _read_netcdf_bytes(data: bytes) -> xr.Dataset:

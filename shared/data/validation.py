@@ -59,8 +59,10 @@ def validate(ds: xr.Dataset, *, archetype: str | None = None, source: str | None
     """
     problems, usable = _variable_problems(ds)
     problems += _coordinate_problems(ds)
+    # The only problem of the job's choosing, not the file's own: it keeps the file.
+    job_problems = []
     if archetype is not None and archetype != "all":
-        problems += _archetype_problems(ds, archetypes_of(archetype)[0])
+        job_problems = _archetype_problems(ds, archetypes_of(archetype)[0])
     if "finish_position" in usable:
         problems += _finish_problems(ds)
     sim_entered = None
@@ -70,9 +72,9 @@ def validate(ds: xr.Dataset, *, archetype: str | None = None, source: str | None
     if "finish_position" in usable and sim_entered is not None:
         problems += _entry_problems(ds, sim_entered)
     problems += _points_problems(ds, usable)
-    if problems:
-        log.info("dataset %s rejected: %d problem(s)", source or "<memory>", len(problems))
-        raise InvalidDataset(problems, source=source)
+    if problems or job_problems:
+        log.info("dataset %s rejected: %d problem(s)", source or "<memory>", len(problems) + len(job_problems))
+        raise InvalidDataset(job_problems + problems, source=source, intrinsic=bool(problems))
     return ds
 
 
@@ -361,9 +363,28 @@ def _points_problems(ds: xr.Dataset, usable: set[str]) -> list[str]:
     """Points must be missing exactly where positions are."""
     problems = []
     for points, positions in (("sim_points", "sim_position"), ("points", "finish_position")):
+        if points in usable:
+            problems += _infinite_lines(ds, points)
         if points in usable and positions in usable:
             problems += _nan_pattern_lines(ds, points, positions)
     return problems
+
+
+def _infinite_lines(ds: xr.Dataset, name: str) -> list[str]:
+    """One line per race where ``name`` holds +inf or -inf (points are finite or NaN)."""
+    values = variable_values(ds, name)
+    n_races = values.shape[0]
+    cells_per_race = int(np.prod(values.shape[1:]))
+    race_ids = _labels(ds, "race")
+    lines = []
+    for block in race_blocks(n_races, cells_per_race):
+        bad = np.isinf(values[block]).reshape(block.stop - block.start, -1)
+        for i in np.nonzero(bad.any(axis=1))[0]:
+            lines.append(
+                f"{name}: race {race_ids[block.start + i]} has {int(bad[i].sum())} infinite value(s) "
+                "(points must be finite, or NaN for a driver not entered)"
+            )
+    return _capped(lines, what=f"races with infinite {name}")
 
 
 def _nan_pattern_lines(ds: xr.Dataset, points: str, positions: str) -> list[str]:

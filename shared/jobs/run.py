@@ -11,10 +11,12 @@ import logging
 import time
 
 from shared.contract.control import JobControl
+from shared.contract.errors import DatasetHashMismatch, InvalidDataset
 from shared.contract.job import CalibrationJob, Progress
 from shared.contract.settings import Settings
 from shared.contract.summary import CalibrationSummary, ConvergenceCriteria
 from shared.data.dataset import open_dataset
+from shared.data.limits import check_job
 from shared.fit.calibrate import calibrate
 from shared.jobs.spool import write_results
 from shared.storage.store import Store
@@ -60,23 +62,32 @@ def run_job(
     :class:`~shared.contract.errors.StorageUnavailable`.
     """
     prepare_process(settings)
-    control = (control or JobControl()).start(job.time_limit_s or settings.job_time_limit_s)
+    # A producer's time limit may shorten the worker's, never lengthen it (which stays below the visibility timeout).
+    limit_s = min(job.time_limit_s or settings.job_time_limit_s, settings.job_time_limit_s)
+    control = (control or JobControl()).start(limit_s)
     started = time.perf_counter()
+    check_job(job, settings.limits)  # chains, draws, events: capped by this worker, before any work
 
     control.check("fetch")
     control.progress(Progress(phase="load"))
-    path = store.fetch_dataset(job.dataset_uri, job.dataset_sha256)
-    control.check("load")
-    dataset = open_dataset(path, check=False)  # calibrate() validates it, once
-    load_s = time.perf_counter() - started
+    limits = settings.limits
+    try:
+        path = store.fetch_dataset(job.dataset_uri, job.dataset_sha256, max_bytes=limits.max_decoded_bytes)
+        control.check("load")
+        # Limits from the header before anything is decoded; calibrate() validates the contract, once.
+        dataset = open_dataset(path, check=False, limits=limits, label=job.dataset_uri)
+        load_s = time.perf_counter() - started
 
-    idata, summary = calibrate(
-        dataset,
-        job,
-        control=control,
-        criteria=criteria or settings.convergence,
-        load_s=load_s,
-    )
+        idata, summary = calibrate(
+            dataset,
+            job,
+            control=control,
+            criteria=criteria or settings.convergence,
+            load_s=load_s,
+        )
+    except (InvalidDataset, DatasetHashMismatch) as exc:
+        _discard_if_its_own_fault(exc, job, store)
+        raise
 
     control.check("write")  # the last check: once the posterior is written, the job finishes
     control.progress(Progress(phase="write"))
@@ -88,3 +99,17 @@ def run_job(
     )
     return summary
 
+
+def _discard_if_its_own_fault(exc: Exception, job: CalibrationJob, store: Store) -> None:
+    """Delete the stored dataset when its own bytes failed (never for a job's choice of archetype or window).
+
+    Only the job's content address in the store is deleted, and only when
+    the job named it: a file under ``dataset_roots`` is never touched.
+    """
+    own = isinstance(exc, DatasetHashMismatch) or getattr(exc, "intrinsic", False)
+    if not own or job.dataset_uri != store.dataset_uri(job.dataset_sha256):
+        return
+    try:
+        store.discard_dataset(job.dataset_sha256)
+    except Exception as cleanup:  # the rejection stands; a stray file is only disk space
+        log.warning("could not delete rejected dataset: %s: %s", type(cleanup).__name__, cleanup)

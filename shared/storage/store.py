@@ -17,12 +17,20 @@ Contracts:
 - **Claim check.** Datasets are content-addressed: ``datasets/<sha256>.nc``.
   A job carries the URI and the hash; :meth:`Store.fetch_dataset` returns a
   local file whose bytes have exactly that hash, or raises.
+- **Confinement.** A job reads its dataset only at its content address in
+  this store (plus, for embedded use, files under the read-only
+  ``dataset_roots``). Any other URI (another path, bucket or host, ``..``,
+  ``/proc``) is refused with one constant message,
+  :class:`~shared.contract.errors.DatasetNotAllowed`, before anything there
+  is touched: the answer is the same whether or not the target exists.
 - **Errors** are mapped in one place (:func:`storage_errors`): a missing
   object becomes :class:`~shared.contract.errors.NotFound` (or ``DatasetNotFound``),
   an unreachable or overloaded endpoint becomes the retryable
-  :class:`~shared.contract.errors.StorageUnavailable`, and permission errors propagate
-  unchanged, since retrying cannot fix them. Messages name the URI, never a
-  credential.
+  :class:`~shared.contract.errors.StorageUnavailable`, a refused key or
+  signature becomes :class:`~shared.contract.errors.AuthenticationFailed`
+  ("authentication failed", permanent), and other permission errors
+  propagate unchanged, since retrying cannot fix them. Messages name the
+  URI, never a credential.
 """
 
 from __future__ import annotations
@@ -34,9 +42,10 @@ import json
 import logging
 import os
 import re
+import stat
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -45,11 +54,15 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from shared.contract.errors import (
+    AuthenticationFailed,
     CalqError,
     DatasetHashMismatch,
+    DatasetNotAllowed,
     DatasetNotFound,
+    InvalidDataset,
     NotFound,
     StorageUnavailable,
+    is_authentication_failure,
 )
 from shared.contract.settings import S3Settings, Settings, redact_url, storage_url_from
 from shared.storage.netcdf import read_inference_data, write_netcdf
@@ -65,6 +78,7 @@ DATASETS_PREFIX = "datasets"
 _TMP_MARK = ".tmp-"
 _TMP_NAME = re.compile(r"\.tmp-[0-9a-f]{32}$")
 _CHUNK = 1 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 # Errors of the network stack that say "try again later".
 _NETWORK_ERRNOS = frozenset(
@@ -168,9 +182,14 @@ def storage_errors(uri: str, *, missing: type[CalqError] | None = NotFound) -> I
         if missing is None:
             raise
         raise missing(f"nothing at {redact_url(uri)}") from exc
-    except PermissionError:
-        raise
     except Exception as exc:
+        if is_authentication_failure(exc):
+            raise AuthenticationFailed(
+                f"authentication failed at {redact_url(uri)}: the store refused calq's access key or secret "
+                "(check CALQ_S3__ACCESS_KEY_ID and CALQ_S3__SECRET_ACCESS_KEY)"
+            ) from exc
+        if isinstance(exc, PermissionError):
+            raise
         if _is_transient(exc):
             raise StorageUnavailable(
                 f"storage unavailable at {redact_url(uri)}: {type(exc).__name__}: {exc}"
@@ -184,10 +203,13 @@ def storage_errors(uri: str, *, missing: type[CalqError] | None = NotFound) -> I
 class Store:
     """Files under one root URL (``file:///abs/dir`` or ``s3://bucket/prefix``).
 
-    Keys are ``/``-separated paths relative to the root; every method that
-    reads also takes a full URI (any ``file://`` path, or any ``s3://`` object
-    the credentials reach). ``s3`` holds endpoint and credentials for
-    ``s3://`` URLs; ``cache_dir`` is where S3 datasets are downloaded to.
+    Keys are ``/``-separated paths relative to the root; the general read
+    methods also take a full URI (the producer's side: ``calq apply`` reads a
+    posterior by path), but a job's dataset is read only through
+    :meth:`fetch_dataset`, which is confined to the store's content
+    addresses and the read-only ``dataset_roots``. ``s3`` holds endpoint and
+    credentials for ``s3://`` URLs; ``cache_dir`` is where S3 datasets are
+    downloaded to.
 
     S3 calls time out after ``connect_timeout_s`` (connecting) or
     ``read_timeout_s`` (silence while reading) and are tried at most
@@ -205,8 +227,10 @@ class Store:
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 30.0,
         max_attempts: int = 3,
+        dataset_roots: Sequence[str] = (),
     ) -> None:
         self.url = storage_url_from(url)
+        self.dataset_roots = tuple(os.path.realpath(_file_path(storage_url_from(r))) for r in dataset_roots)
         parts = urlsplit(self.url)
         self.scheme = parts.scheme
         if self.scheme == "file":
@@ -227,7 +251,7 @@ class Store:
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> Store:
         """The store ``settings.storage_url`` names, with ``settings.s3``."""
-        return cls(settings.storage_url, s3=settings.s3, **options)
+        return cls(settings.storage_url, s3=settings.s3, dataset_roots=settings.dataset_roots, **options)
 
     def __repr__(self) -> str:
         return f"Store({redact_url(self.url)!r})"
@@ -444,20 +468,35 @@ class Store:
                 return uri, sha
         return self.put_file(local_path, key), sha
 
-    def fetch_dataset(self, uri: str, sha256: str) -> Path:
+    def dataset_uri(self, sha256: str) -> str:
+        """The URI of a dataset's content address in this store: ``<root>/datasets/<sha256>.nc``."""
+        return self.uri(dataset_key(sha256.lower()))
+
+    def fetch_dataset(self, uri: str, sha256: str, *, max_bytes: int | None = None) -> Path:
         """A local file whose bytes are the dataset at ``uri``, with hash ``sha256``.
 
-        Raises DatasetNotFound when nothing is at ``uri`` and
-        DatasetHashMismatch when its bytes hash differently. ``file://`` URIs
-        (anywhere on disk) are verified in place; ``s3://`` ones are
-        downloaded into ``cache_dir/<sha256><suffix>``, verified before they
-        are renamed into place, and reused (re-verified) afterwards.
+        ``uri`` must be :meth:`dataset_uri` of ``sha256`` exactly, or a
+        ``file://`` path under one of ``dataset_roots`` (symlinks resolved);
+        anything else raises :class:`DatasetNotAllowed` before the target is
+        touched. Then: DatasetNotFound when nothing (or no regular file) is
+        there, :class:`InvalidDataset` (intrinsic) when the object is longer
+        than ``max_bytes`` (checked before a download), DatasetHashMismatch
+        when its bytes hash differently. Local files are verified in place;
+        ``s3://`` ones are downloaded into ``cache_dir/<sha256><suffix>``,
+        verified before they are renamed into place, and reused (re-verified).
         """
         expected = sha256.lower()
-        fs, path, full_uri = self._resolve(uri)
+        if not _SHA256.fullmatch(expected):
+            raise DatasetNotAllowed()
+        if uri == self.dataset_uri(expected):
+            fs, path, full_uri = self._resolve(dataset_key(expected))
+        elif (local := self._under_dataset_roots(uri)) is not None:
+            fs, path, full_uri = self._local, local, "file://" + local
+        else:
+            log.warning("refused a dataset outside the store (%d-character URI)", len(uri))
+            raise DatasetNotAllowed()
         if isinstance(fs, LocalFileSystem):
-            if not os.path.isfile(path):
-                raise DatasetNotFound(f"nothing at {full_uri}")
+            _check_local_file(path, full_uri, max_bytes)
             actual = sha256_file(path)
             if actual != expected:
                 raise DatasetHashMismatch(full_uri, expected, actual)
@@ -465,8 +504,43 @@ class Store:
         target = self.cache_dir / f"{expected}{_suffix(path)}"
         if target.is_file() and sha256_file(target) == expected:
             return target
+        if max_bytes is not None:
+            with storage_errors(full_uri, missing=DatasetNotFound):
+                size = _size(fs, path)
+            if size is None:
+                raise DatasetNotFound(f"nothing at {full_uri}")
+            if size > max_bytes:
+                raise _too_large(full_uri, size, max_bytes)
         self._download(fs, path, full_uri, target, missing=DatasetNotFound, sha256=expected)
         return target
+
+    def _under_dataset_roots(self, uri: str) -> str | None:
+        """The real local path of a ``file://`` URI under one of ``dataset_roots``, else None."""
+        if not self.dataset_roots or not uri.startswith("file://"):
+            return None
+        try:
+            path = os.path.realpath(_file_path(uri))
+        except ValueError:
+            return None
+        for root in self.dataset_roots:
+            if path.startswith(root.rstrip("/") + "/"):
+                return path
+        return None
+
+    def discard_dataset(self, sha256: str) -> None:
+        """Delete the dataset at its content address (and its cached copy): its own bytes failed validation.
+
+        Only the content address of ``sha256`` is touched, never a file
+        under ``dataset_roots``: those are the embedding program's.
+        """
+        expected = sha256.lower()
+        if not _SHA256.fullmatch(expected):
+            return
+        self.delete(dataset_key(expected))
+        if self.scheme == "s3":
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.cache_dir / f"{expected}.nc")
+        log.info("deleted rejected dataset %s from the store", self.dataset_uri(expected))
 
     def _download(
         self,
@@ -536,6 +610,26 @@ def _check_size(fs: fsspec.AbstractFileSystem, path: str, expected: int, uri: st
     actual = fs.size(path)
     if actual != expected:
         raise StorageUnavailable(f"incomplete write to {uri}: {actual} of {expected} bytes arrived")
+
+
+def _check_local_file(path: str, uri: str, max_bytes: int | None) -> None:
+    """A regular file (never a folder or a FIFO, which would block the hash) within ``max_bytes``."""
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise DatasetNotFound(f"nothing at {uri}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise DatasetNotFound(f"nothing at {uri} (not a regular file)")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise _too_large(uri, info.st_size, max_bytes)
+
+
+def _too_large(uri: str, size: int, max_bytes: int) -> InvalidDataset:
+    return InvalidDataset(
+        [f"the file holds {size:,} bytes, above the limit of {max_bytes:,} (limits.max_decoded_bytes)"],
+        source=uri,
+        intrinsic=True,
+    )
 
 
 def _suffix(path: str) -> str:

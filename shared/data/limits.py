@@ -1,0 +1,251 @@
+"""Limits checked before the work they bound: a dataset's header, a job's asks.
+
+:func:`check_file` looks at a dataset file *before any array is decoded*:
+what kind of file it is (a regular file, not a folder, FIFO or device), its
+size, and, from the NetCDF header alone (netCDF4 reads dimensions, shapes
+and dtypes without touching data), the length of each dimension and the
+bytes every variable takes once decoded. Ids and names along ``race`` and
+``driver`` are read one value at a time, so one 10 MB track name costs 10 MB
+and is refused, and a name that is not UTF-8 is named with its race.
+Every limit is a setting (:class:`~shared.contract.settings.DataLimits`);
+a problem names the limit it broke.
+
+:func:`check_job` caps what a producer asks of a worker (chains, warmup +
+samples, events), from the worker's settings: a job above a cap is rejected
+naming the cap, never quietly run smaller (its id would then lie).
+
+Every problem raised here is the file's own (``intrinsic``), so the worker
+may delete the stored copy; a job over a cap is not (:class:`JobOverLimit`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import netCDF4
+import numpy as np
+
+from shared.contract.errors import DatasetNotFound, InvalidDataset, JobOverLimit
+from shared.contract.job import CalibrationJob
+from shared.contract.settings import DataLimits
+
+log = logging.getLogger(__name__)
+
+#: The first bytes of a NetCDF file: classic / 64-bit offset / CDF-5, or HDF5 (NetCDF-4).
+_MAGIC = (b"CDF\x01", b"CDF\x02", b"CDF\x05", b"\x89HDF\r\n\x1a\n")
+#: Variables whose values are ids or names, and the dimension they run along.
+_NAME_VARIABLES = {"race": "race", "driver": "driver", "track": "race", "archetype": "race"}
+#: The limit on each dimension's length.
+_DIMENSION_LIMITS = {"race": "max_races", "scenario": "max_scenarios", "driver": "max_drivers"}
+_REQUIRED = ("sim_position", "finish_position")
+
+
+def _invalid(problems: list[str], source: str | None) -> InvalidDataset:
+    return InvalidDataset(problems, source=source, intrinsic=True)
+
+
+def check_file(path: str | os.PathLike[str], limits: DataLimits, *, source: str | None = None) -> None:
+    """Raise :class:`InvalidDataset` (intrinsic) if the file at ``path`` breaks a limit.
+
+    Checks, in order, each before the work the next one costs: the path is a
+    regular file (a folder, FIFO, socket or device is refused without being
+    opened, so a FIFO never blocks), not empty, at most
+    ``limits.max_decoded_bytes`` long and starting like a NetCDF file; then
+    the header (see :func:`check_header`). ``source`` names the dataset in
+    messages (default: the path). A missing file raises DatasetNotFound.
+    """
+    source = source or os.fspath(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError as exc:
+        raise DatasetNotFound(f"no dataset file at {source}") from exc
+    if stat.S_ISDIR(info.st_mode):
+        raise _invalid(["not a file but a folder: a dataset is one NetCDF file"], source)
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device or socket"
+        raise _invalid([f"not a regular file but {kind}: a dataset is one NetCDF file"], source)
+    if info.st_size == 0:
+        raise _invalid(["the file is empty"], source)
+    if info.st_size > limits.max_decoded_bytes:
+        raise _invalid(
+            [f"the file holds {info.st_size:,} bytes, above the limit of {limits.max_decoded_bytes:,} "
+             "(limits.max_decoded_bytes)"],
+            source,
+        )
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if not head.startswith(_MAGIC):
+        raise _invalid(["the file is not NetCDF (it starts with neither CDF nor the HDF5 signature)"], source)
+    with _opened(source, path=os.fspath(path)) as nc:
+        check_header(nc, limits, source=source)
+
+
+def check_bytes(data: bytes, limits: DataLimits, *, source: str | None = None) -> None:
+    """:func:`check_file` for NetCDF bytes already in memory."""
+    if not data:
+        raise _invalid(["the file is empty"], source)
+    if len(data) > limits.max_decoded_bytes:
+        raise _invalid(
+            [f"the file holds {len(data):,} bytes, above the limit of {limits.max_decoded_bytes:,} "
+             "(limits.max_decoded_bytes)"],
+            source,
+        )
+    if not data.startswith(_MAGIC):
+        raise _invalid(["the file is not NetCDF (it starts with neither CDF nor the HDF5 signature)"], source)
+    with _opened(source, memory=data) as nc:
+        check_header(nc, limits, source=source)
+
+
+@contextmanager
+def _opened(source: str | None, *, path: str | None = None, memory: bytes | None = None) -> Iterator[Any]:
+    try:
+        nc = netCDF4.Dataset(path or "in-memory.nc", mode="r", memory=memory)
+    except OSError as exc:
+        raise _invalid([unreadable_reason(exc)], source) from exc
+    try:
+        yield nc
+    finally:
+        nc.close()
+
+
+def unreadable_reason(exc: BaseException) -> str:
+    """A clear line for a NetCDF file the library cannot read (truncated, corrupt, not NetCDF)."""
+    text = str(getattr(exc, "strerror", None) or exc)
+    if "HDF error" in text or "truncated" in text.lower():
+        return (
+            "the file is truncated or corrupt: the NetCDF library could not read it (NetCDF: HDF error); "
+            "upload the complete file again"
+        )
+    if "Unknown file format" in text:
+        return "the file is not in a NetCDF format the library knows (NetCDF: Unknown file format)"
+    return f"the file is not a readable NetCDF dataset ({type(exc).__name__}: {text})"
+
+
+def check_header(nc: Any, limits: DataLimits, *, source: str | None = None) -> None:
+    """Check an open ``netCDF4.Dataset`` against ``limits`` from its header; raise InvalidDataset.
+
+    - data only inside groups: calq reads the root group, so the groups are named;
+    - each of race, scenario and driver at most its ``max_*`` limit, and at
+      least ``limits.min_scenarios`` scenarios;
+    - the bytes of every variable once decoded (elements × decoded item
+      size; integers with a fill value or scale decode to 8-byte floats) at
+      most ``limits.max_decoded_bytes``;
+    - ids and names (race, driver, track, archetype) at most
+      ``limits.max_id_chars`` characters and valid UTF-8.
+    """
+    problems = _group_problems(nc)
+    sizes = {name: len(dim) for name, dim in nc.dimensions.items()}
+    for dim, limit_name in _DIMENSION_LIMITS.items():
+        limit = getattr(limits, limit_name)
+        if sizes.get(dim, 0) > limit:
+            problems.append(f"{dim}: {sizes[dim]:,} along {dim}, above the limit of {limit:,} (limits.{limit_name})")
+    if "scenario" in sizes and sizes["scenario"] < limits.min_scenarios:
+        problems.append(
+            f"scenario: only {sizes['scenario']} scenario(s) per race; a forecast probability needs at least "
+            f"{limits.min_scenarios} (limits.min_scenarios)"
+        )
+    total = sum(decoded_bytes(var) for var in nc.variables.values())
+    if total > limits.max_decoded_bytes:
+        problems.append(
+            f"the variables take {total:,} bytes once decoded, above the limit of "
+            f"{limits.max_decoded_bytes:,} (limits.max_decoded_bytes)"
+        )
+    if not problems:  # dimensions are bounded: names may be read now, one at a time
+        problems += _name_problems(nc, limits)
+    if problems:
+        log.info("dataset %s refused from its header: %s", source or "<memory>", "; ".join(problems))
+        raise _invalid(problems, source)
+
+
+def decoded_bytes(var: Any) -> int:
+    """Bytes ``var`` takes once xarray has decoded it, from the header only.
+
+    Variable-length strings count 8 bytes each (the object pointer); their
+    text is bounded by :func:`check_header`'s name checks and the file size.
+    """
+    n = math.prod(var.shape)
+    dtype = var.dtype
+    if dtype is str or not isinstance(dtype, np.dtype):
+        return n * 8
+    attrs = set(var.ncattrs())
+    if dtype.kind in "iu" and attrs & {"_FillValue", "missing_value", "scale_factor", "add_offset"}:
+        return n * 8
+    return n * dtype.itemsize
+
+
+def _group_problems(nc: Any) -> list[str]:
+    groups = list(nc.groups)
+    if not groups:
+        return []
+    missing = [name for name in _REQUIRED if name not in nc.variables]
+    if not missing:
+        return []
+    inside = {}
+    for name in groups:
+        group = nc.groups[name]
+        found = [v for v in _REQUIRED if v in group.variables]
+        inside[name] = found
+    listed = ", ".join(f"{g!r}" + (f" (holding {', '.join(v)})" if v else "") for g, v in inside.items())
+    return [
+        f"the data is inside NetCDF group(s) {listed}, but calq reads only the root group, where "
+        f"{', '.join(missing)} are missing: write the variables at the root"
+    ]
+
+
+def _name_problems(nc: Any, limits: DataLimits) -> list[str]:
+    problems = []
+    for name, dim in _NAME_VARIABLES.items():
+        var = nc.variables.get(name)
+        if var is None or var.dimensions != (dim,):
+            continue
+        if isinstance(var.dtype, np.dtype) and var.dtype.kind == "S":  # fixed-width chars: width from the header
+            continue
+        if var.dtype is not str:
+            continue
+        too_long, not_utf8 = [], []
+        for i in range(var.shape[0]):
+            try:
+                value = var[i]
+            except UnicodeDecodeError:
+                not_utf8.append(i)
+                continue
+            if isinstance(value, str) and len(value) > limits.max_id_chars:
+                too_long.append((i, len(value)))
+        if too_long:
+            i, n = too_long[0]
+            problems.append(
+                f"{name}: {len(too_long)} value(s) longer than {limits.max_id_chars} characters "
+                f"(limits.max_id_chars; first: {dim} #{i}, {n:,} characters)"
+            )
+        if not_utf8:
+            where = ", ".join(f"#{i}" for i in not_utf8[:10]) + (f" and {len(not_utf8) - 10} more" if len(not_utf8) > 10 else "")
+            problems.append(f"{name}: value(s) that are not valid UTF-8 text at {dim} {where}")
+    return problems
+
+
+def check_job(job: CalibrationJob, limits: DataLimits) -> None:
+    """Raise :class:`JobOverLimit` if ``job`` asks for more than ``limits`` allow."""
+    problems = []
+    s = job.sampler
+    if s.chains > limits.max_chains:
+        problems.append(f"{s.chains} chains, above this worker's limit of {limits.max_chains} (limits.max_chains)")
+    if s.warmup + s.samples > limits.max_draws_per_chain:
+        problems.append(
+            f"warmup + samples = {s.warmup + s.samples:,} per chain, above this worker's limit of "
+            f"{limits.max_draws_per_chain:,} (limits.max_draws_per_chain)"
+        )
+    if len(job.events) > limits.max_events:
+        problems.append(
+            f"{len(job.events)} events, above this worker's limit of {limits.max_events} (limits.max_events)"
+        )
+    if problems:
+        raise JobOverLimit("job over this worker's limits: " + "; ".join(problems))
+
+
+__all__ = ["check_bytes", "check_file", "check_header", "check_job", "decoded_bytes", "unreadable_reason"]
