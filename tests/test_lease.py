@@ -89,3 +89,95 @@ def test_the_reaper_lock_has_one_holder_per_period(leases):
     assert not leases.try_lock("reaper", 0.3)
     time.sleep(0.4)
     assert leases.try_lock("reaper", 0.3)
+
+
+# -- handing back, with the real registry and a local store ---------------------------------
+
+
+@pytest.fixture
+def fleet(redis_url, tmp_path):
+    from shared.jobs.registry import RedisRegistry
+    from shared.storage.store import Store
+
+    client = redis.Redis.from_url(redis_url)
+    sent: list[tuple[dict, int, str | None]] = []
+    yield {
+        "registry": RedisRegistry(client), "leases": Leases(client, lease_s=0.6), "store": Store(f"file://{tmp_path}"),
+        "sent": sent, "publish": lambda message, *, attempt=0, queue=None: sent.append((message, attempt, queue)),
+    }
+    client.close()
+
+
+def running_job(fleet, seed: int = 0):
+    from shared.contract.job import Progress
+    from tests.test_registry import make_job
+
+    job = make_job(seed)
+    reg = fleet["registry"]
+    reg.claim(job)
+    reg.record_delivery(job.job_id, 0)
+    reg.mark_running(job.job_id, worker="w0")
+    reg.progress(job.job_id, Progress(phase="sampling", fraction=0.4))
+    lease = fleet["leases"].acquire(job.job_id, "w0", message=job.to_message(), attempt=0, queue="calq.cpu")
+    return job, lease
+
+
+def back(fleet, job_id, *, count_delivery):
+    from shared.jobs.lease import hand_back
+
+    return hand_back(job_id, registry=fleet["registry"], leases=fleet["leases"], store=fleet["store"],
+                     publish=fleet["publish"], reason="test", count_delivery=count_delivery)
+
+
+@pytest.mark.parametrize("count_delivery", [True, False])
+def test_a_dead_childs_job_is_requeued_and_published_again(fleet, count_delivery):
+    from shared.contract.job import JobState
+
+    job, _ = running_job(fleet)
+    assert fleet["leases"].claim_held("w0") == job.job_id
+    assert back(fleet, job.job_id, count_delivery=count_delivery) == "requeued"
+    record = fleet["registry"].get(job.job_id)
+    assert record.state is JobState.QUEUED and record.progress is None and record.worker is None
+    assert record.deliveries == (1 if count_delivery else 0)  # a shutdown's hand-back does not count
+    assert fleet["sent"] == [(job.to_message(), 0, "calq.cpu")]
+
+
+def test_a_finished_job_is_repaired_from_the_store_never_run_again(fleet):
+    from shared.contract.job import JobState
+    from tests.test_catalog import make_summary
+
+    job, _ = running_job(fleet)
+    make_summary(job.job_id, store=fleet["store"])  # the worker wrote it, then died before recording it
+    assert fleet["leases"].claim_held("w0") == job.job_id
+    assert back(fleet, job.job_id, count_delivery=True) == "repaired"
+    record = fleet["registry"].get(job.job_id)
+    assert record.state is JobState.SUCCEEDED and record.summary_uri
+    assert fleet["sent"] == []
+    assert fleet["registry"].latest("intermediate", "top_5").job_id == job.job_id
+
+
+def test_the_reaper_hands_back_lapsed_leases_once_and_counts_the_delivery(fleet):
+    from shared.contract.job import JobState
+    from shared.jobs.lease import Reaper
+
+    job, _ = running_job(fleet)
+    other, lease = running_job(fleet, seed=1)
+    reaper = Reaper(registry=fleet["registry"], leases=fleet["leases"], store=fleet["store"],
+                    publish=fleet["publish"], interval_s=0.2)
+    assert reaper.run_once() == {}  # leases still live
+    time.sleep(0.8)
+    fleet["leases"].renew(lease)  # the other job's worker is alive: it took its lapsed lease again
+    assert reaper.run_once() == {job.job_id: "requeued"}
+    assert fleet["registry"].get(job.job_id).state is JobState.QUEUED
+    assert fleet["registry"].get(job.job_id).deliveries == 1
+    assert fleet["registry"].get(other.job_id).state is JobState.RUNNING
+    time.sleep(0.2)  # the lock's period
+    fleet["leases"].renew(lease)
+    assert reaper.run_once() == {}  # handed back once
+    assert len(fleet["sent"]) == 1
+
+
+def test_a_failed_record_keeps_no_stale_progress(fleet):
+    job, _ = running_job(fleet)
+    fleet["registry"].fail(job.job_id, "boom")
+    assert fleet["registry"].get(job.job_id).progress is None
