@@ -20,7 +20,6 @@ embedded mode) and is seen at the next check without polling. A failing
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 
@@ -56,7 +55,6 @@ class JobControl:
         self._last_poll = float("-inf")
         self._cancelled: str | None = None
         self._warned = False
-        self._lock = threading.Lock()
 
     # -- set up --
 
@@ -76,10 +74,9 @@ class JobControl:
         return self
 
     def cancel(self, reason: str) -> None:
-        """Stop the job at its next check, from this process (thread- and signal-safe)."""
-        with self._lock:
-            if self._cancelled is None:
-                self._cancelled = reason
+        """Stop the job at its next check, from this process (thread- and signal-safe: no lock is taken)."""
+        if self._cancelled is None:
+            self._cancelled = reason  # one assignment: the first reason wins, near enough
 
     @property
     def cancelled(self) -> str | None:
