@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -260,5 +261,6 @@ def outcome_table(outcomes: list[Outcome]) -> Table:
     if failures:
         table.add_section()
         for o in failures:
-            table.add_row(f"{o.archetype} as of {o.as_of}", o.state, o.job_id, (o.reason or "")[:200])
+            # Reasons quote the data (race ids, track names): escaped, rich reads [...] as markup.
+            table.add_row(escape(f"{o.archetype} as of {o.as_of}"), o.state, escape(o.job_id), escape((o.reason or "")[:200]))
     return table

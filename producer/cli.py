@@ -24,6 +24,7 @@ from rich.console import Console
 from producer import exit_codes, job_commands
 from producer.report.command import report
 from shared.contract.errors import CalqError, NotFound
+from shared.contract.settings import MIN_SCENARIOS
 
 app = typer.Typer(
     name="calq",
@@ -77,7 +78,7 @@ def _archetypes_in(dataset: Path, wanted: str | None) -> list[str]:
 def synth(
     out_path: Annotated[Path, typer.Argument(metavar="OUT.nc", help="Where to write the dataset.")],
     seasons: Annotated[int, typer.Option(min=1, help="Seasons of ~36 races.")] = 1,
-    scenarios: Annotated[int, typer.Option(min=10, help="Simulated scenarios per race.")] = 1000,
+    scenarios: Annotated[int, typer.Option(min=MIN_SCENARIOS, help="Simulated scenarios per race.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same dataset.")] = 0,
     first_season: Annotated[int, typer.Option(help="Year of the first season.")] = 2024,
 ) -> None:
@@ -90,7 +91,8 @@ def synth(
         save_dataset(ds, out_path)
     err.print(
         f"wrote {out_path}: {ds.sizes['race']} races, {ds.sizes['driver']} drivers, "
-        f"{ds.sizes['scenario']} scenarios"
+        f"{ds.sizes['scenario']} scenarios",
+        markup=False, highlight=False,
     )
 
 
@@ -189,7 +191,7 @@ def _run_with_progress(client, job, *, timeout: float, quiet: bool):
 @app.command()
 def demo(
     seasons: Annotated[int, typer.Option(min=1)] = 1,
-    scenarios: Annotated[int, typer.Option(min=10)] = 1000,
+    scenarios: Annotated[int, typer.Option(min=MIN_SCENARIOS)] = 1000,
     warmup: Warmup = None,
     samples: Samples = None,
     chains: Chains = None,
@@ -345,7 +347,7 @@ def reindex(as_json: JsonFlag = False) -> None:
     if as_json:
         _print_json({"pointers": n})
     else:
-        out.print(f"rebuilt {n} latest pointer(s) from {client.store.url}")
+        out.print(f"rebuilt {n} latest pointer(s) from {client.store.url}", markup=False, highlight=False)
 
 
 @app.command()
@@ -462,13 +464,24 @@ def _show(summaries, as_json: bool) -> None:
     out.print(summary_table(items))
     for s in items:
         for line in summary_notes(s):
-            out.print(line, highlight=False)
+            out.print(line, highlight=False, markup=False)  # data-derived text: never markup
 
 
 def _settings():
     from shared.contract.settings import get_settings
 
     return get_settings()
+
+
+def _settings_problems(exc: Exception) -> str:
+    """Invalid settings, by field and problem only: the values (which may be secrets) are never shown."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return type(exc).__name__
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ())) or 'settings'}: {e.get('msg', 'invalid')}"
+        for e in errors(include_url=False, include_input=False)
+    )
 
 
 def _date(value: str | None) -> date | None:
@@ -508,7 +521,7 @@ def main() -> None:
     try:
         level = get_settings().log_level
     except Exception as exc:  # invalid settings: say which
-        err.print(f"[red]invalid settings: {exc}[/red]")
+        err.print(f"invalid settings: {_settings_problems(exc)}", style="red", markup=False, highlight=False)
         sys.exit(2)
     if "CALQ_LOG_LEVEL" not in os.environ and sys.argv[1:2] != ["worker"]:
         level = "WARNING"  # interactive commands show progress bars and tables, not log lines

@@ -30,8 +30,8 @@ def summary_table(summaries: Iterable[CalibrationSummary]) -> Table:
                 params = [p for p in summary.parameters if p.event == event and p.archetype in (archetype, None)]
                 cal = scores.get((archetype, event))
                 table.add_row(
-                    archetype,
-                    event,
+                    escape(archetype),
+                    escape(event),
                     f"{alpha.mean:+.2f} {_interval(alpha.hdi_low, alpha.hdi_high)}",
                     f"{beta.mean:.2f} {_interval(beta.hdi_low, beta.hdi_high)}",
                     f"{max(p.r_hat for p in params):.3f}",
@@ -82,8 +82,8 @@ def jobs_table(records: Iterable[JobStatus]) -> Table:
         phase, done = describe(status)
         updated = status.updated_at or status.submitted_at
         table.add_row(
-            status.job_id,
-            status.archetype,
+            escape(status.job_id),
+            escape(status.archetype),
             _state_label(status),
             "" if status.state.finished else escape(f"{phase} {done:.0%}"),
             escape(status.worker or ""),
@@ -100,10 +100,11 @@ def _state_label(status: JobStatus) -> str:
 
 def progress_bar(console) -> Progress:
     return Progress(
-        TextColumn("{task.description}"),
+        # Descriptions (job ids, archetypes) and phases come from records: never markup.
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         TaskProgressColumn(),
-        TextColumn("{task.fields[phase]}"),
+        TextColumn("{task.fields[phase]}", markup=False),
         TimeElapsedColumn(),
         console=console,
         transient=False,

@@ -187,11 +187,10 @@ def is_authentication_failure(exc: BaseException) -> bool:
         seen.add(id(current))
         if isinstance(current, AuthenticationFailed):
             return True
-        name = type(current).__name__
-        text = str(current)
-        if name in ("AuthenticationError", "AuthenticationWrongNumberOfArgsError"):
+        names = {cls.__name__ for cls in type(current).__mro__}
+        if names & {"AuthenticationError", "AuthenticationRequiredError", "AuthenticationWrongNumberOfArgsError"}:
             return True
-        if name == "ResponseError" and text.startswith(("WRONGPASS", "NOAUTH")):
+        if "ResponseError" in names and str(current).startswith(("WRONGPASS", "NOAUTH")):
             return True
         response = getattr(current, "response", None)
         if isinstance(response, dict) and response.get("Error", {}).get("Code") in _S3_AUTH_CODES:

@@ -25,6 +25,8 @@ from shared.contract.job import SamplerSettings
 from shared.contract.summary import ConvergenceCriteria
 
 DEFAULT_STORE = "./calq-store"
+#: Fewest scenarios per race by default; ``calq synth`` never writes fewer.
+MIN_SCENARIOS = 20
 
 
 def redact_url(url: str | None) -> str | None:
@@ -115,7 +117,7 @@ class DataLimits(BaseModel):
     max_scenarios: int = Field(20_000, ge=1, description="Length of the scenario dimension.")
     max_drivers: int = Field(200, ge=2, description="Length of the driver dimension.")
     max_id_chars: int = Field(200, ge=1, description="Characters in one race id, driver id, track or archetype name.")
-    min_scenarios: int = Field(20, ge=1, description="Fewest scenarios per race a forecast probability is built from.")
+    min_scenarios: int = Field(MIN_SCENARIOS, ge=1, description="Fewest scenarios per race a forecast probability is built from.")
     max_chains: int = Field(8, ge=1, description="Chains one job may ask for.")
     max_draws_per_chain: int = Field(20_000, ge=2, description="Warmup plus samples one chain may ask for.")
     max_events: int = Field(10, ge=1, description="Events one job may fit.")

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from shared.contract.errors import BrokerUnavailable
+from shared.contract.errors import AuthenticationFailed, BrokerUnavailable, is_authentication_failure
 from shared.contract.job import JobStatus
 from shared.contract.settings import redact_url
 from shared.jobs.registry.base import DEFAULT_RECORD_TTL_S, INVALID_KEEP, Change, JobRegistry, _message
@@ -66,7 +66,13 @@ class RedisRegistry(JobRegistry):
 
         try:
             yield
-        except (rex.ConnectionError, rex.TimeoutError) as exc:
+        except (rex.ConnectionError, rex.TimeoutError, rex.ResponseError) as exc:
+            if is_authentication_failure(exc):  # a subclass of ConnectionError, but permanent
+                raise AuthenticationFailed(
+                    f"authentication failed at {self._url}: Redis refused calq's password (check CALQ_BROKER_URL)"
+                ) from exc
+            if isinstance(exc, rex.ResponseError):
+                raise
             raise BrokerUnavailable(f"Redis unavailable at {self._url}: {type(exc).__name__}: {exc}") from exc
 
     def find(self, job_id: str) -> JobStatus | None:
