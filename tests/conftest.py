@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 
+from shared.fit.device import use_host_devices  # imports no JAX and reads no settings
+
 for _name in [name for name in os.environ if name.startswith("CALQ_")]:
     del os.environ[_name]
-
-from shared.fit.device import use_host_devices  # imports no JAX
 
 # Tests always run on the CPU, with the host devices a CPU worker gets, so chains
 # run in parallel and an embedded run lays chains out as a worker does.
