@@ -1,5 +1,6 @@
 # calq's image: the CLI, the workers and Flower. EXTRAS=gpu,fleet adds JAX's CUDA build.
-FROM python:3.11-slim
+# Pinned base; everything runs as the unprivileged user calq (uid 10001), never root.
+FROM python:3.11.10-slim
 WORKDIR /app
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 COPY pyproject.toml README.md ./
@@ -7,6 +8,10 @@ COPY shared shared
 COPY producer producer
 COPY worker worker
 ARG EXTRAS=fleet
-RUN pip install ".[${EXTRAS}]"
+RUN pip install ".[${EXTRAS}]" \
+    && useradd --create-home --uid 10001 --user-group calq \
+    && mkdir -p /cache \
+    && chown calq:calq /cache
+USER calq
 ENTRYPOINT ["calq"]
 CMD ["--help"]

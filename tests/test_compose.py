@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from pathlib import Path
 
@@ -25,7 +26,8 @@ def cli_commands() -> set[str]:
 def test_services_are_the_fleet():
     services = compose()["services"]
     assert {"redis", "minio", "minio-init", "flower", "worker-cpu", "worker-gpu"} <= set(services)
-    assert "--appendonly" in services["redis"]["command"] and "noeviction" in services["redis"]["command"]
+    redis_command = " ".join(services["redis"]["command"])
+    assert "--appendonly" in redis_command and "noeviction" in redis_command
     devices = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert "mc mb" in services["minio-init"]["entrypoint"][-1]
@@ -55,13 +57,123 @@ def test_every_calq_variable_is_a_setting():
                 assert top in fields, f"{name}: {key} is not a calq setting"
 
 
+def _interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?message}, from ``env``."""
+
+    def one(match: re.Match) -> str:
+        name, op, rest = match.group(1), match.group(2), match.group(3)
+        if env.get(name):
+            return env[name]
+        if op == ":?":
+            raise KeyError(f"{name}: {rest}")
+        return rest or ""
+
+    return re.sub(r"\$\{([A-Z_][A-Z0-9_]*)(?:(:-|:\?)([^}]*))?\}", one, value)
+
+
+def env_example() -> dict[str, str]:
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
 def test_the_environment_builds_valid_settings(monkeypatch):
-    env = compose()["x-calq-env"]
-    for key, value in env.items():
-        monkeypatch.setenv(key, re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value)))
+    secrets = {name: f"s3cret-{name.lower()}" for name in env_example()}
+    secrets["FLOWER_BASIC_AUTH"] = "admin:s3cret"
+    for key, value in compose()["x-calq-env"].items():
+        monkeypatch.setenv(key, _interpolate(str(value), secrets))
     settings = Settings()
     assert not settings.embedded and settings.storage_url == "s3://calq/store"
     assert settings.s3.endpoint_url == "http://minio:9000"
+    assert settings.s3.access_key_id == secrets["MINIO_WORKER_ACCESS_KEY"]
+    assert settings.broker() == f"redis://:{secrets['REDIS_PASSWORD']}@redis:6379/0"
+    assert secrets["REDIS_PASSWORD"] not in json.dumps(settings.public())
+
+
+# -- hardening (issue 8) ---------------------------------------------------------
+
+SECRETS = ("REDIS_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "MINIO_WORKER_ACCESS_KEY", "MINIO_WORKER_SECRET_KEY",
+           "FLOWER_BASIC_AUTH")
+
+
+def _variables(obj) -> set[str]:
+    return set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", json.dumps(obj)))
+
+
+def _host_ports(service: dict) -> list[str]:
+    return [str(p) for p in service.get("ports", [])]
+
+
+def test_every_secret_is_required_from_the_env_file_and_listed_in_env_example():
+    text = (ROOT / "docker-compose.yml").read_text()
+    example = env_example()
+    for name in SECRETS:
+        assert name in example and example[name] == "", f"{name} must be in .env.example, empty"
+        uses = re.findall(r"\$\{" + name + r"(:[-?])?[^}]*\}", text)
+        assert uses and all(op == ":?" for op in uses), f"{name} must be required (${{{name}:?...}}), never defaulted"
+    assert "calq-secret" not in text and "minioadmin" not in text
+    referenced = _variables(compose())
+    documented = set(example) | {
+        m for m in re.findall(r"^# ([A-Z_]+)=", (ROOT / ".env.example").read_text(), flags=re.M)
+    }
+    assert referenced <= documented, f"not in .env.example: {referenced - documented}"
+    readme = (ROOT / "README.md").read_text()
+    assert ".env.example" in readme
+
+
+def test_redis_needs_a_password_and_every_port_is_on_localhost_only():
+    services = compose()["services"]
+    redis_command = " ".join(services["redis"]["command"])
+    assert "--requirepass" in redis_command and "$$REDIS_PASSWORD" in redis_command
+    assert "REDIS_PASSWORD" in services["redis"]["environment"]
+    assert "$$REDIS_PASSWORD" in " ".join(services["redis"]["healthcheck"]["test"])
+    for name, service in services.items():
+        for port in _host_ports(service):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond localhost"
+    assert "${REDIS_PASSWORD" in compose()["x-calq-env"]["CALQ_BROKER_URL"]
+
+
+def test_workers_use_a_bucket_limited_service_account_never_minio_root():
+    services = compose()["services"]
+    env = compose()["x-calq-env"]
+    assert "MINIO_ROOT" not in json.dumps(env)
+    assert "MINIO_WORKER_ACCESS_KEY" in env["CALQ_S3__ACCESS_KEY_ID"]
+    assert "MINIO_WORKER_SECRET_KEY" in env["CALQ_S3__SECRET_ACCESS_KEY"]
+    for name, service in services.items():
+        if name in ("minio", "minio-init"):
+            continue
+        assert "MINIO_ROOT" not in json.dumps(service.get("environment", {})), name
+    init = services["minio-init"]["entrypoint"][-1]
+    policy = json.loads(re.search(r"<<'POLICY'\n(.*?)\n\s*POLICY", init, flags=re.S).group(1))
+    resources = {r for statement in policy["Statement"] for r in statement["Resource"]}
+    assert resources == {"arn:aws:s3:::calq", "arn:aws:s3:::calq/*"}
+    assert "mc admin user add" in init and "mc admin policy attach" in init
+
+
+def test_flower_has_basic_auth_and_no_storage_secret():
+    flower = compose()["services"]["flower"]
+    env = flower["environment"]
+    assert "FLOWER_BASIC_AUTH" in env
+    assert not [k for k in env if k.startswith("CALQ_S3") or "SECRET" in k or "MINIO" in k]
+    assert set(k for k in env if k.startswith("CALQ_")) <= {"CALQ_BROKER_URL", "CALQ_DEFAULT_QUEUE"}
+
+
+def test_images_are_pinned_containers_are_not_root_and_workers_have_memory_limits():
+    services = compose()["services"]
+    for name, service in services.items():
+        image = service.get("image", "")
+        if "build" in service:
+            continue
+        assert re.fullmatch(r"[\w./-]+:[\w.-]+", image) and not image.endswith(":latest"), f"{name}: {image!r}"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    base = re.search(r"^FROM (\S+)", dockerfile, flags=re.M).group(1)
+    assert re.fullmatch(r"python:3\.11\.\d+-slim", base), base
+    users = re.findall(r"^USER (\S+)", dockerfile, flags=re.M)
+    assert users and users[-1] not in ("root", "0"), "the image must end as a non-root user"
+    for name in ("worker-cpu", "worker-gpu"):
+        limit = services[name]["deploy"]["resources"]["limits"]["memory"]
+        assert re.fullmatch(r"\$\{CALQ_WORKER_MEMORY:-\d+[mg]\}|\d+[mg]", limit), limit
+    for name in ("flower", "worker-cpu", "worker-gpu"):
+        assert "no-new-privileges:true" in services[name]["security_opt"], name
 
 
 def test_dockerfile_copies_what_exists_and_installs_the_cli():
