@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import numpyro
 import pytest
@@ -12,7 +11,7 @@ from scipy import stats
 from shared.contract.job import CalibrationJob
 from shared.data.synth import synthesize, truth
 from shared.fit.calibrate import calibrate
-from shared.fit.model import ModelData, ModelShape, calibration_model
+from shared.fit.model import ModelShape, calibration_model, model_data
 from shared.fit.sampler import Bucket, chain_devices, chunk_length, sampler_for
 
 pytestmark = pytest.mark.slow
@@ -84,9 +83,10 @@ SBC_PARAMS = {"alpha_arch": (0, 0), "beta_arch": (0, 0), "alpha_track": (0, 1), 
 
 def _simulate(shape: ModelShape, key, x, track):
     """Parameters from the prior and outcomes from the model, by running it unobserved."""
-    data = ModelData(
-        x=x, y=None, event=jnp.zeros_like(track), track=track, mask=jnp.ones(x.shape, bool),
-        track_archetype=jnp.zeros(shape.n_tracks, jnp.int32), track_real=jnp.arange(shape.n_tracks) < SBC_TRACKS,
+    data = model_data(
+        x=x, y=None, event=np.zeros_like(track), track=track, mask=np.ones(x.shape, bool),
+        track_archetype=np.zeros(shape.n_tracks, np.int32), track_real=np.arange(shape.n_tracks) < SBC_TRACKS,
+        n_events=1, n_archetypes=1,
     )
     tr = numpyro.handlers.trace(numpyro.handlers.seed(calibration_model, key)).get_trace(data, shape=shape)
     return {name: np.asarray(site["value"]) for name, site in tr.items()}
@@ -104,16 +104,17 @@ def test_simulation_based_calibration_ranks_are_uniform():
         p = rng.beta(0.6, 3.0, SBC_ROWS).clip(1e-3, 1 - 1e-3)
         x = np.log(p / (1 - p)).astype(np.float32)
         track = rng.integers(0, SBC_TRACKS, SBC_ROWS).astype(np.int32)
-        truth_values = _simulate(shape, jax.random.PRNGKey(r), jnp.asarray(x), jnp.asarray(track))
+        truth_values = _simulate(shape, jax.random.PRNGKey(r), x, track)
         pad = 1024 - SBC_ROWS
-        data = ModelData(
-            x=jnp.asarray(np.concatenate([x, np.zeros(pad, np.float32)])),
-            y=jnp.asarray(np.concatenate([truth_values["y"].astype(np.int32), np.zeros(pad, np.int32)])),
-            event=jnp.zeros(1024, jnp.int32),
-            track=jnp.asarray(np.concatenate([track, np.zeros(pad, np.int32)])),
-            mask=jnp.asarray(np.arange(1024) < SBC_ROWS),
-            track_archetype=jnp.zeros(4, jnp.int32),
-            track_real=jnp.asarray(np.arange(4) < SBC_TRACKS),
+        data = model_data(  # the fit conditions on the sufficient statistics and centres of these rows
+            x=np.concatenate([x, np.zeros(pad, np.float32)]),
+            y=np.concatenate([truth_values["y"].astype(np.int32), np.zeros(pad, np.int32)]),
+            event=np.zeros(1024, np.int32),
+            track=np.concatenate([track, np.zeros(pad, np.int32)]),
+            mask=np.arange(1024) < SBC_ROWS,
+            track_archetype=np.zeros(4, np.int32),
+            track_real=np.arange(4) < SBC_TRACKS,
+            n_events=1, n_archetypes=1,
         )
         draws = sampler.run(data, seed=1000 + r, samples=400)
         for name, index in SBC_PARAMS.items():

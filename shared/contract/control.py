@@ -83,6 +83,10 @@ class JobControl:
         """The reason the job was cancelled in this process, or None."""
         return self._cancelled
 
+    def remaining_s(self) -> float | None:
+        """Seconds left before the time limit (negative once past it); None without a limit."""
+        return None if self._deadline is None else self._deadline - self._clock()
+
     # -- as the job runs --
 
     def progress(self, progress: Progress) -> None:

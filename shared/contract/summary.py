@@ -53,21 +53,31 @@ class Diagnostics(_Frozen):
 
 
 class ConvergenceCriteria(_Frozen):
-    """When a posterior counts as converged (and may move the ``latest`` pointer)."""
+    """When a posterior counts as converged (and may move the ``latest`` pointer).
+
+    A run that fails them is remedied (higher target acceptance, longer
+    warmup, more draws: see :mod:`shared.fit.remedy`) up to ``max_attempts``
+    sampler runs in all; the last run is judged.
+    """
 
     max_rhat: float = 1.01
     min_ess_bulk: float = 400.0
     max_divergences: int = 0
+    max_attempts: int = Field(4, ge=1, le=10, description="sampler runs per job, the first included")
 
     def issues(self, d: Diagnostics) -> list[str]:
         """Reasons the diagnostics fail these criteria; empty when they pass."""
+        return self.failures(max_rhat=d.max_rhat, min_ess_bulk=d.min_ess_bulk, divergences=d.divergences)
+
+    def failures(self, *, max_rhat: float, min_ess_bulk: float, divergences: int) -> list[str]:
+        """Reasons a run with these worst values fails the criteria; empty when it passes."""
         reasons = []
-        if not d.max_rhat <= self.max_rhat:
-            reasons.append(f"max R-hat {d.max_rhat:.4f} > {self.max_rhat}")
-        if not d.min_ess_bulk >= self.min_ess_bulk:
-            reasons.append(f"min bulk ESS {d.min_ess_bulk:.0f} < {self.min_ess_bulk:.0f}")
-        if d.divergences > self.max_divergences:
-            reasons.append(f"{d.divergences} divergent transitions")
+        if not max_rhat <= self.max_rhat:
+            reasons.append(f"max R-hat {max_rhat:.4f} > {self.max_rhat}")
+        if not min_ess_bulk >= self.min_ess_bulk:
+            reasons.append(f"min bulk ESS {min_ess_bulk:.0f} < {self.min_ess_bulk:.0f}")
+        if divergences > self.max_divergences:
+            reasons.append(f"{divergences} divergent transitions")
         return reasons
 
 
@@ -101,6 +111,24 @@ class EnsembleScores(_Frozen):
     coverage: dict[str, float] = Field(description="central-interval level → share of outcomes inside")
 
 
+class Attempt(_Frozen):
+    """One sampler run of a job: its settings, how it ended and why it was run."""
+
+    number: int = Field(description="1 for the job's own settings, then one per remedy")
+    seed: int
+    target_accept_prob: float
+    warmup: int
+    samples: int
+    divergences: int
+    max_rhat: float
+    min_ess_bulk: float
+    mean_leapfrog_steps: float
+    compile_s: float
+    sample_s: float
+    issues: list[str] = Field(description="criteria this run failed; empty when it converged")
+    remedy: str | None = Field(None, description="what this run changed, and why (None for the first)")
+
+
 class Timings(_Frozen):
     load_s: float = 0.0
     compile_s: float = 0.0
@@ -131,6 +159,7 @@ class CalibrationSummary(_Frozen):
     converged: bool
     convergence_issues: list[str] = []
     diagnostics: Diagnostics
+    attempts: list[Attempt] = Field([], description="every sampler run, in order; the last is the one reported")
     parameters: list[ParameterSummary]
     calibration: list[EventCalibration]
     ensemble: list[EnsembleScores] = []

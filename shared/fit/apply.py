@@ -18,7 +18,7 @@ import arviz as az
 import numpy as np
 
 from shared.data.dataset import P_EPS
-from shared.fit.idata import expit, logit
+from shared.fit.idata import calibrated_probability
 
 BAND = 0.94
 
@@ -102,8 +102,7 @@ def calibrate_probabilities(
     if track is not None and archetype is None and track not in _track_archetypes(idata):
         archetype = _only_archetype(idata)
     alpha, beta, _ = parameter_draws(idata, event=event, track=track, archetype=archetype)
-    x = logit(np.clip(p, P_EPS, 1 - P_EPS))
-    q = expit(alpha[:, None] + beta[:, None] * x[None, :])
+    q = calibrated_probability(alpha[:, None], beta[:, None], np.clip(p, P_EPS, 1 - P_EPS)[None, :])
     tail = (1 - band) / 2
     low, high = np.quantile(q, [tail, 1 - tail], axis=0)
     return [

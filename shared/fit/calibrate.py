@@ -6,12 +6,12 @@ and the embedded mode both call it; it is tested directly.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
 
 import arviz as az
-import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
@@ -20,13 +20,16 @@ from shared.contract.control import JobControl
 from shared.contract.domain import archetypes_of
 from shared.contract.errors import InvalidDataset
 from shared.contract.job import CalibrationJob, Progress, utcnow
-from shared.contract.summary import CalibrationSummary, ConvergenceCriteria, Timings
+from shared.contract.summary import Attempt, CalibrationSummary, ConvergenceCriteria, Timings
 from shared.data.dataset import EventRows, event_rows, select_archetypes, select_window, validate
-from shared.fit.idata import build_inference_data, calibrated_probability_mean, logit
-from shared.fit.model import ModelData, ModelShape
+from shared.fit.idata import build_inference_data, calibrated_probability_mean, convergence_data, logit
+from shared.fit.model import ModelData, ModelShape, model_data
+from shared.fit.remedy import RunOutcome, RunPlan, first_plan, next_plan
 from shared.fit.sampler import (
     MAX_TREE_DEPTH,
+    TARGET_ACCEPT,
     Bucket,
+    Draws,
     bucket_rows,
     bucket_tracks,
     chain_devices,
@@ -82,24 +85,26 @@ def prepare(ds: xr.Dataset, job: CalibrationJob) -> Prepared:
 
 
 def pad(rows: EventRows, bucket: Bucket) -> ModelData:
-    """The rows as model arrays, padded to the bucket (padding masked out)."""
+    """The rows as model arrays, padded to the bucket (padding masked out), with their statistics."""
     n, N, K = rows.n_rows, bucket.n_rows, bucket.shape.n_tracks
 
-    def padded(values: np.ndarray, dtype, fill=0) -> jnp.ndarray:
+    def padded(values: np.ndarray, dtype, fill=0) -> np.ndarray:
         out = np.full(N, fill, dtype=dtype)
         out[:n] = values
-        return jnp.asarray(out)
+        return out
 
     track_archetype = np.zeros(K, np.int32)
     track_archetype[: len(rows.tracks)] = rows.track_archetype
-    return ModelData(
+    return model_data(
         x=padded(logit(rows.p), np.float32),
         y=padded(rows.y, np.int32),
         event=padded(rows.event, np.int32),
         track=padded(rows.track, np.int32),
         mask=padded(np.ones(n, bool), bool, False),
-        track_archetype=jnp.asarray(track_archetype),
-        track_real=jnp.asarray(np.arange(K) < len(rows.tracks)),
+        track_archetype=track_archetype,
+        track_real=np.arange(K) < len(rows.tracks),
+        n_events=bucket.shape.n_events,
+        n_archetypes=bucket.shape.n_archetypes,
     )
 
 
@@ -125,8 +130,11 @@ def calibrate(
     The dataset is validated for the job's archetype first (bad data raises
     :class:`InvalidDataset`). Progress is reported to ``control``, which
     is checked (time limit, cancellation) before compiling, between sampling
-    chunks and before the diagnostics. Non-convergence is reported in the
-    summary (``converged`` and ``convergence_issues``), never raised.
+    chunks, between remedy attempts and before the diagnostics. A run that
+    fails ``criteria`` is remedied (:mod:`shared.fit.remedy`) while attempts
+    and time are left; the summary lists every attempt, and the last one is
+    judged and reported. Non-convergence after the remedies is reported in
+    the summary (``converged`` and ``convergence_issues``), never raised.
     ``load_s`` is the caller's time spent loading the dataset, for the summary.
     """
     control = control or JobControl()
@@ -138,26 +146,16 @@ def calibrate(
         job.job_id, rows.n_rows, len(rows.races), len(rows.tracks), prepared.bucket,
     )
 
-    control.check("compile")
-    control.progress(Progress(phase="compile"))
-    t_build = time.perf_counter()
-    sampler = sampler_for(prepared.bucket)  # traced once per bucket and process
-    build_s = time.perf_counter() - t_build
-    draws = sampler.run(
-        prepared.data,
-        seed=job.sampler.seed,
-        samples=job.sampler.samples,
-        control=control,
-    )
+    draws, attempts, stopped = _sample_with_remedies(prepared, job, control=control, criteria=criteria)
 
     control.check("diagnostics")
     control.progress(Progress(phase="diagnostics"))
     t0 = time.perf_counter()
-    labelled = EventRows(**{**rows.__dict__, "tracks": tuple(track_labels(rows))})
+    labelled = dataclasses.replace(rows, tracks=tuple(track_labels(rows)))
     idata = build_inference_data(
         draws,
         labelled,
-        seed=job.sampler.seed,
+        seed=attempts[-1].seed,
         attrs={
             "job_id": job.job_id,
             "job": job.model_dump(mode="json"),
@@ -165,6 +163,8 @@ def calibrate(
             "calq_version": shared.__version__,
             "centered": int(prepared.bucket.shape.centered),
             "inference_library": "numpyro",
+            "attempts": len(attempts),
+            "target_accept_prob": attempts[-1].target_accept_prob,
         },
     )
     parameters = diagnostics.parameter_summaries(idata)
@@ -172,6 +172,10 @@ def calibrate(
         idata, parameters, sample_seconds=draws.sample_s, max_tree_depth=MAX_TREE_DEPTH
     )
     issues = criteria.issues(diag)
+    if issues and len(attempts) > 1:
+        issues.append(f"after {len(attempts)} attempts")
+    if issues and stopped:
+        issues.append(stopped)
     q_mean = calibrated_probability_mean(draws.params, rows)
     archetypes = list(rows.archetypes)
     summary = CalibrationSummary(
@@ -196,14 +200,15 @@ def calibrate(
         converged=not issues,
         convergence_issues=issues,
         diagnostics=diag,
+        attempts=attempts,
         parameters=parameters,
         calibration=event_calibration(rows, q_mean),
         ensemble=ensemble_scores(prepared.window, archetypes),
         joint_events=joint_events(prepared.window, job.events),
         timings=Timings(
             load_s=load_s,
-            compile_s=build_s + draws.compile_s,
-            sample_s=draws.sample_s,
+            compile_s=sum(a.compile_s for a in attempts),
+            sample_s=sum(a.sample_s for a in attempts),
             diagnostics_s=time.perf_counter() - t0,
         ),
         created_at=utcnow(),
@@ -212,6 +217,72 @@ def calibrate(
     if issues:
         log.info("job %s did not converge: %s", job.job_id, "; ".join(issues))  # a result, not a fault
     return idata, summary
+
+
+#: Seconds kept back, beyond a fifth of the estimate, for diagnostics and writing after a remedy.
+REMEDY_RESERVE_S = 15.0
+
+
+def _sample_with_remedies(
+    prepared: Prepared, job: CalibrationJob, *, control: JobControl, criteria: ConvergenceCriteria
+) -> tuple[Draws, list[Attempt], str | None]:
+    """Run the sampler, then remedies while the run fails ``criteria``; the last run's draws.
+
+    Returns the last draws, every attempt, and why remedies stopped early
+    (None when they did not: the run passed, or no attempt or remedy was left).
+    """
+    plan = first_plan(
+        seed=job.sampler.seed, warmup=job.sampler.warmup, samples=job.sampler.samples, target_accept_prob=TARGET_ACCEPT
+    )
+    attempts: list[Attempt] = []
+    while True:
+        bucket = dataclasses.replace(prepared.bucket, warmup=plan.warmup)
+        control.check("compile")
+        control.progress(Progress(phase="compile"))
+        t_build = time.perf_counter()
+        sampler = sampler_for(bucket)  # traced once per bucket and process
+        build_s = time.perf_counter() - t_build
+        draws = sampler.run(
+            prepared.data, seed=plan.seed, samples=plan.samples, control=control,
+            target_accept_prob=plan.target_accept_prob,
+        )
+        max_rhat, min_ess, divergences = diagnostics.worst_convergence(
+            convergence_data(draws, n_tracks=len(prepared.rows.tracks))
+        )
+        attempt = Attempt(
+            number=plan.number, seed=plan.seed, target_accept_prob=plan.target_accept_prob,
+            warmup=plan.warmup, samples=plan.samples, divergences=divergences, max_rhat=max_rhat,
+            min_ess_bulk=min_ess, mean_leapfrog_steps=float(draws.stats["n_steps"].mean()),
+            compile_s=build_s + draws.compile_s, sample_s=draws.sample_s,
+            issues=criteria.failures(max_rhat=max_rhat, min_ess_bulk=min_ess, divergences=divergences),
+            remedy=plan.remedy,
+        )
+        attempts.append(attempt)
+        if not attempt.issues:
+            return draws, attempts, None
+        following = next_plan(
+            plan, RunOutcome(max_rhat=max_rhat, min_ess_bulk=min_ess, divergences=divergences), criteria,
+            job_seed=job.sampler.seed,
+        )
+        if following is None:
+            return draws, attempts, None
+        log.info("job %s attempt %d: %s; remedy: %s", job.job_id, plan.number, "; ".join(attempt.issues), following.remedy)
+        control.check("remedy")  # a cancellation is seen between attempts
+        needed = _estimate_s(attempt, following)
+        left = control.remaining_s()
+        if left is not None and needed * 1.2 + REMEDY_RESERVE_S > left:
+            return draws, attempts, (
+                f"remedy not run ({following.remedy}): it needs about {needed:.0f} s and {max(left, 0):.0f} s "
+                "are left before the job's time limit"
+            )
+        plan = following
+
+
+def _estimate_s(last: Attempt, plan: RunPlan) -> float:
+    """Seconds the run ``plan`` should take, scaled from the ``last`` one (a new warmup length compiles anew)."""
+    scale = (plan.warmup + plan.samples) / (last.warmup + last.samples)
+    compile_s = max(last.compile_s, 5.0) if plan.warmup != last.warmup else 0.0
+    return last.sample_s * scale + compile_s
 
 
 def _last_race_date(ds: xr.Dataset):

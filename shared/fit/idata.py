@@ -34,13 +34,30 @@ def logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
+def calibrated_probability(alpha: np.ndarray, beta: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """The model's calibrated probability q = expit(α + β·logit(p)), broadcast (the one place it is written)."""
+    return expit(alpha + beta * logit(p))
+
+
+def _posterior(draws: Draws, n_tracks: int) -> dict[str, np.ndarray]:
+    """The interpretable parameters' draws, padding tracks dropped."""
+    posterior = {name: draws.params[name] for name in ARCHETYPE_PARAMETERS}
+    posterior.update({name: draws.params[name][..., :n_tracks] for name in TRACK_PARAMETERS})
+    return posterior
+
+
+def convergence_data(draws: Draws, *, n_tracks: int) -> az.InferenceData:
+    """Just the posterior and the divergences: what a convergence check between runs needs."""
+    return az.from_dict(
+        posterior=_posterior(draws, n_tracks), sample_stats={"diverging": draws.stats["diverging"]}
+    )
+
+
 def build_inference_data(
     draws: Draws, rows: EventRows, *, seed: int, attrs: dict[str, Any]
 ) -> az.InferenceData:
     """Assemble the InferenceData of one job from its draws and its rows."""
-    n_tracks = len(rows.tracks)
-    posterior = {name: draws.params[name] for name in ARCHETYPE_PARAMETERS}
-    posterior.update({name: draws.params[name][..., :n_tracks] for name in TRACK_PARAMETERS})
+    posterior = _posterior(draws, len(rows.tracks))
     coords = {
         "event": list(rows.events),
         "archetype": list(rows.archetypes),
@@ -102,7 +119,7 @@ def calibrated_probability_draws(params: dict[str, np.ndarray], rows: EventRows,
     """q = expit(α[e, k] + β[e, k]·logit(p)) per selected draw and row: (chain, draw, row)."""
     alpha = params["alpha_track"][:, draws][..., rows.event, rows.track]
     beta = params["beta_track"][:, draws][..., rows.event, rows.track]
-    return expit(alpha + beta * logit(rows.p))
+    return calibrated_probability(alpha, beta, rows.p)
 
 
 def calibrated_probability_mean(params: dict[str, np.ndarray], rows: EventRows, *, block: int = 100) -> np.ndarray:
@@ -139,8 +156,10 @@ def to_dataset_attrs(idata: az.InferenceData) -> dict[str, Any]:
 
 __all__ = [
     "build_inference_data",
+    "calibrated_probability",
     "calibrated_probability_draws",
     "calibrated_probability_mean",
+    "convergence_data",
     "expit",
     "logit",
     "to_dataset_attrs",

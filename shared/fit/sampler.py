@@ -4,9 +4,15 @@ NumPyro's ``MCMC`` compiles anew for every object, process and data shape
 (pyro-ppl/numpyro#514). A worker runs many jobs, so calq drives NumPyro's
 functional NUTS kernel itself:
 
-- data are padded to a few bucket sizes (:func:`bucket_rows`,
+- data are padded to bucket sizes (:func:`bucket_rows`,
   :func:`bucket_tracks`) and passed as *dynamic* arguments, so datasets of
-  different sizes share one compiled sampler;
+  different sizes share one compiled sampler: the smallest buckets (2,048
+  rows, 16 tracks) hold a season of any one archetype with three events, so
+  every typical archetype job shares one compile; above it, a ladder of
+  ratio 2^(1/6) wastes at most ~12 % of the padded rows;
+- the target acceptance probability is a dynamic argument too
+  (:mod:`shared.fit.nuts`), so a convergence remedy that raises it reuses
+  the compiled sampler; only a longer warmup (a static length) compiles anew;
 - a :class:`CompiledSampler` per bucket is cached for the life of the process,
   and JAX's persistent compilation cache (:func:`enable_compile_cache`) makes
   a restarted worker warm too;
@@ -40,30 +46,45 @@ from numpyro.infer.util import constrain_fn, potential_energy
 
 from shared.contract.control import JobControl
 from shared.contract.job import Progress
-from shared.fit.model import ModelData, ModelShape, calibration_model
+from shared.fit.model import ModelData, ModelShape, calibration_model, model_data
+from shared.fit.nuts import nuts_step
 
 log = logging.getLogger(__name__)
 
 MAX_TREE_DEPTH = 10
 TARGET_ACCEPT = 0.8  # divergence-free on five seasons × four archetypes (see shared.fit.model)
-MIN_ROW_BUCKET = 1024
+#: The smallest row bucket: a season of intermediate races (the largest archetype) with three events is 1,710 rows.
+MIN_ROW_BUCKET = 2048
+#: Row buckets above the smallest grow by this ratio, in multiples of 128 rows.
+ROW_BUCKET_RATIO = 2 ** (1 / 6)
+ROW_BUCKET_STEP = 128
+#: The smallest track bucket: the most tracks any one archetype has in the known schedule is 10.
+MIN_TRACK_BUCKET = 16
 CHUNKS_PER_RUN = 20
 
 
 
 def bucket_rows(n: int) -> int:
-    """Padded row count: the next size in a √2-geometric ladder from 1024, in multiples of 256."""
+    """Padded row count: :data:`MIN_ROW_BUCKET`, then a 2^(1/6)-geometric ladder in multiples of 128.
+
+    Above the smallest bucket at most ~12 % of the padded rows are padding
+    (the ratio's 10.9 % plus the rounding); the ladder has six sizes per doubling.
+    """
     size = MIN_ROW_BUCKET
     k = 0
     while size < n:
         k += 1
-        size = int(math.ceil(MIN_ROW_BUCKET * 2 ** (k / 2) / 256) * 256)
+        size = int(math.ceil(MIN_ROW_BUCKET * ROW_BUCKET_RATIO**k / ROW_BUCKET_STEP) * ROW_BUCKET_STEP)
     return size
 
 
 def bucket_tracks(n: int) -> int:
-    """Padded track count: the next power of two, at least 4."""
-    return max(4, 1 << max(0, n - 1).bit_length())
+    """Padded track count: :data:`MIN_TRACK_BUCKET`, else the next power of two.
+
+    Padding tracks cost no gradient work (they see no rows), only a few
+    standard-normal dimensions, so one generous bucket serves every archetype.
+    """
+    return max(MIN_TRACK_BUCKET, 1 << max(0, n - 1).bit_length())
 
 
 def chunk_length(warmup: int, samples: int) -> int:
@@ -156,7 +177,7 @@ class CompiledSampler:
     def __init__(self, bucket: Bucket) -> None:
         self.bucket = bucket
         self._lock = threading.Lock()
-        model = functools.partial(calibration_model, shape=bucket.shape)
+        model = self._model = functools.partial(calibration_model, shape=bucket.shape)
         # What numpyro's initialize_model builds, without its search for valid
         # initial values (a dozen small compiles): this model's log density is
         # finite everywhere, so uniform draws in the unconstrained space do.
@@ -164,7 +185,7 @@ class CompiledSampler:
         self._postprocess_gen = lambda data: functools.partial(
             constrain_fn, model, (data,), {}, return_deterministic=True
         )
-        self._init_kernel, self._sample_kernel = hmc(
+        self._init_kernel, _ = hmc(
             potential_fn_gen=lambda data: functools.partial(potential_energy, model, (data,), {}),
             algo="NUTS",
         )
@@ -174,14 +195,11 @@ class CompiledSampler:
     def _dummy_data(self) -> ModelData:
         b = self.bucket
         K = b.shape.n_tracks
-        return ModelData(
-            x=jnp.zeros(b.n_rows, jnp.float32),
-            y=jnp.zeros(b.n_rows, jnp.int32),
-            event=jnp.zeros(b.n_rows, jnp.int32),
-            track=jnp.zeros(b.n_rows, jnp.int32),
-            mask=jnp.zeros(b.n_rows, bool),
-            track_archetype=jnp.zeros(K, jnp.int32),
-            track_real=jnp.zeros(K, bool),
+        zeros = np.zeros(b.n_rows, np.int32)
+        return model_data(
+            x=np.zeros(b.n_rows, np.float32), y=zeros, event=zeros, track=zeros, mask=np.zeros(b.n_rows, bool),
+            track_archetype=np.zeros(K, np.int32), track_real=np.zeros(K, bool),
+            n_events=b.shape.n_events, n_archetypes=b.shape.n_archetypes,
         )
 
     def _build(self):
@@ -196,31 +214,34 @@ class CompiledSampler:
             params = treedef.unflatten(
                 [jax.random.uniform(k, jnp.shape(v), minval=-2.0, maxval=2.0) for k, v in zip(keys, leaves)]
             )
-            return self._init_kernel(
+            return self._init_kernel(  # the initial state; transitions are nuts_step's
                 params,
                 warmup,
-                target_accept_prob=TARGET_ACCEPT,
                 max_tree_depth=MAX_TREE_DEPTH,
                 model_args=(data,),
                 rng_key=kernel_key,
             )
 
-        def chunk_one(state, data):
+        def chunk_one(state, data, target_accept_prob):
             constrain = self._postprocess_gen(data)
+            potential = functools.partial(potential_energy, self._model, (data,), {})
 
             def step(state, _):
-                state = self._sample_kernel(state, model_args=(data,))
+                state = nuts_step(
+                    state, potential, num_warmup=warmup, target_accept_prob=target_accept_prob,
+                    max_tree_depth=MAX_TREE_DEPTH,
+                )
                 return state, (constrain(state.z), _stats_of(state))
 
             return jax.lax.scan(step, state, None, length=length)
 
         b = self.bucket
         if b.devices == b.chains:  # one chain per device
-            return jax.pmap(init_one, in_axes=(0, None)), jax.pmap(chunk_one, in_axes=(0, None))
+            return jax.pmap(init_one, in_axes=(0, None)), jax.pmap(chunk_one, in_axes=(0, None, None))
         init_many = jax.vmap(init_one, in_axes=(0, None))
-        chunk_many = jax.vmap(chunk_one, in_axes=(0, None))
+        chunk_many = jax.vmap(chunk_one, in_axes=(0, None, None))
         if b.devices > 1:  # several chains per device
-            return jax.pmap(init_many, in_axes=(0, None)), jax.pmap(chunk_many, in_axes=(0, None))
+            return jax.pmap(init_many, in_axes=(0, None)), jax.pmap(chunk_many, in_axes=(0, None, None))
         return jax.jit(init_many), jax.jit(chunk_many)
 
     def _split_over_devices(self) -> bool:
@@ -239,7 +260,7 @@ class CompiledSampler:
                 keys = self._chain_keys(0)
                 init = self._init.lower(keys, data).compile()
                 state = jax.eval_shape(self._init, keys, data)
-                chunk = self._chunk.lower(state, data).compile()
+                chunk = self._chunk.lower(state, data, jnp.float32(TARGET_ACCEPT)).compile()
                 self._compiled = (init, chunk)
             return self._compiled
 
@@ -250,8 +271,12 @@ class CompiledSampler:
         seed: int,
         samples: int,
         control: JobControl | None = None,
+        target_accept_prob: float = TARGET_ACCEPT,
     ) -> Draws:
         """Run warmup then ``samples`` draws per chain; return the post-warmup draws.
+
+        ``samples`` and ``target_accept_prob`` (the step-size adaptation's
+        target) are dynamic: changing them compiles nothing.
 
         ``control`` hears progress after every chunk and is checked before
         each one: its time limit raises :class:`JobTimeLimitExceeded` and a
@@ -264,13 +289,14 @@ class CompiledSampler:
 
         t1 = time.perf_counter()
         state = init(self._chain_keys(seed), data)
+        target = jnp.float32(target_accept_prob)
         total = b.warmup + samples
         n_chunks = math.ceil(total / b.chunk)
         params_parts, stats_parts = [], []
         for i in range(n_chunks):
             if control is not None:
                 control.check("warmup" if i * b.chunk < b.warmup else "sampling")
-            state, (params, stats) = chunk(state, data)
+            state, (params, stats) = chunk(state, data, target)
             jax.block_until_ready(state)  # dispatch is asynchronous: wait, so progress and limits are real
             done = min((i + 1) * b.chunk, total)
             if (i + 1) * b.chunk > b.warmup:

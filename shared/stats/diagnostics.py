@@ -81,6 +81,19 @@ def sampler_diagnostics(
     )
 
 
+def worst_convergence(idata: az.InferenceData, *, var_names=SUMMARISED) -> tuple[float, float, int]:
+    """(max R-hat, min bulk ESS, divergences) of a run: what the convergence criteria read.
+
+    The cheap check between remedy attempts: no HDI, no per-parameter records.
+    """
+    post = idata.posterior[list(var_names)]
+    rhat = az.rhat(post, method="rank")
+    ess = az.ess(post, method="bulk")
+    max_rhat = _worst(float(v) for name in var_names for v in np.ravel(rhat[name].values))
+    min_ess = min((float(v) for name in var_names for v in np.ravel(ess[name].values)), default=math.nan)
+    return max_rhat, min_ess, int(idata.sample_stats["diverging"].sum())
+
+
 def _worst(values) -> float:
     """The largest R-hat; NaN (a constant chain) counts as the worst."""
     values = list(values)

@@ -1,0 +1,100 @@
+"""One NUTS transition whose target acceptance probability is a traced argument.
+
+NumPyro's functional ``hmc()`` fixes the target acceptance probability when
+its ``init_kernel`` is traced: the step-size adaptation closes over the
+Python number. calq's convergence remedies raise the target (0.8 → 0.9 →
+0.95 → 0.99) on the same compiled sampler, so :func:`nuts_step` rebuilds
+that adaptation inside the traced step from NumPyro's own parts
+(``warmup_adapter``, ``velocity_verlet``, ``build_tree``) with the target as
+an array argument. The transition is NumPyro's NUTS (multinomial sampling,
+diagonal mass matrix, windowed adaptation); only where the target comes
+from differs. The initial state still comes from NumPyro's ``init_kernel``,
+whose adaptation set-up does not use the target.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax.numpy as jnp
+from jax import random
+from numpyro.infer.hmc import HMCState, momentum_generator
+from numpyro.infer.hmc_util import (
+    IntegratorState,
+    build_tree,
+    euclidean_kinetic_energy,
+    find_reasonable_step_size,
+    velocity_verlet,
+    warmup_adapter,
+)
+from numpyro.util import cond, identity
+
+#: A trajectory whose energy error exceeds this is divergent (NumPyro's default).
+MAX_DELTA_ENERGY = 1000.0
+
+
+def nuts_step(
+    state: HMCState,
+    potential_fn,
+    *,
+    num_warmup: int,
+    target_accept_prob: jnp.ndarray,
+    max_tree_depth: int,
+) -> HMCState:
+    """Advance ``state`` by one NUTS transition, adapting while ``state.i < num_warmup``.
+
+    ``num_warmup`` and ``max_tree_depth`` are static (the adaptation windows
+    and the tree's loop bounds depend on them); ``target_accept_prob`` may be
+    a traced scalar.
+    """
+    kinetic_fn = euclidean_kinetic_energy
+    rng_key, key_momentum, key_tree = random.split(state.rng_key, 3)
+    adapt = state.adapt_state
+    r = momentum_generator(state.z, adapt.mass_matrix_sqrt, key_momentum)
+    _, vv_update = velocity_verlet(potential_fn, kinetic_fn)
+    start = IntegratorState(state.z, r, state.potential_energy, state.z_grad)
+    tree = build_tree(
+        vv_update,
+        kinetic_fn,
+        start,
+        adapt.inverse_mass_matrix,
+        adapt.step_size,
+        key_tree,
+        max_delta_energy=MAX_DELTA_ENERGY,
+        max_tree_depth=max_tree_depth,
+    )
+    accept_prob = tree.sum_accept_probs / tree.num_proposals
+    proposal = IntegratorState(tree.z_proposal, r, tree.z_proposal_pe, tree.z_proposal_grad)
+
+    _, wa_update = warmup_adapter(
+        num_warmup,
+        find_reasonable_step_size=partial(find_reasonable_step_size, potential_fn, kinetic_fn, momentum_generator),
+        target_accept_prob=target_accept_prob,
+    )
+    adapt_state = cond(
+        state.i < num_warmup,
+        (state.i, accept_prob, proposal, adapt),
+        lambda args: wa_update(*args),
+        adapt,
+        identity,
+    )
+    itr = state.i + 1
+    n = jnp.where(state.i < num_warmup, itr, itr - num_warmup)
+    return HMCState(
+        i=itr,
+        z=proposal.z,
+        z_grad=proposal.z_grad,
+        potential_energy=proposal.potential_energy,
+        energy=tree.z_proposal_energy,
+        r=None,
+        trajectory_length=state.trajectory_length,
+        num_steps=tree.num_proposals,
+        accept_prob=accept_prob,
+        mean_accept_prob=state.mean_accept_prob + (accept_prob - state.mean_accept_prob) / n,
+        diverging=tree.diverging,
+        adapt_state=adapt_state,
+        rng_key=rng_key,
+    )
+
+
+__all__ = ["MAX_DELTA_ENERGY", "nuts_step"]

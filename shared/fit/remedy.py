@@ -1,0 +1,123 @@
+"""Convergence remedies: what the next sampler run changes when one fails the criteria.
+
+A run that fails :class:`~shared.contract.summary.ConvergenceCriteria` is not
+reported at once: calq runs the sampler again, changing one thing, up to
+``criteria.max_attempts`` runs in all, and judges the last. The rules, in
+order of the failure seen:
+
+- **divergent transitions**: the step size was too large somewhere in the
+  posterior; raise the step-size adaptation's target acceptance along
+  :data:`TARGET_LADDER` (0.8 → 0.9 → 0.95 → 0.99). The target is a dynamic
+  argument of the compiled sampler, so this compiles nothing. Past 0.99, the
+  warmup doubles instead (a better-adapted mass matrix).
+- **R-hat above the limit**: chains disagree, so they have not forgotten
+  their starts: double the warmup (a new compile: the warmup length is
+  static) and the draws.
+- **bulk ESS below the minimum** (and nothing else): draw more, in
+  proportion to the shortfall with a 25 % margin, at most 4× per step.
+
+Every run gets its own seed, derived from the job's seed and the attempt's
+number (:func:`attempt_seed`): the same job gives the same runs. Lengths
+never exceed :data:`MAX_LENGTH`, the job schema's own bound.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from shared.contract.summary import ConvergenceCriteria
+
+#: Target acceptance probabilities, in the order remedies try them.
+TARGET_LADDER: tuple[float, ...] = (0.8, 0.9, 0.95, 0.99)
+#: Longest warmup or draw count a remedy asks for (SamplerSettings' bound).
+MAX_LENGTH = 100_000
+#: More draws for low ESS: the shortfall times this margin, at most MAX_DRAW_GROWTH times as many.
+ESS_MARGIN = 1.25
+MAX_DRAW_GROWTH = 4
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The settings of one sampler run."""
+
+    number: int
+    seed: int
+    target_accept_prob: float
+    warmup: int
+    samples: int
+    remedy: str | None = None
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """The worst values of a finished run, as the criteria read them."""
+
+    max_rhat: float
+    min_ess_bulk: float
+    divergences: int
+
+
+def attempt_seed(seed: int, number: int) -> int:
+    """The seed of attempt ``number`` (1-based): the job's own for the first, then derived from both."""
+    if number == 1:
+        return seed
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
+def first_plan(*, seed: int, warmup: int, samples: int, target_accept_prob: float = TARGET_LADDER[0]) -> RunPlan:
+    """The job's own settings, as attempt 1."""
+    return RunPlan(number=1, seed=seed, target_accept_prob=target_accept_prob, warmup=warmup, samples=samples)
+
+
+def next_plan(plan: RunPlan, outcome: RunOutcome, criteria: ConvergenceCriteria, *, job_seed: int) -> RunPlan | None:
+    """The remedy after ``plan`` ended with ``outcome``; None when it passed or no remedy is left.
+
+    See the module docstring for the rules. ``criteria.max_attempts`` bounds
+    the number of runs.
+    """
+    if plan.number >= criteria.max_attempts:
+        return None
+    number = plan.number + 1
+    base = replace(plan, number=number, seed=attempt_seed(job_seed, number))
+    if outcome.divergences > criteria.max_divergences:
+        higher = [t for t in TARGET_LADDER if t > plan.target_accept_prob]
+        if higher:
+            return replace(
+                base, target_accept_prob=higher[0],
+                remedy=f"{outcome.divergences} divergent transitions: target acceptance {higher[0]}",
+            )
+        if plan.warmup >= MAX_LENGTH:
+            return None
+        warmup = min(2 * plan.warmup, MAX_LENGTH)
+        return replace(base, warmup=warmup, remedy=f"{outcome.divergences} divergent transitions: warmup {warmup}")
+    if not outcome.max_rhat <= criteria.max_rhat:
+        if plan.warmup >= MAX_LENGTH and plan.samples >= MAX_LENGTH:
+            return None
+        warmup, samples = min(2 * plan.warmup, MAX_LENGTH), min(2 * plan.samples, MAX_LENGTH)
+        return replace(
+            base, warmup=warmup, samples=samples,
+            remedy=f"max R-hat {outcome.max_rhat:.4f}: warmup {warmup}, {samples} draws",
+        )
+    if not outcome.min_ess_bulk >= criteria.min_ess_bulk:
+        if plan.samples >= MAX_LENGTH:
+            return None
+        ess = outcome.min_ess_bulk if math.isfinite(outcome.min_ess_bulk) else 1.0
+        shortfall = criteria.min_ess_bulk / max(ess, 1.0)
+        growth = min(MAX_DRAW_GROWTH, max(1.25, shortfall * ESS_MARGIN))
+        samples = min(math.ceil(plan.samples * growth), MAX_LENGTH)
+        return replace(base, samples=samples, remedy=f"min bulk ESS {outcome.min_ess_bulk:.0f}: {samples} draws")
+    return None
+
+
+__all__ = [
+    "MAX_LENGTH",
+    "TARGET_LADDER",
+    "RunOutcome",
+    "RunPlan",
+    "attempt_seed",
+    "first_plan",
+    "next_plan",
+]
