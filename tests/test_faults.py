@@ -268,6 +268,10 @@ class Faults:
 
     # -- workers and jobs --
 
+    def stop_workers(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
     def worker(self, *, children: int = 1, fast: bool = True, **env: str) -> Worker:
         worker = Worker({**self.env, **(FAST if fast else {}), **env}, self.tmp / f"worker{len(self.workers)}.log",
                         children=children)
@@ -487,3 +491,42 @@ def test_the_whole_worker_sigkilled_then_a_new_one_started(faults, pair):
     faults.assert_done_once(job_id, sampler_runs=2)
     assert "lease lapsed" in successor.log.read_text()
     assert record.deliveries == 2
+
+
+def test_a_cold_shutdown_hands_the_job_back_without_counting_it(faults):
+    faults.stop_workers()  # the job must land on the worker under test
+    worker = faults.worker(children=1)
+    worker.wait_ready()
+    job_id = faults.submit(seed=701)
+    faults.wait_sampling(job_id, 0.1)
+    worker.proc.send_signal(signal.SIGTERM)  # warm: would finish the job
+    time.sleep(0.5)
+    worker.proc.send_signal(signal.SIGTERM)  # cold: hand it back
+    asked = time.monotonic()
+    record = faults.wait_state(job_id, {JobState.QUEUED, JobState.FAILED}, 30)
+    report("cold shutdown → job queued again", time.monotonic() - asked)
+    assert record.state is JobState.QUEUED and record.deliveries == 0 and record.progress is None
+    assert worker.proc.wait(30) == 1  # stopped without finishing its job
+    assert "NotImplementedError" not in worker.log.read_text()
+    faults.worker(children=1)  # the next deploy runs it
+    faults.wait_state(job_id, {JobState.SUCCEEDED}, 240)
+    faults.assert_done_once(job_id, sampler_runs=2)
+    assert faults.record(job_id).deliveries == 1  # three deploys cannot dead-letter a healthy job
+
+
+def test_children_of_a_dead_supervisor_stop_and_hand_their_jobs_back(faults):
+    (worker,) = [w for w in faults.workers if w.proc.poll() is None]  # the one the last test started
+    worker.wait_ready()
+    job_id = faults.submit(seed=801)
+    faults.wait_sampling(job_id, 0.1)
+    (child,) = worker.children()
+    worker.proc.kill()  # the supervisor only; its child is left alone
+    worker.proc.wait(10)
+    killed = time.monotonic()
+    faults.wait_state(job_id, {JobState.QUEUED}, 30)
+    wait_until(lambda: not alive(child), 30, "the orphaned child to exit")
+    report("supervisor SIGKILLed → its child handed the job back and exited", time.monotonic() - killed)
+    assert faults.record(job_id).deliveries == 0
+    faults.worker(children=1)
+    faults.wait_state(job_id, {JobState.SUCCEEDED}, 240)
+    faults.assert_done_once(job_id, sampler_runs=2)

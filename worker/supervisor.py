@@ -48,7 +48,7 @@ from typing import Any
 
 from shared.fit.device import HOST_DEVICES, with_host_devices, without_host_devices
 from shared.jobs.celery_app import CPU_QUEUE, GPU_QUEUE, queue_for
-from worker.tasks import EXIT_DEVICE_ERROR, HAND_BACK_SIGNAL, SUPERVISOR_PID_ENV
+from worker.tasks import EXIT_DEVICE_ERROR, HAND_BACK_SIGNAL, SUPERVISOR_PID_ENV, lease_holder
 
 log = logging.getLogger(__name__)
 
@@ -435,7 +435,7 @@ class Supervisor:
             kills = oom_kills()
             oom = kills is not None and child.oom_kills_at_start is not None and kills > child.oom_kills_at_start
             how = _exit_text(code, oom_killed=oom)
-            self._hand_back(child, how, count_delivery=not (stopping and self._cold) and code != 0)
+            self._hand_back(child, proc.pid, how, count_delivery=not (stopping and self._cold) and code != 0)
             if stopping:
                 log.info("%s %s", child.spec.name, how)
                 return
@@ -458,12 +458,12 @@ class Supervisor:
             log.info("restarting %s (restart #%d)", child.spec.name, child.restarts)
             self._start(child)
 
-    def _hand_back(self, child: _Child, how: str, *, count_delivery: bool) -> None:
+    def _hand_back(self, child: _Child, pid: int, how: str, *, count_delivery: bool) -> None:
         """Hand back the job a dead child held, at once (not after its lease lapses)."""
         if self._fleet is None:
             return
         try:
-            done = self._fleet.hand_back_held(child.spec.name, why=how, count_delivery=count_delivery)
+            done = self._fleet.hand_back_held(lease_holder(child.spec.name, pid), why=how, count_delivery=count_delivery)
         except Exception as exc:  # Redis out: the lease lapses and the reaper hands the job back
             log.warning("could not hand back %s's job (%s: %s); the reaper will", child.spec.name,
                         type(exc).__name__, exc)

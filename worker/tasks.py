@@ -175,6 +175,11 @@ def stop_reason(environ: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
+def lease_holder(worker: str, pid: int | None = None) -> str:
+    """Who holds a lease: the Celery node name and the process id (two supervisors on one host share names)."""
+    return f"{worker}#{os.getpid() if pid is None else pid}"
+
+
 def calibrate_message(task: Task, message: Mapping[str, Any]) -> dict[str, Any]:
     """The task body: run ``message`` through the handler, under the job's lease.
 
@@ -198,7 +203,7 @@ def calibrate_message(task: Task, message: Mapping[str, Any]) -> dict[str, Any]:
     leases = ctx.leases
     jlog = handle.JobLog(log, {"job_id": job_id})
     queue = (task.request.delivery_info or {}).get("routing_key")
-    lease = leases.acquire(job_id, worker, message=message, attempt=attempt, queue=queue)
+    lease = leases.acquire(job_id, lease_holder(worker), message=message, attempt=attempt, queue=queue)
     if lease is None:
         holder = leases.holder(job_id)
         jlog.info("already running on %s; this delivery is dropped", holder)
