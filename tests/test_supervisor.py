@@ -232,7 +232,7 @@ def test_a_child_that_ignores_the_cold_shutdown_is_killed(tmp_path):
     sup.stop(force=True)
     thread.join(10)
     assert result == [1]
-    assert lines(log)[-2:] == ["term", "ignored"]
+    assert sorted(lines(log)[2:]) == ["ignored", "term"]  # both asked (in either order), then killed
 
 
 def test_children_know_their_supervisor(tmp_path):
