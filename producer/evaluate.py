@@ -45,7 +45,6 @@ from shared.contract.job import JobState
 from shared.contract.summary import CalibrationSummary
 from shared.data.dataset import event_rows, open_dataset
 from shared.stats import oos
-from shared.storage.catalog import newest
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +143,7 @@ class Evaluation:
             task = bar.add_task("scoring", total=sum(len(r) for r in races.values()))
             for archetype in todo:
                 mine = [f for f in fits if f.window.archetype == archetype]
-                scored, missing = self._assign(calendar, archetype, races[archetype], mine)
+                scored, missing = assign_fits(calendar, archetype, races[archetype], mine)
                 unscored += missing
                 rows = self._score(ds, archetype, events, scored, on_race=lambda: bar.advance(task))
                 bar.advance(task, len(missing))
@@ -174,29 +173,6 @@ class Evaluation:
         )
         index = np.flatnonzero(keep)
         return index[np.argsort(calendar.days[index], kind="stable")].tolist()
-
-    def _assign(
-        self, calendar: RaceCalendar, archetype: str, races: list[int], fits: list[Fit]
-    ) -> tuple[dict[int, Fit], list[Unscored]]:
-        """Each race → the newest converged fit on races strictly before it; the rest, with reasons."""
-        scored: dict[int, Fit] = {}
-        missing = []
-        for i in races:
-            day = calendar.days[i].astype(object)
-            before = [f for f in fits if f.window.as_of <= day]
-            best = newest(f.summary for f in before if f.converged)
-            if best is not None:
-                scored[i] = next(f for f in before if f.summary is best)
-                continue
-            current = next((f for f in fits if day in f.window.days), None)
-            if current is None:
-                reason = "no earlier race of its archetype in the window"
-            elif current.summary is None:
-                reason = f"its fit {current.outcome.job_id} {current.outcome.state}: {current.outcome.reason or ''}".strip(": ")
-            else:
-                reason = f"its fit {current.outcome.job_id} did not converge, nor did an earlier one"
-            missing.append(Unscored(archetype, str(calendar.race_ids[i]), day, str(calendar.tracks[i]), reason))
-        return scored, missing
 
     # -- scoring -------------------------------------------------------------------
 
@@ -276,6 +252,33 @@ class Evaluation:
         record["band"] = {"level": BAND, "mean_width": float(np.mean(rows["high"] - rows["low"]))}
         record["per_race"] = _per_race(rows)
         return record
+
+
+def assign_fits(
+    calendar: RaceCalendar, archetype: str, races: list[int], fits: list[Fit]
+) -> tuple[dict[int, Fit], list[Unscored]]:
+    """Each race → the newest converged fit on races strictly before it; the rest, with reasons."""
+    scored: dict[int, Fit] = {}
+    missing = []
+    for i in races:
+        day = calendar.days[i].astype(object)
+        # Newest = the latest window on or before the race day (then the latest race seen). Not the
+        # ``latest`` pointer's created_at tie-break: a backfill creates its fits in any order, and when a
+        # race has left the window two fits can share their latest race.
+        best = max((f for f in fits if f.window.as_of <= day and f.converged),
+                   key=lambda f: (f.window.as_of, f.summary.data_through), default=None)
+        if best is not None:
+            scored[i] = best
+            continue
+        current = next((f for f in fits if day in f.window.days), None)
+        if current is None:
+            reason = "no earlier race of its archetype in the window"
+        elif current.summary is None:
+            reason = f"its fit {current.outcome.job_id} {current.outcome.state}: {current.outcome.reason or ''}".strip(": ")
+        else:
+            reason = f"its fit {current.outcome.job_id} did not converge, nor did an earlier one"
+        missing.append(Unscored(archetype, str(calendar.race_ids[i]), day, str(calendar.tracks[i]), reason))
+    return scored, missing
 
 
 def _per_race(rows: dict) -> list[dict[str, Any]]:

@@ -194,3 +194,45 @@ def test_races_whose_fits_did_not_converge_are_reported_not_scored(tmp_path, dat
     reasons = [u["reason"] for u in record["unscored"]]
     assert any("did not converge" in reason for reason in reasons), reasons
     assert json.loads(json.dumps(result.to_json(), allow_nan=False))  # valid JSON: no NaN
+
+
+def _fit(cal, window, *, state="succeeded", converged=True):
+    from types import SimpleNamespace
+
+    from producer.backfill import Outcome
+    from producer.evaluate import Fit
+
+    outcome = Outcome(window.archetype, window.as_of, f"cj-{window.as_of}", state, None if state == "succeeded" else "boom")
+    seen = np.isin(cal.race_ids, window.races)
+    summary = SimpleNamespace(converged=converged, data_through=cal.days[seen].max().astype(object))
+    return Fit(window, outcome, summary if state == "succeeded" else None)
+
+
+def test_each_race_gets_the_fit_current_before_it_or_the_newest_earlier_one_that_converged():
+    from producer.backfill import RaceCalendar
+    from producer.evaluate import assign_fits
+
+    entries = [(date(2024, 1, 10), "superspeedway"), (date(2024, 2, 1), "superspeedway"),
+               (date(2024, 2, 5), "superspeedway"), (date(2024, 2, 7), "intermediate"),
+               (date(2024, 3, 1), "superspeedway")]
+    cal = RaceCalendar([f"r{i}" for i in range(5)], np.array([d for d, _ in entries], dtype="datetime64[D]"),
+                       [a for _, a in entries], ["Daytona"] * 5)
+    windows = cal.windows("superspeedway", [d for d, _ in entries], window_days=30)
+    assert [(w.as_of, w.races) for w in windows] == [
+        (date(2024, 1, 11), ("r0",)), (date(2024, 2, 2), ("r0", "r1")), (date(2024, 2, 6), ("r0", "r1", "r2")),
+        (date(2024, 2, 10), ("r1", "r2")),  # r0 left: the same latest race (r2) as the window before
+    ]
+    ss = [0, 1, 2, 4]
+    # fits created in any order: the race gets the window current before it, not the last one created
+    for order in (slice(None), slice(None, None, -1)):
+        scored, missing = assign_fits(cal, "superspeedway", ss, [_fit(cal, w) for w in windows][order])
+        assert {i: f.window.as_of for i, f in scored.items()} == {
+            1: date(2024, 1, 11), 2: date(2024, 2, 2), 4: date(2024, 2, 10)}
+        assert [(m.race, m.reason) for m in missing] == [("r0", "no earlier race of its archetype in the window")]
+    # the current fit did not converge: the newest earlier one that did scores the race
+    fits = [_fit(cal, w, converged=w.as_of != date(2024, 2, 10)) for w in windows]
+    assert assign_fits(cal, "superspeedway", [4], fits)[0][4].window.as_of == date(2024, 2, 6)
+    # nothing converged before it, or its fit failed: reported with the reason
+    _, missing = assign_fits(cal, "superspeedway", [1, 2], [_fit(cal, windows[0], converged=False),
+                                                            _fit(cal, windows[1], state="failed")])
+    assert "did not converge" in missing[0].reason and "failed: boom" in missing[1].reason
