@@ -341,13 +341,17 @@ def latest(
 
 @app.command()
 def reindex(as_json: JsonFlag = False) -> None:
-    """Rebuild the latest pointers from the summaries in the store (after Redis was flushed)."""
+    """Rebuild the latest pointers from the summaries in the store, and repair job records they prove finished."""
+    from shared.jobs.lease import repair_from_store
+
     client = _client()
     n = client.registry.rebuild_latest(client.catalog)
+    repaired = repair_from_store(client.registry, client.catalog)
     if as_json:
-        _print_json({"pointers": n})
+        _print_json({"pointers": n, "repaired": len(repaired)})
     else:
-        out.print(f"rebuilt {n} latest pointer(s) from {client.store.url}", markup=False, highlight=False)
+        out.print(f"rebuilt {n} latest pointer(s) and repaired {len(repaired)} job record(s) from {client.store.url}",
+                  markup=False, highlight=False)
 
 
 @app.command()

@@ -181,3 +181,29 @@ def test_a_failed_record_keeps_no_stale_progress(fleet):
     job, _ = running_job(fleet)
     fleet["registry"].fail(job.job_id, "boom")
     assert fleet["registry"].get(job.job_id).progress is None
+
+
+def test_reindex_repairs_every_record_the_store_proves_finished(fleet):
+    from shared.contract.job import JobState
+    from shared.jobs.lease import repair_from_store
+    from shared.storage.catalog import Catalog
+    from tests.test_catalog import make_summary
+    from tests.test_registry import make_job
+
+    reg, store = fleet["registry"], fleet["store"]
+    running, _ = running_job(fleet)
+    flushed, done, pending = make_job(1), make_job(2), make_job(3)
+    reg.claim(done)
+    reg.mark_running(done.job_id, worker="w0")
+    reg.claim(pending)
+    for job in (running, flushed, done):
+        summary = make_summary(job.job_id, store=store)
+        if job is done:
+            reg.succeed(done.job_id, summary)
+    before = reg.get(done.job_id)
+    repaired = repair_from_store(reg, Catalog(store))
+    assert sorted(repaired) == sorted([running.job_id, flushed.job_id])
+    assert reg.get(running.job_id).state is JobState.SUCCEEDED
+    assert reg.get(flushed.job_id).state is JobState.SUCCEEDED  # the record came back after a flush
+    assert reg.get(done.job_id) == before  # left alone
+    assert reg.get(pending.job_id).state is JobState.QUEUED  # nothing in the store: nothing to repair
