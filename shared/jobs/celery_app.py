@@ -9,15 +9,21 @@ only fails, with a clear message, when something actually needs the app.
 Why each setting (see FIELD-NOTES, "Celery on Redis"):
 
 - JSON only, both ways: a job is a small JSON message; pickle is refused.
-- ``task_acks_late`` + ``task_reject_on_worker_lost``: a job whose worker is
-  killed (OOM, SIGKILL) goes back to the queue instead of being lost; the
-  handler counts deliveries and dead-letters a job that keeps killing workers.
+- ``task_acks_late``: a message is acknowledged only when its job ended
+  here, so a lost worker never loses it. ``task_reject_on_worker_lost`` is
+  kept for pools that honour it, but calq's solo pool does not (FIELD-NOTES):
+  a killed worker's job is brought back by its *lease*
+  (:mod:`shared.jobs.lease`) — its supervisor hands it back at once, or the
+  reaper when the lease lapses — and the handler counts deliveries and
+  dead-letters a job that keeps killing workers.
 - ``worker_prefetch_multiplier=1``: a worker reserves one job at a time, so a
   long job never sits prefetched behind another one past the visibility timeout.
 - ``visibility_timeout`` in the broker's and the result backend's transport
-  options and at the top level: Redis redelivers an unacknowledged message
-  after it, so it must outlast queue wait plus run time, and the three places
-  must agree (celery/celery#5935).
+  options and at the top level: only the last line of defence now (leases
+  re-queue in seconds). Redis redelivers an unacknowledged message after it,
+  so it must outlast queue wait plus run time, and the three places must
+  agree (celery/celery#5935); such a late redelivery finds its job done or
+  leased elsewhere and is dropped.
 - ``worker_cancel_long_running_tasks_on_connection_loss``: a broker blip must
   not leave a job running here while Redis hands it to another worker.
 - Time limits: the solo pool ignores them (celery/celery#8395), so the job
