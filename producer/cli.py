@@ -81,13 +81,23 @@ def synth(
     scenarios: Annotated[int, typer.Option(min=MIN_SCENARIOS, help="Simulated scenarios per race.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same dataset.")] = 0,
     first_season: Annotated[int, typer.Option(help="Year of the first season.")] = 2024,
+    regime: Annotated[
+        Optional[str], typer.Option(help="A harder regime (shared.data.regimes), e.g. few_tracks; it sets the schedule.")
+    ] = None,
 ) -> None:
     """Write a synthetic calibration dataset whose miscalibration is known."""
     from shared.data.dataset import save_dataset
+    from shared.data.regimes import synthesize_regime
     from shared.data.synth import synthesize
 
-    with err.status(f"simulating {seasons} season(s) × {scenarios} scenarios"):
-        ds = synthesize(seasons=seasons, scenarios=scenarios, seed=seed, first_season=first_season)
+    with err.status(f"simulating {regime or f'{seasons} season(s)'} × {scenarios} scenarios"):
+        if regime is None:
+            ds = synthesize(seasons=seasons, scenarios=scenarios, seed=seed, first_season=first_season)
+        else:
+            try:
+                ds = synthesize_regime(regime, seed=seed, scenarios=scenarios, first_season=first_season)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--regime") from None
         save_dataset(ds, out_path)
     err.print(
         f"wrote {out_path}: {ds.sizes['race']} races, {ds.sizes['driver']} drivers, "

@@ -192,3 +192,70 @@ def test_a_field_as_large_as_the_pool():
     fits = truth(ds)["archetypes"]["intermediate"]
     assert fits["top_10"] == {"alpha": None, "beta": None, "n": fits["top_10"]["n"]}  # certain: no fit
     assert fits["top_1"]["beta"] is not None
+
+
+# -- harder regimes (shared.data.regimes) ---------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["few_tracks", "dominant_track", "unequal_rows", "over_confident", "track_outliers"])
+def test_each_regime_is_a_valid_dataset_with_its_world(name):
+    from shared.data.regimes import REGIMES, synthesize_regime
+
+    r = REGIMES[name]
+    ds = synthesize_regime(name, seed=4, scenarios=50)
+    assert validate(ds) is ds
+    assert list(ds["track"].values) == list(r.schedule)
+    assert set(ds["archetype"].values) == {r.archetype}
+    assert int((~np.isnan(ds["finish_position"].values)).sum(axis=1).max()) == r.drivers_per_race
+    t = truth(ds)
+    assert ds.attrs["calq_regime"] == name
+    for archetype, value in r.temperature.items():
+        assert t["temperature"]["archetype"][archetype] == value
+    base = t["temperature"]["archetype"][r.archetype]
+    for track, factor in r.track_factor.items():
+        assert t["temperature"]["track"][r.archetype][track] == pytest.approx(base * factor)
+    xr.testing.assert_identical(synthesize_regime(name, seed=4, scenarios=50), ds)
+
+
+def test_regime_truths_go_the_intended_way():
+    from shared.data.regimes import synthesize_regime
+
+    over = truth(synthesize_regime("over_confident", seed=1, scenarios=100))["archetypes"]["road_course"]
+    under = truth(synthesize_regime("under_confident", seed=1, scenarios=100))["archetypes"]["short_track"]
+    assert over["top_5"]["beta"] < 0.6 and under["top_5"]["beta"] > 1.6
+    outliers = truth(synthesize_regime("track_outliers", seed=1, scenarios=100))["tracks"]["intermediate"]
+    assert outliers["Las Vegas"]["top_5"]["beta"] < 0.8 and outliers["Kansas"]["top_5"]["beta"] > 1.1
+
+    def share_near_0_or_1(ds) -> float:
+        ds = ds.isel(race=np.flatnonzero(ds["archetype"].values == "intermediate"))
+        p = (ds["sim_position"].values <= 10).mean(axis=1)[~np.isnan(ds["finish_position"].values)]
+        return float(((p < 0.02) | (p > 0.98)).mean())
+
+    extreme = share_near_0_or_1(synthesize_regime("extreme_forecasts", seed=1, scenarios=200))
+    default = share_near_0_or_1(synthesize(seasons=1, scenarios=200, seed=1))
+    assert extreme > 0.2 and extreme > 3 * default, (extreme, default)  # forecasts near 0 and 1
+
+
+def test_an_unknown_regime_or_schedule_is_refused():
+    from shared.data.regimes import synthesize_regime
+
+    with pytest.raises(ValueError, match="unknown regime 'nope'; known: few_tracks"):
+        synthesize_regime("nope")
+    with pytest.raises(ValueError, match="known tracks"):
+        synthesize(schedule=["Nowhere Speedway"], scenarios=10)
+    with pytest.raises(ValueError, match="unknown archetype"):
+        synthesize(temperature={"dirt": 2.0}, scenarios=10)
+
+
+def test_calq_synth_writes_a_regime(tmp_path):
+    from typer.testing import CliRunner
+
+    from producer.cli import app
+
+    out = tmp_path / "few.nc"
+    result = CliRunner().invoke(app, ["synth", str(out), "--regime", "few_tracks", "--scenarios", "20"])
+    assert result.exit_code == 0, result.output
+    ds = open_dataset(out)
+    assert ds.attrs["calq_regime"] == "few_tracks" and ds.sizes["race"] == 5
+    bad = CliRunner().invoke(app, ["synth", str(tmp_path / "x.nc"), "--regime", "nope"])
+    assert bad.exit_code == 2 and not (tmp_path / "x.nc").exists()

@@ -149,6 +149,10 @@ def synthesize(
     first_season: int = 2024,
     drivers_per_race: int = 38,
     pool_size: int = 46,
+    schedule: Sequence[str] | None = None,
+    temperature: dict[str, float] | None = None,
+    track_factor: dict[str, float] | None = None,
+    true_scale: dict[str, float] | None = None,
 ) -> xr.Dataset:
     """A valid calibration dataset with known miscalibration; deterministic for ``seed``.
 
@@ -156,11 +160,20 @@ def synthesize(
     simulated scenarios per race, ``drivers_per_race`` entries drawn from a
     pool of ``pool_size`` drivers. Simulations are float32 and generated race
     by race. The truth is in ``attrs["calq_truth"]`` (see :func:`truth`).
+
+    Harder regimes (:mod:`shared.data.regimes`) change the world: ``schedule``
+    replaces one season's tracks (known tracks, in order; no alternate-season
+    swaps), ``temperature`` overrides archetypes' forecaster temperatures,
+    ``track_factor`` replaces named tracks' random temperature factors, and
+    ``true_scale`` overrides how much skill decides a race per archetype.
     """
     _check_arguments(seasons, scenarios, drivers_per_race, pool_size)
+    world = _World.of(temperature=temperature, true_scale=true_scale)
     rng = np.random.default_rng(seed)
-    races = _schedule(seasons, first_season)
-    temperatures = _track_temperatures(rng)
+    races = _schedule(seasons, first_season, schedule)
+    temperatures = _track_temperatures(rng, world.temperature)
+    for track, factor in (track_factor or {}).items():
+        temperatures[track] = world.temperature[_ARCHETYPE_OF[track]] * factor
     pool = _driver_pool(rng, pool_size=pool_size, drivers_per_race=drivers_per_race)
     truth_scenarios = max(scenarios, MIN_TRUTH_SCENARIOS)
 
@@ -182,6 +195,7 @@ def synthesize(
             temperature=temperatures[race.track],
             scenarios=scenarios,
             truth_scenarios=truth_scenarios,
+            true_scale=world.true_scale[race.archetype],
         )
         finish[i, entered] = draw.finish
         points[i, entered] = draw.points
@@ -198,7 +212,7 @@ def synthesize(
         "drivers_per_race": drivers_per_race,
         "pool_size": pool_size,
     }
-    attrs = _truth_attrs(draws, temperatures=temperatures, settings=settings)
+    attrs = _truth_attrs(draws, temperatures=temperatures, settings=settings, world=world)
     ds = _assemble(races, pool, sim_position, sim_points, finish, points, attrs)
     log.debug("synthesized %d races × %d scenarios × %d drivers", n_races, scenarios, pool_size)
     return ds
@@ -213,6 +227,7 @@ def _simulate_race(
     temperature: float,
     scenarios: int,
     truth_scenarios: int,
+    true_scale: float,
 ) -> _RaceDraw:
     """Qualify, race, forecast and measure the truth for one race's entries.
 
@@ -221,8 +236,9 @@ def _simulate_race(
     ``temperature × (true + noise) + PART_TIMER_BIAS[archetype] × part_time``.
     The grid is qualifying on ``form`` with Gumbel noise of scale
     ``QUALIFYING_NOISE_SD``; the same grid serves the outcome and every scenario.
+    ``true_scale`` is the archetype's (``TRUE_SCALE`` unless a regime overrides it).
     """
-    true = TRUE_SCALE[race.archetype] * form
+    true = true_scale * form
     noisy = true + rng.normal(0.0, ESTIMATION_NOISE_SD, form.size)
     believed = temperature * noisy + PART_TIMER_BIAS[race.archetype] * part_time
     grid = plackett_luce(rng, form, scenarios=None, scale=QUALIFYING_NOISE_SD)
@@ -369,8 +385,24 @@ def _expected_loglik(theta: np.ndarray, design: np.ndarray, q: np.ndarray, w: np
     return float(np.sum(w * (-q * np.logaddexp(0.0, -eta) - (1 - q) * np.logaddexp(0.0, eta))))
 
 
+@dataclass(frozen=True)
+class _World:
+    """The generator's per-archetype constants, with a regime's overrides."""
+
+    temperature: dict[str, float]
+    true_scale: dict[str, float]
+
+    @classmethod
+    def of(cls, *, temperature: dict[str, float] | None, true_scale: dict[str, float] | None) -> _World:
+        for name, given in (("temperature", temperature), ("true_scale", true_scale)):
+            unknown = set(given or {}) - set(ARCHETYPES)
+            if unknown:
+                raise ValueError(f"{name} names unknown archetype(s): {', '.join(sorted(unknown))}")
+        return cls({**TEMPERATURE, **(temperature or {})}, {**TRUE_SCALE, **(true_scale or {})})
+
+
 def _truth_attrs(
-    draws: Sequence[tuple[_Race, _RaceDraw]], *, temperatures: dict[str, float], settings: dict[str, Any]
+    draws: Sequence[tuple[_Race, _RaceDraw]], *, temperatures: dict[str, float], settings: dict[str, Any], world: _World
 ) -> dict[str, Any]:
     """The truth record: settings, the generator's parameters and the pseudo-true fits."""
     race_archetype = np.array([race.archetype for race, _ in draws])
@@ -396,8 +428,8 @@ def _truth_attrs(
         "version": GENERATOR_VERSION,
         **settings,
         "events": list(TRUTH_EVENTS),
-        "temperature": {"archetype": dict(TEMPERATURE), "track": track_temperature},
-        "true_scale": dict(TRUE_SCALE),
+        "temperature": {"archetype": dict(world.temperature), "track": track_temperature},
+        "true_scale": dict(world.true_scale),
         "part_timer_bias": dict(PART_TIMER_BIAS),
         "estimation_noise_sd": ESTIMATION_NOISE_SD,
         "archetypes": by_archetype,
@@ -431,12 +463,16 @@ def _check_arguments(seasons: int, scenarios: int, drivers_per_race: int, pool_s
         raise ValueError(f"need 2 <= drivers_per_race <= pool_size, got {drivers_per_race} and {pool_size}")
 
 
-def _schedule(seasons: int, first_season: int) -> list[_Race]:
+def _schedule(seasons: int, first_season: int, schedule: Sequence[str] | None = None) -> list[_Race]:
+    if schedule is not None:
+        unknown = sorted(set(schedule) - set(_ARCHETYPE_OF))
+        if unknown or not schedule:
+            raise ValueError(f"a schedule needs known tracks, got {', '.join(unknown) or 'none'}")
     races = []
     for s in range(seasons):
         year = first_season + s
-        swaps = ALTERNATE_SEASON_SWAPS if s % 2 else {}
-        tracks = [swaps.get(t, t) for t in SCHEDULE]
+        swaps = ALTERNATE_SEASON_SWAPS if s % 2 and schedule is None else {}
+        tracks = [swaps.get(t, t) for t in (SCHEDULE if schedule is None else schedule)]
         for i, (track, day) in enumerate(zip(tracks, _race_dates(year, len(tracks)))):
             race_id = f"{year}-{i + 1:02d}-{_slug(track)}"
             races.append(_Race(race_id, day, track, _ARCHETYPE_OF[track]))
@@ -458,10 +494,10 @@ def _slug(track: str) -> str:
     return track.lower().replace(" ", "-")
 
 
-def _track_temperatures(rng: np.random.Generator) -> dict[str, float]:
+def _track_temperatures(rng: np.random.Generator, temperature: dict[str, float]) -> dict[str, float]:
     """Each known track's temperature: its archetype's times a lognormal factor."""
     return {
-        track: TEMPERATURE[a] * float(np.exp(rng.normal(0.0, TRACK_TEMPERATURE_SD)))
+        track: temperature[a] * float(np.exp(rng.normal(0.0, TRACK_TEMPERATURE_SD)))
         for a in ARCHETYPES
         for track in TRACKS[a]
     }
