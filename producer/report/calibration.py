@@ -35,7 +35,7 @@ import numpy as np
 
 from producer.report import plots
 from producer.report.page import Page, Section
-from shared.contract.domain import ARCHETYPES
+from shared.contract.domain import ARCHETYPES, event_threshold
 from shared.contract.summary import CalibrationSummary
 
 #: Forecast probabilities at which the calibrated curves are drawn.
@@ -85,7 +85,8 @@ def latest_page(
     """The newest converged calibration of every (archetype, event) in ``slots``, per archetype.
 
     Each archetype's section says which job each of its events comes from;
-    when two jobs share an archetype's events, the archetype gets a part per job.
+    when two jobs share an archetype's events, the archetype gets a part per
+    job. The jobs' runs and samplers follow once each, in a section of their own.
     """
     step = on_progress or (lambda _label: None)
     page = Page(
@@ -102,21 +103,27 @@ def latest_page(
         ],
         caption="Latest pointers",
     )
-    archetypes = sorted({a for a, _ in slots}, key=_order)
-    for archetype in archetypes:
+    jobs: dict[str, Calibration] = {}
+    for archetype in sorted({a for a, _ in slots}, key=_order):
         by_job: dict[str, tuple[Calibration, list[str]]] = {}
         for (a, event), c in slots.items():
             if a == archetype:
                 by_job.setdefault(c.summary.job_id, (c, []))[1].append(event)
         section = page.section(archetype)
-        for calibration, events in by_job.values():
+        parts = sorted(by_job.values(), key=lambda part: min(event_threshold(e) for e in part[1]))
+        for calibration, events in parts:
+            jobs[calibration.summary.job_id] = calibration
             events = [e for e in calibration.summary.events if e in events]
             step(f"{archetype}: {calibration.summary.job_id}")
             part = section if len(by_job) == 1 else section.section(f"{', '.join(events)} from job {calibration.summary.job_id}")
-            part.text(f"{', '.join(events)}: from {calibration.job_label}.", tone="note")
-            run_section(part.section("Run"), calibration.summary)
-            sampler_section(part.section("Sampler and convergence"), calibration)
+            part.text(f"{', '.join(events)}: from {calibration.job_label}; its run and sampler are under Jobs.", tone="note")
             archetype_sections(part, calibration, archetype, events, on_progress=step)
+    runs = page.section("Jobs", intro="The run and the sampler of each job the latest pointers name.")
+    for job_id, calibration in jobs.items():
+        step(f"job {job_id}")
+        part = runs.section(f"job {job_id}")
+        run_section(part.section("Run"), calibration.summary)
+        sampler_section(part.section("Sampler and convergence"), calibration)
     return page
 
 

@@ -258,6 +258,7 @@ def plot_forest(
         ax.set_yticks(ypos, [mpl_text(i.label) for i in items])
         ax.set(xlabel=mpl_text(xlabel), title=mpl_text(xlabel.split(" ")[0]))
         ax.set_ylim(-0.7, len(items) - 0.3)
+    axes.flat[0].set_ylabel("track")
     for ax in axes.flat[1:]:
         ax.tick_params(labelleft=False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
