@@ -1,0 +1,79 @@
+"""``calq evaluate --fleet``: the backfill's jobs go to a real ``calq worker``, the evaluation waits for them.
+
+Real redis-server (fixture), one CPU worker process, a local store shared by
+the producer and the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from producer.client import CalibrationClient
+from shared.contract.settings import Settings
+from shared.contract.summary import ConvergenceCriteria
+from shared.data.dataset import save_dataset
+from shared.data.synth import synthesize
+
+pytestmark = pytest.mark.integration
+
+TINY = ["--warmup", "80", "--samples", "80", "--chains", "2"]
+LENIENT = {"min_ess_bulk": 10, "max_rhat": 1.2, "max_divergences": 5}
+ARGS = ["--from", "2024-01-01", "--to", "2024-04-21", "--archetypes", "superspeedway", "--events", "top_5"]
+
+
+@pytest.fixture(scope="module")
+def fleet(redis_server, tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate-fleet")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
+    environ.update(
+        CALQ_BROKER_URL=redis_server.url,
+        CALQ_STORAGE_URL=str(root / "store"),
+        CALQ_COMPILE_CACHE_DIR=str(root / "jax-cache"),
+        JAX_PLATFORMS="cpu",
+        **{f"CALQ_CONVERGENCE__{k.upper()}": str(v) for k, v in LENIENT.items()},
+    )
+    log = open(root / "worker.log", "w")
+    worker = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--gpus", "none"],
+                              env=environ, cwd=root, stdout=log, stderr=subprocess.STDOUT)
+    settings = Settings(broker_url=redis_server.url, storage_url=str(root / "store"), compile_cache_dir=None,
+                        convergence=ConvergenceCriteria(**LENIENT))
+    yield environ, root, settings
+    worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(timeout=60)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        log.close()
+
+
+def calq(fleet, *args) -> subprocess.CompletedProcess:
+    environ, root, _ = fleet
+    result = subprocess.run([sys.executable, "-m", "producer.cli", *args], env=environ, cwd=root,
+                            capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        worker_log = (root / "worker.log").read_text()[-2000:]
+        raise AssertionError(f"calq {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}\n{worker_log}")
+    return result
+
+
+def test_evaluate_on_the_fleet_runs_the_jobs_on_the_worker_and_scores_the_races(fleet):
+    _, root, settings = fleet
+    dataset = save_dataset(synthesize(seasons=1, scenarios=100, seed=3), root / "season.nc")
+    (record,) = json.loads(calq(fleet, "evaluate", str(dataset), *ARGS, *TINY, "--fleet", "--json").stdout)
+    # Daytona opens the season unscored; Atlanta and Talladega are scored by fits on the races before them
+    assert record["races"] == 2 and record["unscored_races"] == 1 and record["rows"] == 2 * 38
+    client = CalibrationClient(settings)
+    for race in record["per_race"]:
+        status = client.status(race["job_id"])
+        assert status.state.value == "succeeded" and status.worker.startswith("calq-cpu0@")
+    # resumable: a second run finds every job done and scores the same
+    again = json.loads(calq(fleet, "evaluate", str(dataset), *ARGS, *TINY, "--fleet", "--json").stdout)
+    assert again == [record]
+    assert all(client.status(r["job_id"]).deliveries == 1 for r in record["per_race"])
