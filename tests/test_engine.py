@@ -304,3 +304,12 @@ def test_remedy_rules():
     assert ess.samples == 1429  # shortfall 400/350 with a 25 % margin
     assert next_plan(start, RunOutcome(1.0, 2000, 0), criteria, job_seed=5) is None  # it passed
     assert attempt_seed(5, 2) == attempt_seed(5, 2) != attempt_seed(5, 3) != attempt_seed(6, 2)
+
+
+def test_one_compiled_sampler_serves_a_season_of_every_archetype(season):
+    """calq demo's four jobs (each archetype, default events) share one bucket: one compile."""
+    from shared.contract.domain import ARCHETYPES
+
+    buckets = {prepare(season, make_job(archetype=a, events=("top_1", "top_5", "top_10"), sampler={})).bucket
+               for a in ARCHETYPES}
+    assert len(buckets) == 1
