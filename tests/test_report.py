@@ -12,7 +12,7 @@ The pages are made by the real ``calq`` command. Each is parsed (sections,
 captions, every image decodes as a PNG), and opened in headless Chromium
 (Debian's ``chromium``, installed by ``.ci/run``): a checker script added to
 a copy of the page lists every image that failed to load and every figure
-per section; a screenshot is taken. With ``CALQ_REPORT_SCREENSHOTS=DIR`` the
+per section; a screenshot is taken. With ``REPORT_SCREENSHOTS=DIR`` the
 screenshots are kept in DIR for a person to look at.
 """
 
@@ -334,7 +334,7 @@ def test_clear_errors_for_missing_and_unreadable_files(fitted):
         load_posterior(client, str(lonely))
     with pytest.raises(UnreadablePosterior, match="holds no calq posterior"):
         load_posterior(client, str(_not_a_posterior(fitted["root"])))
-    with pytest.raises(InvalidDataset, match="not a readable NetCDF dataset"):
+    with pytest.raises(InvalidDataset, match=r"garbage\.nc"):
         dataset_page(garbage)
 
 
@@ -399,7 +399,7 @@ def browse(html_path: Path, out_dir: Path) -> tuple[dict, Path]:
     shot = out_dir / f"{html_path.stem}.png"
     subprocess.run([*flags, "--window-size=1280,2400", f"--screenshot={shot}", html_path.as_uri()],
                    capture_output=True, timeout=120, check=True)
-    keep = os.environ.get("CALQ_REPORT_SCREENSHOTS")
+    keep = os.environ.get("REPORT_SCREENSHOTS")
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, Path(keep) / shot.name)

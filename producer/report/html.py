@@ -49,7 +49,7 @@ dl.facts dd { margin: 0; overflow-wrap: anywhere; font-family: "DejaVu Sans Mono
   body { font-size: 11pt; }
   main { max-width: none; padding: 0; }
   nav.toc { display: none; }
-  section > h2 { break-after: avoid; }
+  h2, h3, h4, p.intro, p.note { break-after: avoid; }
   figure, tr, dl.facts, p.table-title { break-inside: avoid; }
   p.table-title { break-after: avoid; }
   figure img { max-height: 24cm; border: none; }

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -71,6 +72,14 @@ def mpl_text(text: object) -> str:
     """
     s = str(text).replace("\\", "\\\\").replace("$", r"\$")
     return "\u200b" + s if s.startswith("_") else s
+
+
+def _panel_title(text: object, *, width: int = 30) -> str:
+    """A data-derived panel title, on at most two lines of ``width`` characters, so neighbours never overlap."""
+    lines = textwrap.wrap(str(text), width=width, break_long_words=True) or [""]
+    if len(lines) > 2:
+        lines = [lines[0], lines[1][: width - 1] + "…"]
+    return mpl_text("\n".join(lines))
 
 
 def _style(series: int) -> dict:
@@ -146,7 +155,7 @@ def plot_reliability(
                 offset = (s - (len(series) - 1) / 2) * width * (upper - lower)
                 ax_n.bar(centre + offset, np.where(count > 0, count, np.nan), width=width * (upper - lower),
                          color=style["color"], alpha=0.85, label=mpl_text(label))
-            ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="observed frequency", title=mpl_text(panel))
+            ax.set(xlim=(0, 1), ylim=(-0.03, 1.03), ylabel="observed frequency", title=_panel_title(panel, width=40))
             ax.tick_params(labelbottom=False)
             ax.legend(loc="upper left", frameon=False)
             _log_counts(ax_n)
@@ -200,7 +209,7 @@ def plot_calibration_curve(
         ax.plot(p, band.mean, color=PALETTE[0], linewidth=1.6, label="calibrated q(p)")
         if population is not None:
             ax.plot(p, population.mean, color=PALETTE[3], linestyle="--", linewidth=1.3, label=mpl_text(population_label))
-        ax.set(xlim=(0, 1), ylim=(0, 1), title=mpl_text(track), xlabel="forecast p")
+        ax.set(xlim=(0, 1), ylim=(0, 1), title=_panel_title(track), xlabel="forecast p")
         if k % max(1, min(ncols, len(curves))) == 0:
             ax.set_ylabel("calibrated q")
         if k == 0:
@@ -288,7 +297,7 @@ def plot_pit_histogram(histograms: Mapping[str, Sequence[int]], *, title: str, n
             ax.axhspan(1 - 1.96 * sd, 1 + 1.96 * sd, color=REFERENCE, alpha=0.15, linewidth=0, label="95 % if calibrated")
         ax.bar(edges[:-1], density, width=1 / bins, align="edge", color=PALETTE[0], edgecolor="white", linewidth=0.6)
         ax.axhline(1, color=REFERENCE, linestyle=":", linewidth=1, label="uniform")
-        ax.set(xlim=(0, 1), xlabel="PIT value", title=f"{mpl_text(label)} (n = {int(total)})")
+        ax.set(xlim=(0, 1), xlabel="PIT value", title=_panel_title(f"{label} (n = {int(total)})"))
         if k % max(1, min(ncols, len(histograms))) == 0:
             ax.set_ylabel("density")
     handles, labels = axes[0].get_legend_handles_labels()
@@ -396,6 +405,10 @@ def plot_energy(idata, *, title: str) -> Figure:
     with plt.rc_context(_STYLE):
         fig, ax = plt.subplots(figsize=(5.0, 3.4), layout="constrained")
         az.plot_energy(idata, ax=ax, fill_color=(PALETTE[0], PALETTE[1]), legend=True, bfmi=True)
+    legend = ax.get_legend()
+    if legend is not None:  # beside the plot, not over the densities
+        ax.legend(legend.legend_handles, [t.get_text() for t in legend.texts], loc="upper left",
+                  bbox_to_anchor=(1.02, 1.0), frameon=False)
     ax.set(xlabel="energy (centred)", ylabel="density")
     return _finish(fig, title)
 
