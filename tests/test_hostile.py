@@ -498,3 +498,17 @@ def test_an_unknown_model_version_is_invalid():
         job_for("file:///x.nc", "0" * 64, model_version="logit-hier/999")
     with pytest.raises(ValueError, match="at most 2048"):
         job_for("file:///" + "a" * 3000, "0" * 64)
+
+
+def test_a_summary_is_read_only_from_the_store(env):
+    """A record's summary_uri is followed only inside the store (a duplicate delivery reads it back)."""
+    from shared.contract.errors import NotFound
+    from shared.storage.catalog import Catalog
+
+    _, store, _ = env
+    catalog = Catalog(store)
+    for uri in ("file:///etc/passwd", "s3://another-bucket/posteriors/x.json",
+                store.uri("posteriors/all/x.json").replace("posteriors/all/x.json", "posteriors/../../../etc/passwd")):
+        with pytest.raises(NotFound, match="only from this store"):
+            catalog.read(uri)
+    assert store.holds(store.uri("posteriors/all/x.json"))

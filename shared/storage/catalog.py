@@ -170,7 +170,14 @@ class Catalog:
         return newest_pointers(p for s in self.summaries() for p in pointers_for(s))
 
     def read(self, uri: str) -> CalibrationSummary:
-        """The summary stored at ``uri``: the one way a summary is read back (NotFound if absent)."""
+        """The summary stored at ``uri``: the one way a summary is read back (NotFound if absent).
+
+        Only summaries inside this store are read: a URI elsewhere (another
+        path, bucket or host, or one climbing out with ``..``) is NotFound,
+        without touching it.
+        """
+        if not self.store.holds(uri):
+            raise NotFound("a summary is read only from this store's posteriors")
         summary = CalibrationSummary.model_validate(self.store.get_json(uri))
         update: dict[str, str] = {}
         if summary.summary_uri is None:

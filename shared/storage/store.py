@@ -315,6 +315,17 @@ class Store:
         """Full URI of ``key``: ``file:///abs/root/key`` or ``s3://bucket/prefix/key``."""
         return self._uri_of_path(self.scheme, f"{self._root}/{_check_key(key)}")
 
+    def holds(self, uri: str) -> bool:
+        """Whether ``uri`` names an object under this store's root (by its text; nothing is touched)."""
+        root = self._uri_of_path(self.scheme, self._root.rstrip("/")) + "/"
+        if not uri.startswith(root):
+            return False
+        try:
+            _check_key(uri[len(root):])
+        except ValueError:
+            return False
+        return True
+
     def key_of(self, uri: str) -> str:
         """The key of ``uri`` relative to this store's root; ValueError if outside it."""
         _, path, _ = self._resolve(uri)
