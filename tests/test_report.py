@@ -241,6 +241,8 @@ def test_job_page(pages, fitted):
         assert fact in text
     assert "Energy: marginal energy against energy transitions (overlapping: good exploration)" in page.captions
     assert "Convergence per parameter group" in text and "Energy BFMI per chain" in text
+    if getattr(summary, "attempts", None):  # every sampler attempt, when the engine records them
+        assert "Every sampler attempt, in order" in text and "target accept" in text
     _assert_calibration_sections(page, "superspeedway", summary.tracks["superspeedway"], ["top_5"])
     for image in page.images:
         decode_png(image["src"])

@@ -47,6 +47,13 @@ SCALES = ("sigma_alpha", "sigma_log_beta")
 
 Progress = Callable[[str], None]
 
+#: Column titles of the attempts table (fields of shared.contract.summary.Attempt); other fields show by name.
+ATTEMPT_LABELS = {
+    "number": "#", "target_accept_prob": "target accept", "samples": "draws", "max_rhat": "max R-hat",
+    "min_ess_bulk": "min bulk ESS", "mean_leapfrog_steps": "mean leapfrog", "compile_s": "compile s",
+    "sample_s": "sample s", "issues": "did not converge because", "remedy": "remedy",
+}
+
 
 @dataclass(frozen=True)
 class Calibration:
@@ -174,9 +181,9 @@ def sampler_section(section: Section, calibration: Calibration) -> Section:
     )
     attempts = _records(getattr(s, "attempts", None))
     if attempts:
-        headers = list(dict.fromkeys(k for r in attempts for k in r))
-        section.table(headers, [[_cell(r.get(h)) for h in headers] for r in attempts],
-                      caption="Every sampler attempt, in order")
+        keys = list(dict.fromkeys(k for r in attempts for k in r))
+        section.table([ATTEMPT_LABELS.get(k, k) for k in keys], [[_cell(r.get(k)) for k in keys] for r in attempts],
+                      caption="Every sampler attempt, in order (the last is the run that was kept)")
     if d.divergences:
         section.text(f"{d.divergences} divergent transitions: the posterior may be biased where the sampler could not follow it.",
                      tone="warning")
@@ -381,6 +388,8 @@ def _records(items) -> list[dict[str, Any]]:
 
 
 def _cell(value: Any) -> Any:
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "; ".join(value) if value else "–"
     if isinstance(value, (dict, list)):
         return json.dumps(value, separators=(", ", ": "), default=str)
     return value
