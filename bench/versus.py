@@ -129,7 +129,7 @@ def calq_warm_child(dataset: str, archetype: str, events: list[str], cache: str)
                              events=events, sampler={"seed": seed})
         compiles = COMPILES.count
         t = time.perf_counter()
-        _, summary = calibrate(ds, job)
+        summary = calibrate(ds, job)[1].summary()
         wall = time.perf_counter() - t
         d = summary.diagnostics
         runs.append({

@@ -39,7 +39,8 @@ def make_job(archetype="road_course", **over) -> CalibrationJob:
 @pytest.fixture(scope="module")
 def fitted(season):
     phases = []
-    idata, summary = calibrate(season, make_job(), control=JobControl(on_progress=phases.append), criteria=ONE_RUN)
+    idata, fit = calibrate(season, make_job(), control=JobControl(on_progress=phases.append), criteria=ONE_RUN)
+    summary = fit.summary(load_s=0.25)
     return idata, summary, phases
 
 
@@ -84,6 +85,7 @@ def test_summary_scores_raw_and_calibrated_forecasts(fitted):
     assert {j["event"] for j in summary.joint_events} == {"top_5", "top_10"}
     t = summary.timings
     assert t.sample_s > 0 and t.diagnostics_s > 0
+    assert t.load_s == 0.25 and t.sample_s == sum(a.sample_s for a in summary.attempts)  # what the run measured
 
 
 def test_inference_data_has_every_group_with_named_dims(fitted):
@@ -232,7 +234,7 @@ def test_a_failed_run_is_remedied_with_more_draws_on_the_same_compiled_sampler(s
     before = COMPILES.count
     job = make_job()
     criteria = ConvergenceCriteria(max_rhat=2.0, min_ess_bulk=300, max_divergences=10_000, max_attempts=2)  # ESS only
-    _, summary = calibrate(season, job, criteria=criteria)
+    summary = calibrate(season, job, criteria=criteria)[1].summary()
     assert COMPILES.count == before
     first, second = summary.attempts
     assert first.min_ess_bulk < 300 and any("ESS" in i for i in first.issues)
@@ -241,7 +243,7 @@ def test_a_failed_run_is_remedied_with_more_draws_on_the_same_compiled_sampler(s
     assert summary.diagnostics.draws == second.samples  # the last attempt is the one reported
     assert summary.converged == (not second.issues)
     # the same job gives the same attempts
-    _, again = calibrate(season, job, criteria=criteria)
+    again = calibrate(season, job, criteria=criteria)[1]
     assert [(a.seed, a.samples, a.min_ess_bulk) for a in again.attempts] == [
         (a.seed, a.samples, a.min_ess_bulk) for a in summary.attempts
     ]
@@ -263,7 +265,7 @@ def test_target_acceptance_is_a_dynamic_argument_of_the_compiled_sampler(season,
 
 def test_a_remedy_that_would_not_fit_in_the_time_limit_is_not_run(season, fitted):
     control = JobControl(clock=lambda: 0.0).start(16)  # the clock stands still: 16 s are always left
-    _, summary = calibrate(season, make_job(), control=control)
+    summary = calibrate(season, make_job(), control=control)[1].summary()
     assert len(summary.attempts) == 1 and not summary.converged
     assert any("remedy not run" in issue and "time limit" in issue for issue in summary.convergence_issues)
 

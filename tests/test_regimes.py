@@ -38,7 +38,8 @@ def test_default_job_converges_and_recovers_the_truth(name):
     job = CalibrationJob(
         archetype=r.archetype, dataset_uri=f"file:///data/{name}.nc", dataset_sha256="0" * 64, events=r.events
     )
-    idata, summary = calibrate(ds, job)
+    idata, fit = calibrate(ds, job)
+    summary = fit.summary()
     attempts = [(a.target_accept_prob, a.warmup, a.samples, a.divergences, round(a.max_rhat, 4)) for a in summary.attempts]
     assert summary.converged, (summary.convergence_issues, attempts)
     assert summary.attempts[-1].issues == []

@@ -28,7 +28,8 @@ def fit_all(five_seasons):
         archetype="all", dataset_uri="file:///data/five.nc", dataset_sha256="0" * 64,
         events=("top_1", "top_5", "top_10"),
     )  # default sampler settings: 4 chains × (500 warmup + 1000 draws)
-    return calibrate(five_seasons, job)
+    idata, fit = calibrate(five_seasons, job)
+    return idata, fit.summary()
 
 
 def test_posterior_recovers_each_archetypes_pseudo_true_calibration(five_seasons, fit_all):

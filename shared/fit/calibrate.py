@@ -1,7 +1,9 @@
-"""The calibration run: ``calibrate(dataset, job) -> (InferenceData, CalibrationSummary)``.
+"""The calibration run: ``calibrate(dataset, job) -> (InferenceData, Fit)``.
 
 A pure function of its inputs: no Celery, no Redis, no storage. The worker
-and the embedded mode both call it; it is tested directly.
+and the embedded mode both call it; it is tested directly. The job's
+summary is built once, by :meth:`Fit.summary`, when the caller knows what
+only it measured (loading, writing, where the posterior went).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from datetime import date
+from typing import Any
 
 import arviz as az
 import numpy as np
@@ -20,7 +24,16 @@ from shared.contract.control import JobControl
 from shared.contract.domain import archetypes_of
 from shared.contract.errors import InvalidDataset
 from shared.contract.job import CalibrationJob, Progress, utcnow
-from shared.contract.summary import Attempt, CalibrationSummary, ConvergenceCriteria, Timings
+from shared.contract.summary import (
+    Attempt,
+    CalibrationSummary,
+    ConvergenceCriteria,
+    Diagnostics,
+    EnsembleScores,
+    EventCalibration,
+    ParameterSummary,
+    Timings,
+)
 from shared.data.dataset import EventRows, event_rows, select_archetypes, select_window, validate
 from shared.fit.idata import build_inference_data, calibrated_probability_mean, convergence_data, logit
 from shared.fit.model import ModelData, ModelShape, model_data
@@ -117,14 +130,85 @@ def track_labels(rows: EventRows) -> list[str]:
     ]
 
 
+@dataclass(frozen=True)
+class Fit:
+    """What a calibration measured: the summary's content, less what only the caller knows."""
+
+    job: CalibrationJob
+    archetypes: list[str]
+    data_through: date
+    centered: bool
+    n_rows: int
+    n_races: int
+    tracks: dict[str, list[str]]
+    issues: list[str]
+    diagnostics: Diagnostics
+    attempts: list[Attempt]
+    parameters: list[ParameterSummary]
+    calibration: list[EventCalibration]
+    ensemble: list[EnsembleScores]
+    joint_events: list[dict[str, Any]]
+    compile_s: float
+    sample_s: float
+    diagnostics_s: float
+
+    @property
+    def converged(self) -> bool:
+        return not self.issues
+
+    def summary(
+        self,
+        *,
+        load_s: float = 0.0,
+        write_s: float = 0.0,
+        total_s: float = 0.0,
+        posterior_uri: str | None = None,
+        summary_uri: str | None = None,
+    ) -> CalibrationSummary:
+        """The job's summary (the one place it is built), with the caller's timings and URIs."""
+        job = self.job
+        return CalibrationSummary(
+            job_id=job.job_id,
+            archetype=job.archetype,
+            archetypes=self.archetypes,
+            events=list(job.events),
+            model_version=job.model_version,
+            dataset_uri=job.dataset_uri,
+            dataset_sha256=job.dataset_sha256,
+            as_of=job.as_of,
+            window_days=job.window_days,
+            data_through=self.data_through,
+            sampler=job.sampler,
+            centered=self.centered,
+            n_rows=self.n_rows,
+            n_races=self.n_races,
+            tracks=self.tracks,
+            converged=self.converged,
+            convergence_issues=self.issues,
+            diagnostics=self.diagnostics,
+            attempts=self.attempts,
+            parameters=self.parameters,
+            calibration=self.calibration,
+            ensemble=self.ensemble,
+            joint_events=self.joint_events,
+            timings=Timings(
+                load_s=load_s, compile_s=self.compile_s, sample_s=self.sample_s,
+                diagnostics_s=self.diagnostics_s, write_s=write_s, total_s=total_s,
+            ),
+            posterior_uri=posterior_uri,
+            summary_uri=summary_uri,
+            created_at=utcnow(),
+            calq_version=shared.__version__,
+        )
+
+
 def calibrate(
     dataset: xr.Dataset,
     job: CalibrationJob,
     *,
     control: JobControl | None = None,
     criteria: ConvergenceCriteria = ConvergenceCriteria(),
-    load_s: float = 0.0,
-) -> tuple[az.InferenceData, CalibrationSummary]:
+) -> tuple[az.InferenceData, Fit]:
     """Fit the calibration model for ``job`` on ``dataset`` with NUTS.
 
     The dataset is validated for the job's archetype first (bad data raises
@@ -132,10 +216,10 @@ def calibrate(
     is checked (time limit, cancellation) before compiling, between sampling
     chunks, between remedy attempts and before the diagnostics. A run that
     fails ``criteria`` is remedied (:mod:`shared.fit.remedy`) while attempts
-    and time are left; the summary lists every attempt, and the last one is
-    judged and reported. Non-convergence after the remedies is reported in
-    the summary (``converged`` and ``convergence_issues``), never raised.
-    ``load_s`` is the caller's time spent loading the dataset, for the summary.
+    and time are left; the fit lists every attempt, and the last one is
+    judged and reported. Non-convergence after the remedies is a result
+    (``Fit.issues``, the summary's ``converged`` and ``convergence_issues``),
+    never raised.
     """
     control = control or JobControl()
     validate(dataset, archetype=job.archetype, source=job.dataset_uri)
@@ -178,18 +262,10 @@ def calibrate(
         issues.append(stopped)
     q_mean = calibrated_probability_mean(draws.params, rows)
     archetypes = list(rows.archetypes)
-    summary = CalibrationSummary(
-        job_id=job.job_id,
-        archetype=job.archetype,
+    fit = Fit(
+        job=job,
         archetypes=archetypes,
-        events=list(job.events),
-        model_version=job.model_version,
-        dataset_uri=job.dataset_uri,
-        dataset_sha256=job.dataset_sha256,
-        as_of=job.as_of,
-        window_days=job.window_days,
         data_through=_last_race_date(prepared.window),
-        sampler=job.sampler,
         centered=prepared.bucket.shape.centered,
         n_rows=rows.n_rows,
         n_races=len(rows.races),
@@ -197,26 +273,20 @@ def calibrate(
             a: [t for t, ta in zip(labelled.tracks, rows.track_archetype) if ta == i]
             for i, a in enumerate(archetypes)
         },
-        converged=not issues,
-        convergence_issues=issues,
+        issues=issues,
         diagnostics=diag,
         attempts=attempts,
         parameters=parameters,
         calibration=event_calibration(rows, q_mean),
         ensemble=ensemble_scores(prepared.window, archetypes),
         joint_events=joint_events(prepared.window, job.events),
-        timings=Timings(
-            load_s=load_s,
-            compile_s=sum(a.compile_s for a in attempts),
-            sample_s=sum(a.sample_s for a in attempts),
-            diagnostics_s=time.perf_counter() - t0,
-        ),
-        created_at=utcnow(),
-        calq_version=shared.__version__,
+        compile_s=sum(a.compile_s for a in attempts),
+        sample_s=sum(a.sample_s for a in attempts),
+        diagnostics_s=time.perf_counter() - t0,
     )
     if issues:
         log.info("job %s did not converge: %s", job.job_id, "; ".join(issues))  # a result, not a fault
-    return idata, summary
+    return idata, fit
 
 
 #: Seconds kept back, beyond a fifth of the estimate, for diagnostics and writing after a remedy.

@@ -78,13 +78,7 @@ def run_job(
         dataset = open_dataset(path, check=False, limits=limits, label=job.dataset_uri)
         load_s = time.perf_counter() - started
 
-        idata, summary = calibrate(
-            dataset,
-            job,
-            control=control,
-            criteria=criteria or settings.convergence,
-            load_s=load_s,
-        )
+        idata, fit = calibrate(dataset, job, control=control, criteria=criteria or settings.convergence)
     except (InvalidDataset, DatasetHashMismatch) as exc:
         _discard_if_its_own_fault(exc, job, store)
         raise
@@ -92,7 +86,9 @@ def run_job(
     control.check("write")  # the last check: once the posterior is written, the job finishes
     control.progress(Progress(phase="write"))
     # The draws are in hand: from here on an outage costs waiting, never the fit (shared.jobs.spool).
-    summary = write_results(idata, summary, job, store=store, settings=settings, notify=control.progress, started=started)
+    summary = write_results(
+        idata, fit, job, store=store, settings=settings, notify=control.progress, started=started, load_s=load_s
+    )
     log.info(
         "job %s finished in %.1f s (converged=%s): %s",
         job.job_id, summary.timings.total_s, summary.converged, summary.posterior_uri,

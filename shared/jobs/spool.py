@@ -27,7 +27,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from shared.contract.errors import JobFailed, Outcome, classify
 from shared.contract.job import CalibrationJob, Progress
@@ -35,6 +35,9 @@ from shared.contract.settings import RecoverySettings, Settings
 from shared.contract.summary import CalibrationSummary
 from shared.storage.netcdf import write_netcdf
 from shared.storage.store import Store, posterior_key, summary_key
+
+if TYPE_CHECKING:
+    from shared.fit.calibrate import Fit
 
 log = logging.getLogger(__name__)
 
@@ -90,19 +93,21 @@ def patiently(
 
 def write_results(
     idata: Any,
-    summary: CalibrationSummary,
+    fit: Fit,
     job: CalibrationJob,
     *,
     store: Store,
     settings: Settings,
     notify: Callable[[Progress], Any],
     started: float,
+    load_s: float = 0.0,
 ) -> CalibrationSummary:
     """Spool, upload and record the results of a finished fit; the summary as stored.
 
-    ``started`` is the ``time.perf_counter()`` instant the job began (for
-    the summary's timings); ``notify`` hears the ``write`` and
-    ``waiting for storage`` phases.
+    ``started`` is the ``time.perf_counter()`` instant the job began and
+    ``load_s`` the time spent loading its dataset (for the summary's
+    timings, which :meth:`Fit.summary` builds once the posterior's URI is
+    known); ``notify`` hears the ``write`` and ``waiting for storage`` phases.
     """
     recovery = settings.recovery
     job_id, archetype = job.job_id, job.archetype
@@ -141,12 +146,10 @@ def write_results(
         posterior_uri = patiently(lambda: store.put_file(spooled, posterior_key(archetype, job_id)),
                                   what="the posterior", recovery=recovery, on_wait=wait)
         resumed()
-        timings = summary.timings.model_copy(
-            update={"write_s": time.perf_counter() - t0, "total_s": time.perf_counter() - started}
+        summary = fit.summary(
+            load_s=load_s, write_s=time.perf_counter() - t0, total_s=time.perf_counter() - started,
+            posterior_uri=posterior_uri, summary_uri=store.uri(summary_key(archetype, job_id)),
         )
-        summary = summary.model_copy(update={
-            "posterior_uri": posterior_uri, "summary_uri": store.uri(summary_key(archetype, job_id)), "timings": timings,
-        })
         data = summary.model_dump_json(indent=2).encode()
         patiently(lambda: store.put_bytes(summary_key(archetype, job_id), data),
                   what="the summary", recovery=recovery, on_wait=wait)
