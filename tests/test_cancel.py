@@ -30,8 +30,9 @@ from shared.storage.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"warmup": 30, "samples": 30, "chains": 1}
-#: Long enough to be still sampling when the cancel comes (it is never run to its end).
-LONG = {"warmup": 20_000, "samples": 20_000, "chains": 1}
+#: Long enough to be still sampling when the cancel comes (it is never run to its end); within the worker's
+#: default cap on draws per chain.
+LONG = {"warmup": 10_000, "samples": 10_000, "chains": 1}
 EVENTS = "top_5"
 CONVERGENCE = {"CALQ_CONVERGENCE__MIN_ESS_BULK": "5", "CALQ_CONVERGENCE__MAX_RHAT": "1.5",
                "CALQ_CONVERGENCE__MAX_DIVERGENCES": "50"}
@@ -53,6 +54,8 @@ def until(predicate, *, timeout: float, what: str, every: float = 0.2):
 
 
 def sampling(status: JobStatus | None) -> bool:
+    if status is not None and status.state.finished:
+        raise AssertionError(f"job {status.job_id} ended {status.state.value} before it was cancelled: {status.reason}")
     return (status is not None and status.state is JobState.RUNNING and status.progress is not None
             and status.progress.phase in ("warmup", "sampling"))
 
@@ -199,7 +202,7 @@ def test_cancel_on_a_real_worker_running_and_queued(fleet, dataset):
     final = ended.value.status
     assert final.state is JobState.CANCELLED and "superseded" in final.reason and final.finished_at is not None
     assert stopped_s < 15, f"took {stopped_s:.1f} s to stop"
-    assert final.progress.phase in ("warmup", "sampling")  # stopped mid-run, not at its end
+    assert final.started_at is not None and final.progress is None  # it had started; a finished record keeps no progress
     assert not any(running_id in uri for uri in client.store.list("posteriors"))  # nothing written
     assert calq(environ, root, "wait", running_id, "--timeout", "5").returncode == ExitCode.CANCELLED
 
@@ -217,3 +220,27 @@ def test_cancel_on_a_real_worker_running_and_queued(fleet, dataset):
     states = {r["job_id"]: r["state"] for r in listed}
     assert states == {running_id: "cancelled", next_id: "succeeded", queued_id: "succeeded"}
     assert listed[0]["job_id"] == queued_id  # newest first
+
+
+@pytest.mark.integration
+def test_malformed_messages_on_a_real_worker_change_no_record(fleet, dataset):
+    """Issue 8: a malformed message carrying a succeeded job's id turned it rejected, for good."""
+    from shared.jobs.celery_app import TASK_NAME, make_app
+
+    _, _, client = fleet
+    job = client.make_job(dataset, "short_track", events=EVENTS, **TINY)
+    client.submit_job(job)
+    client.wait(job.job_id, timeout=240)
+    done = client.status(job.job_id)
+    before = client.registry.invalid_count()
+
+    app = make_app(client.settings)
+    for poison in ({"archetype": "oval"}, {"archetype": "intermediate"}, {"sampler": {"warmup": 0}}):
+        app.send_task(TASK_NAME, args=[{**job.to_message(), **poison}], queue="calq.cpu")
+    until(lambda: client.registry.invalid_count() >= before + 3, timeout=60, what="three refused messages counted")
+    assert client.status(job.job_id) == done
+    reasons = [m["reason"] for m in client.registry.invalid_messages(limit=3)]
+    assert all(m["job_id"] == job.job_id for m in client.registry.invalid_messages(limit=3))
+    assert any("does not match" in r for r in reasons) and any("sampler.warmup" in r for r in reasons)
+    # resubmitting is still one job, and still succeeded
+    assert client.submit_job(job) == job.job_id and client.status(job.job_id) == done
