@@ -192,6 +192,8 @@ class JobStatus(BaseModel):
     posterior_uri: str | None = None
     #: the delivery attempt (Celery retry number) ``deliveries`` counts
     attempt: int = 0
+    #: how often the sampler started for this job, over every delivery (a finished fit never runs again)
+    sampler_runs: int = 0
     #: a cancel request for a running job: its worker stops at the next check
     cancel_requested: bool = False
     cancel_reason: str | None = None

@@ -297,6 +297,13 @@ class JobRegistry(ABC):
             job_id, Actor.WORKER, JobState.RUNNING, lambda s: s.model_copy(update={"progress": progress})
         )[1]
 
+    def count_sampler_run(self, job_id: str) -> JobStatus | None:
+        """The sampler starts (again) for a running job: one more in its ``sampler_runs``."""
+        return self._transition(
+            job_id, Actor.WORKER, JobState.RUNNING,
+            lambda s: s.model_copy(update={"sampler_runs": s.sampler_runs + 1}), publish=False,
+        )[1]
+
     def succeed(self, job_id: str, summary: CalibrationSummary) -> JobStatus | None:
         """The job succeeded (its summary is written): record its URIs, move ``latest`` if it should.
 
