@@ -12,7 +12,7 @@ measures
 - **finish**: from the kill until it succeeded;
 - **jobs lost**: jobs that did not end succeeded;
 - **duplicate runs**: sampler runs beyond the killed one and the one that
-  finished (``Leases.sampler_runs``), over all jobs.
+  finished (the record's ``sampler_runs``), over all jobs.
 
 Two kinds of kill (``--mode``):
 
@@ -152,14 +152,12 @@ def main() -> None:
     args = parser.parse_args()
     out_json = args.json or ROOT / "bench" / "results" / f"faults-{args.mode}.json"
 
-    import redis
 
     from producer.client import CalibrationClient
     from shared.contract.job import JobState
     from shared.contract.settings import Settings
     from shared.data.dataset import save_dataset
     from shared.data.synth import synthesize
-    from shared.jobs.lease import Leases
 
     tmp = Path(tempfile.mkdtemp(prefix="calq-bench-faults-"))
     port = free_port()
@@ -173,7 +171,6 @@ def main() -> None:
                    CALQ_RECOVERY__REAPER_INTERVAL_S=str(args.lease / 4))
     settings = Settings(broker_url=url, storage_url=str(tmp / "store"), compile_cache_dir=None)
     client = CalibrationClient(settings)
-    leases = Leases(redis.Redis.from_url(url))
     dataset = tmp / "season.nc"
     save_dataset(synthesize(seasons=1, scenarios=200, seed=5), dataset)
     ref = client.upload(dataset)
@@ -214,7 +211,7 @@ def main() -> None:
                        f"job {i} to finish")
             finish = time.monotonic() - killed
             record = client.registry.get(job_id)
-            runs = leases.sampler_runs(job_id)
+            runs = record.sampler_runs
             rows.append({"job_id": job_id, "recovery_s": recovery, "finish_s": finish, "state": record.state.value,
                          "sampler_runs": runs, "deliveries": record.deliveries})
             print(f"kill {i + 1}/{args.kills}: running again after {recovery:.1f} s, {record.state.value} after "

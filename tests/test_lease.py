@@ -207,3 +207,15 @@ def test_reindex_repairs_every_record_the_store_proves_finished(fleet):
     assert reg.get(flushed.job_id).state is JobState.SUCCEEDED  # the record came back after a flush
     assert reg.get(done.job_id) == before  # left alone
     assert reg.get(pending.job_id).state is JobState.QUEUED  # nothing in the store: nothing to repair
+
+
+def test_the_record_counts_sampler_runs_across_deliveries(fleet):
+    job, _ = running_job(fleet)
+    reg = fleet["registry"]
+    assert reg.get(job.job_id).sampler_runs == 0
+    reg.count_sampler_run(job.job_id)
+    fleet["leases"].claim_held("w0")
+    back(fleet, job.job_id, count_delivery=True)
+    reg.mark_running(job.job_id, worker="w1")
+    reg.count_sampler_run(job.job_id)
+    assert reg.get(job.job_id).sampler_runs == 2  # re-queueing keeps the count

@@ -21,6 +21,7 @@ SIGQUIT, whose solo pool would fail the job) or its supervisor is gone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -28,7 +29,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from celery import Celery, Task, signals
@@ -203,14 +204,16 @@ def calibrate_message(task: Task, message: Mapping[str, Any]) -> dict[str, Any]:
     leases = ctx.leases
     jlog = handle.JobLog(log, {"job_id": job_id})
     queue = (task.request.delivery_info or {}).get("routing_key")
-    lease = leases.acquire(job_id, lease_holder(worker), message=message, attempt=attempt, queue=queue)
-    if lease is None:
-        holder = leases.holder(job_id)
-        jlog.info("already running on %s; this delivery is dropped", holder)
-        return handle.status_dict(job_id, JobState.RUNNING, f"running on {holder}")
+    with _transient_as_retryable():
+        lease = leases.acquire(job_id, lease_holder(worker), message=message, attempt=attempt, queue=queue)
+        if lease is None:
+            holder = leases.holder(job_id)
+            jlog.info("already running on %s; this delivery is dropped", holder)
+            return handle.status_dict(job_id, JobState.RUNNING, f"running on {holder}")
     released = False
     try:
-        repaired = _repair_redelivery(ctx, job_id, jlog)
+        with _transient_as_retryable():
+            repaired = _repair_redelivery(ctx, job_id, jlog)
         if repaired is not None:
             return repaired
         with Heartbeat(leases, lease, interval_s=ctx.settings.recovery.heartbeat_s) as beat:
@@ -220,7 +223,10 @@ def calibrate_message(task: Task, message: Mapping[str, Any]) -> dict[str, Any]:
                 nonlocal sampling
                 if not sampling and progress.phase in SAMPLING_PHASES:
                     sampling = True
-                    leases.count_sampler_run(job_id)
+                    try:
+                        ctx.registry.count_sampler_run(job_id)
+                    except Exception as exc:  # a counter for people and tests; never a reason to stop
+                        jlog.warning("could not count this sampler run (%s: %s)", type(exc).__name__, exc)
                 if beat.lost.is_set():
                     raise HandBack("its lease was taken: another worker runs it", requeue=False)
                 reason = stop_reason()
@@ -231,12 +237,7 @@ def calibrate_message(task: Task, message: Mapping[str, Any]) -> dict[str, Any]:
                 return run(check)
             except HandBack as stop:
                 released = True
-                if stop.requeue and leases.release(lease):
-                    hand_back(job_id, registry=ctx.registry, leases=leases, store=ctx.store,
-                              publish=celery_publisher(task.app), reason=f"{worker} stopped: {stop.reason}",
-                              count_delivery=False)
-                else:
-                    jlog.warning("stopped: %s", stop.reason)
+                _give_back(task, ctx, lease, stop, jlog)
                 return handle.status_dict(job_id, JobState.QUEUED, stop.reason)
     finally:
         if not released:
@@ -244,6 +245,34 @@ def calibrate_message(task: Task, message: Mapping[str, Any]) -> dict[str, Any]:
                 leases.release(lease)
             except Exception as exc:  # the lease lapses on its own; the reaper finds the job finished
                 jlog.warning("could not release the lease (%s: %s)", type(exc).__name__, exc)
+
+
+@contextlib.contextmanager
+def _transient_as_retryable() -> Iterator[None]:
+    """A transient fault (Redis or the store out) becomes a RetryableError, which the task retries."""
+    try:
+        yield
+    except RetryableError:
+        raise
+    except Exception as exc:
+        if classify(exc) is Outcome.RETRY:
+            raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
+        raise
+
+
+def _give_back(task: Task, ctx: WorkerContext, lease: Any, stop: HandBack, jlog: logging.LoggerAdapter) -> None:
+    """Hand the job back after a :class:`HandBack`: re-queued without counting the delivery, unless no longer ours."""
+    worker = lease.worker
+    try:
+        if stop.requeue and ctx.leases.release(lease):
+            hand_back(lease.job_id, registry=ctx.registry, leases=ctx.leases, store=ctx.store,
+                      publish=celery_publisher(task.app), reason=f"{worker} stopped: {stop.reason}",
+                      count_delivery=False)
+        else:
+            jlog.warning("stopped: %s", stop.reason)
+    except Exception as exc:  # Redis out: the lease lapses, or the claim went back, and the reaper hands it back
+        jlog.error("stopped (%s) but could not hand the job back (%s: %s); the reaper will",
+                   stop.reason, type(exc).__name__, exc)
 
 
 def _repair_redelivery(ctx: WorkerContext, job_id: str, jlog: logging.LoggerAdapter) -> dict[str, Any] | None:

@@ -25,7 +25,6 @@ Keys (``prefix`` is ``calq``):
   a job is re-queued at most once per lapse.
 - ``{prefix}:holding:{worker}``: ``"{job_id}|{token}"`` of the job a worker
   process runs, for its supervisor when that process dies.
-- ``{prefix}:sampler-runs:{job_id}``: how often the sampler started for the job.
 - ``{prefix}:resend:{job_id}``: the job message, its attempt and its queue,
   to publish it again (the original sits in kombu's ``unacked`` set until the
   visibility timeout, and is dropped as a duplicate when it comes back).
@@ -233,19 +232,6 @@ class Leases:
         """What :meth:`acquire` kept to publish the job again, or None."""
         raw = self.redis.get(self.resend_key(job_id))
         return None if raw is None else json.loads(raw)
-
-    def count_sampler_run(self, job_id: str) -> int:
-        """Count one more run of the sampler for ``job_id`` (a finished fit must never run again)."""
-        key = f"{self.prefix}:sampler-runs:{job_id}"
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.incr(key)
-        pipe.expire(key, self.record_ttl_s)
-        count, _ = pipe.execute()
-        return int(count)
-
-    def sampler_runs(self, job_id: str) -> int:
-        """How often the sampler started for ``job_id``, over every worker and delivery."""
-        return int(self.redis.get(f"{self.prefix}:sampler-runs:{job_id}") or 0)
 
     def try_lock(self, name: str, ttl_s: float) -> bool:
         """Take the fleet-wide lock ``name`` for ``ttl_s`` (never released early: one holder per period)."""
