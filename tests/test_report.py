@@ -81,8 +81,8 @@ def fitted(tmp_path_factory):
     return {"root": root, "dataset": dataset, "settings": settings, "all": all_job, "ss": ss_job, "summaries": summaries}
 
 
-def calq(fitted, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {
+def _env(fitted) -> dict[str, str]:
+    return {
         "PATH": os.environ.get("PATH", ""),
         "HOME": str(fitted["root"]),
         "JAX_PLATFORMS": "cpu",
@@ -91,8 +91,11 @@ def calq(fitted, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         "MPLCONFIGDIR": str(fitted["root"] / "mpl"),
         "COLUMNS": "400",  # error panels on one line
     }
+
+
+def calq(fitted, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [sys.executable, "-m", "producer.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "producer.cli", *args], cwd=ROOT, env=_env(fitted), capture_output=True, text=True, timeout=300
     )
     if check:
         assert result.returncode == 0, result.stderr
@@ -101,19 +104,26 @@ def calq(fitted, *args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def pages(fitted):
-    """Every kind of page, written by the real command: {kind: (html path, markdown path or None)}."""
+    """Every kind of page, written by the real command (the four at once): {kind: (html path, markdown path or None)}."""
     root = fitted["root"]
-    out = {}
-    calq(fitted, "report", str(fitted["dataset"]), "--html", str(root / "raw.html"), "--md", str(root / "raw.md"))
-    out["raw"] = (root / "raw.html", root / "raw.md")
-    calq(fitted, "report", "--job", fitted["ss"], "--html", str(root / "job.html"), "--md", str(root / "job.md"))
-    out["job"] = (root / "job.html", root / "job.md")
     posterior = fitted["summaries"][fitted["ss"]].posterior_uri.removeprefix("file://")  # a path works too
-    calq(fitted, "report", "--posterior", posterior, "--html", str(root / "posterior.html"))
-    out["posterior"] = (root / "posterior.html", None)
-    calq(fitted, "report", "--latest", "--html", str(root / "latest.html"), "--md", str(root / "latest.md"))
-    out["latest"] = (root / "latest.html", root / "latest.md")
-    return out
+    commands = {
+        "raw": [str(fitted["dataset"]), "--html", str(root / "raw.html"), "--md", str(root / "raw.md")],
+        "job": ["--job", fitted["ss"], "--html", str(root / "job.html"), "--md", str(root / "job.md")],
+        "posterior": ["--posterior", posterior, "--html", str(root / "posterior.html")],
+        "latest": ["--latest", "--html", str(root / "latest.html"), "--md", str(root / "latest.md")],
+    }
+    running = {
+        kind: subprocess.Popen([sys.executable, "-m", "producer.cli", "report", *args], cwd=ROOT, env=_env(fitted),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for kind, args in commands.items()
+    }
+    for kind, proc in running.items():
+        _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"calq report ({kind}) exited {proc.returncode}: {stderr[-3000:]}"
+    return {
+        kind: (root / f"{kind}.html", root / f"{kind}.md" if "--md" in args else None) for kind, args in commands.items()
+    }
 
 
 # -- reading a page back -----------------------------------------------------------------
