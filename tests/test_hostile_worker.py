@@ -231,6 +231,11 @@ def test_a_wrong_redis_password_is_authentication_failed(fleet):
                           env=env, capture_output=True, text=True, timeout=120, cwd=fleet["root"])
     assert done.returncode == 1 and "authentication failed" in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and "not-the-password" not in done.stderr
+    # A worker stops at once, saying so, instead of Celery's reconnect loop (100 tries, as "Cannot connect").
+    worker = subprocess.run([sys.executable, "-m", "producer.cli", "worker", "--gpus", "none"], env=env,
+                            capture_output=True, text=True, timeout=120, cwd=fleet["root"])
+    assert worker.returncode == 78 and "authentication failed" in worker.stderr, worker.stderr[-2000:]
+    assert "not-the-password" not in worker.stderr + worker.stdout
 
 
 def test_a_wrong_s3_secret_is_authentication_failed(fleet, tmp_path):

@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-timeout", type=float, default=None, help="seconds to wait for running jobs on shutdown")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    refused = credentials_refused()
+    if refused is not None:  # permanent: say so once and stop, instead of Celery's reconnect loop
+        logging.getLogger("worker").error("%s", refused)
+        return EXIT_CREDENTIALS
     try:
         return run(
             args.gpus,
@@ -32,6 +36,39 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
         return 2  # unreachable: parser.error exits
+
+
+#: Exit status when Redis or the store refuses the configured credentials (sysexits' EX_CONFIG).
+EXIT_CREDENTIALS = 78
+
+
+def credentials_refused() -> str | None:
+    """"authentication failed …" if Redis or the store refuses calq's password or key, else None.
+
+    One request each, before any worker starts. An unreachable service is
+    not refused (the workers wait for it, as always); a wrong password never
+    becomes reachable, so Celery's reconnect loop would only hide it.
+    """
+    from shared.contract.errors import AuthenticationFailed, CalqError
+    from shared.contract.settings import get_settings
+
+    settings = get_settings()
+    if settings.embedded:
+        return None
+    from shared.jobs.registry import RedisRegistry
+    from shared.storage.store import Store, dataset_key
+
+    checks = [lambda url=url: RedisRegistry.from_url(url).find("cj-credentials-check")
+              for url in dict.fromkeys((settings.broker(), settings.backend()))]
+    checks.append(lambda: Store.from_settings(settings, max_attempts=1).exists(dataset_key("0" * 64)))
+    for check in checks:
+        try:
+            check()
+        except AuthenticationFailed as exc:
+            return str(exc)
+        except (CalqError, OSError, ValueError):
+            continue  # unreachable or otherwise unhappy: the workers report it as they run
+    return None
 
 
 if __name__ == "__main__":
