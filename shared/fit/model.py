@@ -73,6 +73,22 @@ them; neither changes the model's meaning or priors:
   ``Σ y·η = Σ_(e,k) α[e, k] · Σy + β[e, k] · Σy·x``: only the softplus term
   needs every row. ``ModelData.sum_y`` and ``sum_yx`` carry the sums per
   (event, track), computed once per job.
+
+The centre ``m`` is the *information-weighted* mean of logit(p), with
+weights p(1 − p): most rows of a top-1 event have tiny p and carry little
+information, so the plain mean centres in the wrong place. Measured on this
+shared 2-core machine (4 chains × (500 + 1000), busy with other work, so
+seconds are rough):
+
+- value and gradient of the log density at 23,296 padded rows: 959 → 295 µs
+  (sufficient statistics and one flat gather of (α, β) per row), best of 5;
+- intermediate, five seasons, three events (8,550 rows): the smallest
+  eigenvalue of the posterior correlation matrix in the sampler's space
+  0.22 (plain mean) → 0.47 (weighted); leapfrog steps per draw 20.1 → 18.7;
+- all archetypes, five seasons (20,520 rows): 31 leapfrog steps per draw
+  before and after: there the trees are set by the track level's
+  scale-dependent geometry (non-centred z whose posterior width moves with
+  σ), not by the α–β correlation.
 """
 
 from __future__ import annotations
