@@ -35,7 +35,7 @@ import xarray as xr
 
 from shared.contract.domain import ARCHETYPES, event_threshold
 from shared.contract.errors import DatasetNotFound, InvalidDataset
-from shared.contract.settings import DataLimits
+from shared.contract.settings import DataLimits, get_settings
 from shared.data.limits import check_bytes, check_file, unreadable_reason
 from shared.data.validation import (  # the dataset contract, re-exported
     MAX_LINES_PER_PROBLEM,
@@ -72,7 +72,7 @@ def open_dataset(
 
     ``source`` is a path or a binary file-like object holding NetCDF bytes.
     Before any array is decoded, the file and its header are checked against
-    ``limits`` (default: :class:`DataLimits`'s defaults; see
+    ``limits`` (default: the settings' ``limits``, ``CALQ_LIMITS__*``; see
     :mod:`shared.data.limits`), so a file declaring 50 GB costs a header
     read, a FIFO is never opened and a folder is named as one.
     Raises :class:`~shared.contract.errors.DatasetNotFound` for a path that does not
@@ -84,7 +84,7 @@ def open_dataset(
     ``label`` names the dataset in messages (default: the path).
     """
     label = label or _source_label(source)
-    limits = limits or DataLimits()
+    limits = limits or get_settings().limits
     if isinstance(source, (str, os.PathLike)):
         check_file(source, limits, source=label)
     else:
