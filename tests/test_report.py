@@ -317,6 +317,7 @@ def test_latest_for_some_archetypes(fitted):
     [
         (["--job", "cj-000000000000000000000000", "--html", "x.html"], 1, "not found: no summary for job"),
         (["--job", "cj-000000000000000000000000"], 2, "add --html OUT.html or --md OUT.md"),
+        (["--latest", "--html", "/proc/calq-report/latest.html"], 1, "ReportNotWritten: cannot write the report to /proc"),
     ],
 )
 def test_clear_errors_from_the_command(fitted, args, code, message):

@@ -18,6 +18,7 @@ into :class:`UnreadablePosterior`, both with the URI in the message.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,10 @@ Markdown = Annotated[Optional[Path], typer.Option("--md", metavar="OUT.md", help
 
 class UnreadablePosterior(CalqError):
     """The file at a posterior URI exists but is not a calq posterior (NetCDF InferenceData)."""
+
+
+class ReportNotWritten(CalqError):
+    """The page could not be written where it was asked for (a missing permission, a full disk)."""
 
 
 def report(
@@ -75,6 +80,9 @@ def report(
                 out.print(table)
         return
 
+    for path in (html, md):
+        if path is not None:
+            _check_writable(path)  # before minutes of plotting, not after
     with _progress(err) as step:
         if dataset is not None:
             page = dataset_page(dataset, events=events, on_progress=step)
@@ -83,7 +91,10 @@ def report(
         else:
             page = calibration_report(posterior=posterior, job_id=job, on_progress=step)
         step("writing")
-        written = [path for path in (html and page.write_html(html), md and page.write_markdown(md)) if path]
+        try:
+            written = [path for path in (html and page.write_html(html), md and page.write_markdown(md)) if path]
+        except OSError as exc:
+            raise ReportNotWritten(f"cannot write the report: {exc}") from exc
     for path in written:
         err.print(f"wrote {path}", highlight=False, markup=False)
 
@@ -197,6 +208,16 @@ def _read_idata(client, uri: str):
 # -- helpers -------------------------------------------------------------------------
 
 
+def _check_writable(path: Path) -> None:
+    """Create ``path``'s folder and make sure a file can be written there (ReportNotWritten if not)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportNotWritten(f"cannot write the report to {path}: {exc}") from exc
+    if path.is_dir() or not os.access(path.parent, os.W_OK):
+        raise ReportNotWritten(f"cannot write the report to {path}: " + ("it is a folder" if path.is_dir() else "no permission"))
+
+
 def _client():
     from producer.client import CalibrationClient
 
@@ -233,6 +254,7 @@ def _progress(console: Console):
 
 
 __all__ = [
+    "ReportNotWritten",
     "UnreadablePosterior",
     "calibration_report",
     "dataset_page",
