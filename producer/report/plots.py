@@ -107,7 +107,9 @@ def _grid(n: int, *, ncols: int, width: float, height: float, sharey: bool = Fal
 
 
 def _finish(fig: Figure, title: str) -> Figure:
-    fig.suptitle(mpl_text(title), fontweight="bold")
+    """Title the figure, wrapped to its width (about 11 characters per inch at the title's size)."""
+    width = max(20, int(fig.get_figwidth() * 11))
+    fig.suptitle(mpl_text("\n".join(textwrap.wrap(str(title), width=width)) or str(title)), fontweight="bold")
     return fig
 
 
@@ -146,7 +148,7 @@ def plot_reliability(
                 count = np.asarray(curve["count"], dtype=np.float64)
                 lower, upper = _values(curve["bin_lower"]), _values(curve["bin_upper"])
                 style = _style(s)
-                ax.plot(x, y, markersize=4, linewidth=1.4, label=mpl_text(label), **style)
+                ax.plot(x, y, markersize=4, linewidth=1.4, label=_panel_title(label), **style)
                 sparse = count < SPARSE_BIN
                 if sparse.any():  # hollow markers: bins too small to read much into
                     ax.plot(x[sparse], y[sparse], linestyle="none", marker=style["marker"], markersize=5,
@@ -154,7 +156,7 @@ def plot_reliability(
                 centre = (lower + upper) / 2
                 offset = (s - (len(series) - 1) / 2) * width * (upper - lower)
                 ax_n.bar(centre + offset, np.where(count > 0, count, np.nan), width=width * (upper - lower),
-                         color=style["color"], alpha=0.85, label=mpl_text(label))
+                         color=style["color"], alpha=0.85, label=_panel_title(label))
             ax.set(xlim=(0, 1), ylim=(-0.03, 1.03), ylabel="observed frequency", title=_panel_title(panel, width=40))
             ax.tick_params(labelbottom=False)
             ax.legend(loc="upper left", frameon=False)
