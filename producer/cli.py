@@ -265,16 +265,19 @@ def submit(
     queue: Annotated[Optional[str], typer.Option(help="gpu or cpu (default from settings).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Submit a job and print its id (embedded mode: run it now)."""
+    """Submit a job and print its id (embedded mode: run it now; Ctrl-C cancels it cleanly, exit 4)."""
     client = _client()
-    job_id = client.submit(
-        dataset, archetype, events=events, warmup=warmup, samples=samples, chains=chains, seed=seed,
-        as_of=_date(as_of), window_days=window_days, queue=queue,
-    )
+    with _ctrl_c_cancels(client):
+        job_id = client.submit(
+            dataset, archetype, events=events, warmup=warmup, samples=samples, chains=chains, seed=seed,
+            as_of=_date(as_of), window_days=window_days, queue=queue,
+        )
     if as_json:
         _print_json({"job_id": job_id})
     else:
         out.print(job_id)
+    if client.interrupted:
+        raise typer.Exit(exit_codes.ExitCode.CANCELLED)
 
 
 @app.command()
