@@ -106,7 +106,7 @@ def latest_page(
         [
             [a, e, c.summary.job_id, c.summary.archetype, str(c.summary.data_through),
              c.summary.created_at.strftime("%Y-%m-%d %H:%M"), c.summary.converged]
-            for (a, e), c in sorted(slots.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1]))
+            for (a, e), c in sorted(slots.items(), key=lambda kv: (_order(kv[0][0]), event_threshold(kv[0][1])))
         ],
         caption="Latest pointers",
     )

@@ -208,9 +208,10 @@ def plot_calibration_curve(
     for k, (ax, (track, band)) in enumerate(zip(axes, curves.items())):
         ax.plot([0, 1], [0, 1], color=REFERENCE, linewidth=1, linestyle=":", label="q = p")
         ax.fill_between(p, band.low, band.high, color=PALETTE[0], alpha=0.25, linewidth=0, label=mpl_text(band_label))
-        ax.plot(p, band.mean, color=PALETTE[0], linewidth=1.6, label="calibrated q(p)")
-        if population is not None:
-            ax.plot(p, population.mean, color=PALETTE[3], linestyle="--", linewidth=1.3, label=mpl_text(population_label))
+        if population is not None:  # under the track's curve: where they agree, the track's shows
+            ax.plot(p, population.mean, color=PALETTE[3], linestyle="--", linewidth=1.1, zorder=2,
+                    label=mpl_text(population_label))
+        ax.plot(p, band.mean, color=PALETTE[0], linewidth=1.8, zorder=3, label="calibrated q(p)")
         ax.set(xlim=(0, 1), ylim=(0, 1), title=_panel_title(track), xlabel="forecast p")
         if k % max(1, min(ncols, len(curves))) == 0:
             ax.set_ylabel("calibrated q")
