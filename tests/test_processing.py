@@ -31,7 +31,7 @@ from shared.contract.job import CalibrationJob, JobState, JobStatus, Progress, S
 from shared.contract.settings import Settings
 from shared.contract.summary import CalibrationSummary, Diagnostics, Timings
 from shared.jobs import celery_app as app_module
-from shared.jobs.handle import ProgressThrottle, process, status_dict
+from shared.jobs.handle import JobIdFilter, ProgressThrottle, process, status_dict
 from shared.jobs.registry import RedisRegistry
 from shared.storage.store import Store, posterior_key, summary_key
 
@@ -228,6 +228,7 @@ def test_foreign_transient_error_becomes_retryable(monkeypatch, job, registry, s
 
 def test_unexpected_error_fails_with_reason(monkeypatch, job, registry, store, settings, caplog):
     install(monkeypatch, raises=RuntimeError("NaN in the log density"))
+    caplog.handler.addFilter(JobIdFilter())  # as the worker's log handler does
     with caplog.at_level(logging.ERROR, logger="shared.jobs.handle"):
         result = run(job.to_message(), registry, store, settings)
 

@@ -105,12 +105,12 @@ class CalibrateTask(Task):
             reason = f"gave up after {self.request.retries} retries: {type(exc).__name__}: {exc}"
         else:
             reason = f"{type(exc).__name__}: {exc}"
-        jlog = handle.JobLog(log, {"job_id": job_id})
-        jlog.error("task failed: %s", reason)
-        try:
-            context().registry.fail(job_id, reason[: handle.MAX_REASON_CHARS])
-        except Exception:  # the registry may be what is down; the log keeps the reason
-            jlog.exception("could not record the failure")
+        with handle.bound_job_id(job_id):
+            log.error("task failed: %s", reason)
+            try:
+                context().registry.fail(job_id, reason[: handle.MAX_REASON_CHARS])
+            except Exception:  # the registry may be what is down; the log keeps the reason
+                log.exception("could not record the failure")
 
 
 class PatientRegistry:
@@ -187,13 +187,18 @@ def calibrate_message(task: Task, message: Mapping[str, Any]) -> dict[str, Any]:
     A delivery whose job holds a lease elsewhere is dropped (Celery's own
     late redelivery of a job another worker took over); a redelivery of a job
     whose summary is already in the store repairs the record instead of
-    fitting again.
+    fitting again. Every log line inside names the job.
     """
+    job_id = _message_job_id((message,), {})
+    with handle.bound_job_id(job_id):
+        return _calibrate_leased(task, message, job_id)
+
+
+def _calibrate_leased(task: Task, message: Mapping[str, Any], job_id: str | None) -> dict[str, Any]:
     ctx = context()
     worker = task.request.hostname or f"pid{os.getpid()}"
     attempt = task.request.retries or 0
     registry = PatientRegistry(ctx.registry, ctx.settings)
-    job_id = _message_job_id((message,), {})
 
     def run(on_progress: Any = None) -> dict[str, Any]:
         return handle.process(message, registry=registry, store=ctx.store, settings=ctx.settings,
@@ -202,18 +207,17 @@ def calibrate_message(task: Task, message: Mapping[str, Any]) -> dict[str, Any]:
     if job_id is None or ctx.leases is None:
         return run()  # the handler refuses a message without a job id
     leases = ctx.leases
-    jlog = handle.JobLog(log, {"job_id": job_id})
     queue = (task.request.delivery_info or {}).get("routing_key")
     with _transient_as_retryable():
         lease = leases.acquire(job_id, lease_holder(worker), message=message, attempt=attempt, queue=queue)
         if lease is None:
             holder = leases.holder(job_id)
-            jlog.info("already running on %s; this delivery is dropped", holder)
+            log.info("already running on %s; this delivery is dropped", holder)
             return handle.status_dict(job_id, JobState.RUNNING, f"running on {holder}")
     released = False
     try:
         with _transient_as_retryable():
-            repaired = _repair_redelivery(ctx, job_id, jlog)
+            repaired = _repair_redelivery(ctx, job_id)
         if repaired is not None:
             return repaired
         with Heartbeat(leases, lease, interval_s=ctx.settings.recovery.heartbeat_s) as beat:
@@ -226,7 +230,7 @@ def calibrate_message(task: Task, message: Mapping[str, Any]) -> dict[str, Any]:
                     try:
                         ctx.registry.count_sampler_run(job_id)
                     except Exception as exc:  # a counter for people and tests; never a reason to stop
-                        jlog.warning("could not count this sampler run (%s: %s)", type(exc).__name__, exc)
+                        log.warning("could not count this sampler run (%s: %s)", type(exc).__name__, exc)
                 if beat.lost.is_set():
                     raise HandBack("its lease was taken: another worker runs it", requeue=False)
                 reason = stop_reason()
@@ -237,14 +241,14 @@ def calibrate_message(task: Task, message: Mapping[str, Any]) -> dict[str, Any]:
                 return run(check)
             except HandBack as stop:
                 released = True
-                _give_back(task, ctx, lease, stop, jlog)
+                _give_back(task, ctx, lease, stop)
                 return handle.status_dict(job_id, JobState.QUEUED, stop.reason)
     finally:
         if not released:
             try:
                 leases.release(lease)
             except Exception as exc:  # the lease lapses on its own; the reaper finds the job finished
-                jlog.warning("could not release the lease (%s: %s)", type(exc).__name__, exc)
+                log.warning("could not release the lease (%s: %s)", type(exc).__name__, exc)
 
 
 @contextlib.contextmanager
@@ -260,7 +264,7 @@ def _transient_as_retryable() -> Iterator[None]:
         raise
 
 
-def _give_back(task: Task, ctx: WorkerContext, lease: Any, stop: HandBack, jlog: logging.LoggerAdapter) -> None:
+def _give_back(task: Task, ctx: WorkerContext, lease: Any, stop: HandBack) -> None:
     """Hand the job back after a :class:`HandBack`: re-queued without counting the delivery, unless no longer ours."""
     worker = lease.worker
     try:
@@ -269,13 +273,13 @@ def _give_back(task: Task, ctx: WorkerContext, lease: Any, stop: HandBack, jlog:
                       publish=celery_publisher(task.app), reason=f"{worker} stopped: {stop.reason}",
                       count_delivery=False)
         else:
-            jlog.warning("stopped: %s", stop.reason)
+            log.warning("stopped: %s", stop.reason)
     except Exception as exc:  # Redis out: the lease lapses, or the claim went back, and the reaper hands it back
-        jlog.error("stopped (%s) but could not hand the job back (%s: %s); the reaper will",
+        log.error("stopped (%s) but could not hand the job back (%s: %s); the reaper will",
                    stop.reason, type(exc).__name__, exc)
 
 
-def _repair_redelivery(ctx: WorkerContext, job_id: str, jlog: logging.LoggerAdapter) -> dict[str, Any] | None:
+def _repair_redelivery(ctx: WorkerContext, job_id: str) -> dict[str, Any] | None:
     """The stored summary of a redelivered job that finished (record repaired), or None to run it."""
     from shared.storage.catalog import Catalog
 
@@ -287,7 +291,7 @@ def _repair_redelivery(ctx: WorkerContext, job_id: str, jlog: logging.LoggerAdap
     repaired = ctx.registry.repair(job_id, Catalog(ctx.store))
     if repaired is None:
         return None
-    jlog.info("redelivered, but its summary is in the store: record repaired, the fit not run again")
+    log.info("redelivered, but its summary is in the store: record repaired, the fit not run again")
     return Catalog(ctx.store).read(repaired.summary_uri).model_dump(mode="json")
 
 

@@ -33,10 +33,11 @@ job that already succeeded is never run again.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pydantic
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 0.5
 MAX_REASON_CHARS = 2000
 
-#: The id of the job this thread is running, for :class:`JobIdFilter`.
+#: The id of the job this thread is running: set by :func:`bound_job_id`, read by :class:`JobIdFilter`.
 current_job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("calq_job_id", default=None)
 
 
@@ -88,12 +89,14 @@ class JobIdFilter(logging.Filter):
         return True
 
 
-class JobLog(logging.LoggerAdapter):
-    """A logger with the job id bound as ``record.job_id`` (the worker's log format shows it)."""
-
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        kwargs["extra"] = {**(kwargs.get("extra") or {}), **self.extra}
-        return msg, kwargs
+@contextlib.contextmanager
+def bound_job_id(job_id: str | None) -> Iterator[None]:
+    """Every log line written inside names ``job_id`` (through :class:`JobIdFilter`)."""
+    token = current_job_id.set(job_id)
+    try:
+        yield
+    finally:
+        current_job_id.reset(token)
 
 
 def status_dict(job_id: str | None, state: JobState | str, reason: str | None = None) -> dict[str, Any]:
@@ -219,23 +222,21 @@ def _process(
         return _invalid_message(registry, None, "invalid job message: job_id: missing")
 
     job_id = job.job_id
-    jlog = JobLog(log, {"job_id": job_id})
-    token = current_job_id.set(job_id)
-    try:
+    with bound_job_id(job_id):
         record = registry.find(job_id)
         if record is None:
             # Sent without going through the producer (or its record expired): make one.
-            jlog.warning("no record for this job; creating one")
+            log.warning("no record for this job; creating one")
             record, _ = registry.claim(job)
 
         if record.state is JobState.SUCCEEDED:
-            done = _stored_summary(store, record, jlog)
+            done = _stored_summary(store, record)
             if done is not None:
-                jlog.info("already succeeded; duplicate delivery not run again")
+                log.info("already succeeded; duplicate delivery not run again")
                 return done
             return status_dict(job_id, JobState.SUCCEEDED, "already succeeded; its summary could not be read")
         if record.state.finished:
-            jlog.info("record is %s; message dropped", record.state.value)
+            log.info("record is %s; message dropped", record.state.value)
             return status_dict(job_id, record.state, record.reason)
         if record.cancel_requested:  # a redelivery of a job that was cancelled while it ran
             reason = f"cancelled: {record.cancel_reason or 'cancelled by request'}"
@@ -248,15 +249,13 @@ def _process(
                 f"dead-lettered after {deliveries - 1} deliveries: the worker was lost while "
                 "running it (killed or out of memory)"
             )
-            jlog.error("%s", reason)
+            log.error("%s", reason)
             registry.fail(job_id, reason)
             return status_dict(job_id, JobState.FAILED, reason)
 
         return _run(job, registry=registry, store=store, settings=settings, worker=worker,
                     attempt=attempt, deliveries=deliveries, control=control,
-                    on_progress=on_progress, jlog=jlog)
-    finally:
-        current_job_id.reset(token)
+                    on_progress=on_progress)
 
 
 def _run(
@@ -270,7 +269,6 @@ def _run(
     deliveries: int,
     control: JobControl | None,
     on_progress: Callable[[Progress], Any] | None,
-    jlog: JobLog,
 ) -> dict[str, Any]:
     from shared.jobs import run as runner
 
@@ -279,10 +277,10 @@ def _run(
         # Cancelled (or finished) between the read and now: the table refused the start.
         record = registry.find(job_id)
         state = record.state if record is not None else JobState.CANCELLED
-        jlog.info("may not start (record is %s); message dropped", state.value)
+        log.info("may not start (record is %s); message dropped", state.value)
         return status_dict(job_id, state, record.reason if record is not None else None)
     try:
-        jlog.info(
+        log.info(
             "running %s on %s (attempt %d, delivery %d)", job.archetype, worker, attempt + 1, deliveries
         )
 
@@ -291,31 +289,31 @@ def _run(
             if on_progress is not None:
                 on_progress(progress)
 
-        throttle = ProgressThrottle(record, logger=jlog)
+        throttle = ProgressThrottle(record, logger=log)
         control = (control or JobControl()).attach(on_progress=throttle, cancel_source=cancel_source(registry, job_id))
         summary = runner.run_job(job, store=store, settings=settings, control=control)
         registry.succeed(job_id, summary)
     except JobCancelled as exc:
         reason = _clip(str(exc))
-        jlog.info("%s", reason)
+        log.info("%s", reason)
         registry.finish_cancelled(job_id, reason)
         return status_dict(job_id, JobState.CANCELLED, reason)
     except Exception as exc:
         outcome = classify(exc)
         if outcome is Outcome.RETRY:
-            jlog.warning("transient fault, will retry: %s: %s", type(exc).__name__, exc)
+            log.warning("transient fault, will retry: %s: %s", type(exc).__name__, exc)
             raise
         if outcome is Outcome.REJECT:
             reason = _clip(str(exc))
-            jlog.warning("rejected: %s", reason)
+            log.warning("rejected: %s", reason)
             registry.reject(job_id, reason)
             return status_dict(job_id, JobState.REJECTED, reason)
         reason = _clip(f"{type(exc).__name__}: {exc}")
         # Failures calq raises on purpose (time limit) need no traceback.
-        jlog.error("failed: %s", reason, exc_info=not isinstance(exc, JobFailed))
+        log.error("failed: %s", reason, exc_info=not isinstance(exc, JobFailed))
         registry.fail(job_id, reason)
         return status_dict(job_id, JobState.FAILED, reason)
-    jlog.info("succeeded (converged=%s)", summary.converged)
+    log.info("succeeded (converged=%s)", summary.converged)
     return summary.model_dump(mode="json")
 
 
@@ -328,16 +326,16 @@ def _invalid_message(registry: Registry, job_id: str | None, reason: str) -> dic
     return status_dict(job_id, JobState.REJECTED, reason)
 
 
-def _stored_summary(store: Store, record: JobStatus, jlog: JobLog) -> dict[str, Any] | None:
+def _stored_summary(store: Store, record: JobStatus) -> dict[str, Any] | None:
     """The summary of a job that already succeeded, or None if it cannot be read (then rerun)."""
     if not record.summary_uri:
-        jlog.warning("record says succeeded but names no summary; running again")
+        log.warning("record says succeeded but names no summary; running again")
         return None
 
     try:
         return Catalog(store).read(record.summary_uri).model_dump(mode="json")
     except NotFound:
-        jlog.warning("summary %s is gone; running again", record.summary_uri)
+        log.warning("summary %s is gone; running again", record.summary_uri)
     except (pydantic.ValidationError, ValueError) as exc:
-        jlog.warning("summary %s is unreadable (%s); running again", record.summary_uri, exc)
+        log.warning("summary %s is unreadable (%s); running again", record.summary_uri, exc)
     return None
