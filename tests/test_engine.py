@@ -264,7 +264,10 @@ def test_target_acceptance_is_a_dynamic_argument_of_the_compiled_sampler(season,
 
 
 def test_a_remedy_that_would_not_fit_in_the_time_limit_is_not_run(season, fitted):
-    control = JobControl(clock=lambda: 0.0).start(16)  # the clock stands still: 16 s are always left
+    from shared.fit.calibrate import REMEDY_RESERVE_S
+
+    # the clock stands still: exactly the reserve kept for diagnostics and writing is always left
+    control = JobControl(clock=lambda: 0.0).start(REMEDY_RESERVE_S)
     summary = calibrate(season, make_job(), control=control)[1].summary()
     assert len(summary.attempts) == 1 and not summary.converged
     assert any("remedy not run" in issue and "time limit" in issue for issue in summary.convergence_issues)

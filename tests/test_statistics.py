@@ -87,7 +87,7 @@ def _simulate(shape: ModelShape, key, x, track):
     data = model_data(
         x=x, y=None, event=np.zeros_like(track), track=track, mask=np.ones(x.shape, bool),
         track_archetype=np.zeros(shape.n_tracks, np.int32), track_real=np.arange(shape.n_tracks) < SBC_TRACKS,
-        n_events=1, n_archetypes=1,
+        n_events=1,
     )
     tr = numpyro.handlers.trace(numpyro.handlers.seed(calibration_model, key)).get_trace(data, shape=shape)
     return {name: np.asarray(site["value"]) for name, site in tr.items()}
@@ -115,7 +115,7 @@ def test_simulation_based_calibration_ranks_are_uniform():
             mask=np.arange(1024) < SBC_ROWS,
             track_archetype=np.zeros(4, np.int32),
             track_real=np.arange(4) < SBC_TRACKS,
-            n_events=1, n_archetypes=1,
+            n_events=1,
         )
         draws = sampler.run(data, seed=1000 + r, samples=400)
         for name, index in SBC_PARAMS.items():

@@ -117,7 +117,6 @@ def pad(rows: EventRows, bucket: Bucket) -> ModelData:
         track_archetype=track_archetype,
         track_real=np.arange(K) < len(rows.tracks),
         n_events=bucket.shape.n_events,
-        n_archetypes=bucket.shape.n_archetypes,
     )
 
 

@@ -57,38 +57,23 @@ so datasets of different sizes share one compiled sampler) always take the
 non-centred form: they see no data, and a centred prior-only group is
 exactly the funnel.
 
-Two exact rewrites make each gradient cheaper and each draw need fewer of
-them; neither changes the model's meaning or priors:
+The likelihood uses **sufficient statistics**, an exact rewrite: the
+Bernoulli log-likelihood ``Σ y·η − softplus(η)`` with
+``η = α[e, k] + β[e, k] · x`` has
+``Σ y·η = Σ_(e,k) α[e, k] · Σy + β[e, k] · Σy·x``: only the softplus term
+needs every row. ``ModelData.sum_y`` and ``sum_yx`` carry the sums per
+(event, track), computed once per job, and (α, β) reach the rows through one
+flat gather. Value and gradient of the log density at 23,296 padded rows:
+959 → 295 µs (best of 5, this shared 2-core machine).
 
-- **Centred intercepts.** logit(p) is far from zero-mean (about −3 for a
-  top-5 finish), so α and β of one archetype are strongly correlated in the
-  posterior. The sampler moves ``alpha_arch_centred = α_arch + β_arch · m``
-  instead, where ``m[e, a]`` is the mean of logit(p) over the rows of event
-  e and archetype a: the intercept *at the data's centre*, nearly
-  uncorrelated with β. Its prior is ``Normal(β_arch · m, 1)``: a shift by
-  β·m given β (Jacobian 1), so ``α_arch = alpha_arch_centred − β_arch · m``
-  keeps exactly its prior ``Normal(0, 1)``, and α_arch is what is reported.
-- **Sufficient statistics.** The Bernoulli log-likelihood
-  ``Σ y·η − softplus(η)`` with ``η = α[e, k] + β[e, k] · x`` has
-  ``Σ y·η = Σ_(e,k) α[e, k] · Σy + β[e, k] · Σy·x``: only the softplus term
-  needs every row. ``ModelData.sum_y`` and ``sum_yx`` carry the sums per
-  (event, track), computed once per job.
-
-The centre ``m`` is the *information-weighted* mean of logit(p), with
-weights p(1 − p): most rows of a top-1 event have tiny p and carry little
-information, so the plain mean centres in the wrong place. Measured on this
-shared 2-core machine (4 chains × (500 + 1000), busy with other work, so
-seconds are rough):
-
-- value and gradient of the log density at 23,296 padded rows: 959 → 295 µs
-  (sufficient statistics and one flat gather of (α, β) per row), best of 5;
-- intermediate, five seasons, three events (8,550 rows): the smallest
-  eigenvalue of the posterior correlation matrix in the sampler's space
-  0.22 (plain mean) → 0.47 (weighted); leapfrog steps per draw 20.1 → 18.7;
-- all archetypes, five seasons (20,520 rows): 31 leapfrog steps per draw
-  before and after: there the trees are set by the track level's
-  scale-dependent geometry (non-centred z whose posterior width moves with
-  σ), not by the α–β correlation.
+Tried and dropped: moving the archetype intercept at the information-weighted
+centre m of logit(p) (``α_arch + β_arch·m``, prior ``Normal(β·m, 1)``, exact).
+It lowered the α–β posterior correlation (−0.73 → about −0.3 for top_1) but
+not the trees (31 leapfrog steps per draw at 20,520 rows either way; 20.1 →
+18.7 at 8,550), and at 20–25k rows of all archetypes it brought divergent
+transitions at target acceptance 0.8 (10 in 4,000 draws with NumPyro's own
+kernel; 2 of 2 calq jobs at 24,624 rows needed remedies) where the plain
+form had none.
 """
 
 from __future__ import annotations
@@ -123,11 +108,10 @@ class ModelData(NamedTuple):
     """Padded arrays the model conditions on; their shapes define a bucket.
 
     ``x`` is logit(p) per row; ``mask`` is False on padding rows, whose values
-    are ignored. ``track_real`` is False on padding tracks. ``x_centre[e, a]``
-    is the mean of ``x`` over the rows of event e and archetype a (see
-    *Centred intercepts*); ``sum_y[e, k]`` and ``sum_yx[e, k]`` are Σy and
-    Σy·x over the rows of event e at track k. Build them with
-    :func:`model_data`. ``y`` None means: simulate the outcomes from the prior.
+    are ignored. ``track_real`` is False on padding tracks. ``sum_y[e, k]``
+    and ``sum_yx[e, k]`` are Σy and Σy·x over the rows of event e at track k.
+    Build them with :func:`model_data`. ``y`` None means: simulate the
+    outcomes from the prior.
     """
 
     x: jnp.ndarray
@@ -137,15 +121,8 @@ class ModelData(NamedTuple):
     mask: jnp.ndarray
     track_archetype: jnp.ndarray
     track_real: jnp.ndarray
-    x_centre: jnp.ndarray
     sum_y: jnp.ndarray
     sum_yx: jnp.ndarray
-
-
-def _fisher_weight(x: np.ndarray) -> np.ndarray:
-    """p(1 − p) at p = expit(x): each row's weight in the information about an intercept."""
-    p = 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
-    return p * (1.0 - p)
 
 
 def model_data(
@@ -158,9 +135,8 @@ def model_data(
     track_archetype: np.ndarray,
     track_real: np.ndarray,
     n_events: int,
-    n_archetypes: int,
 ) -> ModelData:
-    """The model's arrays from (already padded) rows, with the centres and sufficient statistics.
+    """The model's arrays from (already padded) rows, with their sufficient statistics.
 
     Rows where ``mask`` is False count in no statistic.
     """
@@ -168,14 +144,7 @@ def model_data(
     event, track, mask = np.asarray(event, np.int32), np.asarray(track, np.int32), np.asarray(mask, bool)
     track_archetype = np.asarray(track_archetype, np.int32)
     K = track_archetype.shape[0]
-    archetype = track_archetype[track]
     w = mask.astype(np.float64)
-    info = w * _fisher_weight(x)
-    count = np.zeros((n_events, n_archetypes))
-    total = np.zeros((n_events, n_archetypes))
-    np.add.at(count, (event, archetype), info)
-    np.add.at(total, (event, archetype), info * x)
-    x_centre = np.where(count > 0, total / np.maximum(count, 1), 0.0)
     sum_y = np.zeros((n_events, K))
     sum_yx = np.zeros((n_events, K))
     if y is not None:
@@ -190,7 +159,6 @@ def model_data(
         mask=jnp.asarray(mask),
         track_archetype=jnp.asarray(track_archetype),
         track_real=jnp.asarray(np.asarray(track_real, bool)),
-        x_centre=jnp.asarray(x_centre, jnp.float32),
         sum_y=jnp.asarray(sum_y, jnp.float32),
         sum_yx=jnp.asarray(sum_yx, jnp.float32),
     )
@@ -219,15 +187,11 @@ def calibration_model(data: ModelData, *, shape: ModelShape) -> None:
     E, A, K = shape.n_events, shape.n_archetypes, shape.n_tracks
     with numpyro.plate("event", E, dim=-2):
         with numpyro.plate("archetype", A, dim=-1):
+            alpha_arch = numpyro.sample("alpha_arch", dist.Normal(0.0, ALPHA_ARCH_SD))
             log_beta_arch = numpyro.sample("log_beta_arch", dist.Normal(0.0, LOG_BETA_ARCH_SD))
-            beta_arch = jnp.exp(log_beta_arch)
-            shift = beta_arch * data.x_centre
-            # α_arch ~ Normal(0, 1), moved as the intercept at the data's centre (module docstring)
-            alpha_centred = numpyro.sample("alpha_arch_centred", dist.Normal(shift, ALPHA_ARCH_SD))
             sigma_alpha = numpyro.sample("sigma_alpha", dist.HalfNormal(SIGMA_ALPHA_SCALE))
             sigma_log_beta = numpyro.sample("sigma_log_beta", dist.HalfNormal(SIGMA_LOG_BETA_SCALE))
-    alpha_arch = numpyro.deterministic("alpha_arch", alpha_centred - shift)
-    numpyro.deterministic("beta_arch", beta_arch)
+    numpyro.deterministic("beta_arch", jnp.exp(log_beta_arch))
 
     ta = data.track_archetype
     with numpyro.plate("event_t", E, dim=-2), numpyro.plate("track", K, dim=-1):

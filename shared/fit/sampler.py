@@ -199,7 +199,7 @@ class CompiledSampler:
         return model_data(
             x=np.zeros(b.n_rows, np.float32), y=zeros, event=zeros, track=zeros, mask=np.zeros(b.n_rows, bool),
             track_archetype=np.zeros(K, np.int32), track_real=np.zeros(K, bool),
-            n_events=b.shape.n_events, n_archetypes=b.shape.n_archetypes,
+            n_events=b.shape.n_events,
         )
 
     def _build(self):
