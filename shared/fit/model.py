@@ -63,17 +63,19 @@ Bernoulli log-likelihood ``Σ y·η − softplus(η)`` with
 ``Σ y·η = Σ_(e,k) α[e, k] · Σy + β[e, k] · Σy·x``: only the softplus term
 needs every row. ``ModelData.sum_y`` and ``sum_yx`` carry the sums per
 (event, track), computed once per job, and (α, β) reach the rows through one
-flat gather. Value and gradient of the log density at 23,296 padded rows:
-959 → 295 µs (best of 5, this shared 2-core machine).
+flat gather. Value and gradient of the log density (one chain), best of 5
+on this 2-core machine when it was quiet: 23,296 padded rows 300 → 217 µs,
+2,048 rows 70 → 65 µs.
 
 Tried and dropped: moving the archetype intercept at the information-weighted
 centre m of logit(p) (``α_arch + β_arch·m``, prior ``Normal(β·m, 1)``, exact).
 It lowered the α–β posterior correlation (−0.73 → about −0.3 for top_1) but
 not the trees (31 leapfrog steps per draw at 20,520 rows either way; 20.1 →
-18.7 at 8,550), and at 20–25k rows of all archetypes it brought divergent
-transitions at target acceptance 0.8 (10 in 4,000 draws with NumPyro's own
-kernel; 2 of 2 calq jobs at 24,624 rows needed remedies) where the plain
-form had none.
+18.7 at 8,550), and at 20–25k rows of all archetypes it diverged more often
+at target acceptance 0.8 (single runs of 4,000 draws at 20,520 rows: 10 and 1
+divergences, against 0 and 1 for the plain form; both calq jobs at 24,624
+rows needed remedies, none since). A dense mass-matrix block over the
+archetype-level sites did not shorten the trees either (31 steps, lower ESS).
 """
 
 from __future__ import annotations
