@@ -299,6 +299,21 @@ class Faults:
                 r.progress.phase == "sampling" and r.progress.fraction >= fraction and r
         return wait_until(sampling, timeout, f"{job_id} to be sampling", poll=0.05)
 
+    def wait_finishing(self, job_id: str, timeout: float = 120):
+        """Running and near its end: sampling past 90 %, or already in diagnostics or the write.
+
+        Progress within one phase is throttled (two records a second), so the last tenth of a
+        fast sampling run can pass unseen; phase changes are always recorded.
+        """
+        def finishing():
+            r = self.record(job_id)
+            if r is None or r.state is not JobState.RUNNING or r.progress is None:
+                return False
+            phase = r.progress.phase
+            near_end = (phase == "sampling" and r.progress.fraction >= 0.9) or phase in ("diagnostics", "write")
+            return near_end and r
+        return wait_until(finishing, timeout, f"{job_id} to be finishing", poll=0.02)
+
     def listen(self) -> None:
         """Collect every progress phase each job reports (the registry's pub/sub), across Redis restarts."""
         import redis
@@ -421,7 +436,7 @@ def test_redis_restart_mid_run_loses_nothing(faults, pair):
 
 def test_redis_out_at_the_moment_of_finishing_orphans_nothing(faults, pair):
     job_id = faults.submit(seed=302)
-    faults.wait_sampling(job_id, 0.9)
+    faults.wait_finishing(job_id)
     restart_redis(faults, 8)  # longer than the lease: the worker's succeed waits, then the record is made right
     back = time.monotonic()
     faults.wait_state(job_id, {JobState.SUCCEEDED}, 120)
@@ -432,7 +447,7 @@ def test_redis_out_at_the_moment_of_finishing_orphans_nothing(faults, pair):
 @pytest.mark.parametrize("down_s", [10, 25], ids=["10s", "longer-than-backoff"])
 def test_s3_stopped_mid_write_costs_waiting_not_the_fit(faults, pair, down_s):
     job_id = faults.submit(seed=400 + down_s)
-    faults.wait_sampling(job_id, 0.9)
+    faults.wait_sampling(job_id, 0.1)  # sampling reads and writes nothing in S3: the write is the first to meet the outage
     faults.s3.stop()
     try:
         wait_until(lambda: "waiting for storage" in faults.phases.get(job_id, []), 60, "the write to wait for S3")
