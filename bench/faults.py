@@ -35,7 +35,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,36 +44,13 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.fleet import free_port, start_redis  # noqa: E402
+
 SAMPLER = {"warmup": 100, "samples": 3000, "chains": 2}
 CONVERGENCE = {"CALQ_CONVERGENCE__MIN_ESS_BULK": "10", "CALQ_CONVERGENCE__MAX_RHAT": "1.2",
                "CALQ_CONVERGENCE__MAX_DIVERGENCES": "5"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_redis(port: int, workdir: Path) -> subprocess.Popen:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("redis-server is not on PATH (apt-get install redis-server)")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-         "--maxmemory-policy", "noeviction", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-    )
-    import redis
-
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            return proc
-        except redis.ConnectionError:
-            time.sleep(0.1)
-    sys.exit("redis-server did not start")
 
 
 def children_of(pid: int) -> list[int]:
@@ -161,7 +137,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="calq-bench-faults-"))
     port = free_port()
-    redis_proc = start_redis(port, tmp)
+    redis_proc = start_redis(port, tmp, appendonly=True)
     url = f"redis://127.0.0.1:{port}/0"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
     env.update(CALQ_BROKER_URL=url, CALQ_STORAGE_URL=str(tmp / "store"), CALQ_COMPILE_CACHE_DIR=str(tmp / "jax"),

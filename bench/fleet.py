@@ -42,12 +42,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_redis(port: int, workdir: Path) -> subprocess.Popen:
+def start_redis(port: int, workdir: Path, *, appendonly: bool = False) -> subprocess.Popen:
+    """A redis-server on 127.0.0.1:``port``, answering before this returns (AOF on with ``appendonly``)."""
     binary = shutil.which("redis-server")
     if binary is None:
         sys.exit("redis-server is not on PATH (apt-get install redis-server)")
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes" if appendonly else "no",
          "--maxmemory-policy", "noeviction", "--dir", str(workdir)],
         stdout=subprocess.DEVNULL,
     )
