@@ -53,6 +53,9 @@ def summary_notes(summary: CalibrationSummary) -> list[str]:
     ]
     if summary.convergence_issues:
         lines.append("  not converged: " + "; ".join(summary.convergence_issues))
+    if summary.warm_start:
+        w = summary.warm_start
+        lines.append(f"  warm start from job {w.job_id} (data through {w.data_through}), warmup {w.warmup}")
     if summary.posterior_uri:
         lines.append(f"  posterior: {summary.posterior_uri}")
     return lines

@@ -293,22 +293,36 @@ def test_remedy_rules():
     assert plan.seed == 5 and plan.target_accept_prob == 0.8
     targets = []
     for _ in range(3):
-        plan = next_plan(plan, RunOutcome(max_rhat=1.0, min_ess_bulk=2000, divergences=2), criteria, job_seed=5)
+        plan = next_plan(plan, RunOutcome(max_rhat=1.0, min_ess_bulk=2000, divergences=2), criteria, job_seed=5, job_warmup=500)
         targets.append(plan.target_accept_prob)
     assert targets == [0.9, 0.95, 0.99] and plan.number == 4
-    assert next_plan(plan, RunOutcome(1.0, 2000, 1), criteria, job_seed=5) is None  # max_attempts=4 reached
+    assert next_plan(plan, RunOutcome(1.0, 2000, 1), criteria, job_seed=5, job_warmup=500) is None  # max_attempts=4 reached
     more = ConvergenceCriteria(max_attempts=10)
-    longer = next_plan(plan, RunOutcome(1.0, 2000, 1), more, job_seed=5)
+    longer = next_plan(plan, RunOutcome(1.0, 2000, 1), more, job_seed=5, job_warmup=500)
     assert longer.warmup == 1000 and longer.target_accept_prob == 0.99
     start = first_plan(seed=5, warmup=500, samples=1000)
-    rhat = next_plan(start, RunOutcome(1.05, 2000, 0), criteria, job_seed=5)
+    rhat = next_plan(start, RunOutcome(1.05, 2000, 0), criteria, job_seed=5, job_warmup=500)
     assert (rhat.warmup, rhat.samples) == (1000, 2000)
-    ess = next_plan(start, RunOutcome(1.0, 100, 0), criteria, job_seed=5)
+    ess = next_plan(start, RunOutcome(1.0, 100, 0), criteria, job_seed=5, job_warmup=500)
     assert ess.samples == 4000 and ess.warmup == 500  # 4× at most
-    ess = next_plan(start, RunOutcome(1.0, 350, 0), criteria, job_seed=5)
+    ess = next_plan(start, RunOutcome(1.0, 350, 0), criteria, job_seed=5, job_warmup=500)
     assert ess.samples == 1429  # shortfall 400/350 with a 25 % margin
-    assert next_plan(start, RunOutcome(1.0, 2000, 0), criteria, job_seed=5) is None  # it passed
+    assert next_plan(start, RunOutcome(1.0, 2000, 0), criteria, job_seed=5, job_warmup=500) is None  # it passed
     assert attempt_seed(5, 2) == attempt_seed(5, 2) != attempt_seed(5, 3) != attempt_seed(6, 2)
+
+
+def test_a_failed_warm_start_is_followed_by_a_cold_one():
+    from dataclasses import replace
+
+    from shared.fit.remedy import RunOutcome, first_plan, next_plan
+
+    criteria = ConvergenceCriteria()
+    warm = replace(first_plan(seed=5, warmup=100, samples=1000), warm=True)
+    for outcome in (RunOutcome(1.0, 2000, 3), RunOutcome(1.2, 2000, 0), RunOutcome(1.0, 10, 0)):
+        cold = next_plan(warm, outcome, criteria, job_seed=5, job_warmup=500)
+        assert not cold.warm and cold.warmup == 500 and cold.samples == 1000 and cold.number == 2
+        assert cold.target_accept_prob == 0.8 and cold.remedy.startswith("warm start failed")
+    assert next_plan(warm, RunOutcome(1.0, 2000, 0), criteria, job_seed=5, job_warmup=500) is None  # it passed
 
 
 def test_one_compiled_sampler_serves_a_season_of_every_archetype(season):

@@ -51,7 +51,7 @@ Progress = Callable[[str], None]
 ATTEMPT_LABELS = {
     "number": "#", "target_accept_prob": "target accept", "samples": "draws", "max_rhat": "max R-hat",
     "min_ess_bulk": "min bulk ESS", "mean_leapfrog_steps": "mean leapfrog", "compile_s": "compile s",
-    "sample_s": "sample s", "issues": "did not converge because", "remedy": "remedy",
+    "sample_s": "sample s", "issues": "did not converge because", "remedy": "remedy", "warm_start": "warm start",
 }
 
 
@@ -153,6 +153,7 @@ def run_section(section: Section, s: CalibrationSummary) -> Section:
             ("tracks", "; ".join(f"{a}: {', '.join(ts)}" for a, ts in s.tracks.items())),
             ("sampler", f"{s.sampler.chains} chains × ({s.sampler.warmup} warmup + {s.sampler.samples} draws), seed {s.sampler.seed}"),
             ("model", f"version {s.model_version}, {'centred' if s.centered else 'non-centred'} track level"),
+            ("warm start", _warm_start(s)),
             ("versions", f"calq {s.calq_version} (fit); report: {_versions()}"),
             ("timings (s)", f"load {t.load_s:.1f}, compile {t.compile_s:.1f}, sample {t.sample_s:.1f}, "
                             f"diagnostics {t.diagnostics_s:.1f}, write {t.write_s:.1f}, total {t.total_s:.1f}"),
@@ -165,6 +166,14 @@ def run_section(section: Section, s: CalibrationSummary) -> Section:
         section.text("This calibration did not converge: the latest pointer never names it. " + "; ".join(s.convergence_issues),
                      tone="warning")
     return section
+
+
+def _warm_start(s: CalibrationSummary) -> str:
+    w = getattr(s, "warm_start", None)
+    if w is None:
+        return "none: a cold start"
+    return (f"from job {w.job_id} (data through {w.data_through}): its posterior gave the starting positions, "
+            f"mass matrix and step size; warmup {w.warmup}")
 
 
 def sampler_section(section: Section, calibration: Calibration) -> Section:
@@ -388,6 +397,8 @@ def _records(items) -> list[dict[str, Any]]:
 
 
 def _cell(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return "; ".join(value) if value else "–"
     if isinstance(value, (dict, list)):

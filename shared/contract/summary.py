@@ -127,6 +127,20 @@ class Attempt(_Frozen):
     sample_s: float
     issues: list[str] = Field(description="criteria this run failed; empty when it converged")
     remedy: str | None = Field(None, description="what this run changed, and why (None for the first)")
+    warm_start: bool = Field(False, description="started from a previous fit's posterior (see CalibrationSummary.warm_start)")
+
+
+class WarmStart(_Frozen):
+    """The previous fit a job's first sampler run started from: an optimisation, never an input.
+
+    Its posterior gave the chains' starting positions, the mass matrix and
+    the initial step size, so the run's warmup was shorter (``warmup``).
+    """
+
+    job_id: str
+    posterior_uri: str | None = None
+    data_through: date = Field(description="the last race date the previous fit saw")
+    warmup: int = Field(description="warmup steps of the warm run (the step size alone adapts)")
 
 
 class Timings(_Frozen):
@@ -160,6 +174,7 @@ class CalibrationSummary(_Frozen):
     convergence_issues: list[str] = []
     diagnostics: Diagnostics
     attempts: list[Attempt] = Field([], description="every sampler run, in order; the last is the one reported")
+    warm_start: WarmStart | None = Field(None, description="the previous fit the first run started from; None: a cold start")
     parameters: list[ParameterSummary]
     calibration: list[EventCalibration]
     ensemble: list[EnsembleScores] = []

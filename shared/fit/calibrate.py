@@ -33,6 +33,7 @@ from shared.contract.summary import (
     EventCalibration,
     ParameterSummary,
     Timings,
+    WarmStart,
 )
 from shared.data.dataset import EventRows, event_rows, select_archetypes, select_window, validate
 from shared.fit.idata import build_inference_data, calibrated_probability_mean, convergence_data, logit
@@ -43,12 +44,14 @@ from shared.fit.sampler import (
     TARGET_ACCEPT,
     Bucket,
     Draws,
+    StartingPoint,
     bucket_rows,
     bucket_tracks,
     chain_devices,
     chunk_length,
     sampler_for,
 )
+from shared.fit.warm import WarmSource, WarmStartUnusable, starting_point, warm_warmup
 from shared.stats import diagnostics
 from shared.stats.evaluation import ensemble_scores, event_calibration, joint_events
 
@@ -143,6 +146,7 @@ class Fit:
     issues: list[str]
     diagnostics: Diagnostics
     attempts: list[Attempt]
+    warm_start: WarmStart | None
     parameters: list[ParameterSummary]
     calibration: list[EventCalibration]
     ensemble: list[EnsembleScores]
@@ -186,6 +190,7 @@ class Fit:
             convergence_issues=self.issues,
             diagnostics=self.diagnostics,
             attempts=self.attempts,
+            warm_start=self.warm_start,
             parameters=self.parameters,
             calibration=self.calibration,
             ensemble=self.ensemble,
@@ -207,6 +212,7 @@ def calibrate(
     *,
     control: JobControl | None = None,
     criteria: ConvergenceCriteria = ConvergenceCriteria(),
+    warm: WarmSource | None = None,
 ) -> tuple[az.InferenceData, Fit]:
     """Fit the calibration model for ``job`` on ``dataset`` with NUTS.
 
@@ -219,6 +225,11 @@ def calibrate(
     judged and reported. Non-convergence after the remedies is a result
     (``Fit.issues``, the summary's ``converged`` and ``convergence_issues``),
     never raised.
+
+    With ``warm``, a previous fit of the same archetype, the first run starts
+    where that posterior is (:mod:`shared.fit.warm`) with a shorter warmup;
+    the fit records it (``Fit.warm_start``). A previous fit that cannot seed
+    this job is logged and ignored: the run starts cold.
     """
     control = control or JobControl()
     validate(dataset, archetype=job.archetype, source=job.dataset_uri)
@@ -229,7 +240,8 @@ def calibrate(
         job.job_id, rows.n_rows, len(rows.races), len(rows.tracks), prepared.bucket,
     )
 
-    draws, attempts, stopped = _sample_with_remedies(prepared, job, control=control, criteria=criteria)
+    start, warm_start = _warm_start(prepared, job, warm)
+    draws, attempts, stopped = _sample_with_remedies(prepared, job, control=control, criteria=criteria, start=start)
 
     control.check("diagnostics")
     control.progress(Progress(phase="diagnostics"))
@@ -248,6 +260,7 @@ def calibrate(
             "inference_library": "numpyro",
             "attempts": len(attempts),
             "target_accept_prob": attempts[-1].target_accept_prob,
+            "warm_start_from": warm_start.job_id if warm_start else None,
         },
     )
     parameters = diagnostics.parameter_summaries(idata)
@@ -275,6 +288,7 @@ def calibrate(
         issues=issues,
         diagnostics=diag,
         attempts=attempts,
+        warm_start=warm_start,
         parameters=parameters,
         calibration=event_calibration(rows, q_mean),
         ensemble=ensemble_scores(prepared.window, archetypes),
@@ -292,20 +306,53 @@ def calibrate(
 REMEDY_RESERVE_S = 15.0
 
 
+def _warm_start(
+    prepared: Prepared, job: CalibrationJob, warm: WarmSource | None
+) -> tuple[StartingPoint | None, WarmStart | None]:
+    """Where the first run starts, from ``warm``, and its record; (None, None) for a cold start."""
+    if warm is None:
+        return None, None
+    rows = prepared.rows
+    try:
+        start = starting_point(
+            warm.idata,
+            events=rows.events, archetypes=rows.archetypes, tracks=track_labels(rows),
+            track_archetype=rows.track_archetype, shape=prepared.bucket.shape,
+            chains=job.sampler.chains, seed=job.sampler.seed,
+        )
+    except (WarmStartUnusable, KeyError) as exc:  # KeyError: a posterior without one of the model's variables
+        log.warning("job %s: starting cold, fit %s cannot seed it: %s", job.job_id, warm.job_id, exc)
+        return None, None
+    record = WarmStart(
+        job_id=warm.job_id, posterior_uri=warm.posterior_uri, data_through=warm.data_through,
+        warmup=warm_warmup(job.sampler.warmup),
+    )
+    log.info("job %s: warm start from fit %s (data through %s)", job.job_id, warm.job_id, warm.data_through)
+    return start, record
+
+
 def _sample_with_remedies(
-    prepared: Prepared, job: CalibrationJob, *, control: JobControl, criteria: ConvergenceCriteria
+    prepared: Prepared,
+    job: CalibrationJob,
+    *,
+    control: JobControl,
+    criteria: ConvergenceCriteria,
+    start: StartingPoint | None = None,
 ) -> tuple[Draws, list[Attempt], str | None]:
     """Run the sampler, then remedies while the run fails ``criteria``; the last run's draws.
 
+    With ``start`` the first run is warm: it begins there with a shorter warmup.
     Returns the last draws, every attempt, and why remedies stopped early
     (None when they did not: the run passed, or no attempt or remedy was left).
     """
     plan = first_plan(
         seed=job.sampler.seed, warmup=job.sampler.warmup, samples=job.sampler.samples, target_accept_prob=TARGET_ACCEPT
     )
+    if start is not None:
+        plan = dataclasses.replace(plan, warm=True, warmup=warm_warmup(job.sampler.warmup))
     attempts: list[Attempt] = []
     while True:
-        bucket = dataclasses.replace(prepared.bucket, warmup=plan.warmup)
+        bucket = dataclasses.replace(prepared.bucket, warmup=plan.warmup, warm=plan.warm)
         control.check("compile")
         control.progress(Progress(phase="compile"))
         t_build = time.perf_counter()
@@ -313,7 +360,7 @@ def _sample_with_remedies(
         build_s = time.perf_counter() - t_build
         draws = sampler.run(
             prepared.data, seed=plan.seed, samples=plan.samples, control=control,
-            target_accept_prob=plan.target_accept_prob,
+            target_accept_prob=plan.target_accept_prob, start=start if plan.warm else None,
         )
         max_rhat, min_ess, divergences = diagnostics.worst_convergence(
             convergence_data(draws, n_tracks=len(prepared.rows.tracks))
@@ -324,14 +371,14 @@ def _sample_with_remedies(
             min_ess_bulk=min_ess, mean_leapfrog_steps=float(draws.stats["n_steps"].mean()),
             compile_s=build_s + draws.compile_s, sample_s=draws.sample_s,
             issues=criteria.failures(max_rhat=max_rhat, min_ess_bulk=min_ess, divergences=divergences),
-            remedy=plan.remedy,
+            remedy=plan.remedy, warm_start=plan.warm,
         )
         attempts.append(attempt)
         if not attempt.issues:
             return draws, attempts, None
         following = next_plan(
             plan, RunOutcome(max_rhat=max_rhat, min_ess_bulk=min_ess, divergences=divergences), criteria,
-            job_seed=job.sampler.seed,
+            job_seed=job.sampler.seed, job_warmup=job.sampler.warmup,
         )
         if following is None:
             return draws, attempts, None

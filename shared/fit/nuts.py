@@ -10,6 +10,13 @@ an array argument. The transition is NumPyro's NUTS (multinomial sampling,
 diagonal mass matrix, windowed adaptation); only where the target comes
 from differs. The initial state still comes from NumPyro's ``init_kernel``,
 whose adaptation set-up does not use the target.
+
+A warm start (:mod:`shared.fit.warm`) begins with a mass matrix estimated
+from a previous posterior's draws, far more of them than a short warmup
+sees: with ``adapt_mass_matrix=False`` the warmup keeps it and adapts only
+the step size, by dual averaging over the whole warmup in one window
+(NumPyro's windows would restart the step size at each window's end, for a
+mass matrix that does not change).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from numpyro.infer.hmc import HMCState, momentum_generator
 from numpyro.infer.hmc_util import (
     IntegratorState,
     build_tree,
+    dual_averaging,
     euclidean_kinetic_energy,
     find_reasonable_step_size,
     velocity_verlet,
@@ -40,12 +48,14 @@ def nuts_step(
     num_warmup: int,
     target_accept_prob: jnp.ndarray,
     max_tree_depth: int,
+    adapt_mass_matrix: bool = True,
 ) -> HMCState:
     """Advance ``state`` by one NUTS transition, adapting while ``state.i < num_warmup``.
 
-    ``num_warmup`` and ``max_tree_depth`` are static (the adaptation windows
-    and the tree's loop bounds depend on them); ``target_accept_prob`` may be
-    a traced scalar.
+    ``num_warmup``, ``max_tree_depth`` and ``adapt_mass_matrix`` are static
+    (the adaptation windows and the tree's loop bounds depend on them);
+    ``target_accept_prob`` may be a traced scalar. Without
+    ``adapt_mass_matrix`` the warmup adapts the step size alone.
     """
     kinetic_fn = euclidean_kinetic_energy
     rng_key, key_momentum, key_tree = random.split(state.rng_key, 3)
@@ -66,11 +76,14 @@ def nuts_step(
     accept_prob = tree.sum_accept_probs / tree.num_proposals
     proposal = IntegratorState(tree.z_proposal, r, tree.z_proposal_pe, tree.z_proposal_grad)
 
-    _, wa_update = warmup_adapter(
-        num_warmup,
-        find_reasonable_step_size=partial(find_reasonable_step_size, potential_fn, kinetic_fn, momentum_generator),
-        target_accept_prob=target_accept_prob,
-    )
+    if adapt_mass_matrix:
+        _, wa_update = warmup_adapter(
+            num_warmup,
+            find_reasonable_step_size=partial(find_reasonable_step_size, potential_fn, kinetic_fn, momentum_generator),
+            target_accept_prob=target_accept_prob,
+        )
+    else:
+        wa_update = partial(_adapt_step_size, num_warmup=num_warmup, target_accept_prob=target_accept_prob)
     adapt_state = cond(
         state.i < num_warmup,
         (state.i, accept_prob, proposal, adapt),
@@ -95,6 +108,17 @@ def nuts_step(
         adapt_state=adapt_state,
         rng_key=rng_key,
     )
+
+
+def _adapt_step_size(t, accept_prob, _proposal, adapt, *, num_warmup: int, target_accept_prob):
+    """One dual-averaging update of the step size (NumPyro's, in a single window); the mass matrix stays."""
+    _, ss_update = dual_averaging()
+    ss_state = ss_update(target_accept_prob - accept_prob, adapt.ss_state)
+    log_step_size, log_step_size_avg, *_ = ss_state
+    # the last warmup step settles on the averaged step size, as NumPyro's adapter does
+    step_size = jnp.exp(jnp.where(t == num_warmup - 1, log_step_size_avg, log_step_size))
+    finfo = jnp.finfo(jnp.result_type(step_size))
+    return adapt._replace(step_size=jnp.clip(step_size, finfo.tiny, finfo.max), ss_state=ss_state)
 
 
 __all__ = ["MAX_DELTA_ENERGY", "nuts_step"]

@@ -5,6 +5,9 @@ reported at once: calq runs the sampler again, changing one thing, up to
 ``criteria.max_attempts`` runs in all, and judges the last. The rules, in
 order of the failure seen:
 
+- **a warm start that failed** (whatever the failure): start cold, with the
+  job's own warmup (:mod:`shared.fit.warm`): a warm start may save time,
+  never cost a result;
 - **divergent transitions**: the step size was too large somewhere in the
   posterior; raise the step-size adaptation's target acceptance along
   :data:`TARGET_LADDER` (0.8 → 0.9 → 0.95 → 0.99). The target is a dynamic
@@ -49,6 +52,7 @@ class RunPlan:
     warmup: int
     samples: int
     remedy: str | None = None
+    warm: bool = False  # starts from a previous fit (shared.fit.warm), with a shorter warmup
 
 
 @dataclass(frozen=True)
@@ -72,16 +76,23 @@ def first_plan(*, seed: int, warmup: int, samples: int, target_accept_prob: floa
     return RunPlan(number=1, seed=seed, target_accept_prob=target_accept_prob, warmup=warmup, samples=samples)
 
 
-def next_plan(plan: RunPlan, outcome: RunOutcome, criteria: ConvergenceCriteria, *, job_seed: int) -> RunPlan | None:
+def next_plan(
+    plan: RunPlan, outcome: RunOutcome, criteria: ConvergenceCriteria, *, job_seed: int, job_warmup: int
+) -> RunPlan | None:
     """The remedy after ``plan`` ended with ``outcome``; None when it passed or no remedy is left.
 
     See the module docstring for the rules. ``criteria.max_attempts`` bounds
-    the number of runs.
+    the number of runs; ``job_warmup`` is the job's own (cold) warmup.
     """
     if plan.number >= criteria.max_attempts:
         return None
     number = plan.number + 1
     base = replace(plan, number=number, seed=attempt_seed(job_seed, number))
+    failures = criteria.failures(max_rhat=outcome.max_rhat, min_ess_bulk=outcome.min_ess_bulk, divergences=outcome.divergences)
+    if not failures:
+        return None
+    if plan.warm:
+        return replace(base, warm=False, warmup=job_warmup, remedy=f"warm start failed ({'; '.join(failures)}): cold start")
     if outcome.divergences > criteria.max_divergences:
         higher = [t for t in TARGET_LADDER if t > plan.target_accept_prob]
         if higher:

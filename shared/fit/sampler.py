@@ -16,6 +16,10 @@ functional NUTS kernel itself:
 - a :class:`CompiledSampler` per bucket is cached for the life of the process,
   and JAX's persistent compilation cache (:func:`enable_compile_cache`) makes
   a restarted worker warm too;
+- a *warm* bucket starts its chains from given positions, step size and
+  mass matrix (a previous posterior's: :mod:`shared.fit.warm`) and adapts
+  only the step size during its shorter warmup; it compiles once per
+  bucket like the cold one;
 - warmup and sampling run as a sequence of fixed-length chunks (one
   ``lax.scan`` each): between chunks the caller hears progress and the job's
   time limit and cancellation are checked — Celery's solo pool cannot
@@ -102,6 +106,22 @@ class Bucket:
     warmup: int
     chunk: int
     devices: int = 1  # chains are split evenly over this many devices (pmap), vectorised within one
+    warm: bool = False  # chains start from a StartingPoint, and the warmup keeps its mass matrix
+
+
+@dataclass(frozen=True)
+class StartingPoint:
+    """Where a warm bucket's chains start, in the model's unconstrained space.
+
+    ``positions`` maps each latent site to an array (chain, *site shape);
+    ``inverse_mass_matrix`` is the diagonal, flattened in the order of
+    ``jax.flatten_util.ravel_pytree`` over the sites (sorted names), as
+    NumPyro's kernel takes it.
+    """
+
+    positions: dict[str, np.ndarray]
+    step_size: float
+    inverse_mass_matrix: np.ndarray
 
 
 @dataclass
@@ -203,10 +223,10 @@ class CompiledSampler:
         )
 
     def _build(self):
-        warmup, length = self.bucket.warmup, self.bucket.chunk
+        warmup, length, warm = self.bucket.warmup, self.bucket.chunk, self.bucket.warm
         template = self._param_template
 
-        def init_one(key, data):
+        def init_cold(key, data):
             init_key, kernel_key = jax.random.split(key)
             leaves, treedef = jax.tree_util.tree_flatten(template)
             keys = jax.random.split(init_key, len(leaves))
@@ -222,6 +242,18 @@ class CompiledSampler:
                 rng_key=kernel_key,
             )
 
+        def init_warm(key, data, params, step_size, inverse_mass_matrix):
+            return self._init_kernel(
+                params,
+                warmup,
+                step_size=step_size,
+                inverse_mass_matrix=inverse_mass_matrix,
+                adapt_mass_matrix=False,
+                max_tree_depth=MAX_TREE_DEPTH,
+                model_args=(data,),
+                rng_key=key,
+            )
+
         def chunk_one(state, data, target_accept_prob):
             constrain = self._postprocess_gen(data)
             potential = functools.partial(potential_energy, self._model, (data,), {})
@@ -229,40 +261,80 @@ class CompiledSampler:
             def step(state, _):
                 state = nuts_step(
                     state, potential, num_warmup=warmup, target_accept_prob=target_accept_prob,
-                    max_tree_depth=MAX_TREE_DEPTH,
+                    max_tree_depth=MAX_TREE_DEPTH, adapt_mass_matrix=not warm,
                 )
                 return state, (constrain(state.z), _stats_of(state))
 
             return jax.lax.scan(step, state, None, length=length)
 
+        # per chain: the key (and a warm start's positions); shared: the data (and step size, mass matrix)
+        init_one, init_axes = (init_warm, (0, None, 0, None, None)) if warm else (init_cold, (0, None))
         b = self.bucket
         if b.devices == b.chains:  # one chain per device
-            return jax.pmap(init_one, in_axes=(0, None)), jax.pmap(chunk_one, in_axes=(0, None, None))
-        init_many = jax.vmap(init_one, in_axes=(0, None))
+            return jax.pmap(init_one, in_axes=init_axes), jax.pmap(chunk_one, in_axes=(0, None, None))
+        init_many = jax.vmap(init_one, in_axes=init_axes)
         chunk_many = jax.vmap(chunk_one, in_axes=(0, None, None))
         if b.devices > 1:  # several chains per device
-            return jax.pmap(init_many, in_axes=(0, None)), jax.pmap(chunk_many, in_axes=(0, None, None))
+            return jax.pmap(init_many, in_axes=init_axes), jax.pmap(chunk_many, in_axes=(0, None, None))
         return jax.jit(init_many), jax.jit(chunk_many)
 
     def _split_over_devices(self) -> bool:
         return 1 < self.bucket.devices < self.bucket.chains
 
-    def _chain_keys(self, seed: int) -> jnp.ndarray:
-        """One key per chain, laid out (devices, chains per device, 2) when several chains share a device."""
+    def _per_chain(self, values: jnp.ndarray) -> jnp.ndarray:
+        """An array with a leading chain axis, laid out (devices, chains per device, ...) when chains share a device."""
         b = self.bucket
-        keys = jax.random.split(jax.random.PRNGKey(seed), b.chains)
-        return keys.reshape(b.devices, b.chains // b.devices, 2) if self._split_over_devices() else keys
+        if self._split_over_devices():
+            return values.reshape(b.devices, b.chains // b.devices, *values.shape[1:])
+        return values
+
+    def _chain_keys(self, seed: int) -> jnp.ndarray:
+        """One key per chain, laid out for the devices."""
+        return self._per_chain(jax.random.split(jax.random.PRNGKey(seed), self.bucket.chains))
+
+    def _init_args(self, seed: int, data: ModelData, start: StartingPoint | None) -> tuple:
+        """The initial kernel's arguments: keys and data, and for a warm bucket where the chains start."""
+        keys = self._chain_keys(seed)
+        if not self.bucket.warm:
+            if start is not None:
+                raise ValueError("a starting point is for a warm bucket only")
+            return (keys, data)
+        if start is None:
+            raise ValueError("a warm bucket needs a starting point")
+        positions = {}
+        for name, template in self._param_template.items():
+            value = jnp.asarray(start.positions[name], jnp.float32)
+            if value.shape != (self.bucket.chains, *template.shape):
+                raise ValueError(f"starting point of {name}: shape {value.shape}, expected {(self.bucket.chains, *template.shape)}")
+            positions[name] = self._per_chain(value)
+        inverse_mass = jnp.asarray(start.inverse_mass_matrix, jnp.float32)
+        if inverse_mass.shape != (self._size,):
+            raise ValueError(f"inverse mass matrix of shape {inverse_mass.shape}, expected ({self._size},)")
+        return (keys, data, positions, jnp.float32(start.step_size), inverse_mass)
+
+    @property
+    def _size(self) -> int:
+        return sum(int(np.prod(v.shape)) for v in self._param_template.values())
 
     def compile(self, data: ModelData) -> tuple:
         """Compile (or fetch from the persistent cache) both kernels, once."""
         with self._lock:
             if self._compiled is None:
-                keys = self._chain_keys(0)
-                init = self._init.lower(keys, data).compile()
-                state = jax.eval_shape(self._init, keys, data)
+                args = self._init_args(0, data, self._template_start() if self.bucket.warm else None)
+                init = self._init.lower(*args).compile()
+                state = jax.eval_shape(self._init, *args)
                 chunk = self._chunk.lower(state, data, jnp.float32(TARGET_ACCEPT)).compile()
                 self._compiled = (init, chunk)
             return self._compiled
+
+    def _template_start(self) -> StartingPoint:
+        """A starting point of the right shapes (its values only matter for tracing)."""
+        chains = self.bucket.chains
+        return StartingPoint(
+            positions={k: np.zeros((chains, *v.shape), np.float32) for k, v in self._param_template.items()},
+            step_size=1.0,
+            inverse_mass_matrix=np.ones(self._size, np.float32),
+        )
 
     def run(
         self,
@@ -272,11 +344,13 @@ class CompiledSampler:
         samples: int,
         control: JobControl | None = None,
         target_accept_prob: float = TARGET_ACCEPT,
+        start: StartingPoint | None = None,
     ) -> Draws:
         """Run warmup then ``samples`` draws per chain; return the post-warmup draws.
 
         ``samples`` and ``target_accept_prob`` (the step-size adaptation's
-        target) are dynamic: changing them compiles nothing.
+        target) are dynamic: changing them compiles nothing. A warm bucket
+        needs ``start``, where its chains begin; a cold one draws its own.
 
         ``control`` hears progress after every chunk and is checked before
         each one: its time limit raises :class:`JobTimeLimitExceeded` and a
@@ -288,7 +362,7 @@ class CompiledSampler:
         compile_s = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        state = init(self._chain_keys(seed), data)
+        state = init(*self._init_args(seed, data, start))
         target = jnp.float32(target_accept_prob)
         total = b.warmup + samples
         n_chunks = math.ceil(total / b.chunk)

@@ -19,6 +19,7 @@ from shared.data.dataset import open_dataset
 from shared.data.limits import check_job
 from shared.fit.calibrate import calibrate
 from shared.jobs.spool import write_results
+from shared.jobs.warm_source import find_warm_source
 from shared.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,9 @@ def run_job(
     (fetch, load, compile, diagnostics, write) and between sampling chunks:
     the job's time limit (its own, or the settings' default) starts here, so
     it covers fetching and loading too, and a cancellation stops the job
-    before anything is written. Convergence is judged by ``criteria``
+    before anything is written. With ``settings.warm_start`` the sampler
+    starts from the nearest stored fit of the job's archetype
+    (:mod:`shared.jobs.warm_source`). Convergence is judged by ``criteria``
     (default: the settings'). Errors propagate as calq's typed exceptions:
     bad input as :class:`~shared.contract.errors.RejectedError`, storage outages as
     :class:`~shared.contract.errors.StorageUnavailable`.
@@ -76,9 +79,10 @@ def run_job(
         control.check("load")
         # Limits from the header before anything is decoded; calibrate() validates the contract, once.
         dataset = open_dataset(path, check=False, limits=limits, label=job.dataset_uri)
+        warm = find_warm_source(job, store) if settings.warm_start else None
         load_s = time.perf_counter() - started
 
-        idata, fit = calibrate(dataset, job, control=control, criteria=criteria or settings.convergence)
+        idata, fit = calibrate(dataset, job, control=control, criteria=criteria or settings.convergence, warm=warm)
     except (InvalidDataset, DatasetHashMismatch) as exc:
         _discard_if_its_own_fault(exc, job, store)
         raise

@@ -1,0 +1,185 @@
+"""Warm starts: begin a job's sampler where a previous fit's posterior left off.
+
+Consecutive fits of one archetype (a backfill's as-of dates, the optimizer's
+daily refit) see nearly the same races, so their posteriors nearly agree.
+A cold run spends its warmup finding that posterior: the typical set, a
+step size and a mass matrix. A warm run takes all three from a stored
+posterior of the same archetype:
+
+- **positions**: one joint draw of the previous posterior per chain, picked
+  at random (seeded), so chains start apart, inside the typical set;
+- **mass matrix**: the variance of every unconstrained coordinate over all
+  of the previous draws (thousands, where a cold warmup's windows see
+  hundreds), regularised as NumPyro regularises its own estimate;
+- **step size**: the previous run's adapted one, the starting point of a
+  dual-averaging warmup of :func:`warm_warmup` steps, which adapts the step
+  size alone (:func:`shared.fit.nuts.nuts_step`).
+
+The stored posterior holds the interpretable parameters; the sampler's
+coordinates are recovered from them exactly: ``log β``, ``log σ`` and the
+non-centred ``z = (α_track − α_arch) / σ_α`` (likewise for ``log β``).
+Events, archetypes and tracks are matched by name; a track the previous fit
+did not see, and every padding track, starts from its prior (a standard
+normal z, unit mass).
+
+A warm start is an optimisation, never an input: the job's id does not
+depend on it, its first run is judged by the same criteria as a cold one,
+and a warm run that fails them is followed by a cold one
+(:func:`shared.fit.remedy.next_plan`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+
+import arviz as az
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from shared.fit.model import ModelShape
+from shared.fit.sampler import StartingPoint
+
+#: A warm run's warmup is this share of the job's (the step size alone adapts) ...
+WARM_WARMUP_FRACTION = 0.2
+#: ... and never shorter than this, unless the job's own warmup is.
+MIN_WARM_WARMUP = 50
+#: NumPyro's regularisation of an estimated diagonal: shrink towards 1e-3 by 5 pseudo-draws.
+_SHRINK_DRAWS, _SHRINK_TO = 5, 1e-3
+
+
+class WarmStartUnusable(ValueError):
+    """The previous posterior cannot seed this job (another model, events or archetypes)."""
+
+
+@dataclass(frozen=True)
+class WarmSource:
+    """A previous fit to start from: its posterior and where it came from."""
+
+    idata: az.InferenceData
+    job_id: str
+    posterior_uri: str | None
+    data_through: date
+
+
+def warm_warmup(warmup: int) -> int:
+    """The warmup of a warm run, for a job whose own (cold) warmup is ``warmup``."""
+    return min(warmup, max(MIN_WARM_WARMUP, math.ceil(warmup * WARM_WARMUP_FRACTION)))
+
+
+def starting_point(
+    previous: az.InferenceData,
+    *,
+    events: Sequence[str],
+    archetypes: Sequence[str],
+    tracks: Sequence[str],
+    track_archetype: Sequence[int],
+    shape: ModelShape,
+    chains: int,
+    seed: int,
+) -> StartingPoint:
+    """Where ``chains`` chains of this job start, from the ``previous`` fit's posterior.
+
+    ``tracks`` are this job's track labels and ``track_archetype`` their
+    archetype indices into ``archetypes``; ``shape`` is the padded model
+    shape of this job's bucket. Raises :class:`WarmStartUnusable` when the
+    previous fit lacks one of the events or archetypes, was centred, or
+    holds no finite draws.
+    """
+    if shape.centered or _attr(previous, "centered") not in (0, "0", False, None):
+        raise WarmStartUnusable("warm starts are for the non-centred model")
+    draws = unconstrained_draws(previous)
+    prev_events = list(previous.posterior["event"].values.astype(str))
+    prev_archetypes = list(previous.posterior["archetype"].values.astype(str))
+    prev_tracks = list(previous.posterior["track"].values.astype(str))
+    prev_track_archetype = np.asarray(previous.constant_data["track_archetype"].values)
+    missing = [e for e in events if e not in prev_events] + [a for a in archetypes if a not in prev_archetypes]
+    if missing:
+        raise WarmStartUnusable(f"the previous fit has no {', '.join(missing)}")
+    ei = np.array([prev_events.index(e) for e in events])
+    ai = np.array([prev_archetypes.index(a) for a in archetypes])
+
+    # this job's track k ← the previous fit's track of the same name and archetype, or none (-1)
+    matched = np.full(shape.n_tracks, -1)
+    for k, (label, a) in enumerate(zip(tracks, track_archetype)):
+        if label in prev_tracks:
+            j = prev_tracks.index(label)
+            if prev_archetypes[prev_track_archetype[j]] == archetypes[a]:
+                matched[k] = j
+    seen = matched >= 0
+
+    n = draws["alpha_arch"].shape[0]
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(n, size=chains, replace=chains > n)
+    positions: dict[str, np.ndarray] = {}
+    variances: dict[str, np.ndarray] = {}
+    for name, values in draws.items():
+        values = values[:, ei]  # (draw, event, archetype | track)
+        if name.endswith("_z"):
+            start = rng.standard_normal((chains, len(ei), shape.n_tracks))
+            start[:, :, seen] = values[picks][:, :, matched[seen]]
+            variance = np.ones((len(ei), shape.n_tracks))
+            variance[:, seen] = _regularised_variance(values[:, :, matched[seen]])
+        else:
+            start = values[picks][:, :, ai]
+            variance = _regularised_variance(values[:, :, ai])
+        positions[name] = start.astype(np.float32)
+        variances[name] = variance.astype(np.float32)
+
+    if not all(np.isfinite(v).all() for v in (*positions.values(), *variances.values())):
+        raise WarmStartUnusable("the previous posterior holds non-finite draws")
+    step_sizes = np.asarray(previous.sample_stats["step_size"].values)[:, -1]
+    step_size = float(np.median(step_sizes))
+    if not (np.isfinite(step_size) and step_size > 0):
+        raise WarmStartUnusable(f"the previous step size {step_size} is not a positive number")
+    flat, _ = ravel_pytree(variances)  # the kernel's order: sites sorted by name
+    return StartingPoint(positions=positions, step_size=step_size, inverse_mass_matrix=np.asarray(flat))
+
+
+def unconstrained_draws(idata: az.InferenceData) -> dict[str, np.ndarray]:
+    """The sampler's coordinates of every stored draw: site → (draw, event, archetype | track).
+
+    The inverse of the model's transforms (:mod:`shared.fit.model`), applied
+    to the stored interpretable parameters; chains are stacked.
+    """
+    post = idata.posterior
+
+    def stacked(name: str) -> np.ndarray:
+        values = np.asarray(post[name].values, np.float64)
+        return values.reshape(-1, *values.shape[2:])
+
+    ta = np.asarray(idata.constant_data["track_archetype"].values)
+    alpha_arch, log_beta_arch = stacked("alpha_arch"), np.log(stacked("beta_arch"))
+    sigma_alpha, sigma_log_beta = stacked("sigma_alpha"), stacked("sigma_log_beta")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return {
+            "alpha_arch": alpha_arch,
+            "log_beta_arch": log_beta_arch,
+            "sigma_alpha": np.log(sigma_alpha),
+            "sigma_log_beta": np.log(sigma_log_beta),
+            "alpha_track_z": (stacked("alpha_track") - alpha_arch[..., ta]) / sigma_alpha[..., ta],
+            "log_beta_track_z": (np.log(stacked("beta_track")) - log_beta_arch[..., ta]) / sigma_log_beta[..., ta],
+        }
+
+
+def _regularised_variance(values: np.ndarray) -> np.ndarray:
+    """The variance over draws (axis 0), shrunk as NumPyro's windowed estimate is."""
+    n = values.shape[0]
+    return (n / (n + _SHRINK_DRAWS)) * values.var(axis=0, ddof=1) + _SHRINK_TO * (_SHRINK_DRAWS / (n + _SHRINK_DRAWS))
+
+
+def _attr(idata: az.InferenceData, key: str):
+    return idata.posterior.attrs.get(key)
+
+
+__all__ = [
+    "MIN_WARM_WARMUP",
+    "WARM_WARMUP_FRACTION",
+    "WarmSource",
+    "WarmStartUnusable",
+    "starting_point",
+    "unconstrained_draws",
+    "warm_warmup",
+]
