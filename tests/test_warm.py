@@ -75,7 +75,7 @@ def test_the_sampler_coordinates_are_recovered_from_a_stored_posterior(previous)
 
 
 def test_tracks_events_and_archetypes_are_matched_by_name(previous):
-    idata, draws, prepared = previous
+    idata, _, prepared = previous
     prev_tracks = list(prepared.rows.tracks)
     tracks = [prev_tracks[2], "Nowhere Speedway", prev_tracks[0]]
     shape = ModelShape(n_events=1, n_archetypes=1, n_tracks=16, centered=False)
