@@ -73,6 +73,11 @@ def test_evaluate_on_the_fleet_runs_the_jobs_on_the_worker_and_scores_the_races(
     for race in record["per_race"]:
         status = client.status(race["job_id"])
         assert status.state.value == "succeeded" and status.worker.startswith("calq-cpu0@")
+    # the worker ran the later window after the earlier one, and warm-started it from that fit
+    first, second = sorted((client.result(r["job_id"]) for r in record["per_race"]), key=lambda s: s.data_through)
+    assert first.warm_start is None
+    assert second.warm_start is not None and second.warm_start.job_id == first.job_id
+    assert second.attempts[0].warm_start
     # resumable: a second run finds every job done and scores the same
     again = json.loads(calq(fleet, "evaluate", str(dataset), *ARGS, *TINY, "--fleet", "--json").stdout)
     assert again == [record]

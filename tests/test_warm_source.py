@@ -108,3 +108,13 @@ def test_an_unreadable_stored_posterior_leaves_the_job_cold_not_failed(tmp_path,
     second = run(client, path, days[6])
     assert second.warm_start is None and second.converged in (True, False)
     assert "starting cold" in caplog.text and "skipping unreadable summary" in caplog.text
+
+
+@pytest.mark.integration
+def test_warm_starts_read_the_previous_fit_from_s3(s3_settings, dataset):
+    path, days = dataset
+    client = CalibrationClient(s3_settings)
+    first = run(client, path, days[5])
+    second = run(client, path, days[6])
+    assert first.posterior_uri.startswith("s3://")
+    assert second.warm_start is not None and second.warm_start.posterior_uri == first.posterior_uri
