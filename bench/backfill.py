@@ -4,26 +4,34 @@ Embedded mode (jobs run in this process, on a temporary local store), on a
 synthetic dataset of ``--seasons`` seasons:
 
 1. **Throughput.** Superspeedway and intermediate over the last season, as
-   the issue measured it: once keyed by data window (one job per archetype
-   per distinct window) and once per race date (one job per archetype and
-   race date of any archetype, the old plan). Reported: jobs, wall time,
-   jobs per minute, and as-of dates answered per minute (the figure that
-   matters: both plans answer "the calibration as of every race date").
-2. **Agreement.** Each (archetype, race date) is answered by a window job
-   and by a per-date job with another seed; per event, the posterior means
-   of α and β of the archetype are compared: z = Δmean / √(se₁² + se₂²),
-   se = sd / √ESS_bulk (Monte Carlo error). Both fit the same races, so
-   |z| should look like a standard normal: ~5 % above 2.
+   the issue measured it, three times in one process, each on its own store:
+   keyed by data window with warm starts (each job starts from the nearest
+   stored fit of its archetype: :mod:`shared.fit.warm`); keyed by data
+   window, every job cold (``warm_start=False``); and per race date, cold
+   (one job per archetype and race date of any archetype, the old plan).
+   Reported: jobs, jobs that started warm, wall time, sampler and compile
+   seconds, jobs per minute, and as-of dates answered per minute (the figure
+   that matters: every plan answers "the calibration as of every race date").
+   The warm run goes first and pays every compile of the cold buckets; the
+   cold runs find them compiled: the comparison favours them, if anything.
+2. **Agreement.** The same window job, warm and cold (same content, same
+   seed): every parameter's posterior mean, z = Δmean / √(se₁² + se₂²),
+   se = sd / √ESS_bulk (Monte Carlo error). And each (archetype, race date)
+   answered by a window job and by a per-date job with another seed, α and
+   β of the archetype per event. If both sample the same posterior, |z|
+   looks like a standard normal: ~5 % above 2 (parameters of one job share
+   its Monte Carlo error, so the share varies more than independent draws').
 3. **The evaluation table**: ``calq evaluate`` over all the seasons for
    every archetype (the window jobs of step 1 are reused from the store).
 
 Usage::
 
-    python bench/backfill.py [--seasons 3] [--scenarios 400] [--warmup 300] [--samples 300] [--chains 2]
-                             [--json bench/results/backfill.json] [--skip-agreement] [--skip-evaluate]
+    python bench/backfill.py [--seasons 3] [--scenarios 400] [--warmup 500] [--samples 1000] [--chains 4]
+                             [--min-ess 400] [--json bench/results/backfill.json] [--skip-per-date] [--skip-evaluate]
 
-The convergence criteria are relaxed to ESS ≥ ``--min-ess`` (default 100)
-so that short benchmark chains count as converged; say so next to figures.
+The defaults are a production job's sampler and convergence criteria
+(R-hat ≤ 1.01 as in production unless ``--max-rhat``); shorter chains need
+a lower ``--min-ess``: say so next to figures.
 """
 
 from __future__ import annotations
@@ -60,14 +68,14 @@ ARCHETYPES = ["superspeedway", "intermediate"]
 EVENTS = "top_5,top_10"
 
 
-def client_for(store: Path, cache: Path, min_ess: float) -> CalibrationClient:
+def client_for(store: Path, cache: Path, args, *, warm_start: bool) -> CalibrationClient:
     return CalibrationClient(Settings(
-        storage_url=str(store), compile_cache_dir=str(cache),
-        convergence=ConvergenceCriteria(min_ess_bulk=min_ess, max_rhat=1.05, max_divergences=0),
+        storage_url=str(store), compile_cache_dir=str(cache), warm_start=warm_start,
+        convergence=ConvergenceCriteria(min_ess_bulk=args.min_ess, max_rhat=args.max_rhat, max_divergences=0),
     ))
 
 
-def timed_backfill(client, dataset, *, start, end, sampler, dedup, console) -> dict:
+def timed_backfill(client, dataset, *, label, start, end, sampler, dedup, console) -> dict:
     plan = Backfill(client, dataset, start=start, end=end, archetypes=ARCHETYPES, events=EVENTS,
                     sampler=sampler, dedup=dedup)
     windows = plan.windows()
@@ -75,16 +83,43 @@ def timed_backfill(client, dataset, *, start, end, sampler, dedup, console) -> d
     outcomes = plan.run(windows=windows, max_in_flight=1, console=console)
     wall = time.perf_counter() - began
     answered = sum(len(w.days) for w in windows)
+    summaries = [client.result(o.job_id) for o in outcomes if o.state == "succeeded"]
     return {
-        "plan": "by data window" if dedup else "by race date",
+        "plan": label,
         "jobs": len(windows),
         "succeeded": sum(o.state == "succeeded" for o in outcomes),
+        "converged": sum(s.converged for s in summaries),
+        "warm_started": sum(s.warm_start is not None for s in summaries),
+        "cold_after_warm": sum(len(s.attempts) > 1 and s.attempts[0].warm_start for s in summaries),
+        "attempts": sum(len(s.attempts) for s in summaries),
+        "sample_s": sum(s.timings.sample_s for s in summaries),
+        "compile_s": sum(s.timings.compile_s for s in summaries),
         "as_of_dates_answered": answered,
         "wall_s": wall,
         "jobs_per_min": 60 * len(windows) / wall,
         "as_of_dates_per_min": 60 * answered / wall,
         "windows": windows,
     }
+
+
+def z_summary(z: list[float]) -> dict:
+    z = np.abs(np.asarray(z))
+    return {"comparisons": int(z.size), "max_abs_z": float(z.max()), "share_abs_z_over_2": float((z > 2).mean()),
+            "median_abs_z": float(np.median(z))}
+
+
+def warm_cold_agreement(warm_client, cold_client, windows) -> dict:
+    """The same window job warm and cold: z of every parameter's posterior mean (both runs' Monte Carlo error)."""
+    z = []
+    for w in windows:
+        warm, cold = warm_client.result(w.job.job_id), cold_client.result(w.job.job_id)
+        if warm.warm_start is None:
+            continue  # the first job of an archetype ran cold in both
+        by_name = {p.name: p for p in cold.parameters}
+        for p in warm.parameters:
+            q = by_name[p.name]
+            z.append((p.mean - q.mean) / np.hypot(p.sd / np.sqrt(p.ess_bulk), q.sd / np.sqrt(q.ess_bulk)))
+    return z_summary(z)
 
 
 def agreement(client_a, windows_a, client_b, windows_b) -> dict:
@@ -110,22 +145,21 @@ def agreement(client_a, windows_a, client_b, windows_b) -> dict:
                     pb = sb.parameter(name, event, archetype=w.archetype)
                     se = np.hypot(pa.sd / np.sqrt(pa.ess_bulk), pb.sd / np.sqrt(pb.ess_bulk))
                     z.append((pa.mean - pb.mean) / se)
-    z = np.abs(np.asarray(z))
-    return {"comparisons": int(z.size), "max_abs_z": float(z.max()), "share_abs_z_over_2": float((z > 2).mean()),
-            "median_abs_z": float(np.median(z))}
+    return z_summary(z)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seasons", type=int, default=3)
     parser.add_argument("--scenarios", type=int, default=400)
-    parser.add_argument("--warmup", type=int, default=300)
-    parser.add_argument("--samples", type=int, default=300)
-    parser.add_argument("--chains", type=int, default=2)
-    parser.add_argument("--min-ess", type=float, default=100)
+    parser.add_argument("--warmup", type=int, default=500)
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--chains", type=int, default=4)
+    parser.add_argument("--min-ess", type=float, default=400)
+    parser.add_argument("--max-rhat", type=float, default=1.01)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "backfill.json")
-    parser.add_argument("--skip-agreement", action="store_true", help="no per-date run: throughput by window only")
+    parser.add_argument("--skip-per-date", action="store_true", help="no per-date run (the old plan)")
     parser.add_argument("--skip-evaluate", action="store_true")
     args = parser.parse_args()
     console = Console(stderr=True)
@@ -142,32 +176,45 @@ def main() -> None:
         last = first + args.seasons - 1
         start, end = date(last, 1, 1), date(last, 12, 31)
         cache = tmp / "jax-cache"
-        by_window = client_for(tmp / "store-window", cache, args.min_ess)
-        # warm up (imports, first compilation) outside the measured range; the per-date run comes second
-        # and finds every sampler compiled: the comparison favours it, if anything
+        # imports and the first compile outside the measured range, on a store of its own (its fit must seed nothing)
         day = calendar.race_days(date(first, 3, 1), date(first, 12, 31))[0]
-        Backfill(by_window, dataset, start=day, end=day, archetypes=ARCHETYPES[:1], events=EVENTS, sampler=sampler).run()
+        Backfill(client_for(tmp / "store-first", cache, args, warm_start=False), dataset, start=day, end=day,
+                 archetypes=ARCHETYPES[:1], events=EVENTS, sampler=sampler).run()
 
-        rows = [timed_backfill(by_window, dataset, start=start, end=end, sampler=sampler, dedup=True, console=console)]
-        if not args.skip_agreement:
-            by_date = client_for(tmp / "store-date", cache, args.min_ess)
-            rows.append(timed_backfill(by_date, dataset, start=start, end=end, sampler={**sampler, "seed": 1},
-                                       dedup=False, console=console))
-            results["agreement"] = agreement(by_window, rows[0]["windows"], by_date, rows[1]["windows"])
+        runs = [("by data window, warm starts", "store-window", True, True, sampler),
+                ("by data window, cold", "store-cold", False, True, sampler)]
+        if not args.skip_per_date:
+            runs.append(("by race date, cold (old plan)", "store-date", False, False, {**sampler, "seed": 1}))
+        clients, rows = [], []
+        for label, folder, warm, dedup, settings in runs:
+            clients.append(client_for(tmp / folder, cache, args, warm_start=warm))
+            rows.append(timed_backfill(clients[-1], dataset, label=label, start=start, end=end, sampler=settings,
+                                       dedup=dedup, console=console))
+        by_window = clients[0]
+        results["agreement_warm_cold"] = warm_cold_agreement(clients[0], clients[1], rows[0]["windows"])
+        if not args.skip_per_date:
+            results["agreement"] = agreement(clients[1], rows[1]["windows"], clients[2], rows[2]["windows"])
         table = Table(title=f"backfill {', '.join(ARCHETYPES)} over {last} ({len(calendar.race_days(start, end))} race dates), "
                             f"embedded, {args.chains}×({args.warmup}+{args.samples}) draws")
-        for column in ("plan", "jobs", "succeeded", "as-of dates", "wall s", "jobs/min", "as-of dates/min"):
+        columns = ("plan", "jobs", "converged", "warm-started", "cold after warm", "attempts", "as-of dates",
+                   "wall s", "sample s", "compile s", "jobs/min", "as-of dates/min")
+        for column in columns:
             table.add_column(column, justify="left" if column == "plan" else "right")
         for r in rows:
-            table.add_row(r["plan"], str(r["jobs"]), str(r["succeeded"]), str(r["as_of_dates_answered"]),
-                          f"{r['wall_s']:.0f}", f"{r['jobs_per_min']:.1f}", f"{r['as_of_dates_per_min']:.1f}")
-        Console(width=160).print(table)
+            table.add_row(r["plan"], str(r["jobs"]), str(r["converged"]), str(r["warm_started"]), str(r["cold_after_warm"]),
+                          str(r["attempts"]), str(r["as_of_dates_answered"]), f"{r['wall_s']:.0f}", f"{r['sample_s']:.0f}",
+                          f"{r['compile_s']:.0f}", f"{r['jobs_per_min']:.1f}", f"{r['as_of_dates_per_min']:.1f}")
+        Console(width=200).print(table)
         results["throughput"] = [{k: v for k, v in r.items() if k != "windows"} for r in rows]
+        a = results["agreement_warm_cold"]
+        Console(width=200).print(f"agreement (the same window job warm and cold, every parameter): {a['comparisons']} "
+                                 f"comparisons, median |z| {a['median_abs_z']:.2f}, max |z| {a['max_abs_z']:.2f}, "
+                                 f"share |z| > 2: {a['share_abs_z_over_2']:.1%}")
         if "agreement" in results:
             a = results["agreement"]
-            Console(width=160).print(f"agreement (window job vs per-date job, seed 0 vs 1, α and β per event): "
-                            f"{a['comparisons']} comparisons, median |z| {a['median_abs_z']:.2f}, "
-                            f"max |z| {a['max_abs_z']:.2f}, share |z| > 2: {a['share_abs_z_over_2']:.1%}")
+            Console(width=200).print(f"agreement (window job vs per-date job, seed 0 vs 1, α and β per event): "
+                                     f"{a['comparisons']} comparisons, median |z| {a['median_abs_z']:.2f}, "
+                                     f"max |z| {a['max_abs_z']:.2f}, share |z| > 2: {a['share_abs_z_over_2']:.1%}")
 
         if not args.skip_evaluate:
             began = time.perf_counter()
