@@ -14,7 +14,7 @@ synthetic dataset of ``--seasons`` seasons:
    that matters: every plan answers "the calibration as of every race date").
    The warm run goes first and pays every compile of the cold buckets; the
    cold runs find them compiled: the comparison favours them, if anything.
-2. **Agreement.** The same window job, warm and cold (same content, same
+2. **Agreement.** The same window job, warm and cold (same races, same
    seed): every parameter's posterior mean, z = Δmean / √(se₁² + se₂²),
    se = sd / √ESS_bulk (Monte Carlo error). And each (archetype, race date)
    answered by a window job and by a per-date job with another seed, α and
@@ -108,11 +108,15 @@ def z_summary(z: list[float]) -> dict:
             "median_abs_z": float(np.median(z))}
 
 
-def warm_cold_agreement(warm_client, cold_client, windows) -> dict:
-    """The same window job warm and cold: z of every parameter's posterior mean (both runs' Monte Carlo error)."""
+def warm_cold_agreement(warm_client, warm_windows, cold_client, cold_windows) -> dict:
+    """The same window job warm and cold: z of every parameter's posterior mean (both runs' Monte Carlo error).
+
+    The jobs are matched by archetype and as-of date (their ids differ: each store holds its own copy of the dataset).
+    """
+    cold_job = {(w.archetype, w.as_of): w.job.job_id for w in cold_windows}
     z = []
-    for w in windows:
-        warm, cold = warm_client.result(w.job.job_id), cold_client.result(w.job.job_id)
+    for w in warm_windows:
+        warm, cold = warm_client.result(w.job.job_id), cold_client.result(cold_job[(w.archetype, w.as_of)])
         if warm.warm_start is None:
             continue  # the first job of an archetype ran cold in both
         by_name = {p.name: p for p in cold.parameters}
@@ -191,7 +195,7 @@ def main() -> None:
             rows.append(timed_backfill(clients[-1], dataset, label=label, start=start, end=end, sampler=settings,
                                        dedup=dedup, console=console))
         by_window = clients[0]
-        results["agreement_warm_cold"] = warm_cold_agreement(clients[0], clients[1], rows[0]["windows"])
+        results["agreement_warm_cold"] = warm_cold_agreement(clients[0], rows[0]["windows"], clients[1], rows[1]["windows"])
         if not args.skip_per_date:
             results["agreement"] = agreement(clients[1], rows[1]["windows"], clients[2], rows[2]["windows"])
         table = Table(title=f"backfill {', '.join(ARCHETYPES)} over {last} ({len(calendar.race_days(start, end))} race dates), "

@@ -20,7 +20,7 @@ from shared.data.synth import synthesize
 from shared.fit.calibrate import calibrate, prepare, track_labels
 from shared.fit.idata import build_inference_data
 from shared.fit.model import ModelShape
-from shared.fit.sampler import sampler_for
+from shared.fit.sampler import COMPILES, sampler_for
 from shared.fit.warm import (
     MIN_WARM_WARMUP,
     WarmSource,
@@ -151,6 +151,13 @@ def test_a_warm_run_is_shorter_and_recorded(season, source):
     summary = fit.summary()
     assert CalibrationSummary.model_validate_json(summary.model_dump_json()).warm_start == summary.warm_start
     assert summary.diagnostics.draws == SMALL["samples"]
+
+
+def test_warm_and_cold_runs_share_one_compiled_sampler(season, source):
+    calibrate(season, make_job(), criteria=ONE_RUN)  # the bucket's sampler, compiled (or found) cold
+    before = COMPILES.count
+    calibrate(season, make_job(), criteria=ONE_RUN, warm=source)
+    assert COMPILES.count == before
 
 
 def test_a_failed_warm_run_is_followed_by_a_cold_one(season, source):

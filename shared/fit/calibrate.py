@@ -352,7 +352,8 @@ def _sample_with_remedies(
         plan = dataclasses.replace(plan, warm=True, warmup=warm_warmup(job.sampler.warmup))
     attempts: list[Attempt] = []
     while True:
-        bucket = dataclasses.replace(prepared.bucket, warmup=plan.warmup, warm=plan.warm)
+        # a warm run shares the cold sampler of the job's own warmup; its shorter warmup is dynamic
+        bucket = dataclasses.replace(prepared.bucket, warmup=job.sampler.warmup if plan.warm else plan.warmup)
         control.check("compile")
         control.progress(Progress(phase="compile"))
         t_build = time.perf_counter()
@@ -360,7 +361,8 @@ def _sample_with_remedies(
         build_s = time.perf_counter() - t_build
         draws = sampler.run(
             prepared.data, seed=plan.seed, samples=plan.samples, control=control,
-            target_accept_prob=plan.target_accept_prob, start=start if plan.warm else None,
+            target_accept_prob=plan.target_accept_prob,
+            start=start if plan.warm else None, warmup=plan.warmup if plan.warm else None,
         )
         max_rhat, min_ess, divergences = diagnostics.worst_convergence(
             convergence_data(draws, n_tracks=len(prepared.rows.tracks))
@@ -397,7 +399,7 @@ def _sample_with_remedies(
 def _estimate_s(last: Attempt, plan: RunPlan) -> float:
     """Seconds the run ``plan`` should take, scaled from the ``last`` one (a new warmup length compiles anew)."""
     scale = (plan.warmup + plan.samples) / (last.warmup + last.samples)
-    compile_s = max(last.compile_s, 5.0) if plan.warmup != last.warmup else 0.0
+    compile_s = max(last.compile_s, 5.0) if plan.warmup != last.warmup and not (plan.warm or last.warm_start) else 0.0
     return last.sample_s * scale + compile_s
 
 

@@ -13,10 +13,11 @@ whose adaptation set-up does not use the target.
 
 A warm start (:mod:`shared.fit.warm`) begins with a mass matrix estimated
 from a previous posterior's draws, far more of them than a short warmup
-sees: with ``adapt_mass_matrix=False`` the warmup keeps it and adapts only
-the step size, by dual averaging over the whole warmup in one window
-(NumPyro's windows would restart the step size at each window's end, for a
-mass matrix that does not change).
+sees: a warm run keeps it and adapts only the step size, by dual averaging
+over its whole warmup in one window (NumPyro's windows would restart the
+step size at each window's end, for a mass matrix that does not change).
+Whether a run is warm, and its warmup length, are traced arguments too, so
+warm and cold runs share one compiled sampler.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 from functools import partial
 
 import jax.numpy as jnp
-from jax import random
+from jax import lax, random
 from numpyro.infer.hmc import HMCState, momentum_generator
 from numpyro.infer.hmc_util import (
     IntegratorState,
@@ -48,14 +49,17 @@ def nuts_step(
     num_warmup: int,
     target_accept_prob: jnp.ndarray,
     max_tree_depth: int,
-    adapt_mass_matrix: bool = True,
+    warm: jnp.ndarray | bool = False,
+    warm_warmup: jnp.ndarray | int = 0,
 ) -> HMCState:
-    """Advance ``state`` by one NUTS transition, adapting while ``state.i < num_warmup``.
+    """Advance ``state`` by one NUTS transition, adapting during the warmup.
 
-    ``num_warmup``, ``max_tree_depth`` and ``adapt_mass_matrix`` are static
+    A cold run adapts step size and mass matrix in NumPyro's windows over
+    ``num_warmup`` steps; a ``warm`` one adapts the step size alone over
+    ``warm_warmup`` steps. ``num_warmup`` and ``max_tree_depth`` are static
     (the adaptation windows and the tree's loop bounds depend on them);
-    ``target_accept_prob`` may be a traced scalar. Without
-    ``adapt_mass_matrix`` the warmup adapts the step size alone.
+    ``target_accept_prob``, ``warm`` and ``warm_warmup`` may be traced scalars
+    (``warm`` must be the same for every chain).
     """
     kinetic_fn = euclidean_kinetic_energy
     rng_key, key_momentum, key_tree = random.split(state.rng_key, 3)
@@ -76,23 +80,22 @@ def nuts_step(
     accept_prob = tree.sum_accept_probs / tree.num_proposals
     proposal = IntegratorState(tree.z_proposal, r, tree.z_proposal_pe, tree.z_proposal_grad)
 
-    if adapt_mass_matrix:
-        _, wa_update = warmup_adapter(
-            num_warmup,
-            find_reasonable_step_size=partial(find_reasonable_step_size, potential_fn, kinetic_fn, momentum_generator),
-            target_accept_prob=target_accept_prob,
-        )
-    else:
-        wa_update = partial(_adapt_step_size, num_warmup=num_warmup, target_accept_prob=target_accept_prob)
+    _, wa_update = warmup_adapter(
+        num_warmup,
+        find_reasonable_step_size=partial(find_reasonable_step_size, potential_fn, kinetic_fn, momentum_generator),
+        target_accept_prob=target_accept_prob,
+    )
+    step_size_only = partial(_adapt_step_size, num_warmup=warm_warmup, target_accept_prob=target_accept_prob)
+    warmup = jnp.where(warm, warm_warmup, num_warmup)
     adapt_state = cond(
-        state.i < num_warmup,
+        state.i < warmup,
         (state.i, accept_prob, proposal, adapt),
-        lambda args: wa_update(*args),
+        lambda args: lax.cond(warm, lambda a: step_size_only(*a), lambda a: wa_update(*a), args),
         adapt,
         identity,
     )
     itr = state.i + 1
-    n = jnp.where(state.i < num_warmup, itr, itr - num_warmup)
+    n = jnp.where(state.i < warmup, itr, itr - warmup)
     return HMCState(
         i=itr,
         z=proposal.z,

@@ -16,10 +16,11 @@ functional NUTS kernel itself:
 - a :class:`CompiledSampler` per bucket is cached for the life of the process,
   and JAX's persistent compilation cache (:func:`enable_compile_cache`) makes
   a restarted worker warm too;
-- a *warm* bucket starts its chains from given positions, step size and
-  mass matrix (a previous posterior's: :mod:`shared.fit.warm`) and adapts
-  only the step size during its shorter warmup; it compiles once per
-  bucket like the cold one;
+- a *warm* run starts its chains from given positions, step size and mass
+  matrix (a previous posterior's: :mod:`shared.fit.warm`) and adapts only
+  the step size during its shorter warmup; where the chains start, whether
+  the run is warm and its warmup length are dynamic arguments, so warm and
+  cold runs share one compiled sampler;
 - warmup and sampling run as a sequence of fixed-length chunks (one
   ``lax.scan`` each): between chunks the caller hears progress and the job's
   time limit and cancellation are checked — Celery's solo pool cannot
@@ -106,12 +107,11 @@ class Bucket:
     warmup: int
     chunk: int
     devices: int = 1  # chains are split evenly over this many devices (pmap), vectorised within one
-    warm: bool = False  # chains start from a StartingPoint, and the warmup keeps its mass matrix
 
 
 @dataclass(frozen=True)
 class StartingPoint:
-    """Where a warm bucket's chains start, in the model's unconstrained space.
+    """Where a warm run's chains start, in the model's unconstrained space.
 
     ``positions`` maps each latent site to an array (chain, *site shape);
     ``inverse_mass_matrix`` is the diagonal, flattened in the order of
@@ -211,6 +211,7 @@ class CompiledSampler:
         )
         self._init, self._chunk = self._build()
         self._compiled: tuple | None = None
+        self._cold_start: StartingPoint | None = None
 
     def _dummy_data(self) -> ModelData:
         b = self.bucket
@@ -223,59 +224,56 @@ class CompiledSampler:
         )
 
     def _build(self):
-        warmup, length, warm = self.bucket.warmup, self.bucket.chunk, self.bucket.warm
+        warmup, length = self.bucket.warmup, self.bucket.chunk
         template = self._param_template
 
-        def init_cold(key, data):
+        def init_one(key, data, params, step_size, inverse_mass_matrix, warm):
+            """A chain's initial state: at ``params`` with this step size and mass matrix when ``warm``, else drawn."""
             init_key, kernel_key = jax.random.split(key)
             leaves, treedef = jax.tree_util.tree_flatten(template)
             keys = jax.random.split(init_key, len(leaves))
             # init_to_uniform(radius=2) in the unconstrained space, as NumPyro does by default.
-            params = treedef.unflatten(
+            drawn = treedef.unflatten(
                 [jax.random.uniform(k, jnp.shape(v), minval=-2.0, maxval=2.0) for k, v in zip(keys, leaves)]
             )
-            return self._init_kernel(  # the initial state; transitions are nuts_step's
-                params,
+            state = self._init_kernel(  # the initial state; transitions are nuts_step's
+                jax.tree_util.tree_map(lambda given, cold: jnp.where(warm, given, cold), params, drawn),
                 warmup,
+                step_size=jnp.where(warm, step_size, 1.0),
+                inverse_mass_matrix=jnp.where(warm, inverse_mass_matrix, 1.0),  # NumPyro's cold default: identity
                 max_tree_depth=MAX_TREE_DEPTH,
                 model_args=(data,),
                 rng_key=kernel_key,
             )
+            # Dual averaging pulls the step size towards its prox centre: 10× the initial one for a cold start
+            # (NumPyro's and Stan's), to explore; a warm start's step size is already adapted, so its own.
+            # Measured (intermediate, 2 seasons, 4 × (80 + 800), 20 seeds): 1 warm run of 20 diverged with 10×, none with 1×.
+            ss_state = state.adapt_state.ss_state
+            prox = jnp.where(warm, jnp.log(step_size), ss_state[-1])
+            return state._replace(adapt_state=state.adapt_state._replace(ss_state=(*ss_state[:-1], prox)))
 
-        def init_warm(key, data, params, step_size, inverse_mass_matrix):
-            return self._init_kernel(
-                params,
-                warmup,
-                step_size=step_size,
-                inverse_mass_matrix=inverse_mass_matrix,
-                adapt_mass_matrix=False,
-                max_tree_depth=MAX_TREE_DEPTH,
-                model_args=(data,),
-                rng_key=key,
-            )
-
-        def chunk_one(state, data, target_accept_prob):
+        def chunk_one(state, data, target_accept_prob, warm, warm_warmup):
             constrain = self._postprocess_gen(data)
             potential = functools.partial(potential_energy, self._model, (data,), {})
 
             def step(state, _):
                 state = nuts_step(
                     state, potential, num_warmup=warmup, target_accept_prob=target_accept_prob,
-                    max_tree_depth=MAX_TREE_DEPTH, adapt_mass_matrix=not warm,
+                    max_tree_depth=MAX_TREE_DEPTH, warm=warm, warm_warmup=warm_warmup,
                 )
                 return state, (constrain(state.z), _stats_of(state))
 
             return jax.lax.scan(step, state, None, length=length)
 
-        # per chain: the key (and a warm start's positions); shared: the data (and step size, mass matrix)
-        init_one, init_axes = (init_warm, (0, None, 0, None, None)) if warm else (init_cold, (0, None))
+        # per chain: the key and the starting positions; shared: the rest
+        init_axes, chunk_axes = (0, None, 0, None, None, None), (0, None, None, None, None)
         b = self.bucket
         if b.devices == b.chains:  # one chain per device
-            return jax.pmap(init_one, in_axes=init_axes), jax.pmap(chunk_one, in_axes=(0, None, None))
+            return jax.pmap(init_one, in_axes=init_axes), jax.pmap(chunk_one, in_axes=chunk_axes)
         init_many = jax.vmap(init_one, in_axes=init_axes)
-        chunk_many = jax.vmap(chunk_one, in_axes=(0, None, None))
+        chunk_many = jax.vmap(chunk_one, in_axes=chunk_axes)
         if b.devices > 1:  # several chains per device
-            return jax.pmap(init_many, in_axes=init_axes), jax.pmap(chunk_many, in_axes=(0, None, None))
+            return jax.pmap(init_many, in_axes=init_axes), jax.pmap(chunk_many, in_axes=chunk_axes)
         return jax.jit(init_many), jax.jit(chunk_many)
 
     def _split_over_devices(self) -> bool:
@@ -293,14 +291,9 @@ class CompiledSampler:
         return self._per_chain(jax.random.split(jax.random.PRNGKey(seed), self.bucket.chains))
 
     def _init_args(self, seed: int, data: ModelData, start: StartingPoint | None) -> tuple:
-        """The initial kernel's arguments: keys and data, and for a warm bucket where the chains start."""
-        keys = self._chain_keys(seed)
-        if not self.bucket.warm:
-            if start is not None:
-                raise ValueError("a starting point is for a warm bucket only")
-            return (keys, data)
-        if start is None:
-            raise ValueError("a warm bucket needs a starting point")
+        """The initial kernel's arguments: keys, data, and where the chains start (a cold run's are placeholders)."""
+        warm = start is not None
+        start = start if warm else self._template_start()
         positions = {}
         for name, template in self._param_template.items():
             value = jnp.asarray(start.positions[name], jnp.float32)
@@ -310,7 +303,7 @@ class CompiledSampler:
         inverse_mass = jnp.asarray(start.inverse_mass_matrix, jnp.float32)
         if inverse_mass.shape != (self._size,):
             raise ValueError(f"inverse mass matrix of shape {inverse_mass.shape}, expected ({self._size},)")
-        return (keys, data, positions, jnp.float32(start.step_size), inverse_mass)
+        return (self._chain_keys(seed), data, positions, jnp.float32(start.step_size), inverse_mass, jnp.bool_(warm))
 
     @property
     def _size(self) -> int:
@@ -320,21 +313,23 @@ class CompiledSampler:
         """Compile (or fetch from the persistent cache) both kernels, once."""
         with self._lock:
             if self._compiled is None:
-                args = self._init_args(0, data, self._template_start() if self.bucket.warm else None)
+                args = self._init_args(0, data, None)
                 init = self._init.lower(*args).compile()
                 state = jax.eval_shape(self._init, *args)
-                chunk = self._chunk.lower(state, data, jnp.float32(TARGET_ACCEPT)).compile()
+                chunk = self._chunk.lower(state, data, jnp.float32(TARGET_ACCEPT), jnp.bool_(False), jnp.int32(0)).compile()
                 self._compiled = (init, chunk)
             return self._compiled
 
     def _template_start(self) -> StartingPoint:
-        """A starting point of the right shapes (its values only matter for tracing)."""
-        chains = self.bucket.chains
-        return StartingPoint(
-            positions={k: np.zeros((chains, *v.shape), np.float32) for k, v in self._param_template.items()},
-            step_size=1.0,
-            inverse_mass_matrix=np.ones(self._size, np.float32),
-        )
+        """The placeholder a cold run passes for its starting point (ignored: the chains draw their own)."""
+        if self._cold_start is None:
+            chains = self.bucket.chains
+            self._cold_start = StartingPoint(
+                positions={k: np.zeros((chains, *v.shape), np.float32) for k, v in self._param_template.items()},
+                step_size=1.0,
+                inverse_mass_matrix=np.ones(self._size, np.float32),
+            )
+        return self._cold_start
 
     def run(
         self,
@@ -345,12 +340,15 @@ class CompiledSampler:
         control: JobControl | None = None,
         target_accept_prob: float = TARGET_ACCEPT,
         start: StartingPoint | None = None,
+        warmup: int | None = None,
     ) -> Draws:
         """Run warmup then ``samples`` draws per chain; return the post-warmup draws.
 
         ``samples`` and ``target_accept_prob`` (the step-size adaptation's
-        target) are dynamic: changing them compiles nothing. A warm bucket
-        needs ``start``, where its chains begin; a cold one draws its own.
+        target) are dynamic: changing them compiles nothing. A cold run draws
+        its chains' starts and adapts for the bucket's warmup; a warm run
+        starts at ``start`` and adapts the step size alone for ``warmup``
+        steps (any number: it is dynamic too).
 
         ``control`` hears progress after every chunk and is checked before
         each one: its time limit raises :class:`JobTimeLimitExceeded` and a
@@ -361,25 +359,30 @@ class CompiledSampler:
         init, chunk = self.compile(data)
         compile_s = time.perf_counter() - t0
 
+        if start is None and warmup not in (None, b.warmup):
+            raise ValueError(f"a cold run's warmup is its bucket's ({b.warmup}): it sets the adaptation windows")
+        if start is not None and (warmup is None or warmup < 1):
+            raise ValueError("a warm run needs a warmup of at least one step")
+        steps = b.warmup if start is None else warmup
         t1 = time.perf_counter()
         state = init(*self._init_args(seed, data, start))
-        target = jnp.float32(target_accept_prob)
-        total = b.warmup + samples
+        dynamic = (jnp.float32(target_accept_prob), jnp.bool_(start is not None), jnp.int32(steps))
+        total = steps + samples
         n_chunks = math.ceil(total / b.chunk)
         params_parts, stats_parts = [], []
         for i in range(n_chunks):
             if control is not None:
-                control.check("warmup" if i * b.chunk < b.warmup else "sampling")
-            state, (params, stats) = chunk(state, data, target)
+                control.check("warmup" if i * b.chunk < steps else "sampling")
+            state, (params, stats) = chunk(state, data, *dynamic)
             jax.block_until_ready(state)  # dispatch is asynchronous: wait, so progress and limits are real
             done = min((i + 1) * b.chunk, total)
-            if (i + 1) * b.chunk > b.warmup:
+            if (i + 1) * b.chunk > steps:
                 params_parts.append(self._by_chain(params))
                 stats_parts.append(self._by_chain(stats))
             if control is not None:
-                control.progress(_progress(done, b.warmup, samples))
-        first = (math.floor(b.warmup / b.chunk)) * b.chunk  # step index of the first kept chunk
-        skip = b.warmup - first
+                control.progress(_progress(done, steps, samples))
+        first = (math.floor(steps / b.chunk)) * b.chunk  # step index of the first kept chunk
+        skip = steps - first
         params = {k: np.concatenate([p[k] for p in params_parts], axis=1)[:, skip : skip + samples] for k in params_parts[0]}
         stats = {k: np.concatenate([s[k] for s in stats_parts], axis=1)[:, skip : skip + samples] for k in stats_parts[0]}
         return Draws(params=params, stats=stats, compile_s=compile_s, sample_s=time.perf_counter() - t1)

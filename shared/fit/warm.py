@@ -37,7 +37,6 @@ from datetime import date
 
 import arviz as az
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from shared.fit.model import ModelShape
 from shared.fit.sampler import StartingPoint
@@ -134,8 +133,9 @@ def starting_point(
     step_size = float(np.median(step_sizes))
     if not (np.isfinite(step_size) and step_size > 0):
         raise WarmStartUnusable(f"the previous step size {step_size} is not a positive number")
-    flat, _ = ravel_pytree(variances)  # the kernel's order: sites sorted by name
-    return StartingPoint(positions=positions, step_size=step_size, inverse_mass_matrix=np.asarray(flat))
+    # the kernel's order (jax.flatten_util.ravel_pytree of a dict): sites sorted by name, each flattened
+    flat = np.concatenate([variances[name].ravel() for name in sorted(variances)])
+    return StartingPoint(positions=positions, step_size=step_size, inverse_mass_matrix=flat)
 
 
 def unconstrained_draws(idata: az.InferenceData) -> dict[str, np.ndarray]:
