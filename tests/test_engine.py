@@ -311,18 +311,29 @@ def test_remedy_rules():
     assert attempt_seed(5, 2) == attempt_seed(5, 2) != attempt_seed(5, 3) != attempt_seed(6, 2)
 
 
-def test_a_failed_warm_start_is_followed_by_a_cold_one():
+def test_a_warm_run_stays_warm_unless_its_chains_disagree():
     from dataclasses import replace
 
     from shared.fit.remedy import RunOutcome, first_plan, next_plan
 
     criteria = ConvergenceCriteria()
     warm = replace(first_plan(seed=5, warmup=100, samples=1000), warm=True)
-    for outcome in (RunOutcome(1.0, 2000, 3), RunOutcome(1.2, 2000, 0), RunOutcome(1.0, 10, 0)):
-        cold = next_plan(warm, outcome, criteria, job_seed=5, job_warmup=500)
-        assert not cold.warm and cold.warmup == 500 and cold.samples == 1000 and cold.number == 2
-        assert cold.target_accept_prob == 0.8 and cold.remedy.startswith("warm start failed")
-    assert next_plan(warm, RunOutcome(1.0, 2000, 0), criteria, job_seed=5, job_warmup=500) is None  # it passed
+
+    def after(plan, outcome):
+        return next_plan(plan, outcome, criteria, job_seed=5, job_warmup=500)
+
+    for rhat_failure in (RunOutcome(1.2, 2000, 0), RunOutcome(1.2, 10, 3)):
+        cold = after(warm, rhat_failure)  # the chains remember their starts: start cold
+        assert not cold.warm and (cold.warmup, cold.samples, cold.number) == (500, 1000, 2)
+        assert cold.target_accept_prob == 0.8 and cold.remedy.startswith("warm start failed (max R-hat")
+    divergent = after(warm, RunOutcome(1.0, 2000, 3))  # the step size was too large, not the start wrong
+    assert divergent.warm and divergent.warmup == 100 and divergent.target_accept_prob == 0.9
+    short = after(warm, RunOutcome(1.0, 300, 0))
+    assert short.warm and short.samples > 1000 and short.warmup == 100
+    top = replace(warm, target_accept_prob=0.99)
+    longer = after(top, RunOutcome(1.0, 2000, 1))  # no higher target left: a longer warmup, which is cold
+    assert not longer.warm and longer.warmup == 1000 and longer.target_accept_prob == 0.99
+    assert after(warm, RunOutcome(1.0, 2000, 0)) is None  # it passed
 
 
 def test_one_compiled_sampler_serves_a_season_of_every_archetype(season):

@@ -161,12 +161,23 @@ def test_warm_and_cold_runs_share_one_compiled_sampler(season, source):
 
 
 def test_a_failed_warm_run_is_followed_by_a_cold_one(season, source):
-    impossible = ConvergenceCriteria(min_ess_bulk=10**6, max_attempts=2)
-    _, fit = calibrate(season, make_job(), criteria=impossible, warm=source)
+    disagreeing = ConvergenceCriteria(max_rhat=0.5, max_attempts=2)  # every run's chains "disagree"
+    _, fit = calibrate(season, make_job(), criteria=disagreeing, warm=source)
     warm, cold = fit.attempts
     assert warm.warm_start and not cold.warm_start
-    assert cold.warmup == SMALL["warmup"] and cold.remedy.startswith("warm start failed (") and "min bulk ESS" in cold.remedy
+    assert cold.warmup == SMALL["warmup"] and cold.remedy.startswith("warm start failed (max R-hat")
     assert fit.warm_start.job_id == source.job_id  # the record keeps where the first run started
+
+
+def test_a_warm_run_starts_at_the_target_acceptance_the_previous_fit_needed(season, source):
+    idata = source.idata.copy()
+    idata.posterior.attrs["target_accept_prob"] = 0.95
+    needed = dataclasses.replace(source, idata=idata)
+    _, fit = calibrate(season, make_job(), criteria=ONE_RUN, warm=needed)
+    assert fit.attempts[0].target_accept_prob == 0.95 and fit.warm_start.target_accept_prob == 0.95
+    idata.posterior.attrs["target_accept_prob"] = "garbage"
+    _, fit = calibrate(season, make_job(), criteria=ONE_RUN, warm=needed)
+    assert fit.attempts[0].target_accept_prob == 0.8
 
 
 def test_a_fit_that_cannot_seed_the_job_leaves_it_cold(season, source, caplog):

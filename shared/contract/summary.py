@@ -141,6 +141,7 @@ class WarmStart(_Frozen):
     posterior_uri: str | None = None
     data_through: date = Field(description="the last race date the previous fit saw")
     warmup: int = Field(description="warmup steps of the warm run (the step size alone adapts)")
+    target_accept_prob: float = Field(0.8, description="the warm run's target acceptance: the previous fit's, at least 0.8")
 
 
 class Timings(_Frozen):

@@ -241,7 +241,8 @@ def calibrate(
     )
 
     start, warm_start = _warm_start(prepared, job, warm)
-    draws, attempts, stopped = _sample_with_remedies(prepared, job, control=control, criteria=criteria, start=start)
+    draws, attempts, stopped = _sample_with_remedies(prepared, job, control=control, criteria=criteria, start=start,
+                                                     warm_start=warm_start)
 
     control.check("diagnostics")
     control.progress(Progress(phase="diagnostics"))
@@ -325,7 +326,7 @@ def _warm_start(
         return None, None
     record = WarmStart(
         job_id=warm.job_id, posterior_uri=warm.posterior_uri, data_through=warm.data_through,
-        warmup=warm_warmup(job.sampler.warmup),
+        warmup=warm_warmup(job.sampler.warmup), target_accept_prob=max(TARGET_ACCEPT, warm.target_accept_prob or 0.0),
     )
     log.info("job %s: warm start from fit %s (data through %s)", job.job_id, warm.job_id, warm.data_through)
     return start, record
@@ -338,18 +339,20 @@ def _sample_with_remedies(
     control: JobControl,
     criteria: ConvergenceCriteria,
     start: StartingPoint | None = None,
+    warm_start: WarmStart | None = None,
 ) -> tuple[Draws, list[Attempt], str | None]:
     """Run the sampler, then remedies while the run fails ``criteria``; the last run's draws.
 
-    With ``start`` the first run is warm: it begins there with a shorter warmup.
+    With ``start`` the first run is warm: it begins there, with the warmup
+    and target acceptance ``warm_start`` records.
     Returns the last draws, every attempt, and why remedies stopped early
     (None when they did not: the run passed, or no attempt or remedy was left).
     """
     plan = first_plan(
         seed=job.sampler.seed, warmup=job.sampler.warmup, samples=job.sampler.samples, target_accept_prob=TARGET_ACCEPT
     )
-    if start is not None:
-        plan = dataclasses.replace(plan, warm=True, warmup=warm_warmup(job.sampler.warmup))
+    if start is not None and warm_start is not None:
+        plan = dataclasses.replace(plan, warm=True, warmup=warm_start.warmup, target_accept_prob=warm_start.target_accept_prob)
     attempts: list[Attempt] = []
     while True:
         # a warm run shares the cold sampler of the job's own warmup; its shorter warmup is dynamic

@@ -5,9 +5,13 @@ reported at once: calq runs the sampler again, changing one thing, up to
 ``criteria.max_attempts`` runs in all, and judges the last. The rules, in
 order of the failure seen:
 
-- **a warm start that failed** (whatever the failure): start cold, with the
-  job's own warmup (:mod:`shared.fit.warm`): a warm start may save time,
-  never cost a result;
+- **a warm run whose chains disagree** (R-hat above the limit): they have
+  not forgotten where they started, a previous posterior
+  (:mod:`shared.fit.warm`) too far from this one: start cold, with the
+  job's own warmup. A warm start may save time, never cost a result. A warm
+  run's other failures are remedied as below, and it stays warm while only
+  the target acceptance or the draws change (divergences say the step size
+  was too large, not that the start was wrong);
 - **divergent transitions**: the step size was too large somewhere in the
   posterior; raise the step-size adaptation's target acceptance along
   :data:`TARGET_LADDER` (0.8 → 0.9 → 0.95 → 0.99). The target is a dynamic
@@ -91,8 +95,11 @@ def next_plan(
     failures = criteria.failures(max_rhat=outcome.max_rhat, min_ess_bulk=outcome.min_ess_bulk, divergences=outcome.divergences)
     if not failures:
         return None
-    if plan.warm:
-        return replace(base, warm=False, warmup=job_warmup, remedy=f"warm start failed ({'; '.join(failures)}): cold start")
+    if plan.warm and not outcome.max_rhat <= criteria.max_rhat:
+        return replace(
+            base, warm=False, warmup=job_warmup,
+            remedy=f"warm start failed ({'; '.join(failures)}): cold start",
+        )
     if outcome.divergences > criteria.max_divergences:
         higher = [t for t in TARGET_LADDER if t > plan.target_accept_prob]
         if higher:
@@ -100,6 +107,10 @@ def next_plan(
                 base, target_accept_prob=higher[0],
                 remedy=f"{outcome.divergences} divergent transitions: target acceptance {higher[0]}",
             )
+        if plan.warm:  # a longer warmup is a cold run's remedy
+            warmup = min(2 * job_warmup, MAX_LENGTH)
+            return replace(base, warm=False, warmup=warmup,
+                           remedy=f"{outcome.divergences} divergent transitions: cold start, warmup {warmup}")
         if plan.warmup >= MAX_LENGTH:
             return None
         warmup = min(2 * plan.warmup, MAX_LENGTH)

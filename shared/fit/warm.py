@@ -11,9 +11,11 @@ posterior of the same archetype:
 - **mass matrix**: the variance of every unconstrained coordinate over all
   of the previous draws (thousands, where a cold warmup's windows see
   hundreds), regularised as NumPyro regularises its own estimate;
-- **step size**: the previous run's adapted one, the starting point of a
-  dual-averaging warmup of :func:`warm_warmup` steps, which adapts the step
-  size alone (:func:`shared.fit.nuts.nuts_step`).
+- **step size**: the previous run's adapted one, the starting point (and
+  the prox centre) of a dual-averaging warmup of :func:`warm_warmup` steps,
+  which adapts the step size alone (:func:`shared.fit.nuts.nuts_step`);
+- **target acceptance**: the previous fit's, when a remedy had raised it
+  (:attr:`WarmSource.target_accept_prob`).
 
 The stored posterior holds the interpretable parameters; the sampler's
 coordinates are recovered from them exactly: ``log β``, ``log σ`` and the
@@ -24,7 +26,7 @@ normal z, unit mass).
 
 A warm start is an optimisation, never an input: the job's id does not
 depend on it, its first run is judged by the same criteria as a cold one,
-and a warm run that fails them is followed by a cold one
+and a warm run whose chains disagree is followed by a cold one
 (:func:`shared.fit.remedy.next_plan`).
 """
 
@@ -61,6 +63,19 @@ class WarmSource:
     job_id: str
     posterior_uri: str | None
     data_through: date
+
+    @property
+    def target_accept_prob(self) -> float | None:
+        """The target acceptance of the previous fit's kept run (None if it did not record a usable one).
+
+        A posterior that needed a higher target to run without divergences
+        needs it again one race later: the warm run starts there.
+        """
+        try:
+            value = float(self.idata.posterior.attrs.get("target_accept_prob"))
+        except (TypeError, ValueError):
+            return None
+        return value if 0.0 < value < 1.0 else None
 
 
 def warm_warmup(warmup: int) -> int:
