@@ -461,6 +461,24 @@ def test_s3_stopped_mid_write_costs_waiting_not_the_fit(faults, pair, down_s):
     faults.assert_done_once(job_id, sampler_runs=1)
 
 
+def test_a_child_killed_while_its_draws_wait_for_storage_loses_nothing(faults, pair):
+    job_id = faults.submit(seed=450)
+    faults.wait_sampling(job_id, 0.1)
+    faults.s3.stop()
+    try:
+        wait_until(lambda: "waiting for storage" in faults.phases.get(job_id, []), 60, "the write to wait for S3")
+        pid = pair.child_named(faults.record(job_id).worker)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)  # the draws and the summary are in the spool, not yet in the store
+    finally:
+        faults.s3.start()
+    killed = time.monotonic()
+    faults.wait_state(job_id, {JobState.SUCCEEDED}, 180)
+    report("child SIGKILLed while its draws waited for S3 → succeeded after", time.monotonic() - killed)
+    faults.assert_done_once(job_id, sampler_runs=1)  # the spooled draws were written, not fitted again
+    assert f"job {job_id}: its draws were waiting in the spool" in faults.worker_logs()
+
+
 def test_a_job_that_kills_its_worker_every_time_is_dead_lettered(faults, pair):
     job_id = faults.submit(seed=501, sampler=SHORT)
     started = time.monotonic()

@@ -18,7 +18,7 @@ from shared.contract.summary import CalibrationSummary, ConvergenceCriteria
 from shared.data.dataset import open_dataset
 from shared.data.limits import check_job
 from shared.fit.calibrate import calibrate
-from shared.jobs.spool import write_results
+from shared.jobs.spool import resume_spooled, write_results
 from shared.jobs.warm_source import find_warm_source
 from shared.storage.store import Store
 
@@ -57,7 +57,9 @@ def run_job(
     (fetch, load, compile, diagnostics, write) and between sampling chunks:
     the job's time limit (its own, or the settings' default) starts here, so
     it covers fetching and loading too, and a cancellation stops the job
-    before anything is written. With ``settings.warm_start`` the sampler
+    before anything is written. A job whose draws a killed process left in
+    this host's spool is written from there, not fitted again
+    (:func:`~shared.jobs.spool.resume_spooled`). With ``settings.warm_start`` the sampler
     starts from the nearest stored fit of the job's archetype
     (:mod:`shared.jobs.warm_source`). Convergence is judged by ``criteria``
     (default: the settings'). Errors propagate as calq's typed exceptions:
@@ -70,6 +72,9 @@ def run_job(
     control = (control or JobControl()).start(limit_s)
     started = time.perf_counter()
     check_job(job, settings.limits)  # chains, draws, events: capped by this worker, before any work
+    resumed = resume_spooled(job, store=store, settings=settings, notify=control.progress)
+    if resumed is not None:  # a process on this host fitted it and was stopped while writing
+        return resumed
 
     control.check("fetch")
     control.progress(Progress(phase="load"))

@@ -3,12 +3,12 @@
 Once the sampler has finished, the draws are the expensive part: a failed
 write must be retried with the draws in hand, never by fitting again. So
 :func:`write_results` first puts the posterior in a local file under
-``recovery.spool_dir`` (the draws now survive anything but the loss of this
-process), then uploads it and writes the summary, each step retried by
+``recovery.spool_dir`` with the summary beside it (the draws now survive the
+loss of this process), then uploads it and writes the summary, each step retried by
 :func:`patiently`::
 
-    draws ─▶ spool/{job_id}.nc ─▶ store: posterior ─▶ store: summary ─▶ spool file removed
-                  │                       │                  │
+    draws ─▶ spool/{job_id}.nc, .json ─▶ store: posterior ─▶ store: summary ─▶ spool files removed
+                  │                             │                  │
                   └────── transient fault (network, 5xx, timeout): progress phase
                           "waiting for storage", pause (doubling up to retry_max_s),
                           try again — for up to write_budget_s, then JobFailed
@@ -17,6 +17,11 @@ process), then uploads it and writes the summary, each step retried by
 The posterior is written before the summary, so a reader never finds a
 summary whose posterior is missing, and a summary in the store means the job
 is done (the fleet repairs its record from it).
+
+The summary waits beside the posterior (``spool/{job_id}.json``), so a
+process killed while the store was out loses nothing either: when the job
+comes back to a worker on this host, :func:`resume_spooled` writes the
+spooled results instead of fitting again.
 """
 
 from __future__ import annotations
@@ -128,33 +133,105 @@ def write_results(
             waiting = False
             notify(Progress(phase="write"))
 
-    spooled = Path(recovery.spool_dir).expanduser() / f"{job_id}.nc"
+    spooled, spooled_summary = spool_paths(recovery, job_id)
 
     def spool() -> None:
-        spooled.parent.mkdir(parents=True, exist_ok=True)
-        partial = spooled.with_name(f"{spooled.name}.{os.getpid()}.partial")
-        try:
-            write_netcdf(idata, partial)
-            os.replace(partial, spooled)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                partial.unlink()
+        _atomically(spooled, lambda path: write_netcdf(idata, path))
+        # the summary as it will be stored (the posterior's URI is known before the upload)
+        early = fit.summary(
+            load_s=load_s, write_s=time.perf_counter() - t0, total_s=time.perf_counter() - started,
+            posterior_uri=store.uri(posterior_key(archetype, job_id)), summary_uri=store.uri(summary_key(archetype, job_id)),
+        )
+        _atomically(spooled_summary, lambda path: path.write_text(early.model_dump_json(indent=2)))
 
     try:
         patiently(spool, what=f"the local spool file {spooled}", recovery=recovery, on_wait=wait)
         resumed()
-        posterior_uri = patiently(lambda: store.put_file(spooled, posterior_key(archetype, job_id)),
-                                  what="the posterior", recovery=recovery, on_wait=wait)
-        resumed()
+        posterior_uri = _upload(spooled, job, store=store, recovery=recovery, on_wait=wait, resumed=resumed)
         summary = fit.summary(
             load_s=load_s, write_s=time.perf_counter() - t0, total_s=time.perf_counter() - started,
             posterior_uri=posterior_uri, summary_uri=store.uri(summary_key(archetype, job_id)),
         )
-        data = summary.model_dump_json(indent=2).encode()
-        patiently(lambda: store.put_bytes(summary_key(archetype, job_id), data),
-                  what="the summary", recovery=recovery, on_wait=wait)
-        resumed()
+        _store_summary(summary, job, store=store, recovery=recovery, on_wait=wait, resumed=resumed)
+    finally:
+        _discard(spooled, spooled_summary)
+    return summary
+
+
+def resume_spooled(
+    job: CalibrationJob, *, store: Store, settings: Settings, notify: Callable[[Progress], Any]
+) -> CalibrationSummary | None:
+    """Write the results a killed process left in this host's spool for ``job``; None when there are none.
+
+    The spooled summary must be this job's (its id is derived from the
+    job's content, the dataset's sha256 must match); spooled files that
+    cannot be read are discarded, and the job is fitted again.
+    """
+    recovery = settings.recovery
+    spooled, spooled_summary = spool_paths(recovery, job.job_id)
+    if not (spooled.is_file() and spooled_summary.is_file()):
+        return None
+    try:
+        summary = CalibrationSummary.model_validate_json(spooled_summary.read_bytes())
+        if summary.job_id != job.job_id or summary.dataset_sha256 != job.dataset_sha256:
+            raise ValueError(f"the spooled summary is job {summary.job_id}'s")
+        if spooled.stat().st_size == 0:
+            raise ValueError("the spooled posterior is empty")
+    except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        log.warning("job %s: discarding unreadable spooled results (%s); fitting again", job.job_id, exc)
+        _discard(spooled, spooled_summary)
+        return None
+    log.info("job %s: its draws were waiting in the spool (the process that fitted them stopped while writing): "
+             "writing them instead of fitting again", job.job_id)
+    notify(Progress(phase="write"))
+
+    def wait(exc: BaseException) -> None:
+        log.warning("job %s: %s: %s; the spooled draws wait and the write is tried again", job.job_id, type(exc).__name__, exc)
+        notify(Progress(phase=WAITING_FOR_STORAGE))
+
+    def resumed() -> None:
+        notify(Progress(phase="write"))
+
+    _upload(spooled, job, store=store, recovery=recovery, on_wait=wait, resumed=resumed)
+    _store_summary(summary, job, store=store, recovery=recovery, on_wait=wait, resumed=resumed)
+    _discard(spooled, spooled_summary)
+    return summary
+
+
+def spool_paths(recovery: RecoverySettings, job_id: str) -> tuple[Path, Path]:
+    """Where a job's posterior and summary wait on local disk."""
+    folder = Path(recovery.spool_dir).expanduser()
+    return folder / f"{job_id}.nc", folder / f"{job_id}.json"
+
+
+def _upload(spooled: Path, job: CalibrationJob, *, store: Store, recovery: RecoverySettings, on_wait, resumed) -> str:
+    uri = patiently(lambda: store.put_file(spooled, posterior_key(job.archetype, job.job_id)),
+                    what="the posterior", recovery=recovery, on_wait=on_wait)
+    resumed()
+    return uri
+
+
+def _store_summary(summary: CalibrationSummary, job: CalibrationJob, *, store: Store, recovery: RecoverySettings,
+                   on_wait, resumed) -> None:
+    data = summary.model_dump_json(indent=2).encode()
+    patiently(lambda: store.put_bytes(summary_key(job.archetype, job.job_id), data),
+              what="the summary", recovery=recovery, on_wait=on_wait)
+    resumed()
+
+
+def _atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write`` a file beside ``path``, then move it into place: a reader finds all of it or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        write(partial)
+        os.replace(partial, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
-            spooled.unlink()
-    return summary
+            partial.unlink()
+
+
+def _discard(*paths: Path) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
