@@ -141,7 +141,8 @@ def main() -> None:
     url = f"redis://127.0.0.1:{port}/0"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
     env.update(CALQ_BROKER_URL=url, CALQ_STORAGE_URL=str(tmp / "store"), CALQ_COMPILE_CACHE_DIR=str(tmp / "jax"),
-               CALQ_RECOVERY__SPOOL_DIR=str(tmp / "spool"), PYTHONPATH=str(ROOT), **CONVERGENCE)
+               CALQ_RECOVERY__SPOOL_DIR=str(tmp / "spool"), PYTHONPATH=str(ROOT), **CONVERGENCE,
+               CALQ_WARM_START="false")  # faults strike mid-sampling: job lengths must not depend on earlier fits
     if args.lease is not None:
         env.update(CALQ_RECOVERY__LEASE_S=str(args.lease), CALQ_RECOVERY__HEARTBEAT_S=str(args.lease / 6),
                    CALQ_RECOVERY__REAPER_INTERVAL_S=str(args.lease / 4))
