@@ -47,6 +47,12 @@ SCALES = ("sigma_alpha", "sigma_log_beta")
 
 Progress = Callable[[str], None]
 
+#: The attempts table's columns in order (fields of shared.contract.summary.Attempt): what a reader compares
+#: first, the long text and the seed last, so the table fits a page; fields not listed follow by name.
+ATTEMPT_ORDER = (
+    "number", "warm_start", "target_accept_prob", "warmup", "samples", "divergences", "max_rhat", "min_ess_bulk",
+    "mean_leapfrog_steps", "sample_s", "compile_s", "issues", "remedy", "seed",
+)
 #: Column titles of the attempts table (fields of shared.contract.summary.Attempt); other fields show by name.
 ATTEMPT_LABELS = {
     "number": "#", "target_accept_prob": "target accept", "samples": "draws", "max_rhat": "max R-hat",
@@ -173,7 +179,7 @@ def _warm_start(s: CalibrationSummary) -> str:
     if w is None:
         return "none: a cold start"
     return (f"from job {w.job_id} (data through {w.data_through}): its posterior gave the starting positions, "
-            f"mass matrix and step size; warmup {w.warmup}")
+            f"mass matrix and step size; warmup {w.warmup}, target acceptance {getattr(w, 'target_accept_prob', 0.8):g}")
 
 
 def sampler_section(section: Section, calibration: Calibration) -> Section:
@@ -190,8 +196,9 @@ def sampler_section(section: Section, calibration: Calibration) -> Section:
     )
     attempts = _records(getattr(s, "attempts", None))
     if attempts:
-        keys = list(dict.fromkeys(k for r in attempts for k in r))
-        section.table([ATTEMPT_LABELS.get(k, k) for k in keys], [[_cell(r.get(k)) for k in keys] for r in attempts],
+        present = list(dict.fromkeys(k for r in attempts for k in r))
+        keys = [k for k in ATTEMPT_ORDER if k in present] + [k for k in present if k not in ATTEMPT_ORDER]
+        section.table([ATTEMPT_LABELS.get(k, k) for k in keys], [[_attempt_cell(k, r.get(k)) for k in keys] for r in attempts],
                       caption="Every sampler attempt, in order (the last is the run that was kept)")
     if d.divergences:
         section.text(f"{d.divergences} divergent transitions: the posterior may be biased where the sampler could not follow it.",
@@ -394,6 +401,12 @@ def _records(items) -> list[dict[str, Any]]:
             item = {"attempt": str(item)}
         out.append(dict(item))
     return out
+
+
+def _attempt_cell(key: str, value: Any) -> Any:
+    if key.endswith("_s") and isinstance(value, float):
+        return round(value, 2)  # seconds: hundredths, not 2.4e-05
+    return _cell(value)
 
 
 def _cell(value: Any) -> Any:
