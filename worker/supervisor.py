@@ -53,6 +53,9 @@ from worker.tasks import EXIT_DEVICE_ERROR, HAND_BACK_SIGNAL, SUPERVISOR_PID_ENV
 log = logging.getLogger(__name__)
 
 GPU_MEM_FRACTION = "0.9"
+#: JAX's names for the share of GPU memory a process may take, old and new. Only one may be set: with both,
+#: JAX 0.11's CUDA plugin does not start (seen on an H200: "Backend 'cuda' is not in the list of known backends").
+MEM_FRACTION_VARIABLES = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION")
 GPU_QUEUES = (GPU_QUEUE, CPU_QUEUE)
 CPU_QUEUES = (CPU_QUEUE,)
 _GPU_ID = re.compile(r"^(\d+|(GPU|MIG)-[0-9A-Za-z/\-]+)$")
@@ -163,6 +166,8 @@ def plan_workers(
         devices = parse_gpu_list((gpus or "").strip())
 
     inherited = without_host_devices(environ.get("XLA_FLAGS", ""))
+    # the operator's own memory share wins; else the old name, which every JAX version reads
+    memory = {} if any(name in environ for name in MEM_FRACTION_VARIABLES) else {MEM_FRACTION_VARIABLES[0]: GPU_MEM_FRACTION}
     specs = []
     if devices:
         for gpu in devices:
@@ -172,8 +177,7 @@ def plan_workers(
                 "CUDA_VISIBLE_DEVICES": gpu,
                 "JAX_PLATFORMS": "cuda",
                 "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-                "XLA_PYTHON_CLIENT_MEM_FRACTION": GPU_MEM_FRACTION,
-                "XLA_CLIENT_MEM_FRACTION": GPU_MEM_FRACTION,
+                **memory,
                 "XLA_FLAGS": inherited,
             }
             specs.append(WorkerSpec(name, gpu, worker_queues, env, worker_argv(name, worker_queues, loglevel=loglevel)))
