@@ -240,9 +240,9 @@ def calibrate(
         job.job_id, rows.n_rows, len(rows.races), len(rows.tracks), prepared.bucket,
     )
 
-    start, warm_start = _warm_start(prepared, job, warm)
-    draws, attempts, stopped = _sample_with_remedies(prepared, job, control=control, criteria=criteria, start=start,
-                                                     warm_start=warm_start)
+    seeded = _warm_start(prepared, job, warm)
+    warm_start = seeded[1] if seeded else None
+    draws, attempts, stopped = _sample_with_remedies(prepared, job, control=control, criteria=criteria, warm=seeded)
 
     control.check("diagnostics")
     control.progress(Progress(phase="diagnostics"))
@@ -309,10 +309,10 @@ REMEDY_RESERVE_S = 15.0
 
 def _warm_start(
     prepared: Prepared, job: CalibrationJob, warm: WarmSource | None
-) -> tuple[StartingPoint | None, WarmStart | None]:
-    """Where the first run starts, from ``warm``, and its record; (None, None) for a cold start."""
+) -> tuple[StartingPoint, WarmStart] | None:
+    """Where the first run starts, from ``warm``, and its record; None for a cold start."""
     if warm is None:
-        return None, None
+        return None
     rows = prepared.rows
     try:
         start = starting_point(
@@ -323,7 +323,7 @@ def _warm_start(
         )
     except (WarmStartUnusable, KeyError) as exc:  # KeyError: a posterior without one of the model's variables
         log.warning("job %s: starting cold, fit %s cannot seed it: %s", job.job_id, warm.job_id, exc)
-        return None, None
+        return None
     record = WarmStart(
         job_id=warm.job_id, posterior_uri=warm.posterior_uri, data_through=warm.data_through,
         warmup=warm_warmup(job.sampler.warmup), target_accept_prob=max(TARGET_ACCEPT, warm.target_accept_prob or 0.0),
@@ -338,21 +338,22 @@ def _sample_with_remedies(
     *,
     control: JobControl,
     criteria: ConvergenceCriteria,
-    start: StartingPoint | None = None,
-    warm_start: WarmStart | None = None,
+    warm: tuple[StartingPoint, WarmStart] | None = None,
 ) -> tuple[Draws, list[Attempt], str | None]:
     """Run the sampler, then remedies while the run fails ``criteria``; the last run's draws.
 
-    With ``start`` the first run is warm: it begins there, with the warmup
-    and target acceptance ``warm_start`` records.
+    With ``warm`` (a starting point and its record) the first run is warm:
+    it begins there, with the warmup and target acceptance the record holds.
     Returns the last draws, every attempt, and why remedies stopped early
     (None when they did not: the run passed, or no attempt or remedy was left).
     """
     plan = first_plan(
         seed=job.sampler.seed, warmup=job.sampler.warmup, samples=job.sampler.samples, target_accept_prob=TARGET_ACCEPT
     )
-    if start is not None and warm_start is not None:
-        plan = dataclasses.replace(plan, warm=True, warmup=warm_start.warmup, target_accept_prob=warm_start.target_accept_prob)
+    start = None
+    if warm is not None:
+        start, record = warm
+        plan = dataclasses.replace(plan, warm=True, warmup=record.warmup, target_accept_prob=record.target_accept_prob)
     attempts: list[Attempt] = []
     while True:
         # a warm run shares the cold sampler of the job's own warmup; its shorter warmup is dynamic

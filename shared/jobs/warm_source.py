@@ -28,6 +28,9 @@ from shared.storage.store import Store
 
 log = logging.getLogger(__name__)
 
+#: What a warm start reads of the previous posterior: not its posterior predictive, the bulk of a large fit's file.
+WARM_GROUPS = ("posterior", "sample_stats", "constant_data")
+
 
 @dataclass(frozen=True)
 class StoredFit:
@@ -52,7 +55,7 @@ def find_warm_source(job: CalibrationJob, store: Store) -> WarmSource | None:
         chosen = nearest_fit(job, _stored_fits(store, job.archetype))
         if chosen is None or chosen.posterior_uri is None:
             return None
-        idata = store.get_inference_data(chosen.posterior_uri)
+        idata = store.get_inference_data(chosen.posterior_uri, groups=WARM_GROUPS)
     except Exception as exc:  # an optimisation must never fail the job
         log.warning("job %s: starting cold, no stored fit could be read: %s: %s", job.job_id, type(exc).__name__, exc)
         return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -73,13 +74,16 @@ def write_netcdf(obj: az.InferenceData | xr.Dataset, path: str | os.PathLike[str
         raise TypeError(f"write_netcdf takes an arviz.InferenceData or xarray.Dataset, not {type(obj).__name__}")
 
 
-def read_inference_data(path: str | os.PathLike[str]) -> az.InferenceData:
-    """Read a NetCDF InferenceData fully into memory, closing every file it opened."""
+def read_inference_data(path: str | os.PathLike[str], *, groups: Sequence[str] | None = None) -> az.InferenceData:
+    """Read a NetCDF InferenceData fully into memory, closing every file it opened.
+
+    ``groups`` limits what is decoded (default: every group in the file).
+    """
     import arviz as az
     import netCDF4
 
     with netCDF4.Dataset(str(path), mode="r") as handle:
-        group_names = list(handle.groups)
+        group_names = [g for g in handle.groups if groups is None or g in groups]
     groups = {}
     for group in group_names:
         with xr.open_dataset(path, group=group, engine="netcdf4") as ds:

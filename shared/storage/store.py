@@ -427,20 +427,20 @@ class Store:
             write_netcdf(obj, local)
             return self.put_file(local, key)
 
-    def get_inference_data(self, uri_or_key: str) -> az.InferenceData:
-        """The InferenceData at a URI or key, fully in memory, with no file left open."""
+    def get_inference_data(self, uri_or_key: str, *, groups: Sequence[str] | None = None) -> az.InferenceData:
+        """The InferenceData at a URI or key, fully in memory, with no file left open (only ``groups``, if given)."""
         fs, path, uri = self._resolve(uri_or_key)
         if isinstance(fs, LocalFileSystem):
             with storage_errors(uri):
                 if not os.path.isfile(path):
                     raise FileNotFoundError(path)
-                return read_inference_data(path)
+                return read_inference_data(path, groups=groups)
         # A posterior is read once into memory: download to a throwaway file.
         with tempfile.TemporaryDirectory(prefix="calq-netcdf-") as tmp_dir:
             local = Path(tmp_dir) / "data.nc"
             with storage_errors(uri):
                 fs.get_file(path, str(local))
-            return read_inference_data(local)
+            return read_inference_data(local, groups=groups)
 
     def get_dataset_file(self, uri_or_key: str) -> Path:
         """A local path holding the file at a URI or key.
