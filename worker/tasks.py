@@ -21,7 +21,6 @@ SIGQUIT, whose solo pool would fail the job) or its supervisor is gone.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -29,12 +28,12 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from celery import Celery, Task, signals
 
-from shared.contract.errors import Outcome, RetryableError, classify
+from shared.contract.errors import Outcome, RetryableError, classify, transient_as_retryable
 from shared.contract.job import JobState, Progress
 from shared.contract.settings import Settings, get_settings
 from shared.jobs import handle
@@ -208,7 +207,7 @@ def _calibrate_leased(task: Task, message: Mapping[str, Any], job_id: str | None
         return run()  # the handler refuses a message without a job id
     leases = ctx.leases
     queue = (task.request.delivery_info or {}).get("routing_key")
-    with _transient_as_retryable():
+    with transient_as_retryable():
         lease = leases.acquire(job_id, lease_holder(worker), message=message, attempt=attempt, queue=queue)
         if lease is None:
             holder = leases.holder(job_id)
@@ -216,7 +215,7 @@ def _calibrate_leased(task: Task, message: Mapping[str, Any], job_id: str | None
             return handle.status_dict(job_id, JobState.RUNNING, f"running on {holder}")
     released = False
     try:
-        with _transient_as_retryable():
+        with transient_as_retryable():
             repaired = _repair_redelivery(ctx, job_id)
         if repaired is not None:
             return repaired
@@ -251,17 +250,6 @@ def _calibrate_leased(task: Task, message: Mapping[str, Any], job_id: str | None
                 log.warning("could not release the lease (%s: %s)", type(exc).__name__, exc)
 
 
-@contextlib.contextmanager
-def _transient_as_retryable() -> Iterator[None]:
-    """A transient fault (Redis or the store out) becomes a RetryableError, which the task retries."""
-    try:
-        yield
-    except RetryableError:
-        raise
-    except Exception as exc:
-        if classify(exc) is Outcome.RETRY:
-            raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
-        raise
 
 
 def _give_back(task: Task, ctx: WorkerContext, lease: Any, stop: HandBack) -> None:

@@ -25,7 +25,8 @@ Non-convergence is *not* an error: it is a flag with reasons in the summary.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from enum import Enum
 
 
@@ -171,6 +172,23 @@ def classify(exc: BaseException) -> Outcome:
 _S3_AUTH_CODES = frozenset(
     {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "AuthorizationHeaderMalformed"}
 )
+
+
+
+@contextlib.contextmanager
+def transient_as_retryable() -> Iterator[None]:
+    """A transient fault from outside calq's own tree (Redis or the store out) becomes a RetryableError.
+
+    The Celery task retries RetryableError (its ``autoretry_for``); :func:`classify` decides what is transient.
+    """
+    try:
+        yield
+    except RetryableError:
+        raise
+    except Exception as exc:
+        if classify(exc) is Outcome.RETRY:
+            raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
+        raise
 
 
 def is_authentication_failure(exc: BaseException) -> bool:

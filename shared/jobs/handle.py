@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pydantic
 
 from shared.contract.control import JobControl
-from shared.contract.errors import JobCancelled, JobFailed, NotFound, Outcome, RetryableError, classify
+from shared.contract.errors import JobCancelled, JobFailed, NotFound, Outcome, classify, transient_as_retryable
 from shared.contract.job import CalibrationJob, JobState, JobStatus, Progress
 from shared.contract.settings import Settings
 from shared.storage.catalog import Catalog
@@ -186,19 +186,11 @@ def process(
     the record's cancel flag. A caller that passes ``control`` (embedded
     mode, to cancel the job from a signal handler) gets it wired the same way.
     """
-    try:
+    with transient_as_retryable():  # e.g. redis.ConnectionError from the registry: the task's autoretry_for catches it
         return _process(
             message, registry=registry, store=store, settings=settings,
             worker=worker, attempt=attempt, control=control, on_progress=on_progress,
         )
-    except RetryableError:
-        raise
-    except Exception as exc:
-        # A transient fault outside calq's own tree (e.g. redis.ConnectionError
-        # from the registry): make it one the task's autoretry_for catches.
-        if classify(exc) is Outcome.RETRY:
-            raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
-        raise
 
 
 def _process(
