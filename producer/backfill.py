@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from producer.sanitize import for_markup
 from shared.contract.domain import ARCHETYPES
 from shared.contract.job import CalibrationJob, JobState
 from shared.data.dataset import open_dataset
@@ -261,6 +261,7 @@ def outcome_table(outcomes: list[Outcome]) -> Table:
     if failures:
         table.add_section()
         for o in failures:
-            # Reasons quote the data (race ids, track names): escaped, rich reads [...] as markup.
-            table.add_row(escape(f"{o.archetype} as of {o.as_of}"), o.state, escape(o.job_id), escape((o.reason or "")[:200]))
+            # Reasons quote the data (race ids, track names).
+            table.add_row(for_markup(f"{o.archetype} as of {o.as_of}"), o.state, for_markup(o.job_id),
+                          for_markup((o.reason or "")[:200]))
     return table

@@ -8,7 +8,6 @@ the Celery fleet. Output is a rich table, or JSON with ``--json``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -19,10 +18,13 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
 from producer import exit_codes, job_commands
+from producer.console import client as _client
+from producer.console import err, out, say
+from producer.console import print_json as _print_json
 from producer.report.command import report
+from producer.sanitize import for_markup, visible
 from shared.contract.errors import CalqError, NotFound
 from shared.contract.settings import MIN_SCENARIOS
 
@@ -33,8 +35,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console()
-err = Console(stderr=True)
 log = logging.getLogger("calq")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -46,17 +46,6 @@ Seed = Annotated[int, typer.Option(help="Seed of the sampler.")]
 AsOf = Annotated[Optional[str], typer.Option(help="Use races before this date (YYYY-MM-DD).")]
 WindowDays = Annotated[Optional[int], typer.Option(help="Only races in the last N days before --as-of.")]
 
-
-def _print_json(obj) -> None:
-    out.print_json(json.dumps(obj, default=str), highlight=False) if out.is_terminal else print(
-        json.dumps(obj, default=str, indent=2)
-    )
-
-
-def _client():
-    from producer.client import CalibrationClient
-
-    return CalibrationClient()
 
 
 def _archetypes_in(dataset: Path, wanted: str | None) -> list[str]:
@@ -99,11 +88,7 @@ def synth(
             except ValueError as exc:
                 raise typer.BadParameter(str(exc), param_hint="--regime") from None
         save_dataset(ds, out_path)
-    err.print(
-        f"wrote {out_path}: {ds.sizes['race']} races, {ds.sizes['driver']} drivers, "
-        f"{ds.sizes['scenario']} scenarios",
-        markup=False, highlight=False,
-    )
+    say(err, f"wrote {out_path}: {ds.sizes['race']} races, {ds.sizes['driver']} drivers, {ds.sizes['scenario']} scenarios")
 
 
 app.command()(report)  # calq report: tables, or HTML / markdown pages (producer.report.command)
@@ -151,7 +136,7 @@ def calibrate(
                 summaries.append(_run_with_progress(client, job, timeout=timeout, quiet=as_json))
             except JobDidNotSucceed as exc:
                 failures.append(exc.status)
-                err.print(f"{name}: {exc}", style="red", markup=False, highlight=False)
+                say(err, f"{name}: {exc}", style="red")
     if summaries or not failures:
         _show(summaries if len(summaries) != 1 else summaries[0], as_json)
     code = exit_codes.worst(exit_codes.for_state(s.state) for s in failures)
@@ -240,7 +225,7 @@ def apply(
     if as_json:
         _print_json([r.to_dict() for r in results])
         return
-    table = Table(title=f"{event} at {track or archetype}")
+    table = Table(title=for_markup(f"{event} at {track or archetype}"))
     for column in ("p", "calibrated", "94% band"):
         table.add_column(column, justify="right")
     for r in results:
@@ -311,12 +296,11 @@ def wait(
     client = _client()
 
     def outage(exc: Exception, left: float) -> None:
-        err.print(f"cannot reach the fleet ({exc}); still waiting, {left:.0f} s left",
-                  style="yellow", markup=False, highlight=False)
+        say(err, f"cannot reach the fleet ({exc}); still waiting, {left:.0f} s left", style="yellow")
 
     try:
         with progress_bar(err) as bar:
-            task = bar.add_task(job_id, total=1.0, phase="waiting")
+            task = bar.add_task(visible(job_id), total=1.0, phase="waiting")
 
             def update(record) -> None:
                 phase, done = describe(record)
@@ -326,10 +310,10 @@ def wait(
     except JobDidNotSucceed as exc:
         if as_json:
             _print_json(exc.status.model_dump(mode="json"))
-        err.print(str(exc), style="red", markup=False, highlight=False)
+        say(err, exc, style="red")
         raise typer.Exit(exit_codes.for_state(exc.status.state)) from None
     except TimeoutError as exc:
-        err.print(str(exc), style="red", markup=False, highlight=False)
+        say(err, exc, style="red")
         raise typer.Exit(exit_codes.ExitCode.TIMED_OUT) from None
     _show(summary, as_json)
 
@@ -363,8 +347,7 @@ def reindex(as_json: JsonFlag = False) -> None:
     if as_json:
         _print_json({"pointers": n, "repaired": len(repaired)})
     else:
-        out.print(f"rebuilt {n} latest pointer(s) and repaired {len(repaired)} job record(s) from {client.store.url}",
-                  markup=False, highlight=False)
+        say(out, f"rebuilt {n} latest pointer(s) and repaired {len(repaired)} job record(s) from {client.store.url}")
 
 
 @app.command()
@@ -481,7 +464,7 @@ def _show(summaries, as_json: bool) -> None:
     out.print(summary_table(items))
     for s in items:
         for line in summary_notes(s):
-            out.print(line, highlight=False, markup=False)  # data-derived text: never markup
+            say(out, line)  # data-derived text
 
 
 def _settings():
@@ -538,7 +521,7 @@ def main() -> None:
     try:
         level = get_settings().log_level
     except Exception as exc:  # invalid settings: say which
-        err.print(f"invalid settings: {_settings_problems(exc)}", style="red", markup=False, highlight=False)
+        say(err, f"invalid settings: {_settings_problems(exc)}", style="red")
         sys.exit(2)
     if "CALQ_LOG_LEVEL" not in os.environ and sys.argv[1:2] != ["worker"]:
         level = "WARNING"  # interactive commands show progress bars and tables, not log lines
@@ -553,12 +536,12 @@ def main() -> None:
     try:
         app()
     except NotFound as exc:
-        err.print(f"not found: {exc}", style="red", markup=False, highlight=False)
+        say(err, f"not found: {exc}", style="red")
         sys.exit(exit_codes.ExitCode.FAILED)
     except CalqError as exc:
         status = getattr(exc, "status", None)  # JobDidNotSucceed: the job's own outcome
         code = exit_codes.for_state(status.state) if status is not None else exit_codes.for_error(exc)
-        err.print(f"{type(exc).__name__}: {exc}", style="red", markup=False, highlight=False)
+        say(err, f"{type(exc).__name__}: {exc}", style="red")
         sys.exit(code)
     except (Interrupted, KeyboardInterrupt):
         err.print("interrupted", style="red")

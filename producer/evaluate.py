@@ -39,6 +39,7 @@ import numpy as np
 from rich.table import Table
 
 from producer.backfill import DEFAULT_WINDOW_DAYS, Backfill, Outcome, RaceCalendar, Window, counting_bar
+from producer.sanitize import for_markup
 from shared.contract.domain import ARCHETYPES, DEFAULT_EVENTS
 from shared.contract.errors import CalqError
 from shared.contract.job import JobState
@@ -310,11 +311,11 @@ def evaluate_table(records: list[dict[str, Any]]) -> Table:
         table.add_column(column, justify="left" if column in ("archetype", "event") else "right")
     for r in records:
         if not r["rows"]:
-            table.add_row(r["archetype"], r["event"], "0", "0", str(r["unscored_races"]), *["-"] * 5)
+            table.add_row(for_markup(r["archetype"]), for_markup(r["event"]), "0", "0", str(r["unscored_races"]), *["-"] * 5)
             continue
         raw, cal = r["raw"], r["calibrated"]
         table.add_row(
-            r["archetype"], r["event"], str(r["races"]), str(r["rows"]), str(r["unscored_races"]),
+            for_markup(r["archetype"]), for_markup(r["event"]), str(r["races"]), str(r["rows"]), str(r["unscored_races"]),
             f"{raw['log_loss']:.4f} → {cal['log_loss']:.4f}", _improvement(r["log_loss_improvement"]),
             f"{raw['brier']:.4f} → {cal['brier']:.4f}", _improvement(r["brier_improvement"]),
             f"{raw['ece']:.3f} → {cal['ece']:.3f}",

@@ -24,18 +24,18 @@ def cancel(
 
     Cancelling a finished job changes nothing and says so; an unknown id is an error (exit 1).
     """
-    from producer.cli import _client, _print_json, err, out
+    from producer.console import client, err, out, print_json, say
 
-    record, changed = _client().cancel(job_id, reason)
+    record, changed = client().cancel(job_id, reason)
     if as_json:
-        _print_json({"job_id": record.job_id, "state": record.state.value})
+        print_json({"job_id": record.job_id, "state": record.state.value})
     elif record.state is JobState.CANCELLED and changed:
-        out.print(f"{record.job_id} cancelled", highlight=False)
+        say(out, f"{record.job_id} cancelled")
     elif changed:
-        out.print(f"{record.job_id} is running: it stops at its next check (calq wait {record.job_id})", highlight=False)
+        say(out, f"{record.job_id} is running: it stops at its next check (calq wait {record.job_id})")
     if not changed:
         what = "already asked to stop" if record.state is JobState.RUNNING else f"already {record.state.value}"
-        err.print(f"{record.job_id} is {what}: nothing changed", highlight=False, markup=False)
+        say(err, f"{record.job_id} is {what}: nothing changed")
 
 
 def jobs(
@@ -45,14 +45,14 @@ def jobs(
     as_json: Annotated[bool, typer.Option("--json", help="Print the records as JSON.")] = False,
 ) -> None:
     """List the newest jobs, with state, progress and worker."""
-    from producer.cli import _client, _print_json, out
+    from producer.console import client, out, print_json
     from producer.render import jobs_table
 
     if state is not None and state not in {s.value for s in JobState}:
         raise typer.BadParameter(f"{state!r} is not a state; one of {STATES}", param_hint="--state")
-    records = _client().jobs(state=state, archetype=archetype, limit=limit)
+    records = client().jobs(state=state, archetype=archetype, limit=limit)
     if as_json:
-        _print_json([r.model_dump(mode="json") for r in records])
+        print_json([r.model_dump(mode="json") for r in records])
     else:
         out.print(jobs_table(records))
 

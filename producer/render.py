@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from producer.sanitize import for_markup, visible
 from shared.contract.job import JobState, JobStatus
 from shared.contract.summary import CalibrationSummary
 
@@ -30,8 +30,8 @@ def summary_table(summaries: Iterable[CalibrationSummary]) -> Table:
                 params = [p for p in summary.parameters if p.event == event and p.archetype in (archetype, None)]
                 cal = scores.get((archetype, event))
                 table.add_row(
-                    escape(archetype),
-                    escape(event),
+                    for_markup(archetype),
+                    for_markup(event),
                     f"{alpha.mean:+.2f} {_interval(alpha.hdi_low, alpha.hdi_high)}",
                     f"{beta.mean:.2f} {_interval(beta.hdi_low, beta.hdi_high)}",
                     f"{max(p.r_hat for p in params):.3f}",
@@ -62,13 +62,13 @@ def summary_notes(summary: CalibrationSummary) -> list[str]:
 
 
 def status_table(status: JobStatus) -> Table:
-    """One job's record, field by field (data-derived text escaped: rich reads ``[...]`` as markup)."""
+    """One job's record, field by field (every value through :func:`~producer.sanitize.for_markup`)."""
     table = Table(show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column()
     for key, value in status.model_dump(mode="json").items():
         if value is not None and value is not False:
-            table.add_row(key, escape(str(value)))
+            table.add_row(key, for_markup(str(value)))
     return table
 
 
@@ -85,11 +85,11 @@ def jobs_table(records: Iterable[JobStatus]) -> Table:
         phase, done = describe(status)
         updated = status.updated_at or status.submitted_at
         table.add_row(
-            escape(status.job_id),
-            escape(status.archetype),
+            for_markup(status.job_id),
+            for_markup(status.archetype),
             _state_label(status),
-            "" if status.state.finished else escape(f"{phase} {done:.0%}"),
-            escape(status.worker or ""),
+            "" if status.state.finished else for_markup(f"{phase} {done:.0%}"),
+            for_markup(status.worker or ""),
             updated.strftime("%H:%M:%S") if updated else "",
         )
     return table
@@ -115,11 +115,11 @@ def progress_bar(console) -> Progress:
 
 
 def describe(status: JobStatus) -> tuple[str, float]:
-    """A phase label and an overall completion fraction for a progress bar."""
+    """A phase label (record text shown :func:`~producer.sanitize.visible`) and an overall completion fraction."""
     if status.state.finished:
         return status.state.value, 1.0
     phase, done = _phase(status)
-    return (f"cancelling ({phase})" if status.cancel_requested else phase), done
+    return visible(f"cancelling ({phase})" if status.cancel_requested else phase), done
 
 
 def _phase(status: JobStatus) -> tuple[str, float]:

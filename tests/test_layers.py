@@ -92,3 +92,15 @@ def test_the_layers_below_fit_never_import_jax():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"imported below the fit layer: {result.stdout.strip()}"
+
+
+def test_no_producer_module_imports_the_cli_back():
+    """``producer.cli`` is the top: commands print through :mod:`producer.console`, never through the CLI module."""
+    offences = [
+        f"{path.relative_to(ROOT)} imports {module}"
+        for path in _modules("producer")
+        if path.name != "cli.py"
+        for module in _imports(path)
+        if module == "producer.cli" or module.startswith("producer.cli.")
+    ]
+    assert not offences, "\n".join(offences)

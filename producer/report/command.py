@@ -26,8 +26,8 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
+from producer.sanitize import for_markup
 from shared.contract.errors import CalqError, NotFound
 
 Html = Annotated[Optional[Path], typer.Option("--html", metavar="OUT.html", help="Write a self-contained HTML page here.")]
@@ -54,7 +54,7 @@ def report(
     as_json: Annotated[bool, typer.Option("--json", help="DATASET without --html/--md: print JSON instead of tables.")] = False,
 ) -> None:
     """Report raw forecasts (DATASET) or calibrations (--posterior, --job, --latest) as tables, HTML or markdown."""
-    from producer.cli import _print_json, err, out
+    from producer.console import err, out, print_json, say
 
     kinds = (("DATASET", dataset), ("--posterior", posterior), ("--job", job), ("--latest", latest))
     chosen = [name for name, given in kinds if given]
@@ -74,7 +74,7 @@ def report(
 
         result = forecast_report(dataset, events=events)
         if as_json:
-            _print_json(result)
+            print_json(result)
         else:
             for table in report_tables(result):
                 out.print(table)
@@ -96,7 +96,7 @@ def report(
         except OSError as exc:
             raise ReportNotWritten(f"cannot write the report: {exc}") from exc
     for path in written:
-        err.print(f"wrote {path}", highlight=False, markup=False)
+        say(err, f"wrote {path}")
 
 
 # -- the three kinds of page ---------------------------------------------------------
@@ -248,7 +248,7 @@ def _progress(console: Console):
         def step(label: str) -> None:
             nonlocal done
             done += 1
-            status.update(f"report, step {done}: {escape(label)}")
+            status.update(f"report, step {done}: {for_markup(label)}")
 
         yield step
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.markup import escape
 from rich.table import Table
 
 from producer.report.page import Page, Section
+from producer.sanitize import for_markup
 from shared.contract.domain import ARCHETYPES, DEFAULT_EVENTS
 from shared.data.dataset import event_rows, open_dataset
 from shared.stats import metrics
@@ -101,14 +101,14 @@ def report_tables(report: dict[str, Any]) -> list[Table]:
         events.add_column(column, justify="left" if column in ("archetype", "event") else "right")
     for r in report["events"]:
         events.add_row(
-            escape(r["archetype"]), escape(r["event"]), str(r["n"]), f"{r['mean_forecast']:.3f}", f"{r['base_rate']:.3f}",
+            for_markup(r["archetype"]), for_markup(r["event"]), str(r["n"]), f"{r['mean_forecast']:.3f}", f"{r['base_rate']:.3f}",
             f"{r['brier']:.4f}", f"{r['log_loss']:.4f}", f"{r['ece']:.4f}",
         )
     pit = Table(title="finishing-position PIT (uniform when calibrated)")
     for column in ("archetype", "n", "histogram (10 bins)", "uniformity p"):
         pit.add_column(column)
     for r in report["finish_pit"]:
-        pit.add_row(escape(r["archetype"]), str(r["n"]), " ".join(str(c) for c in r["histogram"]), f"{r['uniformity_pvalue']:.2g}")
+        pit.add_row(for_markup(r["archetype"]), str(r["n"]), " ".join(str(c) for c in r["histogram"]), f"{r['uniformity_pvalue']:.2g}")
     tables = [events, pit]
     if report["ensemble"]:
         ens = Table(title="fantasy-points ensemble")
@@ -116,15 +116,15 @@ def report_tables(report: dict[str, Any]) -> list[Table]:
             ens.add_column(column, justify="right")
         for r in report["ensemble"]:
             cov = " / ".join(f"{v:.2f}" for v in r["coverage"].values())
-            ens.add_row(escape(r["archetype"]), str(r["n"]), f"{r['crps']:.2f}", f"{r['log_score']:.3f}", cov)
+            ens.add_row(for_markup(r["archetype"]), str(r["n"]), f"{r['crps']:.2f}", f"{r['log_score']:.3f}", cov)
         tables.append(ens)
     joint = Table(title="joint events: both drivers of a pair hit")
     for column in ("archetype", "event", "pairs", "forecast", "observed", "ECE"):
         joint.add_column(column, justify="right")
     for r in report["joint_events"]:
         joint.add_row(
-            escape(str(r["group"])), escape(r["event"]), str(r["n_pairs"]), _fmt(r["mean_forecast"]), _fmt(r["observed_frequency"]),
-            _fmt(r["expected_calibration_error"]),
+            for_markup(r["group"]), for_markup(r["event"]), str(r["n_pairs"]), _fmt(r["mean_forecast"]),
+            _fmt(r["observed_frequency"]), _fmt(r["expected_calibration_error"]),
         )
     tables.append(joint)
     return tables

@@ -2,7 +2,7 @@
 
 Pages are built from plain values (strings, numbers, matplotlib Figures);
 every string is data until it is rendered, and escaping happens here, once,
-at render time — :func:`escape_html` for HTML, :func:`escape_markdown` for
+at render time — :func:`escape_html` for HTML (both show control characters visibly first), :func:`escape_markdown` for
 markdown. Callers never escape and never pass markup in.
 
 A figure is turned into a PNG when it is added (:meth:`Section.figure`), then
@@ -34,6 +34,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from producer.sanitize import visible
+
 #: Figures are rendered at this resolution: sharp on a laptop screen and on paper.
 FIGURE_DPI = 110
 
@@ -41,8 +43,8 @@ Cell = Any  # str, int, float, None (shown as "–"), bool
 
 
 def escape_html(text: object) -> str:
-    """``text`` as HTML text or attribute value: ``& < > " '`` escaped."""
-    return html.escape(str(text), quote=True)
+    """``text`` as HTML text or attribute value: controls shown visibly (:func:`~producer.sanitize.visible`), ``& < > " '`` escaped."""
+    return html.escape(visible(text), quote=True)
 
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>|$~^&])")
@@ -54,9 +56,10 @@ def escape_markdown(text: object) -> str:
 
     Every character markdown (CommonMark, GitHub's tables and its ``$`` math)
     could read as syntax is backslash-escaped, and line breaks become spaces,
-    so a value cannot open a tag, a link, a table cell or a formula.
+    so a value cannot open a tag, a link, a table cell or a formula; control
+    and bidi characters are shown visibly first (:func:`~producer.sanitize.visible`).
     """
-    flat = " ".join(str(text).splitlines())
+    flat = " ".join(visible(text).splitlines())
     escaped = _MD_SPECIAL.sub(r"\\\1", flat)
     # a heading, list item or quote marker only counts at the start of a line
     return _MD_LINE_START.sub(_escape_line_start, escaped)
