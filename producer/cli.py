@@ -24,7 +24,7 @@ from producer.console import client as _client
 from producer.console import err, out, say
 from producer.console import print_json as _print_json
 from producer.report.command import report
-from producer.sanitize import for_markup, visible
+from producer.sanitize import VisibleFormatter, for_markup, visible
 from shared.contract.errors import CalqError, NotFound
 from shared.contract.settings import MIN_SCENARIOS
 
@@ -525,11 +525,9 @@ def main() -> None:
         sys.exit(2)
     if "CALQ_LOG_LEVEL" not in os.environ and sys.argv[1:2] != ["worker"]:
         level = "WARNING"  # interactive commands show progress bars and tables, not log lines
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(VisibleFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     for noisy in ("jax", "absl", "botocore", "s3fs", "aiobotocore", "celery", "kombu"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     signal.signal(signal.SIGINT, _on_sigint)

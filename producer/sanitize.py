@@ -21,6 +21,7 @@ characters by encoding everything outside printable ASCII (``ensure_ascii``).
 
 from __future__ import annotations
 
+import logging
 import re
 
 from rich.markup import escape
@@ -54,4 +55,11 @@ def for_markup(value: object) -> str:
     return escape(visible(value))
 
 
-__all__ = ["for_markup", "visible"]
+class VisibleFormatter(logging.Formatter):
+    """A log formatter whose lines show control characters visibly: log messages quote reasons and ids too."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return visible(super().format(record))
+
+
+__all__ = ["VisibleFormatter", "for_markup", "visible"]
