@@ -14,8 +14,13 @@ a problem names the limit it broke.
 samples, events), from the worker's settings: a job above a cap is rejected
 naming the cap, never quietly run smaller (its id would then lie).
 
-Every problem raised here is the file's own (``intrinsic``), so the worker
-may delete the stored copy; a job over a cap is not (:class:`JobOverLimit`).
+A file that cannot be read, is not NetCDF or holds names that are not
+UTF-8 is at fault in its own bytes, for every worker (``intrinsic``: the
+worker may delete the stored copy). A file over a limit (size, decoded
+bytes, dimension lengths, ``min_scenarios``, id length) is refused by this
+worker only: limits are one process's settings, another worker may accept
+it, so the stored copy is kept (``intrinsic=False``). A job over a cap is
+:class:`JobOverLimit`.
 """
 
 from __future__ import annotations
@@ -47,11 +52,17 @@ _REQUIRED = ("sim_position", "finish_position")
 
 
 def _invalid(problems: list[str], source: str | None) -> InvalidDataset:
+    """The file's own bytes are at fault, for every worker."""
     return InvalidDataset(problems, source=source, intrinsic=True)
 
 
+def _over_limit(problems: list[str], source: str | None) -> InvalidDataset:
+    """The file breaks one of this worker's limits (a setting): the stored copy is kept."""
+    return InvalidDataset(problems, source=source, intrinsic=False)
+
+
 def check_file(path: str | os.PathLike[str], limits: DataLimits, *, source: str | None = None) -> None:
-    """Raise :class:`InvalidDataset` (intrinsic) if the file at ``path`` breaks a limit.
+    """Raise :class:`InvalidDataset` if the file at ``path`` is unreadable or breaks a limit.
 
     Checks, in order, each before the work the next one costs: the path is a
     regular file (a folder, FIFO, socket or device is refused without being
@@ -73,7 +84,7 @@ def check_file(path: str | os.PathLike[str], limits: DataLimits, *, source: str 
     if info.st_size == 0:
         raise _invalid(["the file is empty"], source)
     if info.st_size > limits.max_decoded_bytes:
-        raise _invalid(
+        raise _over_limit(
             [f"the file holds {info.st_size:,} bytes, above the limit of {limits.max_decoded_bytes:,} "
              "(limits.max_decoded_bytes)"],
             source,
@@ -91,7 +102,7 @@ def check_bytes(data: bytes, limits: DataLimits, *, source: str | None = None) -
     if not data:
         raise _invalid(["the file is empty"], source)
     if len(data) > limits.max_decoded_bytes:
-        raise _invalid(
+        raise _over_limit(
             [f"the file holds {len(data):,} bytes, above the limit of {limits.max_decoded_bytes:,} "
              "(limits.max_decoded_bytes)"],
             source,
@@ -139,28 +150,32 @@ def check_header(nc: Any, limits: DataLimits, *, source: str | None = None) -> N
     - ids and names (race, driver, track, archetype) at most
       ``limits.max_id_chars`` characters and valid UTF-8.
     """
-    problems = _group_problems(nc)
+    problems = _group_problems(nc)  # the file's own
+    over: list[str] = []  # this worker's limits
     sizes = {name: len(dim) for name, dim in nc.dimensions.items()}
     for dim, limit_name in _DIMENSION_LIMITS.items():
         limit = getattr(limits, limit_name)
         if sizes.get(dim, 0) > limit:
-            problems.append(f"{dim}: {sizes[dim]:,} along {dim}, above the limit of {limit:,} (limits.{limit_name})")
+            over.append(f"{dim}: {sizes[dim]:,} along {dim}, above the limit of {limit:,} (limits.{limit_name})")
     if "scenario" in sizes and sizes["scenario"] < limits.min_scenarios:
-        problems.append(
+        over.append(
             f"scenario: only {sizes['scenario']} scenario(s) per race; a forecast probability needs at least "
             f"{limits.min_scenarios} (limits.min_scenarios)"
         )
     total = sum(decoded_bytes(var) for var in nc.variables.values())
     if total > limits.max_decoded_bytes:
-        problems.append(
+        over.append(
             f"the variables take {total:,} bytes once decoded, above the limit of "
             f"{limits.max_decoded_bytes:,} (limits.max_decoded_bytes)"
         )
-    if not problems:  # dimensions are bounded: names may be read now, one at a time
-        problems += _name_problems(nc, limits)
-    if problems:
-        log.info("dataset %s refused from its header: %s", source or "<memory>", "; ".join(problems))
-        raise _invalid(problems, source)
+    if not problems and not over:  # dimensions are bounded: names may be read now, one at a time
+        not_utf8, too_long = _name_problems(nc, limits)
+        problems += not_utf8
+        over += too_long
+    if problems or over:
+        log.info("dataset %s refused from its header: %s", source or "<memory>", "; ".join(problems + over))
+        # Intrinsic when any problem is the file's own; over this worker's limits alone, the file is kept.
+        raise (_invalid if problems else _over_limit)(problems + over, source)
 
 
 def decoded_bytes(var: Any) -> int:
@@ -198,8 +213,9 @@ def _group_problems(nc: Any) -> list[str]:
     ]
 
 
-def _name_problems(nc: Any, limits: DataLimits) -> list[str]:
-    problems = []
+def _name_problems(nc: Any, limits: DataLimits) -> tuple[list[str], list[str]]:
+    """``(not UTF-8, longer than limits.max_id_chars)``: the file's own problems, then this worker's limit."""
+    problems, over = [], []
     for name, dim in _NAME_VARIABLES.items():
         var = nc.variables.get(name)
         if var is None or var.dimensions != (dim,):
@@ -219,14 +235,14 @@ def _name_problems(nc: Any, limits: DataLimits) -> list[str]:
                 too_long.append((i, len(value)))
         if too_long:
             i, n = too_long[0]
-            problems.append(
+            over.append(
                 f"{name}: {len(too_long)} value(s) longer than {limits.max_id_chars} characters "
                 f"(limits.max_id_chars; first: {dim} #{i}, {n:,} characters)"
             )
         if not_utf8:
             where = ", ".join(f"#{i}" for i in not_utf8[:10]) + (f" and {len(not_utf8) - 10} more" if len(not_utf8) > 10 else "")
             problems.append(f"{name}: value(s) that are not valid UTF-8 text at {dim} {where}")
-    return problems
+    return problems, over
 
 
 def check_job(job: CalibrationJob, limits: DataLimits) -> None:

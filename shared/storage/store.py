@@ -490,8 +490,9 @@ class Store:
         ``file://`` path under one of ``dataset_roots`` (symlinks resolved);
         anything else raises :class:`DatasetNotAllowed` before the target is
         touched. Then: DatasetNotFound when nothing (or no regular file) is
-        there, :class:`InvalidDataset` (intrinsic) when the object is longer
-        than ``max_bytes`` (checked before a download), DatasetHashMismatch
+        there, :class:`InvalidDataset` (not intrinsic: a limit of this
+        worker's) when the object is longer than ``max_bytes`` (checked
+        before a download), DatasetHashMismatch
         when its bytes hash differently. Local files are verified in place;
         ``s3://`` ones are downloaded into ``cache_dir/<sha256><suffix>``,
         verified before they are renamed into place, and reused (re-verified).
@@ -639,7 +640,7 @@ def _too_large(uri: str, size: int, max_bytes: int) -> InvalidDataset:
     return InvalidDataset(
         [f"the file holds {size:,} bytes, above the limit of {max_bytes:,} (limits.max_decoded_bytes)"],
         source=uri,
-        intrinsic=True,
+        intrinsic=False,  # a limit of this worker's settings: another worker may accept the file, so it is kept
     )
 
 
