@@ -26,6 +26,7 @@ Non-convergence is *not* an error: it is a flag with reasons in the summary.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Sequence
 from enum import Enum
 
@@ -83,6 +84,19 @@ class DatasetHashMismatch(RejectedError):
     def __init__(self, uri: str, expected: str, actual: str) -> None:
         super().__init__(f"dataset {uri}: its bytes do not have sha256 {expected}, the hash the job names")
         self.uri, self.expected, self.actual = uri, expected, actual
+
+    @staticmethod
+    def is_reason(reason: str | None) -> bool:
+        """Whether a recorded rejection ``reason`` is this error's message, whole (and nothing else's).
+
+        Such a job was refused for bytes at its address that need not be its
+        producer's (anyone holding the store's key can put some there first).
+        """
+        return reason is not None and _MISMATCH_REASON.fullmatch(reason) is not None
+
+
+#: :class:`DatasetHashMismatch`'s message (the URI is the store's content address: no newline, no text of the data).
+_MISMATCH_REASON = re.compile(r"dataset [^\n]+: its bytes do not have sha256 [0-9a-f]{64}, the hash the job names")
 
 
 class InvalidDataset(RejectedError):

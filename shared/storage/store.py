@@ -467,16 +467,20 @@ class Store:
     def upload_dataset(self, local_path: str | os.PathLike[str]) -> tuple[str, str]:
         """Store a dataset file at ``datasets/<sha256>.nc``; returns ``(uri, sha256)``.
 
-        Idempotent by content: when an object of the same size is already
-        there, nothing is uploaded.
+        Idempotent by content: when the object already there hashes to the
+        address, nothing is uploaded. Whoever holds the store's key can put
+        bytes at any address first, so a matching size proves nothing: an
+        object whose bytes hash otherwise (planted, truncated) is replaced.
         """
         sha = sha256_file(local_path)
         key = dataset_key(sha)
         fs, path, uri = self._resolve(key)
         with storage_errors(uri, missing=None):
             if _size(fs, path) == os.path.getsize(local_path):
-                log.debug("dataset %s already stored", uri)
-                return uri, sha
+                if _sha256_at(fs, path) == sha:
+                    log.debug("dataset %s already stored", uri)
+                    return uri, sha
+                log.warning("dataset %s held bytes of another hash: replaced by the upload", uri)
         return self.put_file(local_path, key), sha
 
     def dataset_uri(self, sha256: str) -> str:
@@ -616,6 +620,12 @@ def _size(fs: fsspec.AbstractFileSystem, path: str) -> int | None:
     except FileNotFoundError:
         return None
     return int(info["size"]) if info.get("type") == "file" else None
+
+
+def _sha256_at(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Hex sha256 of the object at ``path``, streamed (never held in memory whole)."""
+    with fs.open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _check_size(fs: fsspec.AbstractFileSystem, path: str, expected: int, uri: str) -> None:

@@ -24,7 +24,8 @@ change is refused, logged, and never written::
 
     actor      from                            to          by
     ─────────  ──────────────────────────────  ──────────  ───────────────────────────────────────────────
-    submitter  (none), failed, cancelled       queued      claim (rejected stays rejected)
+    submitter  (none), failed, cancelled       queued      claim
+    submitter  rejected                        queued      claim, only after a hash mismatch (see below)
     cancel     queued                          cancelled   cancel: it never starts
     cancel     running                         running     cancel: sets cancel_requested
     worker     queued                          queued      record_delivery
@@ -39,7 +40,11 @@ change is refused, logged, and never written::
     repair     (none), queued, running, failed  succeeded  repair (summary in the store); succeed (below)
 
 ``succeeded``, ``rejected`` and ``cancelled`` are final; ``failed`` and
-``cancelled`` jobs may be submitted again. A worker's :meth:`succeed` comes
+``cancelled`` jobs may be submitted again, and so may a job rejected for
+:class:`~shared.contract.errors.DatasetHashMismatch` (anyone holding the
+store's key could have put those bytes at its address first; the worker
+deleted them and the owner's upload replaces them); any other rejected job
+stays rejected (:func:`_may_resubmit`). A worker's :meth:`succeed` comes
 after its summary is written, so where the worker's own move is refused (a
 reaper re-queued the job meanwhile, or the record expired) the summary in
 hand is repaired in. ``latest`` moves only for converged summaries of jobs
@@ -63,7 +68,7 @@ from enum import Enum
 from typing import Any
 
 from shared.contract.domain import SAFE_ID
-from shared.contract.errors import NotFound
+from shared.contract.errors import DatasetHashMismatch, NotFound
 from shared.contract.job import CalibrationJob, JobState, JobStatus, Progress, utcnow
 from shared.contract.summary import CalibrationSummary
 from shared.storage.catalog import Catalog, LatestPointer, pointers_for
@@ -93,7 +98,7 @@ _Q, _R, _S, _F, _X, _C = (
 #: The allowed transitions: ``(actor, from, to)``; ``from`` None is "no record yet". See the module docstring.
 TRANSITIONS: frozenset[tuple[Actor, JobState | None, JobState]] = frozenset(
     {
-        (Actor.SUBMITTER, None, _Q), (Actor.SUBMITTER, _F, _Q), (Actor.SUBMITTER, _C, _Q),
+        (Actor.SUBMITTER, None, _Q), (Actor.SUBMITTER, _F, _Q), (Actor.SUBMITTER, _C, _Q), (Actor.SUBMITTER, _X, _Q),
         (Actor.CANCEL, _Q, _C), (Actor.CANCEL, _R, _R),
         (Actor.WORKER, _Q, _Q), (Actor.WORKER, _Q, _R), (Actor.WORKER, _R, _R), (Actor.WORKER, _Q, _F),
         (Actor.WORKER, _R, _S), (Actor.WORKER, _R, _F), (Actor.WORKER, _R, _X), (Actor.WORKER, _R, _C),
@@ -122,6 +127,15 @@ class WaitTimeout(TimeoutError):
 def _queued(job_id: str, archetype: str) -> JobStatus:
     now = utcnow()
     return JobStatus(job_id=job_id, archetype=archetype, state=JobState.QUEUED, submitted_at=now, updated_at=now)
+
+
+def _may_resubmit(status: JobStatus) -> bool:
+    """Whether a submitter may queue this finished record again: the table's one condition beyond states.
+
+    A REJECTED job only when it was rejected for someone else's bytes at
+    its address (a hash mismatch); bad input of its own never passes.
+    """
+    return status.state is not JobState.REJECTED or DatasetHashMismatch.is_reason(status.reason)
 
 
 def _message(status: JobStatus) -> str:
@@ -225,10 +239,11 @@ class JobRegistry(ABC):
         """Record ``job`` as QUEUED unless it is known: ``(record, enqueue)``.
 
         ``enqueue`` is True when the caller must send the job to a worker:
-        the record is new, or the job had FAILED or was CANCELLED and is now
-        re-queued (reason cleared, deliveries reset). Otherwise the existing
-        record comes back with False: queued, running and succeeded jobs are
-        done once, and a REJECTED job stays rejected (bad input never passes).
+        the record is new, or the job had FAILED or was CANCELLED, or was
+        REJECTED for a dataset hash mismatch, and is now re-queued (reason
+        cleared, deliveries reset). Otherwise the existing record comes back
+        with False: queued, running and succeeded jobs are done once, and any
+        other REJECTED job stays rejected (bad input never passes).
         """
         job_id = job.job_id
         while True:
@@ -237,7 +252,8 @@ class JobRegistry(ABC):
                 self._publish(fresh)
                 return fresh, True
             before, after = self._transition(
-                job_id, Actor.SUBMITTER, JobState.QUEUED, lambda _: _queued(job_id, job.archetype), quiet=True
+                job_id, Actor.SUBMITTER, JobState.QUEUED,
+                lambda s: _queued(job_id, job.archetype) if _may_resubmit(s) else None, quiet=True,
             )
             if before is None:  # expired or deleted in between: create it after all
                 continue
