@@ -2,8 +2,9 @@
 
 :func:`check_file` looks at a dataset file *before any array is decoded*:
 what kind of file it is (a regular file, not a folder, FIFO or device), its
-size, and, from the NetCDF header alone (netCDF4 reads dimensions, shapes
-and dtypes without touching data), the length of each dimension and the
+size, that its HDF5 layout never reads outside the file, and, from the
+NetCDF header alone (netCDF4 reads dimensions, shapes and dtypes without
+touching data), the length of each dimension and the
 bytes every variable takes once decoded. Ids and names along ``race`` and
 ``driver`` are read one value at a time, so one 10 MB track name costs 10 MB
 and is refused, and a name that is not UTF-8 is named with its race.
@@ -26,7 +27,6 @@ it, so the stored copy is kept (``intrinsic=False``). A job over a cap is
 from __future__ import annotations
 
 import logging
-import math
 import os
 import stat
 from collections.abc import Iterator
@@ -39,6 +39,8 @@ import numpy as np
 from shared.contract.errors import DatasetNotFound, InvalidDataset, JobOverLimit
 from shared.contract.job import CalibrationJob
 from shared.contract.settings import DataLimits
+from shared.storage.confine import check_confined
+from shared.storage.netcdf import decoded_bytes
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +69,11 @@ def check_file(path: str | os.PathLike[str], limits: DataLimits, *, source: str 
     Checks, in order, each before the work the next one costs: the path is a
     regular file (a folder, FIFO, socket or device is refused without being
     opened, so a FIFO never blocks), not empty, at most
-    ``limits.max_decoded_bytes`` long and starting like a NetCDF file; then
-    the header (see :func:`check_header`). ``source`` names the dataset in
-    messages (default: the path). A missing file raises DatasetNotFound.
+    ``limits.max_decoded_bytes`` long and starting like a NetCDF file; an
+    HDF5 layout that reads nothing outside the file (external storage or
+    links, virtual datasets, unknown filters: :mod:`shared.storage.confine`),
+    walked before netCDF4 opens the file; then the header (see
+    :func:`check_header`). ``source`` names the dataset in messages (default: the path). A missing file raises DatasetNotFound.
     """
     source = source or os.fspath(path)
     try:
@@ -93,6 +97,7 @@ def check_file(path: str | os.PathLike[str], limits: DataLimits, *, source: str 
         head = handle.read(8)
     if not head.startswith(_MAGIC):
         raise _invalid(["the file is not NetCDF (it starts with neither CDF nor the HDF5 signature)"], source)
+    _check_confined(os.fspath(path), source)
     with _opened(source, path=os.fspath(path)) as nc:
         check_header(nc, limits, source=source)
 
@@ -109,8 +114,17 @@ def check_bytes(data: bytes, limits: DataLimits, *, source: str | None = None) -
         )
     if not data.startswith(_MAGIC):
         raise _invalid(["the file is not NetCDF (it starts with neither CDF nor the HDF5 signature)"], source)
+    _check_confined(data, source)
     with _opened(source, memory=data) as nc:
         check_header(nc, limits, source=source)
+
+
+def _check_confined(file: str | bytes, source: str | None) -> None:
+    """Refuse a file whose HDF5 layout reads outside it, before netCDF4 opens it (see :mod:`shared.storage.confine`)."""
+    try:
+        check_confined(file, label=source)
+    except OSError as exc:
+        raise _invalid([unreadable_reason(exc)], source) from exc
 
 
 @contextmanager
@@ -128,7 +142,8 @@ def _opened(source: str | None, *, path: str | None = None, memory: bytes | None
 def unreadable_reason(exc: BaseException) -> str:
     """A clear line for a NetCDF file the library cannot read (truncated, corrupt, not NetCDF)."""
     text = str(getattr(exc, "strerror", None) or exc)
-    if "HDF error" in text or "truncated" in text.lower():
+    hdf5_cannot_open = "Unable to" in text and "open file" in text  # h5py, walking the layout first
+    if "HDF error" in text or "truncated" in text.lower() or hdf5_cannot_open:
         return (
             "the file is truncated or corrupt: the NetCDF library could not read it (NetCDF: HDF error); "
             "upload the complete file again"
@@ -176,22 +191,6 @@ def check_header(nc: Any, limits: DataLimits, *, source: str | None = None) -> N
         log.info("dataset %s refused from its header: %s", source or "<memory>", "; ".join(problems + over))
         # Intrinsic when any problem is the file's own; over this worker's limits alone, the file is kept.
         raise (_invalid if problems else _over_limit)(problems + over, source)
-
-
-def decoded_bytes(var: Any) -> int:
-    """Bytes ``var`` takes once xarray has decoded it, from the header only.
-
-    Variable-length strings count 8 bytes each (the object pointer); their
-    text is bounded by :func:`check_header`'s name checks and the file size.
-    """
-    n = math.prod(var.shape)
-    dtype = var.dtype
-    if dtype is str or not isinstance(dtype, np.dtype):
-        return n * 8
-    attrs = set(var.ncattrs())
-    if dtype.kind in "iu" and attrs & {"_FillValue", "missing_value", "scale_factor", "add_offset"}:
-        return n * 8
-    return n * dtype.itemsize
 
 
 def _group_problems(nc: Any) -> list[str]:

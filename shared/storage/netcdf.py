@@ -4,18 +4,24 @@ NetCDF attributes hold only strings and numbers (arviz-devs/arviz#2365,
 #1417): ``None``, bools, dicts and mixed lists are stored JSON-encoded
 instead, on a copy, so the caller's object is untouched. Files are read fully
 into memory and closed at once: a lazily opened file breaks a later
-overwrite (arviz-devs/arviz#1734).
+overwrite (arviz-devs/arviz#1734). A file read back is checked before it is
+decoded (its size, its HDF5 layout, its decoded size): whoever could write
+the store chose its bytes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
+
+from shared.contract.errors import InvalidDataset
+from shared.storage.confine import check_confined
 
 if TYPE_CHECKING:
     import arviz as az
@@ -74,20 +80,69 @@ def write_netcdf(obj: az.InferenceData | xr.Dataset, path: str | os.PathLike[str
         raise TypeError(f"write_netcdf takes an arviz.InferenceData or xarray.Dataset, not {type(obj).__name__}")
 
 
-def read_inference_data(path: str | os.PathLike[str], *, groups: Sequence[str] | None = None) -> az.InferenceData:
+def read_inference_data(
+    path: str | os.PathLike[str],
+    *,
+    groups: Sequence[str] | None = None,
+    max_bytes: int | None = None,
+    label: str | None = None,
+) -> az.InferenceData:
     """Read a NetCDF InferenceData fully into memory, closing every file it opened.
 
     ``groups`` limits what is decoded (default: every group in the file).
+    Whoever could write the store, or name a file to ``calq apply`` and
+    ``calq report --posterior``, chose this file's bytes, so before any array
+    is decoded: the file is at most ``max_bytes`` long (default: the
+    settings' ``limits.max_decoded_bytes``), its HDF5 layout reads nothing
+    outside it (:func:`~shared.storage.confine.check_confined`), and the
+    variables to be read take at most ``max_bytes`` once decoded, counted
+    from the header (:func:`decoded_bytes`). A refusal raises
+    :class:`~shared.contract.errors.InvalidDataset` naming ``label`` (default: the path).
     """
     import arviz as az
     import netCDF4
 
+    from shared.contract.settings import get_settings
+
+    label = label or os.fspath(path)
+    limit = max_bytes if max_bytes is not None else get_settings().limits.max_decoded_bytes
+    size = os.stat(path).st_size
+    if size > limit:
+        raise InvalidDataset([_over(f"the file holds {size:,} bytes", limit)], source=label)
+    check_confined(path, label=label)
     with netCDF4.Dataset(str(path), mode="r") as handle:
         group_names = [g for g in handle.groups if groups is None or g in groups]
-    groups = {}
+        read = [handle, *(handle.groups[g] for g in group_names)]
+        total = sum(decoded_bytes(var) for part in read for var in part.variables.values())
+    if total > limit:
+        problem = _over(f"the variables to read take {total:,} bytes once decoded", limit)
+        raise InvalidDataset([problem], source=label)
+    loaded = {}
     for group in group_names:
         with xr.open_dataset(path, group=group, engine="netcdf4") as ds:
-            groups[group] = ds.load()
+            loaded[group] = ds.load()
     with xr.open_dataset(path, engine="netcdf4") as root:
         attrs = dict(root.attrs)
-    return az.InferenceData(attrs=attrs, **groups)
+    return az.InferenceData(attrs=attrs, **loaded)
+
+
+def decoded_bytes(var: Any) -> int:
+    """Bytes the ``netCDF4.Variable`` ``var`` takes once xarray has decoded it, from the header only.
+
+    Elements × decoded item size; integers with a fill value or scale decode
+    to 8-byte floats. Variable-length strings count 8 bytes each (the object
+    pointer); their text is bounded by the file size and, in a dataset, by
+    the name checks of :mod:`shared.data.limits`.
+    """
+    n = math.prod(var.shape)
+    dtype = var.dtype
+    if dtype is str or not isinstance(dtype, np.dtype):
+        return n * 8
+    attrs = set(var.ncattrs())
+    if dtype.kind in "iu" and attrs & {"_FillValue", "missing_value", "scale_factor", "add_offset"}:
+        return n * 8
+    return n * dtype.itemsize
+
+
+def _over(what: str, limit: int) -> str:
+    return f"{what}, above the limit of {limit:,} (limits.max_decoded_bytes)"
