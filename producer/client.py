@@ -76,8 +76,9 @@ class CalibrationClient:
 
     def _default_registry(self) -> JobRegistry:
         if self.settings.embedded:
-            return StoreRegistry(self.store)
-        return RedisRegistry.from_url(self.settings.backend())  # connect/read time out: an outage is an error, not a hang
+            return StoreRegistry(self.store, holds=self.store.holds)
+        # connect/read time out: an outage is an error, not a hang
+        return RedisRegistry.from_url(self.settings.backend(), holds=self.store.holds)
 
     # -- jobs --------------------------------------------------------------
 

@@ -43,18 +43,31 @@ def jobs(
     archetype: Annotated[Optional[str], typer.Option(help="Only jobs of this archetype (or 'all').")] = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many jobs.")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print the records as JSON.")] = False,
+    everything: Annotated[bool, typer.Option(
+        "--all", help="Every job (no --limit), and the corrupt records and latest pointers, with why.",
+    )] = False,
 ) -> None:
-    """List the newest jobs, with state, progress and worker."""
+    """List the newest jobs, with state, progress and worker.
+
+    A record or latest pointer that cannot be read (not JSON, an unknown
+    state, another job's or archetype's) is skipped with a warning; ``--all``
+    lists them by key and why (``--json``: ``{"jobs": [...], "corrupt": [{"key", "why"}]}``).
+    """
     from producer.console import client, out, print_json
-    from producer.render import jobs_table
+    from producer.render import corrupt_table, jobs_table
 
     if state is not None and state not in {s.value for s in JobState}:
         raise typer.BadParameter(f"{state!r} is not a state; one of {STATES}", param_hint="--state")
-    records = client().jobs(state=state, archetype=archetype, limit=limit)
+    calq = client()
+    records = calq.jobs(state=state, archetype=archetype, limit=None if everything else limit)
+    corrupt = calq.registry.corrupt() if everything else []
     if as_json:
-        print_json([r.model_dump(mode="json") for r in records])
+        listed = [r.model_dump(mode="json") for r in records]
+        print_json({"jobs": listed, "corrupt": [{"key": c.key, "why": c.why} for c in corrupt]} if everything else listed)
     else:
         out.print(jobs_table(records))
+        if corrupt:
+            out.print(corrupt_table(corrupt))
 
 
 def register(app: typer.Typer) -> None:

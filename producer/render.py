@@ -10,6 +10,7 @@ from rich.table import Table
 from producer.sanitize import for_markup, visible
 from shared.contract.job import JobState, JobStatus
 from shared.contract.summary import CalibrationSummary
+from shared.jobs.registry.values import Corrupt
 
 
 def _interval(low: float, high: float) -> str:
@@ -92,6 +93,16 @@ def jobs_table(records: Iterable[JobStatus]) -> Table:
             for_markup(status.worker or ""),
             updated.strftime("%H:%M:%S") if updated else "",
         )
+    return table
+
+
+def corrupt_table(entries: Iterable[Corrupt]) -> Table:
+    """Records and latest pointers that cannot be used (``calq jobs --all``): where each lies, and why."""
+    table = Table(title="corrupt records and pointers (skipped; a resubmission or the next job replaces them)")
+    table.add_column("key", overflow="fold")
+    table.add_column("why", overflow="fold")
+    for entry in entries:
+        table.add_row(for_markup(entry.key), for_markup(entry.why))
     return table
 
 

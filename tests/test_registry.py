@@ -20,8 +20,20 @@ from shared.contract.job import CalibrationJob, JobState, JobStatus, Progress
 from shared.contract.summary import CalibrationSummary
 from shared.jobs.registry import JobRegistry, RedisRegistry, StoreRegistry, WaitTimeout
 from shared.storage.catalog import Catalog
-from shared.storage.store import Store
-from tests.test_catalog import T0, make_summary
+from shared.storage.store import Store, posterior_key, summary_key
+from tests.test_catalog import T0
+from tests.test_catalog import make_summary as _make_summary
+
+
+def make_summary(job_id: str, *, store: Store | None = None, **options: object) -> CalibrationSummary:
+    """A summary naming its own posterior and summary (a pointer naming anything else is corrupt)."""
+    summary = _make_summary(job_id, store=store, **options)
+    if store is None:
+        summary = summary.model_copy(update={
+            "summary_uri": f"file:///s/{summary_key(summary.archetype, job_id)}",
+            "posterior_uri": f"file:///s/{posterior_key(summary.archetype, job_id)}",
+        })
+    return summary
 
 
 @dataclass
@@ -161,10 +173,9 @@ def test_life_of_a_job(backend: Backend) -> None:
     assert status.progress == step and status.state is JobState.RUNNING and status.worker == "worker-1@host"
 
     summary = make_summary(job.job_id)
-    summary = summary.model_copy(update={"summary_uri": "file:///s/x.json", "posterior_uri": "file:///s/x.nc"})
     done = reg.succeed(job.job_id, summary)
     assert done.state is JobState.SUCCEEDED and done.finished_at is not None
-    assert done.summary_uri == "file:///s/x.json" and done.posterior_uri == "file:///s/x.nc"
+    assert done.summary_uri == summary.summary_uri and done.posterior_uri == summary.posterior_uri
     assert done.progress == step and done.started_at == running.started_at  # untouched fields stay
     assert reg.get(job.job_id) == done
     assert reg.latest("intermediate", "top_5").job_id == job.job_id
@@ -688,5 +699,5 @@ def test_invalid_messages_are_kept_capped_and_change_no_record(backend: Backend)
     assert reg.get(job.job_id) == before
     for i in range(INVALID_KEEP + 20):
         reg.record_invalid(f"r{i}")
-    assert INVALID_KEEP <= reg.invalid_count() <= INVALID_KEEP + 110  # Redis trims approximately
+    assert reg.invalid_count() == INVALID_KEEP  # trimmed exactly
     assert reg.invalid_messages(limit=1)[0]["reason"] == f"r{INVALID_KEEP + 19}"

@@ -78,10 +78,11 @@ def context() -> WorkerContext:
 
         settings = get_settings()
         # The registry lives beside the results (a client with connect/read timeouts).
-        registry = RedisRegistry.from_url(settings.backend())
+        store = Store.from_settings(settings)
+        registry = RedisRegistry.from_url(settings.backend(), holds=store.holds)
         leases = Leases(registry.redis, prefix=registry.prefix, lease_s=settings.recovery.lease_s,
                         record_ttl_s=registry.record_ttl_s)
-        ctx = WorkerContext(settings=settings, registry=registry, store=Store.from_settings(settings), leases=leases)
+        ctx = WorkerContext(settings=settings, registry=registry, store=store, leases=leases)
         _context_cache.clear()
         _context_cache[pid] = ctx
     return ctx

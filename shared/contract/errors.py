@@ -18,6 +18,7 @@ that matters to the fleet is whether trying again can help::
     │   └── JobTimeLimitExceeded  numerical failure); not retried automatically
     ├── AuthenticationFailed    a wrong password or key (Redis, S3): permanent, never "unavailable"
     └── NotFound                a lookup (job, summary, posterior) found nothing
+        └── CorruptRecord       the job's record is there but unreadable (a resubmission replaces it)
 
 Non-convergence is *not* an error: it is a flag with reasons in the summary.
 :func:`classify` is the one place that maps any exception to an outcome.
@@ -142,6 +143,10 @@ class JobCancelled(JobFailed):
 
 class NotFound(CalqError, LookupError):
     """A job, summary or posterior that was asked for does not exist."""
+
+
+class CorruptRecord(NotFound):
+    """A job's record exists but cannot be used (not JSON, unknown state, another job's); its bytes are not quoted."""
 
 
 class Outcome(str, Enum):

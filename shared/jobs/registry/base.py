@@ -53,7 +53,16 @@ atomically, so two workers finishing at once cannot move it backwards.
 
 A message that fails to parse, or whose content does not give its job id,
 changes no record: :meth:`JobRegistry.record_invalid` logs it and keeps its
-reason in a capped list (:meth:`JobRegistry.invalid_messages`).
+reason in a list capped at exactly :data:`INVALID_KEEP` entries
+(:meth:`JobRegistry.invalid_messages`).
+
+Records and pointers are read back as untrusted input
+(:mod:`shared.jobs.registry.values`): a corrupt one is skipped by listings
+with a warning naming its key (:meth:`JobRegistry.corrupt` lists them),
+counts as absent for every write (a resubmission, or the job's worker
+finishing, replaces a corrupt record; a job moving ``latest`` repairs a
+corrupt slot), and makes :meth:`JobRegistry.get` raise
+:class:`~shared.contract.errors.CorruptRecord`.
 """
 
 from __future__ import annotations
@@ -68,9 +77,10 @@ from enum import Enum
 from typing import Any
 
 from shared.contract.domain import SAFE_ID
-from shared.contract.errors import DatasetHashMismatch, NotFound
+from shared.contract.errors import CorruptRecord, DatasetHashMismatch, NotFound
 from shared.contract.job import CalibrationJob, JobState, JobStatus, Progress, utcnow
 from shared.contract.summary import CalibrationSummary
+from shared.jobs.registry.values import Corrupt, Holds, read_pointer, read_record
 from shared.storage.catalog import Catalog, LatestPointer, pointers_for
 
 log = logging.getLogger(__name__)
@@ -153,11 +163,26 @@ def _clip(text: str, limit: int = MAX_INVALID_REASON_CHARS) -> str:
 class JobRegistry(ABC):
     """Job records and latest pointers; subclasses supply storage primitives."""
 
+    #: Whether a URI lies inside the store; pointers naming a summary elsewhere are corrupt (None: not checked).
+    holds: Holds | None = None
+
     # -- primitives (each atomic) --
 
     @abstractmethod
-    def find(self, job_id: str) -> JobStatus | None:
-        """The record of ``job_id``, or None."""
+    def _record_key(self, job_id: str) -> str:
+        """Where the record of ``job_id`` lies (named in warnings)."""
+
+    @abstractmethod
+    def _raw_record(self, job_id: str) -> bytes | None:
+        """The stored bytes of the record of ``job_id``, unparsed; None if there is none."""
+
+    @abstractmethod
+    def _raw_pointers(self) -> Iterator[tuple[str, tuple[str, str], bytes]]:
+        """Every stored latest pointer, unparsed: ``(key, (archetype, event), bytes)``."""
+
+    @abstractmethod
+    def _raw_pointer(self, slot: tuple[str, str]) -> tuple[str, bytes | None]:
+        """The key of one latest slot and its stored bytes (None if empty)."""
 
     @abstractmethod
     def _insert(self, status: JobStatus) -> bool:
@@ -183,10 +208,6 @@ class JobRegistry(ABC):
         """Store each pointer that :func:`is_newer` than the current one, atomically; the moved ones."""
 
     @abstractmethod
-    def latest_all(self) -> dict[tuple[str, str], LatestPointer]:
-        """Every latest pointer, keyed by ``(archetype, event)``."""
-
-    @abstractmethod
     def _drop_latest(self) -> None: ...
 
     @abstractmethod
@@ -198,8 +219,8 @@ class JobRegistry(ABC):
         """Yield ``pause(seconds)``: returns early when ``job_id`` may have changed."""
 
     @abstractmethod
-    def _newest(self) -> Iterator[JobStatus]:
-        """Every record, most recently updated first (lazily: the caller stops when it has enough)."""
+    def _newest(self) -> Iterator[JobStatus | Corrupt]:
+        """Every record, most recently updated first, corrupt ones as they are met (lazily)."""
 
     @abstractmethod
     def _append_invalid(self, entry: dict[str, str]) -> None:
@@ -209,14 +230,53 @@ class JobRegistry(ABC):
     def invalid_messages(self, limit: int = 100) -> list[dict[str, str]]:
         """The newest refused messages, newest first: ``{"at", "job_id", "reason"}``."""
 
+    # -- reading values back --
+
+    def _load(self, job_id: str) -> JobStatus | Corrupt | None:
+        raw = self._raw_record(job_id)
+        return None if raw is None else read_record(raw, key=self._record_key(job_id), job_id=job_id)
+
+    def _record_or_none(self, job_id: str, raw: bytes | None) -> JobStatus | None:
+        """The record in ``raw`` (read inside a backend's transaction); None if absent or corrupt."""
+        if raw is None:
+            return None
+        record = read_record(raw, key=self._record_key(job_id), job_id=job_id)
+        return record if isinstance(record, JobStatus) else None
+
+    def _pointer_or_none(self, key: str, slot: tuple[str, str], raw: bytes | None) -> LatestPointer | None:
+        """The pointer in ``raw``; None if the slot is empty or corrupt (so the next pointer repairs it)."""
+        if raw is None:
+            return None
+        pointer = read_pointer(raw, key=key, slot=slot, holds=self.holds)
+        return pointer if isinstance(pointer, LatestPointer) else None
+
     # -- records --
 
+    def find(self, job_id: str) -> JobStatus | None:
+        """The record of ``job_id``, or None (also when it is corrupt: see the module docstring)."""
+        record = self._load(job_id)
+        return record if isinstance(record, JobStatus) else None
+
     def get(self, job_id: str) -> JobStatus:
-        """The record of ``job_id``; NotFound if there is none."""
-        status = self.find(job_id)
-        if status is None:
+        """The record of ``job_id``; NotFound if there is none, CorruptRecord if it cannot be read."""
+        record = self.find(job_id) or self._load(job_id)  # read again only to tell corrupt from absent
+        if record is None:
             raise NotFound(f"no job {job_id!r} in {self!r} (never submitted, or its record expired)")
-        return status
+        if isinstance(record, Corrupt):
+            raise CorruptRecord(
+                f"job {job_id!r}: its record at {record.key} is corrupt ({record.why}); "
+                "submitting the job again replaces it"
+            )
+        return record
+
+    def corrupt(self) -> list[Corrupt]:
+        """Every record and latest pointer that cannot be used: where it lies and why (see ``calq jobs --all``)."""
+        found = [record for record in self._newest() if isinstance(record, Corrupt)]
+        for key, slot, raw in self._raw_pointers():
+            pointer = read_pointer(raw, key=key, slot=slot, holds=self.holds)
+            if isinstance(pointer, Corrupt):
+                found.append(pointer)
+        return found
 
     def jobs(
         self, *, state: JobState | str | None = None, archetype: str | None = None, limit: int | None = 20
@@ -225,6 +285,8 @@ class JobRegistry(ABC):
         wanted = JobState(state) if state is not None else None
         found: list[JobStatus] = []
         for status in self._newest():
+            if isinstance(status, Corrupt):
+                continue
             if (wanted is None or status.state is wanted) and (archetype is None or status.archetype == archetype):
                 found.append(status)
                 if limit is not None and len(found) >= limit:
@@ -499,9 +561,19 @@ class JobRegistry(ABC):
             log.info("latest now %s for %s", summary.job_id, ", ".join(f"{p.archetype}/{p.event}" for p in moved))
         return moved
 
+    def latest_all(self) -> dict[tuple[str, str], LatestPointer]:
+        """Every usable latest pointer, keyed by ``(archetype, event)``; corrupt ones are skipped."""
+        found: dict[tuple[str, str], LatestPointer] = {}
+        for key, slot, raw in self._raw_pointers():
+            pointer = self._pointer_or_none(key, slot, raw)
+            if pointer is not None:
+                found[slot] = pointer
+        return found
+
     def latest(self, archetype: str, event: str) -> LatestPointer | None:
-        """The current calibration of ``archetype`` for ``event``, or None."""
-        return self.latest_all().get((archetype, event))
+        """The current calibration of ``archetype`` for ``event``, or None (also when the slot is corrupt)."""
+        key, raw = self._raw_pointer((archetype, event))
+        return self._pointer_or_none(key, (archetype, event), raw)
 
     def rebuild_latest(self, catalog: Catalog) -> int:
         """Drop every latest pointer and rebuild them from the summaries in the store.

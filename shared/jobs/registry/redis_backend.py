@@ -14,6 +14,7 @@ from shared.contract.errors import AuthenticationFailed, BrokerUnavailable, is_a
 from shared.contract.job import JobStatus
 from shared.contract.settings import redact_url
 from shared.jobs.registry.base import DEFAULT_RECORD_TTL_S, INVALID_KEEP, Change, JobRegistry, _message
+from shared.jobs.registry.values import Corrupt, Holds, read_record
 from shared.storage.catalog import LatestPointer, is_newer, newest_pointers
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,11 @@ class RedisRegistry(JobRegistry):
         prefix: str = "calq",
         record_ttl_s: int = DEFAULT_RECORD_TTL_S,
         url: str | None = None,
+        holds: Holds | None = None,
     ) -> None:
+        """``holds``: the store's ``Store.holds``; a pointer naming a summary outside it is corrupt."""
         self.redis = redis_client
+        self.holds = holds
         self.prefix = prefix
         self.record_ttl_s = record_ttl_s
         self.channel = f"{prefix}:jobs"
@@ -75,16 +79,31 @@ class RedisRegistry(JobRegistry):
                 raise
             raise BrokerUnavailable(f"Redis unavailable at {self._url}: {type(exc).__name__}: {exc}") from exc
 
-    def find(self, job_id: str) -> JobStatus | None:
+    def _record_key(self, job_id: str) -> str:
+        return self._job_key(job_id)
+
+    def _raw_record(self, job_id: str) -> bytes | None:
         with self._errors():
-            raw = self.redis.get(self._job_key(job_id))
-        return None if raw is None else JobStatus.model_validate_json(raw)
+            return self.redis.get(self._job_key(job_id))
 
     def _insert(self, status: JobStatus) -> bool:
+        """``SET NX``, except that a corrupt record is replaced (WATCHed, so a real record written meanwhile wins)."""
+        key = self._job_key(status.job_id)
+
+        def replace_corrupt(pipe: Any) -> bool:
+            raw = pipe.get(key)
+            if raw is not None and self._record_or_none(status.job_id, raw) is not None:
+                return False
+            if raw is not None:
+                log.warning("replacing the corrupt record at %s", key)
+            pipe.multi()
+            pipe.set(key, status.model_dump_json(), ex=self.record_ttl_s)
+            return True
+
         with self._errors():
-            created = bool(
-                self.redis.set(self._job_key(status.job_id), status.model_dump_json(), nx=True, ex=self.record_ttl_s)
-            )
+            created = bool(self.redis.set(key, status.model_dump_json(), nx=True, ex=self.record_ttl_s))
+            if not created:
+                created = self.redis.transaction(replace_corrupt, key, value_from_callable=True)
             if created:
                 now = time.time()
                 pipe = self.redis.pipeline(transaction=False)
@@ -97,10 +116,9 @@ class RedisRegistry(JobRegistry):
         key = self._job_key(job_id)
 
         def attempt(pipe: Any) -> tuple[JobStatus | None, JobStatus | None]:
-            raw = pipe.get(key)
-            if raw is None:
+            before = self._record_or_none(job_id, pipe.get(key))
+            if before is None:
                 return None, None
-            before = JobStatus.model_validate_json(raw)
             after = change(before)
             if after is not None:
                 pipe.multi()
@@ -127,25 +145,27 @@ class RedisRegistry(JobRegistry):
             if keys:
                 self.redis.delete(*keys)
 
-    def _newest(self) -> Iterator[JobStatus]:
+    def _newest(self) -> Iterator[JobStatus | Corrupt]:
         page, start = 100, 0
         while True:
             with self._errors():
                 ids = self.redis.zrevrange(self._index_key, start, start + page - 1)
                 if not ids:
                     return
-                raws = self.redis.mget([self._job_key(i.decode() if isinstance(i, bytes) else i) for i in ids])
+                job_ids = [_text(i) for i in ids]
+                raws = self.redis.mget([self._job_key(i) for i in job_ids])
                 gone = [i for i, raw in zip(ids, raws) if raw is None]
                 if gone:  # expired records leave the index as they are met
                     self.redis.zrem(self._index_key, *gone)
-            for raw in raws:
+            for job_id, raw in zip(job_ids, raws):
                 if raw is not None:
-                    yield JobStatus.model_validate_json(raw)
+                    yield read_record(raw, key=self._job_key(job_id), job_id=job_id)
             start += len(ids) - len(gone)
 
     def _append_invalid(self, entry: dict[str, str]) -> None:
         with self._errors():
-            self.redis.xadd(self._invalid_key, entry, maxlen=INVALID_KEEP, approximate=True)
+            # exact MAXLEN (no ``~``): the stream never holds more than INVALID_KEEP, whatever was written to it
+            self.redis.xadd(self._invalid_key, entry, maxlen=INVALID_KEEP, approximate=False)
 
     def invalid_messages(self, limit: int = 100) -> list[dict[str, str]]:
         with self._errors():
@@ -153,7 +173,7 @@ class RedisRegistry(JobRegistry):
         return [{_text(k): _text(v) for k, v in fields.items()} for _, fields in entries]
 
     def invalid_count(self) -> int:
-        """How many refused messages ``{prefix}:invalid`` holds (capped at about INVALID_KEEP)."""
+        """How many refused messages ``{prefix}:invalid`` holds (at most INVALID_KEEP)."""
         with self._errors():
             return int(self.redis.xlen(self._invalid_key))
 
@@ -165,8 +185,8 @@ class RedisRegistry(JobRegistry):
             current = pipe.hmget(self._latest_key, fields)
             moved = [
                 p
-                for p, raw in zip(best.values(), current)
-                if is_newer(p, None if raw is None else LatestPointer.model_validate_json(raw))
+                for p, field, raw in zip(best.values(), fields, current)
+                if is_newer(p, self._pointer_or_none(self._pointer_key(field), p.slot, raw))
             ]
             if moved:
                 pipe.multi()
@@ -178,16 +198,21 @@ class RedisRegistry(JobRegistry):
         with self._errors():
             return self.redis.transaction(attempt, self._latest_key, value_from_callable=True)
 
-    def latest_all(self) -> dict[tuple[str, str], LatestPointer]:
+    def _pointer_key(self, field: str) -> str:
+        return f"{self._latest_key}[{field}]"
+
+    def _raw_pointers(self) -> Iterator[tuple[str, tuple[str, str], bytes]]:
         with self._errors():
             raw = self.redis.hgetall(self._latest_key)
-        pointers = (LatestPointer.model_validate_json(v) for v in raw.values())
-        return {p.slot: p for p in pointers}
+        for name, value in raw.items():
+            field = _text(name)
+            archetype, _, event = field.partition(":")
+            yield self._pointer_key(field), (archetype, event), value
 
-    def latest(self, archetype: str, event: str) -> LatestPointer | None:
+    def _raw_pointer(self, slot: tuple[str, str]) -> tuple[str, bytes | None]:
         with self._errors():
-            raw = self.redis.hget(self._latest_key, _field((archetype, event)))
-        return None if raw is None else LatestPointer.model_validate_json(raw)
+            raw = self.redis.hget(self._latest_key, _field(slot))
+        return self._pointer_key(_field(slot)), raw
 
     def _drop_latest(self) -> None:
         with self._errors():

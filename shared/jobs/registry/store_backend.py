@@ -8,11 +8,13 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 from shared.contract.domain import SAFE_ID
 from shared.contract.errors import NotFound
 from shared.contract.job import JobStatus
 from shared.jobs.registry.base import INVALID_KEEP, Change, JobRegistry, _check_id
+from shared.jobs.registry.values import Corrupt, Holds, read_record
 from shared.storage.catalog import LatestPointer, is_newer, newest_pointers
 from shared.storage.store import Store
 
@@ -41,8 +43,10 @@ class StoreRegistry(JobRegistry):
     otherwise.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, holds: Holds | None = None) -> None:
+        """``holds``: ``Store.holds`` of the store summaries live in; a pointer naming a summary outside it is corrupt."""
         self.store = store
+        self.holds = holds
         self._cond = _store_condition(store.url)
 
     def __repr__(self) -> str:
@@ -66,11 +70,13 @@ class StoreRegistry(JobRegistry):
         except NotFound:
             return None
 
-    def find(self, job_id: str) -> JobStatus | None:
+    def _record_key(self, job_id: str) -> str:
+        return self._job_key(job_id)
+
+    def _raw_record(self, job_id: str) -> bytes | None:
         if not SAFE_ID.match(job_id):
             return None
-        raw = self._read(self._job_key(job_id))
-        return None if raw is None else JobStatus.model_validate_json(raw)
+        return self._read(self._job_key(job_id))
 
     def _write(self, status: JobStatus) -> None:
         _check_id(status.job_id)
@@ -78,7 +84,7 @@ class StoreRegistry(JobRegistry):
 
     def _insert(self, status: JobStatus) -> bool:
         with self._cond:
-            if self.find(status.job_id) is not None:
+            if self.find(status.job_id) is not None:  # a corrupt record is replaced
                 return False
             self._write(status)
             return True
@@ -98,7 +104,7 @@ class StoreRegistry(JobRegistry):
         key = self._deliveries_key(job_id)
         with self._cond:
             raw = self._read(key)
-            counts: dict[str, int] = json.loads(raw) if raw is not None else {}
+            counts = _json_or(raw, dict, key)
             counts[str(attempt)] = counts.get(str(attempt), 0) + by
             self.store.put_json(key, counts)
             return counts[str(attempt)]
@@ -107,33 +113,32 @@ class StoreRegistry(JobRegistry):
         with self._cond:
             self.store.delete(self._deliveries_key(job_id))
 
-    def _newest(self) -> Iterator[JobStatus]:
-        records = []
+    def _newest(self) -> Iterator[JobStatus | Corrupt]:
+        records: list[JobStatus] = []
+        corrupt: list[Corrupt] = []
         for uri in self.store.list("jobs"):
             if not uri.endswith(".json"):
                 continue
-            raw = self._read(uri)
+            job_id = uri.rsplit("/", 1)[-1][: -len(".json")]
+            raw = self._raw_record(job_id)
             if raw is None:
                 continue
-            try:
-                records.append(JobStatus.model_validate_json(raw))
-            except ValueError as exc:
-                log.warning("skipping unreadable job record %s: %s", uri, exc)
+            record = read_record(raw, key=self._job_key(job_id), job_id=job_id)
+            (records if isinstance(record, JobStatus) else corrupt).append(record)
         epoch = datetime.min.replace(tzinfo=UTC)
         records.sort(key=lambda r: r.updated_at or r.submitted_at or epoch, reverse=True)
         yield from records
+        yield from corrupt
 
     def _append_invalid(self, entry: dict[str, str]) -> None:
         with self._cond:
             raw = self._read(_INVALID_KEY)
-            entries: list[dict[str, str]] = json.loads(raw) if raw is not None else []
-            entries = [*entries, entry][-INVALID_KEEP:]
+            entries = [*_json_or(raw, list, _INVALID_KEY), entry][-INVALID_KEEP:]
             self.store.put_json(_INVALID_KEY, entries)
 
     def invalid_messages(self, limit: int = 100) -> list[dict[str, str]]:
-        raw = self._read(_INVALID_KEY)
-        entries: list[dict[str, str]] = json.loads(raw) if raw is not None else []
-        return entries[::-1][:limit]
+        entries = _json_or(self._read(_INVALID_KEY), list, _INVALID_KEY)
+        return [e for e in entries if isinstance(e, dict)][::-1][:limit]
 
     def invalid_count(self) -> int:
         """How many refused messages the store keeps (capped at INVALID_KEEP)."""
@@ -144,26 +149,25 @@ class StoreRegistry(JobRegistry):
         with self._cond:
             for slot, pointer in newest_pointers(pointers).items():
                 key = self._latest_key(*slot)
-                raw = self._read(key)
-                if is_newer(pointer, None if raw is None else LatestPointer.model_validate_json(raw)):
+                if is_newer(pointer, self._pointer_or_none(key, slot, self._read(key))):
                     self.store.put_bytes(key, pointer.model_dump_json(indent=2).encode())
                     moved.append(pointer)
         return moved
 
-    def latest_all(self) -> dict[tuple[str, str], LatestPointer]:
-        pointers: dict[tuple[str, str], LatestPointer] = {}
+    def _raw_pointers(self) -> Iterator[tuple[str, tuple[str, str], bytes]]:
         for uri in self._latest_uris():
+            key = self.store.key_of(uri)
+            parts = key[: -len(".json")].split("/")
             raw = self._read(uri)
             if raw is not None:
-                pointer = LatestPointer.model_validate_json(raw)
-                pointers[pointer.slot] = pointer
-        return pointers
+                slot = (parts[1], parts[2]) if len(parts) == 3 else ("/".join(parts[1:-1]), parts[-1])
+                yield key, slot, raw
 
-    def latest(self, archetype: str, event: str) -> LatestPointer | None:
-        if not (SAFE_ID.match(archetype) and SAFE_ID.match(event)):
-            return None
-        raw = self._read(self._latest_key(archetype, event))
-        return None if raw is None else LatestPointer.model_validate_json(raw)
+    def _raw_pointer(self, slot: tuple[str, str]) -> tuple[str, bytes | None]:
+        if not (SAFE_ID.match(slot[0]) and SAFE_ID.match(slot[1])):
+            return f"latest/{slot[0]}/{slot[1]}.json", None
+        key = self._latest_key(*slot)
+        return key, self._read(key)
 
     def _latest_uris(self) -> Iterable[str]:
         return [u for u in self.store.list("latest") if u.endswith(".json")]
@@ -186,3 +190,17 @@ class StoreRegistry(JobRegistry):
         yield pause
 
 
+
+
+def _json_or(raw: bytes | None, kind: type, key: str) -> Any:
+    """The JSON ``kind`` (dict or list) in ``raw``; empty when absent, or when unreadable (a warning names ``key``)."""
+    if raw is None:
+        return kind()
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, kind):
+        log.warning("%s is unreadable; starting it afresh", key)
+        return kind()
+    return value
