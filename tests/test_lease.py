@@ -219,3 +219,73 @@ def test_the_record_counts_sampler_runs_across_deliveries(fleet):
     reg.mark_running(job.job_id, worker="w1")
     reg.count_sampler_run(job.job_id)
     assert reg.get(job.job_id).sampler_runs == 2  # re-queueing keeps the count
+
+
+# -- planted leases: a lease lives by its renewal time, never by its key's TTL (issue 16) ------------------
+
+TEN_YEARS_S = 10 * 365 * 24 * 3600
+
+
+def server_ms(client) -> int:
+    seconds, micros = client.time()
+    return seconds * 1000 + micros // 1000
+
+
+@pytest.mark.parametrize("planted", [
+    "deadworker|999",  # the old format: no renewal time
+    "deadworker|999|0",  # renewed in 1970
+    "deadworker|999|99999999999999",  # "renewed" in the year 5138
+    "\x00\xff garbage",
+])
+def test_a_planted_lease_with_a_ten_year_ttl_never_blocks_a_delivery(leases, planted):
+    leases.redis.set(leases.lease_key("cj-1"), planted.encode("latin-1"), ex=TEN_YEARS_S)
+    assert leases.holder("cj-1") is None
+    lease = leases.acquire("cj-1", "w1", message=MESSAGE)
+    assert lease is not None and leases.holder("cj-1") == "w1"  # the delivery runs
+    assert 0 < leases.redis.pttl(leases.lease_key("cj-1")) <= 500  # the TTL is the lease code's, bounded
+    assert leases.renew(lease) and leases.release(lease)
+
+
+def test_a_lease_key_of_another_type_is_taken_over(leases):
+    leases.redis.hset(leases.lease_key("cj-1"), "x", "y")
+    leases.redis.expire(leases.lease_key("cj-1"), TEN_YEARS_S)
+    lease = leases.acquire("cj-1", "w1", message=MESSAGE)
+    assert lease is not None and leases.holder("cj-1") == "w1"
+
+
+def test_a_lease_not_renewed_is_reaped_whatever_its_ttl(fleet):
+    from shared.contract.job import JobState
+    from shared.jobs.lease import Reaper
+
+    leases, client = fleet["leases"], fleet["registry"].redis
+    job, lease = running_job(fleet)
+    stale = f"w0|{lease.token}|{server_ms(client) - 5_000}"  # last renewed 5 s ago; the lease is 0.6 s
+    client.set(leases.lease_key(job.job_id), stale, ex=TEN_YEARS_S)
+    garbage, _ = running_job(fleet, seed=1)
+    client.set(leases.lease_key(garbage.job_id), b"\x1b[2J not a lease", ex=TEN_YEARS_S)
+    reaper = Reaper(registry=fleet["registry"], leases=leases, store=fleet["store"], publish=fleet["publish"],
+                    interval_s=0.2)
+    assert reaper.run_once() == {job.job_id: "requeued", garbage.job_id: "requeued"}
+    for job_id in (job.job_id, garbage.job_id):
+        assert fleet["registry"].get(job_id).state is JobState.QUEUED
+        assert client.exists(leases.lease_key(job_id)) == 0  # the stale key went with the claim
+    assert not leases.renew(lease)  # the worker that held it has lost it
+    again = leases.acquire(job.job_id, "w1", message=job.to_message())
+    assert again is not None and again.token > lease.token  # the re-published delivery runs
+    assert {m["job_id"] for m, _, _ in fleet["sent"]} == {job.job_id, garbage.job_id}
+
+
+def test_a_renewed_lease_is_never_reaped_or_taken(fleet):
+    from shared.jobs.lease import Reaper
+
+    leases = fleet["leases"]
+    job, lease = running_job(fleet)
+    reaper = Reaper(registry=fleet["registry"], leases=leases, store=fleet["store"], publish=fleet["publish"],
+                    interval_s=0.1)
+    with Heartbeat(leases, lease, interval_s=0.1) as beat:
+        for _ in range(8):  # 1.6 s: well past the 0.6 s lease
+            time.sleep(0.2)
+            assert reaper.run_once() == {}
+            assert leases.acquire(job.job_id, "w1", message=job.to_message()) is None
+        assert not beat.lost.is_set() and leases.holder(job.job_id) == "w0"
+    assert fleet["sent"] == []

@@ -16,9 +16,11 @@ that is not renewed lapses after ``lease_s``, and the job is handed back::
 
 Keys (``prefix`` is ``calq``):
 
-- ``{prefix}:lease:{job_id}``: ``"{worker}|{token}"``, expiring after ``lease_s``.
+- ``{prefix}:lease:{job_id}``: ``"{worker}|{token}|{renewed}"``, expiring after ``lease_s``.
   ``token`` comes from the counter ``{prefix}:lease-token`` (a fencing token:
-  a renewal or release only touches the lease it took).
+  a renewal or release only touches the lease it took); ``renewed`` is the
+  Redis server's clock (ms since the epoch, ``TIME`` inside the scripts, so
+  the hosts' clocks never matter) at the last acquire or renewal.
 - ``{prefix}:leased``: the set of job ids whose lease is not yet released or
   handed back. Taking a job out of it (``SREM``, atomic) is what entitles
   one actor — the worker, its supervisor or the reaper — to hand it back, so
@@ -31,12 +33,22 @@ Keys (``prefix`` is ``calq``):
 
 A duplicate delivery of a job whose lease is held elsewhere is not run: the
 lease is the mutual exclusion, the registry record is what people read.
+
+A lease's life never comes from its key's TTL alone: anyone with Redis
+access can write a lease key (``"deadworker|999"`` with a ten-year TTL). A
+lease is *live* only if its value parses and was renewed within ``lease_s``
+of the server's clock (and not more than ``lease_s`` ahead of it); any other
+value at a lease key, of any type or TTL, is *stale*. A stale lease is
+reaped like a lapsed one (:meth:`Leases.lapsed`) and taken over by the next
+delivery (:meth:`Leases.acquire`, with a new fencing token). Lease TTLs are
+set only here, to ``lease_s``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -44,69 +56,97 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+
 log = logging.getLogger(__name__)
 
 #: Publishes a job message again: ``publish(message, attempt=..., queue=...)``.
 Publisher = Callable[..., Any]
 
+#: A lease key's value (see the module docstring).
+_LEASE_VALUE = re.compile(r"(?P<worker>.+)\|(?P<token>\d+)\|(?P<renewed>\d+)", re.DOTALL)
+
+# Shared by the scripts: the server's clock, a lease key's string value (false when absent or of
+# another type), the "worker|token" of a value, and whether that value is live (see the module docstring).
+_LUA_LEASE = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function read(key)
+  if redis.call('TYPE', key)['ok'] ~= 'string' then return false end
+  return redis.call('GET', key)
+end
+local function holder_of(value)
+  if not value then return nil end
+  return string.match(value, '^(.+|%d+)|%d+$')
+end
+local function live(value, lease_ms, now)
+  if holder_of(value) == nil then return false end
+  local renewed = tonumber(string.match(value, '|(%d+)$'))
+  return renewed ~= nil and now - renewed <= lease_ms and renewed - now <= lease_ms
+end
+"""
+
 # KEYS: lease, leased, holding, resend, token counter.
 # ARGV: worker, lease ms, job id, resend JSON, record ttl s.
-_ACQUIRE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+# A live lease held by anyone refuses; a stale one (or anything else at the key) is taken over.
+_ACQUIRE = _LUA_LEASE + """
+local now = now_ms()
+if live(read(KEYS[1]), tonumber(ARGV[2]), now) then return false end
 local token = redis.call('INCR', KEYS[5])
-redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token .. '|' .. now, 'PX', ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[3])
 redis.call('SET', KEYS[3], ARGV[3] .. '|' .. token, 'EX', ARGV[5])
 redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[5])
 return token
 """
 
-# KEYS: lease, leased. ARGV: value, lease ms, job id.
-# 1: renewed; 1 also when the lease had lapsed but nobody took the job yet (taken again);
-# 0: someone else holds it, or the job was handed back: this worker has lost it.
-_RENEW = """
-local current = redis.call('GET', KEYS[1])
-if current == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-if current == false and redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 1 then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+# KEYS: lease, leased. ARGV: holder ("worker|token"), lease ms, job id.
+# 1: renewed (renewal time now, TTL lease ms); 1 also when the lease had lapsed but nobody took the job
+# yet (taken again); 0: someone else holds it, or the job was handed back: this worker has lost it.
+_RENEW = _LUA_LEASE + """
+local current = read(KEYS[1])
+if holder_of(current) == ARGV[1]
+   or (current == false and redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 1) then
+  redis.call('SET', KEYS[1], ARGV[1] .. '|' .. now_ms(), 'PX', ARGV[2])
   return 1
 end
 return 0
 """
 
-# KEYS: lease, leased, holding. ARGV: value, job id, holding value.
+# KEYS: lease, leased, holding. ARGV: holder ("worker|token"), job id, holding value.
 # Drops this worker's lease; 1 if the job was still this worker's to release.
-_RELEASE = """
-if redis.call('GET', KEYS[3]) == ARGV[3] then redis.call('DEL', KEYS[3]) end
-local current = redis.call('GET', KEYS[1])
-if current == ARGV[1] then
+_RELEASE = _LUA_LEASE + """
+if read(KEYS[3]) == ARGV[3] then redis.call('DEL', KEYS[3]) end
+local current = read(KEYS[1])
+if holder_of(current) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   return redis.call('SREM', KEYS[2], ARGV[2])
 end
-if current == false then return redis.call('SREM', KEYS[2], ARGV[2]) end
+if current == false and redis.call('EXISTS', KEYS[1]) == 0 then return redis.call('SREM', KEYS[2], ARGV[2]) end
 return 0
 """
 
-# KEYS: lease, leased. ARGV: job id. The reaper's claim: 1 if the lease has lapsed and the job is now ours.
-_CLAIM_LAPSED = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-return redis.call('SREM', KEYS[2], ARGV[1])
+# KEYS: lease, leased. ARGV: job id, lease ms. The reaper's claim: 1 if the lease has lapsed or is
+# stale (not renewed within lease ms, or not a lease at all) and the job is now ours; the stale key goes.
+_CLAIM_LAPSED = _LUA_LEASE + """
+if live(read(KEYS[1]), tonumber(ARGV[2]), now_ms()) then return 0 end
+local claimed = redis.call('SREM', KEYS[2], ARGV[1])
+if claimed == 1 then redis.call('DEL', KEYS[1]) end
+return claimed
 """
 
 # KEYS: holding, leased. ARGV: worker, lease key prefix.
 # The supervisor's claim on a dead child's job: its id if the child still held it.
-_CLAIM_HELD = """
-local held = redis.call('GET', KEYS[1])
+_CLAIM_HELD = _LUA_LEASE + """
+local held = read(KEYS[1])
 if held == false then return false end
 redis.call('DEL', KEYS[1])
 local job, token = string.match(held, '^(.*)|(%d+)$')
 if job == nil then return false end
 local lease = ARGV[2] .. job
-local current = redis.call('GET', lease)
-if current ~= false and current ~= (ARGV[1] .. '|' .. token) then return false end
+local current = read(lease)
+if current ~= false and holder_of(current) ~= (ARGV[1] .. '|' .. token) then return false end
 if current ~= false then redis.call('DEL', lease) end
 if redis.call('SREM', KEYS[2], job) == 1 then return job end
 return false
@@ -137,6 +177,7 @@ class Lease:
 
     @property
     def value(self) -> str:
+        """``"{worker}|{token}"``: the lease key's value without its renewal time."""
         return f"{self.worker}|{self.token}"
 
 
@@ -203,9 +244,14 @@ class Leases:
         ))
 
     def holder(self, job_id: str) -> str | None:
-        """The worker holding the lease of ``job_id``, or None."""
+        """The worker holding a live lease of ``job_id``, or None (none, or a stale one: see the module docstring)."""
         raw = self.redis.get(self.lease_key(job_id))
-        return None if raw is None else raw.decode().rsplit("|", 1)[0]
+        match = None if raw is None else _LEASE_VALUE.fullmatch(raw.decode(errors="replace"))
+        if match is None:
+            return None
+        seconds, micros = self.redis.time()
+        age_ms = seconds * 1000 + micros // 1000 - int(match["renewed"])
+        return match["worker"] if abs(age_ms) <= self.lease_ms else None
 
     # -- the supervisor's and the reaper's side --
 
@@ -220,7 +266,7 @@ class Leases:
         claimed = []
         for raw in self.redis.smembers(self.leased_key):
             job_id = raw.decode()
-            if self._claim_lapsed(keys=[self.lease_key(job_id), self.leased_key], args=[job_id]):
+            if self._claim_lapsed(keys=[self.lease_key(job_id), self.leased_key], args=[job_id, self.lease_ms]):
                 claimed.append(job_id)
         return claimed
 
