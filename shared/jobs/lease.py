@@ -56,7 +56,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-
 log = logging.getLogger(__name__)
 
 #: Publishes a job message again: ``publish(message, attempt=..., queue=...)``.
