@@ -19,7 +19,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from producer import exit_codes, job_commands
+from producer import exit_codes, fleet_command, job_commands, usage
 from producer.console import client as _client
 from producer.console import err, out, say
 from producer.console import print_json as _print_json
@@ -33,10 +33,39 @@ app = typer.Typer(
     help="calq: calibrated probabilities from race-simulation forecasts, as a job queue.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
 log = logging.getLogger("calq")
+#: ``calq --debug``: errors show their traceback (set by the root callback, read by :func:`main`).
+_debug = False
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            out.print(f"calq {version('calq')}", highlight=False)
+        except PackageNotFoundError:
+            out.print("calq (not installed: run pip install -e .)", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an unexpected error.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_version, help="Print calq's version and exit.")
+    ] = False,
+) -> None:
+    """calq: calibrated probabilities from race-simulation forecasts, as a job queue."""
+    global _debug
+    _debug = debug
+
+
+#: A dataset the command reads: a missing file or a folder is a usage mistake (exit 2), before any work.
+DatasetFile = Annotated[
+    Path, typer.Argument(metavar="DATASET", exists=True, dir_okay=False, help="A calibration dataset (NetCDF).")
+]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 Events = Annotated[Optional[str], typer.Option(help="Comma-separated events, e.g. top_5,top_10 (default top_1,top_5,top_10).")]
 Warmup = Annotated[Optional[int], typer.Option(help="Warmup steps per chain (default from settings: 500).")]
@@ -54,7 +83,7 @@ def _archetypes_in(dataset: Path, wanted: str | None) -> list[str]:
     from shared.data.dataset import open_dataset
 
     if wanted:
-        return [a.strip() for a in wanted.split(",") if a.strip()]
+        return usage.archetypes(wanted)
     ds = open_dataset(dataset)
     present = set(ds["archetype"].values.astype(str))
     return [a for a in ARCHETYPES if a in present]
@@ -99,7 +128,7 @@ app.command()(report)  # calq report: tables, or HTML / markdown pages (producer
 
 @app.command()
 def calibrate(
-    dataset: Annotated[Path, typer.Argument(help="A calibration dataset (NetCDF).")],
+    dataset: DatasetFile,
     archetype: Annotated[
         Optional[str],
         typer.Option(help="An archetype, a comma-separated list, or 'all' for one joint fit (default: each archetype in the data)."),
@@ -121,6 +150,8 @@ def calibrate(
     """
     from producer.client import JobDidNotSucceed
 
+    usage.archetypes(archetype)  # every usage mistake before any work: nothing is uploaded for a typo
+    usage.events(events)
     client = _client()
     summaries, failures = [], []
     ref = client.upload(dataset)
@@ -215,6 +246,9 @@ def apply(
     from shared.fit.apply import calibrate_probabilities
     from shared.storage.store import Store
 
+    usage.event(event)
+    if archetype is not None:
+        usage.archetype(archetype, allow_all=False)
     probabilities = _floats(p)
     store = Store.from_settings(_settings())
     idata = store.get_inference_data(posterior_uri if "://" in posterior_uri else "file://" + str(Path(posterior_uri).resolve()))
@@ -238,7 +272,7 @@ def apply(
 
 @app.command()
 def submit(
-    dataset: Annotated[Path, typer.Argument(help="A calibration dataset (NetCDF).")],
+    dataset: DatasetFile,
     archetype: Annotated[str, typer.Option(help="An archetype, or 'all'.")],
     events: Events = None,
     warmup: Warmup = None,
@@ -251,6 +285,8 @@ def submit(
     as_json: JsonFlag = False,
 ) -> None:
     """Submit a job and print its id (embedded mode: run it now; Ctrl-C cancels it cleanly, exit 4)."""
+    usage.archetype(archetype)
+    usage.events(events)
     client = _client()
     with _ctrl_c_cancels(client):
         job_id = client.submit(
@@ -332,6 +368,9 @@ def latest(
     as_json: JsonFlag = False,
 ) -> None:
     """Print the newest converged summary for an archetype."""
+    usage.archetype(archetype, hint="ARCHETYPE")
+    if event is not None:
+        usage.event(event)
     summary = _client().latest(archetype, event)
     _show(summary, as_json)
 
@@ -373,7 +412,7 @@ def worker(
 
 @app.command()
 def backfill(
-    dataset: Annotated[Path, typer.Argument(help="A calibration dataset (NetCDF).")],
+    dataset: DatasetFile,
     date_from: Annotated[str, typer.Option("--from", help="First race date (YYYY-MM-DD).")],
     date_to: Annotated[str, typer.Option("--to", help="Last race date (YYYY-MM-DD).")],
     archetypes: Annotated[Optional[str], typer.Option(help="Comma-separated archetypes (default: all four).")] = None,
@@ -390,11 +429,14 @@ def backfill(
     """Recompute calibration as of every race date in a range; resumable."""
     from producer.backfill import Backfill, outcome_table
 
+    chosen = usage.archetypes(archetypes, allow_all=False, hint="--archetypes")
+    usage.events(events)
+    start, end = _date(date_from), _date(date_to)
     client = _client()
     plan = Backfill(
         client, dataset,
-        start=_date(date_from), end=_date(date_to),
-        archetypes=[a.strip() for a in archetypes.split(",")] if archetypes else None,
+        start=start, end=end,
+        archetypes=chosen,
         window_days=window_days, events=events,
         sampler={"warmup": warmup, "samples": samples, "chains": chains, "seed": seed},
     )
@@ -409,7 +451,7 @@ def backfill(
 
 @app.command()
 def evaluate(
-    dataset: Annotated[Path, typer.Argument(help="A calibration dataset (NetCDF).")],
+    dataset: DatasetFile,
     date_from: Annotated[str, typer.Option("--from", help="First race date to score (YYYY-MM-DD).")],
     date_to: Annotated[str, typer.Option("--to", help="Last race date to score (YYYY-MM-DD).")],
     archetypes: Annotated[Optional[str], typer.Option(help="Comma-separated archetypes (default: all four).")] = None,
@@ -428,6 +470,8 @@ def evaluate(
     """Out of sample: score each race with the newest converged fit on earlier races; raw against calibrated."""
     from producer.evaluate import evaluate_command, evaluate_table, write_page
 
+    usage.archetypes(archetypes, allow_all=False, hint="--archetypes")
+    usage.events(events)
     try:
         result = evaluate_command(
             _client(), dataset, start=_date(date_from), end=_date(date_to), archetypes=archetypes, events=events,
@@ -473,17 +517,6 @@ def _settings():
     return get_settings()
 
 
-def _settings_problems(exc: Exception) -> str:
-    """Invalid settings, by field and problem only: the values (which may be secrets) are never shown."""
-    errors = getattr(exc, "errors", None)
-    if not callable(errors):
-        return type(exc).__name__
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e.get('loc', ())) or 'settings'}: {e.get('msg', 'invalid')}"
-        for e in errors(include_url=False, include_input=False)
-    )
-
-
 def _date(value: str | None) -> date | None:
     if value is None:
         return None
@@ -501,6 +534,7 @@ def _floats(value: str) -> list[float]:
 
 
 job_commands.register(app)  # calq cancel, calq jobs
+fleet_command.register(app)  # calq fleet
 
 
 class Interrupted(BaseException):
@@ -511,39 +545,84 @@ def _on_sigint(signum, frame) -> None:
     raise Interrupted
 
 
-def main() -> None:
-    """Entry point: choose the device, configure logging once, run the command, report calq errors."""
-    from shared.contract.settings import get_settings
-    from shared.fit.device import use_host_devices
+def _quit_cancelled(signum, frame) -> None:
+    """Ctrl-C while calq is already ending: end now, with the code of a cancellation (never Python's 130)."""
+    os._exit(exit_codes.ExitCode.CANCELLED)
 
-    use_host_devices()  # before anything imports JAX: chains in parallel on the CPU
 
-    try:
-        level = get_settings().log_level
-    except Exception as exc:  # invalid settings: say which
-        say(err, f"invalid settings: {_settings_problems(exc)}", style="red")
-        sys.exit(2)
+def _logging(level: str) -> None:
     if "CALQ_LOG_LEVEL" not in os.environ and sys.argv[1:2] != ["worker"]:
         level = "WARNING"  # interactive commands show progress bars and tables, not log lines
+        # An embedded job's outcome is the command's own output (its reason in red, once):
+        # the handler's log line of the same outcome would say it twice.
+        logging.getLogger("shared.jobs.handle").setLevel(logging.ERROR)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(VisibleFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     for noisy in ("jax", "absl", "botocore", "s3fs", "aiobotocore", "celery", "kombu"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    signal.signal(signal.SIGINT, _on_sigint)
+
+
+def _run() -> int:
+    """Run the command; every error it ends with becomes one line and an exit code (see exit_codes)."""
+    import pydantic
+
     try:
-        app()
+        code = app(args=sys.argv[1:] or ["--help"], prog_name="calq", standalone_mode=False) or 0
+    except typer.Abort:  # Click's own Ctrl-C (at a prompt)
+        say(err, "interrupted", style="red")
+        return exit_codes.ExitCode.CANCELLED
+    except typer.TyperException as exc:  # usage: a bad option, argument, archetype, event or file
+        say(err, usage.one_line(exc), style="red")
+        return exit_codes.ExitCode.USAGE
     except NotFound as exc:
         say(err, f"not found: {exc}", style="red")
-        sys.exit(exit_codes.ExitCode.FAILED)
+        return exit_codes.ExitCode.FAILED
     except CalqError as exc:
         status = getattr(exc, "status", None)  # JobDidNotSucceed: the job's own outcome
-        code = exit_codes.for_state(status.state) if status is not None else exit_codes.for_error(exc)
         say(err, f"{type(exc).__name__}: {exc}", style="red")
-        sys.exit(code)
+        return exit_codes.for_state(status.state) if status is not None else exit_codes.for_error(exc)
+    except pydantic.ValidationError as exc:  # a job built from options that break its schema
+        say(err, f"invalid input: {usage.problems(exc)}", style="red")
+        return exit_codes.ExitCode.USAGE
     except (Interrupted, KeyboardInterrupt):
-        err.print("interrupted", style="red")
-        sys.exit(exit_codes.ExitCode.CANCELLED)
+        say(err, "interrupted", style="red")
+        return exit_codes.ExitCode.CANCELLED
+    except Exception as exc:
+        if _debug:
+            raise
+        say(err, f"calq: unexpected {type(exc).__name__}: {exc} (run 'calq --debug ...' for the traceback)", style="red")
+        return exit_codes.ExitCode.FAILED
+    # typer answers a KeyboardInterrupt with 130; calq's Ctrl-C is a cancellation, and says so
+    return exit_codes.ExitCode.CANCELLED if code == 130 else code
+
+
+def main() -> None:
+    """Entry point: choose the device, configure logging once, run the command, report calq errors.
+
+    Nothing reaches a user as a traceback unless ``calq --debug`` is given:
+    usage mistakes and invalid settings are one line and exit 2, every other
+    error one line and its code in :mod:`producer.exit_codes`.
+    """
+    from pydantic import ValidationError
+
+    from shared.contract.settings import get_settings
+    from shared.fit.device import use_host_devices
+
+    use_host_devices()  # before anything imports JAX: chains in parallel on the CPU
+    signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        level = get_settings().log_level
+    except ValidationError as exc:  # invalid settings: which variables, never their values
+        say(err, f"calq: invalid settings: {usage.settings_problems(exc)}", style="red")
+        sys.exit(exit_codes.ExitCode.USAGE)
+    _logging(level)
+    try:
+        code = _run()
+    except (Interrupted, KeyboardInterrupt):  # a second Ctrl-C while the first was being reported
+        code = exit_codes.ExitCode.CANCELLED
+    signal.signal(signal.SIGINT, _quit_cancelled)  # from here on, Ctrl-C only hurries the exit
+    sys.exit(code)
 
 
 if __name__ == "__main__":

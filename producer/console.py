@@ -25,8 +25,12 @@ err = Console(stderr=True)
 
 
 def say(console: Console, text: object, *, style: str | None = None) -> None:
-    """Print one line of text as text: control characters shown escaped, ``[...]`` never read as markup."""
-    console.print(visible(text), style=style, markup=False, highlight=False)
+    """Print one line of text as text: control characters shown escaped, ``[...]`` never read as markup.
+
+    The line is never broken at the console's width (``soft_wrap``): a URI or
+    path in it stays whole and copyable, and the terminal wraps it if it must.
+    """
+    console.print(visible(text), style=style, markup=False, highlight=False, soft_wrap=True)
 
 
 def print_json(obj: Any) -> None:

@@ -5,7 +5,9 @@ code  name                 when
 ====  ===================  ==============================================================
 0     ``OK``               the command did what it was asked; a waited-for job succeeded
 1     ``FAILED``           a job failed or was rejected; any other error calq reports
-2     ``USAGE``            a bad option or argument, or invalid settings (Click's code)
+2     ``USAGE``            a usage mistake, in one line: a bad option or argument (an unknown
+                           archetype or event, a missing file), or invalid settings (naming the
+                           ``CALQ_`` variable)
 3     ``TIMED_OUT``        ``wait`` (or ``calibrate`` on the fleet) gave up waiting
 4     ``CANCELLED``        the job was cancelled (``calq cancel``, or Ctrl-C)
 5     ``UNREACHABLE``      could not reach the fleet: Redis or the store, for the whole wait
@@ -15,6 +17,13 @@ Where a command waits for several jobs, the most telling code wins, in the
 order 5, 4, 1, 3 (an outage explains everything after it; a cancellation
 is what the person asked for; a failure is worth more than a timeout).
 The README shows this table; ``tests/test_exit_codes.py`` checks both agree.
+
+No other code comes back from a command: an unexpected error is 1 (its
+traceback only with ``calq --debug``), and Ctrl-C is 4 however often it is
+pressed (typer's 130 for a KeyboardInterrupt is turned into 4, and a Ctrl-C
+while calq is already exiting ends it at once with 4). Only a Ctrl-C before
+calq's entry point runs, while Python is still importing it, ends with
+Python's own 130.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from shared.jobs import celery_app as app_module
 from shared.jobs.handle import JobIdFilter, ProgressThrottle, process, status_dict
 from shared.jobs.registry import RedisRegistry
 from shared.storage.store import Store, posterior_key, summary_key
+from tests.services import free_port
 
 SHA = "ab" * 32
 ROOT = Path(__file__).resolve().parents[1]
@@ -488,8 +489,12 @@ def test_progress_errors_never_stop_the_job():
 # -- the Celery app --------------------------------------------------------------
 
 
+#: A broker address nothing listens on: building the app connects to nothing, and if it ever did, it fails here.
+NOBODY = f"redis://127.0.0.1:{free_port()}/15"
+
+
 def broker_settings(**over: Any) -> Settings:
-    return Settings(broker_url="redis://localhost:6379/15", **over)
+    return Settings(broker_url=NOBODY, **over)
 
 
 def test_app_config_is_safe_for_long_jobs_on_redis():
@@ -512,8 +517,8 @@ def test_app_config_is_safe_for_long_jobs_on_redis():
     assert conf.result_expires == 7 * 24 * 3600
     assert conf.task_track_started is True
     assert conf.worker_hijack_root_logger is False
-    assert conf.broker_url == "redis://localhost:6379/15"
-    assert conf.result_backend == "redis://localhost:6379/15"
+    assert conf.broker_url == NOBODY
+    assert conf.result_backend == NOBODY
 
 
 def test_app_uses_separate_result_backend_and_default_queue():

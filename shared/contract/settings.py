@@ -27,6 +27,9 @@ from shared.contract.summary import ConvergenceCriteria
 DEFAULT_STORE = "./calq-store"
 #: Fewest scenarios per race by default; ``calq synth`` never writes fewer.
 MIN_SCENARIOS = 20
+#: What ``CALQ_STORAGE_URL`` may name (a bare path becomes ``file://``) and ``CALQ_BROKER_URL`` may be.
+STORAGE_SCHEMES: tuple[str, ...] = ("file", "s3")
+REDIS_SCHEMES: tuple[str, ...] = ("redis", "rediss", "unix")
 
 
 def redact_url(url: str | None) -> str | None:
@@ -176,7 +179,22 @@ class Settings(BaseSettings):
     @field_validator("storage_url")
     @classmethod
     def _normalise_storage(cls, value: str) -> str:
-        return storage_url_from(value)
+        url = storage_url_from(value)
+        scheme = urlsplit(url).scheme
+        if scheme not in STORAGE_SCHEMES:
+            raise ValueError(f"storage scheme {scheme!r} is not one of {', '.join(STORAGE_SCHEMES)} (or a folder)")
+        if scheme == "s3" and not urlsplit(url).netloc:
+            raise ValueError("an s3:// storage URL names a bucket: s3://bucket/prefix")
+        return url
+
+    @field_validator("broker_url", "result_backend")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        # Only the scheme is named: the rest of the URL may hold a password.
+        scheme = urlsplit(value.get_secret_value()).scheme if value is not None else None
+        if scheme is not None and scheme not in REDIS_SCHEMES:
+            raise ValueError(f"a Redis URL starts with {', '.join(s + '://' for s in REDIS_SCHEMES)}, not {scheme or 'no scheme'}")
+        return value
 
     @field_validator("compile_cache_dir", mode="before")
     @classmethod

@@ -1,0 +1,138 @@
+"""The newcomer's path (issue 22): every mistake is one line and exit 2, help tells the truth, output fits.
+
+Each test runs ``calq`` as a person does (a subprocess in an empty folder,
+embedded mode) and checks the exit code, the one line it says and that it
+left nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from producer.exit_codes import ExitCode
+from shared.data.dataset import save_dataset
+from shared.data.synth import synthesize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def calq(folder: Path, *args: str, extra: dict[str, str] | None = None, timeout: float = 120):
+    """``calq *args`` in ``folder``, with only the CALQ_ variables in ``extra``."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
+    environ.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", CALQ_COMPILE_CACHE_DIR="", **(extra or {}))
+    return subprocess.run([sys.executable, "-m", "producer.cli", *args], env=environ, cwd=folder,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_usage(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2, nothing on stdout, exactly one line on stderr holding every needle, no traceback."""
+    assert result.returncode == ExitCode.USAGE, (result.returncode, result.stderr[-3000:])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def season(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("newcomer-data")
+    ds = synthesize(seasons=1, scenarios=20, seed=3, drivers_per_race=8, pool_size=10)
+    return save_dataset(ds, folder / "season.nc")
+
+
+# -- 1. every usage mistake is one line and exit 2 ---------------------------------------------
+
+
+def test_a_misspelt_archetype_is_one_line_with_did_you_mean_and_uploads_nothing(tmp_path, season):
+    result = calq(tmp_path, "calibrate", str(season), "--archetype", "superspeedwy")
+    one_line_usage(result, "unknown archetype 'superspeedwy'", "did you mean superspeedway?", "--archetype")
+    assert list(tmp_path.iterdir()) == []  # no calq-store/: the typo is caught before the upload
+
+
+def test_latest_of_a_misspelt_archetype_says_unknown_archetype_not_no_calibration_yet(tmp_path):
+    line = one_line_usage(calq(tmp_path, "latest", "superspeedwy"), "unknown archetype", "did you mean superspeedway?")
+    assert "no converged calibration" not in line
+    one_line_usage(calq(tmp_path, "latest", "Intermediate"), "did you mean intermediate?")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_misspelt_event_is_one_line_with_did_you_mean(tmp_path, season):
+    one_line_usage(calq(tmp_path, "calibrate", str(season), "--events", "top_5,top10"),
+                   "unknown event 'top10'", "did you mean top_10?", "top_N")
+    one_line_usage(calq(tmp_path, "latest", "intermediate", "--event", "top-5"), "did you mean top_5?")
+    one_line_usage(calq(tmp_path, "backfill", str(season), "--from", "2024-03-01", "--to", "2024-04-01",
+                        "--archetypes", "intermediate,roadcourse"), "did you mean road_course?")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_dataset_or_a_folder_is_a_usage_mistake_that_creates_no_store(tmp_path):
+    for command in ("calibrate", "submit", "backfill", "evaluate"):
+        extra = {"submit": ["--archetype", "intermediate"], "backfill": ["--from", "2024-01-01", "--to", "2024-02-01"],
+                 "evaluate": ["--from", "2024-01-01", "--to", "2024-02-01"]}.get(command, [])
+        one_line_usage(calq(tmp_path, command, "nowhere.nc", *extra), "'nowhere.nc' does not exist")
+    (tmp_path / "folder.nc").mkdir()
+    one_line_usage(calq(tmp_path, "calibrate", "folder.nc"), "is a directory")
+    assert [p.name for p in tmp_path.iterdir()] == ["folder.nc"]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "needle"),
+    [
+        ("CALQ_STORAGE_URL", "ftp://x/y", "storage scheme 'ftp'"),
+        ("CALQ_STORAGE_URL", "s3://", "names a bucket"),
+        ("CALQ_BROKER_URL", "http://nope", "a Redis URL starts with redis://"),
+        ("CALQ_RESULT_BACKEND", "http://user:hunter2-secret@nope/0", "a Redis URL starts with redis://"),
+    ],
+)
+def test_a_bad_url_is_one_line_naming_the_variable_and_calq_config_refuses_it(tmp_path, variable, value, needle):
+    for args in (["config"], ["latest", "superspeedway"], ["jobs"]):
+        line = one_line_usage(calq(tmp_path, *args, extra={variable: value}), variable, needle)
+        assert "hunter2-secret" not in line  # a URL may hold a password: only its scheme is named
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_number_setting_names_its_variable(tmp_path):
+    one_line_usage(calq(tmp_path, "config", extra={"CALQ_SAMPLER__WARMUP": "lots"}), "CALQ_SAMPLER__WARMUP")
+
+
+def test_click_mistakes_are_one_line_too(tmp_path):
+    one_line_usage(calq(tmp_path, "wait"), "calq wait: Missing argument", "(see 'calq wait --help')")
+    one_line_usage(calq(tmp_path, "calibrte"), "No such command 'calibrte'")
+    one_line_usage(calq(tmp_path, "apply", "x.nc", "--event", "top_5", "--p", "a,b"), "not a comma-separated list")
+
+
+def test_an_unexpected_error_is_one_line_unless_debug(monkeypatch, capsys):
+    from producer import cli
+
+    def broken(**_):
+        raise RuntimeError("something calq did not expect")
+
+    monkeypatch.setattr(cli, "app", broken)
+    monkeypatch.setattr(sys, "argv", ["calq", "config"])
+    assert cli._run() == ExitCode.FAILED
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1 and "RuntimeError: something calq did not expect" in said and "--debug" in said
+    monkeypatch.setattr(cli, "_debug", True)
+    with pytest.raises(RuntimeError, match="did not expect"):
+        cli._run()
+
+
+def test_typers_130_for_a_keyboard_interrupt_is_calqs_cancelled(monkeypatch):
+    from producer import cli
+
+    monkeypatch.setattr(cli, "app", lambda **_: 130)
+    assert cli._run() == ExitCode.CANCELLED
+
+
+def test_version(tmp_path):
+    from importlib.metadata import version
+
+    result = calq(tmp_path, "--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"calq {version('calq')}"
