@@ -27,6 +27,12 @@ reaper thread hands back jobs whose lease lapsed anywhere in the fleet (a
 whole worker killed). Each child knows its supervisor's pid: when the
 supervisor dies, the child stops at its next chunk and hands its job back.
 
+With a port (``CALQ_METRICS__PORT``, :func:`run` reads it) the supervisor
+serves ``/metrics`` (:mod:`shared.jobs.metrics`): a fresh multiprocess folder
+is made before any metric exists, every child inherits it, and a child that
+exits is marked dead so its gauges leave the sums; the folder is removed at
+exit. The queue depths are read from Redis at each scrape.
+
 :func:`run` is what ``calq worker --gpus auto|none|0,1 [--queues ...]`` calls.
 """
 
@@ -41,13 +47,16 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from shared.fit.device import HOST_DEVICES, with_host_devices, without_host_devices
-from shared.jobs.celery_app import CPU_QUEUE, GPU_QUEUE, queue_for
+from shared.jobs import metrics
+from shared.jobs.celery_app import CPU_QUEUE, GPU_QUEUE, QUEUES, queue_for
 from worker.tasks import EXIT_DEVICE_ERROR, HAND_BACK_SIGNAL, SUPERVISOR_PID_ENV, lease_holder
 
 log = logging.getLogger(__name__)
@@ -341,6 +350,8 @@ class Supervisor:
         poll_s: float = 0.1,
         environ: Mapping[str, str] | None = None,
         fleet: Fleet | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str = "0.0.0.0",
     ) -> None:
         if not specs:
             raise ValueError("nothing to supervise: no worker specs")
@@ -361,6 +372,9 @@ class Supervisor:
         self._started = threading.Event()
         self._fleet = fleet
         self._cold = False
+        self._metrics_at = (metrics_host, metrics_port) if metrics_port is not None else None
+        self._metrics_env: dict[str, str] = {}
+        self.metrics_port: int | None = None
 
     # -- control --
 
@@ -381,6 +395,7 @@ class Supervisor:
     def run(self) -> int:
         """Start the children and supervise them until shutdown; return the exit status."""
         previous = self._install_signal_handlers()
+        server, folder = self._serve_metrics()  # first: the reaper's counters go to the multiprocess folder
         reaper = self._fleet.reaper().start() if self._fleet is not None else None
         try:
             for child in self.children:
@@ -392,6 +407,11 @@ class Supervisor:
             self._kill_leftovers()
             if reaper is not None:
                 reaper.stop()
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _loop(self) -> int:
         term_sent_at: float | None = None
@@ -439,6 +459,7 @@ class Supervisor:
             kills = oom_kills()
             oom = kills is not None and child.oom_kills_at_start is not None and kills > child.oom_kills_at_start
             how = _exit_text(code, oom_killed=oom)
+            metrics.mark_process_dead(proc.pid)
             self._hand_back(child, proc.pid, how, count_delivery=not (stopping and self._cold) and code != 0)
             if stopping:
                 log.info("%s %s", child.spec.name, how)
@@ -473,11 +494,12 @@ class Supervisor:
                         type(exc).__name__, exc)
             return
         if done is not None:
+            metrics.handed_back("worker_lost", done=done)
             log.info("%s's job: %s", child.spec.name, done)
 
     def _start(self, child: _Child) -> None:
         spec = child.spec
-        env = {**self._environ, **spec.env, SUPERVISOR_PID_ENV: str(os.getpid())}
+        env = {**self._environ, **spec.env, **self._metrics_env, SUPERVISOR_PID_ENV: str(os.getpid())}
         child.restart_at = None
         child.started_at = time.monotonic()
         child.oom_kills_at_start = oom_kills()
@@ -493,6 +515,27 @@ class Supervisor:
             log.error("could not start %s (%s); trying again in %.1f s", spec.name, exc, delay)
             return
         log.info("started %s (pid %d)", spec.describe(), child.proc.pid)
+
+    def _serve_metrics(self) -> tuple[Any, str | None]:
+        """Start ``/metrics`` (with a fleet and a port): a fresh multiprocess folder, inherited by every child.
+
+        Returns the server and the folder to remove at exit; (None, None) when
+        metrics are off or the port cannot be had (the fleet runs without them).
+        """
+        if self._metrics_at is None or self._fleet is None:
+            return None, None
+        host, port = self._metrics_at
+        own = os.environ.get(metrics.MULTIPROC_ENV) is None
+        folder = tempfile.mkdtemp(prefix="calq-metrics-") if own else os.environ[metrics.MULTIPROC_ENV]
+        metrics.prepare_multiprocess(Path(folder))
+        self._metrics_env = {metrics.MULTIPROC_ENV: folder}
+        try:
+            server = metrics.serve(port, host=host, redis_client=self._fleet.registry.redis, queues=QUEUES)
+        except OSError as exc:
+            log.error("no metrics: cannot listen on %s:%d (%s); set CALQ_METRICS__PORT", host, port, exc)
+            return None, folder if own else None
+        self.metrics_port = server.server_port
+        return server, folder if own else None
 
     def _live_count(self) -> int:
         return sum(1 for c in self.children if c.alive)
@@ -562,9 +605,16 @@ def run(
         log.info("  %s", spec.describe())
         if spec.gpu is None and GPU_QUEUE in spec.queues:
             log.warning("  %s consumes %s without a GPU: GPU jobs will run on the CPU", spec.name, GPU_QUEUE)
-    fleet = None
+    fleet, port, host = None, None, "0.0.0.0"
     if require_broker:
         from shared.contract.settings import get_settings
 
-        fleet = Fleet.from_settings(get_settings())
-    return Supervisor(specs, restart_backoff_s=restart_backoff_s, stop_timeout_s=stop_timeout_s, fleet=fleet).run()
+        from worker.observe import apply_log_format
+
+        settings = get_settings()
+        apply_log_format(settings)
+        fleet = Fleet.from_settings(settings)
+        if settings.metrics.enabled:
+            port, host = settings.metrics.port, settings.metrics.host
+    return Supervisor(specs, restart_backoff_s=restart_backoff_s, stop_timeout_s=stop_timeout_s, fleet=fleet,
+                      metrics_port=port, metrics_host=host).run()

@@ -36,9 +36,10 @@ from celery import Celery, Task, signals
 from shared.contract.errors import Outcome, RetryableError, classify, transient_as_retryable
 from shared.contract.job import JobState, Progress
 from shared.contract.settings import Settings, get_settings
-from shared.jobs import handle
+from shared.jobs import handle, metrics
 from shared.jobs.celery_app import TASK_NAME, get_app
 from shared.jobs.lease import HandBack, Heartbeat, Leases, celery_publisher, hand_back
+from worker import observe
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ def _calibrate_leased(task: Task, message: Mapping[str, Any], job_id: str | None
     ctx = context()
     worker = task.request.hostname or f"pid{os.getpid()}"
     attempt = task.request.retries or 0
-    registry = PatientRegistry(ctx.registry, ctx.settings)
+    registry = observe.observed(PatientRegistry(ctx.registry, ctx.settings), message)
 
     def run(on_progress: Any = None) -> dict[str, Any]:
         return handle.process(message, registry=registry, store=ctx.store, settings=ctx.settings,
@@ -258,9 +259,10 @@ def _give_back(task: Task, ctx: WorkerContext, lease: Any, stop: HandBack) -> No
     worker = lease.worker
     try:
         if stop.requeue and ctx.leases.release(lease):
-            hand_back(lease.job_id, registry=ctx.registry, leases=ctx.leases, store=ctx.store,
-                      publish=celery_publisher(task.app), reason=f"{worker} stopped: {stop.reason}",
-                      count_delivery=False)
+            done = hand_back(lease.job_id, registry=ctx.registry, leases=ctx.leases, store=ctx.store,
+                             publish=celery_publisher(task.app), reason=f"{worker} stopped: {stop.reason}",
+                             count_delivery=False)
+            metrics.handed_back("stopped", done=done)
         else:
             log.warning("stopped: %s", stop.reason)
     except Exception as exc:  # Redis out: the lease lapses, or the claim went back, and the reaper hands it back
@@ -373,7 +375,7 @@ def _setup_logging(loglevel: Any = None, **_: Any) -> None:
 def configure_logging(level: int | str = "INFO") -> None:
     """Log to stderr with the running job's id on every line (worker entry points only)."""
     stream = logging.StreamHandler()
-    stream.setFormatter(logging.Formatter(LOG_FORMAT))
+    stream.setFormatter(observe.log_formatter(LOG_FORMAT))
     stream.addFilter(handle.JobIdFilter())
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -126,6 +126,32 @@ class DataLimits(BaseModel):
     max_events: int = Field(10, ge=1, description="Events one job may fit.")
 
 
+class MetricsSettings(BaseModel):
+    """What the fleet shows of itself: Prometheus metrics and the heartbeat records ``calq fleet`` reads.
+
+    Each worker's supervisor serves ``/metrics`` on ``host:port`` (its
+    children's metrics together, and the queue depths read from Redis at
+    scrape time); one supervisor per host, or one port each. Every worker
+    process writes its heartbeat record every ``heartbeat_s``; a record not
+    renewed for three times that has expired (the worker is gone).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    enabled: bool = Field(True, description="Serve /metrics from each worker's supervisor.")
+    port: int = Field(9464, ge=0, le=65535, description="Port of /metrics (0: any free port, logged).")
+    host: str = Field("0.0.0.0", description="Address /metrics listens on (inside a container: every interface).")
+    heartbeat_s: float = Field(5.0, gt=0, description="How often each worker process publishes its heartbeat record.")
+
+
+class LogSettings(BaseModel):
+    """How workers log: ``text`` lines, or ``json`` (one object per line, for Loki or ELK)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    format: Literal["text", "json"] = Field("text", description="text, or json: time, level, worker, job_id, archetype, phase, message.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CALQ_",
@@ -175,6 +201,8 @@ class Settings(BaseSettings):
         description="JAX persistent compilation cache; empty to disable.",
     )
     log_level: str = "INFO"
+    log: LogSettings = LogSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @field_validator("storage_url")
     @classmethod

@@ -56,6 +56,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from shared.jobs import metrics
+
 log = logging.getLogger(__name__)
 
 #: Publishes a job message again: ``publish(message, attempt=..., queue=...)``.
@@ -429,6 +431,7 @@ class Reaper:
                 reason=f"its lease lapsed (no heartbeat for {self.leases.lease_ms / 1000:g} s): worker lost",
                 count_delivery=True,
             )
+            metrics.lease_reaped(done[job_id])
         return done
 
     def start(self) -> Reaper:

@@ -38,6 +38,7 @@ from shared.contract.errors import JobFailed, Outcome, classify
 from shared.contract.job import CalibrationJob, Progress
 from shared.contract.settings import RecoverySettings, Settings
 from shared.contract.summary import CalibrationSummary
+from shared.jobs import metrics
 from shared.storage.netcdf import write_netcdf
 from shared.storage.store import Store, posterior_key, summary_key
 
@@ -92,6 +93,7 @@ def patiently(
             fault = exc
         if on_wait is not None:
             on_wait(fault)
+        metrics.store_write_retried()
         sleep(pause)
         pause = min(recovery.retry_max_s, pause * 2)
 
