@@ -24,7 +24,12 @@ functional NUTS kernel itself:
 - warmup and sampling run as a sequence of fixed-length chunks (one
   ``lax.scan`` each): between chunks the caller hears progress and the job's
   time limit and cancellation are checked — Celery's solo pool cannot
-  enforce time limits itself (celery/celery#8395).
+  enforce time limits itself (celery/celery#8395);
+- XLA cannot be interrupted, so a first compile (minutes for a new bucket
+  on a cold cache) runs in a thread while the job's control is checked every
+  second: a job cancelled (or past its limit) during the compile stops at
+  once, and the compile finishes in the background for the next job of its
+  bucket.
 
 Chains run in parallel over devices when there are enough (host devices on
 a CPU, forced with ``--xla_force_host_platform_device_count``), else
@@ -38,6 +43,8 @@ import logging
 import math
 import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +73,8 @@ ROW_BUCKET_STEP = 128
 #: The smallest track bucket: the most tracks any one archetype has in the known schedule is 10.
 MIN_TRACK_BUCKET = 16
 CHUNKS_PER_RUN = 20
+#: How often a job's control is checked while its sampler compiles (seconds).
+COMPILE_CHECK_S = 0.5
 
 
 
@@ -320,6 +329,36 @@ class CompiledSampler:
                 self._compiled = (init, chunk)
             return self._compiled
 
+    def _compile_checked(self, data: ModelData, control: JobControl | None) -> tuple:
+        """:meth:`compile`, with ``control`` checked every :data:`COMPILE_CHECK_S` while it runs, and once after.
+
+        The compile runs in a daemon thread; a JobCancelled or
+        JobTimeLimitExceeded from ``control`` leaves it running there (its
+        result is kept for the next run of this bucket), so a job stops
+        within seconds of its cancellation even while XLA compiles.
+        """
+        if control is None or self._compiled is not None:
+            compiled = self.compile(data)
+        else:
+            done: Future[tuple] = Future()
+
+            def work() -> None:
+                try:
+                    done.set_result(self.compile(data))
+                except BaseException as exc:  # handed to the job's thread
+                    done.set_exception(exc)
+
+            threading.Thread(target=work, name=f"calq-compile-{self.bucket.n_rows}", daemon=True).start()
+            while True:
+                try:
+                    compiled = done.result(timeout=COMPILE_CHECK_S)
+                    break
+                except FutureTimeout:
+                    control.check("compile")
+        if control is not None:
+            control.check("compile")  # cancelled while it compiled: stop before the first draw
+        return compiled
+
     def _template_start(self) -> StartingPoint:
         """The placeholder a cold run passes for its starting point (ignored: the chains draw their own)."""
         if self._cold_start is None:
@@ -356,7 +395,7 @@ class CompiledSampler:
         """
         b = self.bucket
         t0 = time.perf_counter()
-        init, chunk = self.compile(data)
+        init, chunk = self._compile_checked(data, control)
         compile_s = time.perf_counter() - t0
 
         if start is None and warmup not in (None, b.warmup):
