@@ -19,7 +19,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from producer import exit_codes, fleet_command, job_commands, usage
+from producer import exit_codes, fleet_command, helptext, job_commands, usage
 from producer.console import client as _client
 from producer.console import err, out, say
 from producer.console import print_json as _print_json
@@ -34,6 +34,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=True,
+    cls=helptext.CalqGroup,
 )
 log = logging.getLogger("calq")
 #: ``calq --debug``: errors show their traceback (set by the root callback, read by :func:`main`).
@@ -66,11 +67,17 @@ def _root(
 DatasetFile = Annotated[
     Path, typer.Argument(metavar="DATASET", exists=True, dir_okay=False, help="A calibration dataset (NetCDF).")
 ]
+JobId = Annotated[str, typer.Argument(help="A job id (cj-…), as submit, jobs or a summary show it.")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 Events = Annotated[Optional[str], typer.Option(help="Comma-separated events, e.g. top_5,top_10 (default top_1,top_5,top_10).")]
-Warmup = Annotated[Optional[int], typer.Option(help="Warmup steps per chain (default from settings: 500).")]
-Samples = Annotated[Optional[int], typer.Option(help="Draws per chain (default 1000).")]
-Chains = Annotated[Optional[int], typer.Option(help="Chains (default 4).")]
+# Help in braces is filled in from the settings in force when help is drawn (producer.helptext).
+Warmup = Annotated[
+    Optional[int], typer.Option(help="Warmup steps per chain (default: CALQ_SAMPLER__WARMUP, now {sampler.warmup}).")
+]
+Samples = Annotated[
+    Optional[int], typer.Option(help="Draws per chain (default: CALQ_SAMPLER__SAMPLES, now {sampler.samples}).")
+]
+Chains = Annotated[Optional[int], typer.Option(help="Chains (default: CALQ_SAMPLER__CHAINS, now {sampler.chains}).")]
 Seed = Annotated[int, typer.Option(help="Seed of the sampler.")]
 AsOf = Annotated[Optional[str], typer.Option(help="Use races before this date (YYYY-MM-DD).")]
 WindowDays = Annotated[Optional[int], typer.Option(help="Only races in the last N days before --as-of.")]
@@ -100,7 +107,7 @@ def synth(
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same dataset.")] = 0,
     first_season: Annotated[int, typer.Option(help="Year of the first season.")] = 2024,
     regime: Annotated[
-        Optional[str], typer.Option(help="A harder regime (shared.data.regimes), e.g. few_tracks; it sets the schedule.")
+        Optional[str], typer.Option(help="A harder world; it sets the schedule and --seasons. One of: {regimes}.")
     ] = None,
 ) -> None:
     """Write a synthetic calibration dataset whose miscalibration is known."""
@@ -216,8 +223,8 @@ def _run_with_progress(client, job, *, timeout: float, quiet: bool):
 
 @app.command()
 def demo(
-    seasons: Annotated[int, typer.Option(min=1)] = 1,
-    scenarios: Annotated[int, typer.Option(min=MIN_SCENARIOS)] = 1000,
+    seasons: Annotated[int, typer.Option(min=1, help="Seasons of ~36 races to simulate.")] = 1,
+    scenarios: Annotated[int, typer.Option(min=MIN_SCENARIOS, help="Simulated scenarios per race.")] = 1000,
     warmup: Warmup = None,
     samples: Samples = None,
     chains: Chains = None,
@@ -281,7 +288,7 @@ def submit(
     seed: Seed = 0,
     as_of: AsOf = None,
     window_days: WindowDays = None,
-    queue: Annotated[Optional[str], typer.Option(help="gpu or cpu (default from settings).")] = None,
+    queue: Annotated[Optional[str], typer.Option(help="gpu or cpu (default: CALQ_DEFAULT_QUEUE, now {default_queue}).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Submit a job and print its id (embedded mode: run it now; Ctrl-C cancels it cleanly, exit 4)."""
@@ -302,7 +309,7 @@ def submit(
 
 
 @app.command()
-def status(job_id: str, as_json: JsonFlag = False) -> None:
+def status(job_id: JobId, as_json: JsonFlag = False) -> None:
     """Show a job's record: state, progress, reason."""
     from producer.render import status_table
 
@@ -315,7 +322,7 @@ def status(job_id: str, as_json: JsonFlag = False) -> None:
 
 @app.command()
 def wait(
-    job_id: str,
+    job_id: JobId,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 3600,
     as_json: JsonFlag = False,
 ) -> None:
@@ -355,7 +362,7 @@ def wait(
 
 
 @app.command()
-def result(job_id: str, as_json: JsonFlag = False) -> None:
+def result(job_id: JobId, as_json: JsonFlag = False) -> None:
     """Print a finished job's summary."""
     summary = _client().result(job_id)
     _show(summary, as_json)
@@ -363,7 +370,7 @@ def result(job_id: str, as_json: JsonFlag = False) -> None:
 
 @app.command()
 def latest(
-    archetype: str,
+    archetype: Annotated[str, typer.Argument(help="superspeedway, intermediate, short_track or road_course.")],
     event: Annotated[Optional[str], typer.Option(help="Only this event's pointer.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -535,6 +542,7 @@ def _floats(value: str) -> list[float]:
 
 job_commands.register(app)  # calq cancel, calq jobs
 fleet_command.register(app)  # calq fleet
+helptext.install(app)  # after every command is registered: help from the settings in force, plain names
 
 
 class Interrupted(BaseException):

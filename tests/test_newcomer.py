@@ -8,6 +8,7 @@ left nothing behind.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,62 @@ def test_version(tmp_path):
 
     result = calq(tmp_path, "--version")
     assert result.returncode == 0 and result.stdout.strip() == f"calq {version('calq')}"
+
+
+# -- 2. --help that tells the truth ------------------------------------------------------------
+
+
+def _commands() -> dict:
+    import typer.main
+
+    from producer.cli import app
+
+    return typer.main.get_command(app).commands
+
+
+def _help(*args: str) -> str:
+    from typer.testing import CliRunner
+
+    from producer.cli import app
+
+    result = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_every_help_has_plain_names_no_flag_placeholders_and_no_rst():
+    for name in ["", *_commands()]:
+        text = _help(*([name] if name else []))
+        assert "<bool>" not in text, (name, text)  # a flag takes no value
+        assert "``" not in text, (name, text)  # no reST literals
+        assert not re.search(r"\{[A-Za-z_.]+\}", text), (name, text)  # no {DATASET}, no unfilled {sampler.warmup}
+    assert "Usage: calq calibrate [OPTIONS] DATASET" in _help("calibrate")
+    assert "Usage: calq wait [OPTIONS] JOB_ID" in _help("wait")
+
+
+def test_every_option_and_argument_is_described():
+    for name, command in _commands().items():
+        for param in command.params:
+            assert (getattr(param, "help", None) or "").strip(), f"calq {name}: {param.name} has no help"
+
+
+def test_help_shows_the_sampler_defaults_in_force(tmp_path):
+    shown = calq(tmp_path, "calibrate", "--help", extra={"CALQ_SAMPLER__WARMUP": "77", "CALQ_SAMPLER__CHAINS": "3",
+                                                         "COLUMNS": "200"})
+    assert shown.returncode == 0, shown.stderr
+    assert "CALQ_SAMPLER__WARMUP, now 77" in shown.stdout and "CALQ_SAMPLER__CHAINS, now 3" in shown.stdout
+    assert "500" not in shown.stdout  # the built-in default is not claimed
+
+
+def test_synth_help_lists_every_regime():
+    from shared.data.regimes import REGIMES
+
+    text = " ".join(_help("synth").split())
+    for name in REGIMES:
+        assert name in text
+
+
+def test_version_debug_and_completion_are_offered():
+    text = _help()
+    for option in ("--version", "--debug", "--install-completion", "--show-completion"):
+        assert option in text

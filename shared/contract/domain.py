@@ -1,4 +1,4 @@
-"""The racing domain: track archetypes, known tracks and event thresholds.
+"""The racing domain: track archetypes, known tracks, event thresholds and the dates calq accepts.
 
 A track is free-form data: new or renamed tracks appear every season, so an
 unknown track is normal and borrows its archetype's parameters. The
@@ -8,6 +8,7 @@ archetype, by contrast, is one of :data:`ARCHETYPES`.
 from __future__ import annotations
 
 import re
+from datetime import date
 from typing import Literal
 
 Archetype = Literal["superspeedway", "intermediate", "short_track", "road_course"]
@@ -41,17 +42,29 @@ ARCHETYPE_PARAMETERS: tuple[str, ...] = ("alpha_arch", "beta_arch", "sigma_alpha
 TRACK_PARAMETERS: tuple[str, ...] = ("alpha_track", "beta_track")
 PARAMETERS: tuple[str, ...] = ARCHETYPE_PARAMETERS + TRACK_PARAMETERS
 
-_EVENT = re.compile(r"^top_([1-9][0-9]{0,2})$")
+_EVENT = re.compile(r"top_([1-9][0-9]{0,2})")  # matched whole (fullmatch): no trailing newline
 
 DEFAULT_EVENTS: tuple[str, ...] = ("top_1", "top_5", "top_10")
+#: The largest field calq fits (the default ``limits.max_drivers``): no event threshold is above it.
+MAX_FIELD = 200
+
+#: Race dates and a job's ``as_of`` lie in [EARLIEST_DATE, LATEST_DATE): well inside what
+#: nanosecond datetimes hold (1677–2262), so no date arithmetic on them overflows.
+EARLIEST_DATE = date(1900, 1, 1)
+LATEST_DATE = date(2200, 1, 1)
+#: The longest data window a job may ask for (100 years).
+MAX_WINDOW_DAYS = 36_500
 
 
 def event_threshold(event: str) -> int:
-    """The finishing-position threshold of an event name: ``"top_5"`` → 5."""
-    match = _EVENT.match(event)
+    """The finishing-position threshold of an event name: ``"top_5"`` → 5, at most :data:`MAX_FIELD`."""
+    match = _EVENT.fullmatch(event)
     if match is None:
         raise ValueError(f"unknown event {event!r}: events are named top_N, e.g. top_5")
-    return int(match.group(1))
+    threshold = int(match.group(1))
+    if threshold > MAX_FIELD:
+        raise ValueError(f"event {event}: no field has more than {MAX_FIELD} drivers (MAX_FIELD)")
+    return threshold
 
 
 def archetypes_of(archetype: str) -> tuple[str, ...]:

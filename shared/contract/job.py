@@ -19,7 +19,14 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.contract.domain import DEFAULT_EVENTS, ArchetypeOrAll, event_threshold
+from shared.contract.domain import (
+    DEFAULT_EVENTS,
+    EARLIEST_DATE,
+    LATEST_DATE,
+    MAX_WINDOW_DAYS,
+    ArchetypeOrAll,
+    event_threshold,
+)
 
 MODEL_VERSION = "logit-hier/1"
 #: The model versions this code can fit; any other is rejected, never run as the current one.
@@ -52,8 +59,12 @@ class CalibrationJob(BaseModel):
     dataset_uri: str = Field(max_length=MAX_URI_CHARS, description="file:// or s3:// URI of the NetCDF dataset")
     dataset_sha256: str = Field(description="sha256 of the dataset file's bytes")
     events: tuple[str, ...] = Field(DEFAULT_EVENTS, max_length=MAX_EVENTS)
-    as_of: date | None = Field(None, description="use races strictly before this date")
-    window_days: int | None = Field(None, ge=1, description="only races in the last N days before as_of")
+    as_of: date | None = Field(
+        None, description=f"use races strictly before this date, a day in {EARLIEST_DATE}..{LATEST_DATE}"
+    )
+    window_days: int | None = Field(
+        None, ge=1, le=MAX_WINDOW_DAYS, description="only races in the last N days before as_of"
+    )
     sampler: SamplerSettings = SamplerSettings()
     model_version: str = Field(MODEL_VERSION, max_length=64)
     time_limit_s: int | None = Field(
@@ -98,6 +109,15 @@ class CalibrationJob(BaseModel):
         value = value.lower()
         if not _SHA256.match(value):
             raise ValueError("dataset_sha256 must be 64 hexadecimal characters")
+        return value
+
+    @field_validator("as_of")
+    @classmethod
+    def _real_date(cls, value: date | None) -> date | None:
+        if value is None:
+            return value
+        if not EARLIEST_DATE <= value <= LATEST_DATE:
+            raise ValueError(f"as_of must lie between {EARLIEST_DATE} and {LATEST_DATE}")
         return value
 
     @field_validator("events", mode="before")

@@ -124,6 +124,10 @@ class DataLimits(BaseModel):
     max_chains: int = Field(8, ge=1, description="Chains one job may ask for.")
     max_draws_per_chain: int = Field(20_000, ge=2, description="Warmup plus samples one chain may ask for.")
     max_events: int = Field(10, ge=1, description="Events one job may fit.")
+    future_days: float = Field(
+        2.0, ge=0, le=366,
+        description="Days after the time of validation a race may be dated (time zones, a schedule published early).",
+    )
 
 
 class MetricsSettings(BaseModel):

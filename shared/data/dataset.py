@@ -25,7 +25,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -33,7 +33,7 @@ import netCDF4
 import numpy as np
 import xarray as xr
 
-from shared.contract.domain import ARCHETYPES, event_threshold
+from shared.contract.domain import ARCHETYPES, EARLIEST_DATE, LATEST_DATE, MAX_WINDOW_DAYS, event_threshold
 from shared.contract.errors import DatasetNotFound, InvalidDataset
 from shared.contract.settings import DataLimits, get_settings
 from shared.data.limits import check_bytes, check_file, unreadable_reason
@@ -92,7 +92,7 @@ def open_dataset(
         check_bytes(source.data, limits, source=label)
     ds = _read_netcdf(source, label=label)
     log.debug("read dataset %s: %s", label, dict(ds.sizes))
-    return validate(ds, archetype=archetype, source=label) if check else ds
+    return validate(ds, archetype=archetype, source=label, limits=limits) if check else ds
 
 
 def save_dataset(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool = True) -> Path:
@@ -185,16 +185,25 @@ def select_window(ds: xr.Dataset, *, as_of: date | None, window_days: int | None
     """The races strictly before ``as_of``, and on or after ``as_of - window_days``.
 
     ``as_of=None`` keeps every race (``window_days`` then needs ``as_of``).
+    ``as_of`` must lie in [EARLIEST_DATE, LATEST_DATE] and ``window_days`` in
+    1..MAX_WINDOW_DAYS (:mod:`shared.contract.domain`), the job schema's
+    bounds, so the window's ends are nanosecond datetimes that never
+    overflow; anything else raises ``ValueError`` (a job never gets here with one).
     """
     if as_of is None:
         if window_days is not None:
             raise ValueError("window_days needs as_of: the window ends at as_of")
         return ds
+    day = as_of.date() if isinstance(as_of, datetime) else as_of
+    if not EARLIEST_DATE <= day <= LATEST_DATE:
+        raise ValueError(f"as_of {day} is outside {EARLIEST_DATE}..{LATEST_DATE}")
+    if window_days is not None and not 1 <= window_days <= MAX_WINDOW_DAYS:
+        raise ValueError(f"window_days {window_days} is outside 1..{MAX_WINDOW_DAYS}")
     end = _day(as_of)
     dates = ds["race_date"].values
     keep = dates < end
     if window_days is not None:
-        keep &= dates >= end - np.timedelta64(timedelta(days=window_days))
+        keep &= dates >= end - np.timedelta64(window_days, "D")
     return ds.isel(race=np.nonzero(keep)[0])
 
 
@@ -205,9 +214,10 @@ def select_archetypes(ds: xr.Dataset, archetypes: Sequence[str]) -> xr.Dataset:
 
 
 def _day(value: date) -> np.datetime64:
+    """``value`` in nanoseconds, the unit race dates are decoded to (a bounded date: see :func:`select_window`)."""
     if isinstance(value, datetime):
         return np.datetime64(value.replace(tzinfo=None), "ns")
-    return np.datetime64(value, "D")
+    return np.datetime64(value, "D").astype("datetime64[ns]")
 
 
 # ------------------------------------------------------------------ probabilities

@@ -14,13 +14,15 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
-from shared.contract.domain import ARCHETYPES, archetypes_of
+from shared.contract.domain import ARCHETYPES, EARLIEST_DATE, LATEST_DATE, archetypes_of, event_threshold
 from shared.contract.errors import InvalidDataset
+from shared.contract.settings import DataLimits, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +48,41 @@ _BLOCK_CELLS = 1 << 22
 
 
 
-def validate(ds: xr.Dataset, *, archetype: str | None = None, source: str | None = None) -> xr.Dataset:
+def validate(
+    ds: xr.Dataset,
+    *,
+    archetype: str | None = None,
+    events: Sequence[str] = (),
+    source: str | None = None,
+    limits: DataLimits | None = None,
+    now: datetime | None = None,
+) -> xr.Dataset:
     """Check ``ds`` against the calibration-dataset contract; return it unchanged.
 
     Every problem found is collected, one human-readable line each naming the
     variable, race and driver concerned, and raised together as one
     :class:`~shared.contract.errors.InvalidDataset` (with ``source``). ``archetype``
     (one of :data:`~shared.contract.domain.ARCHETYPES`, ``"all"`` or ``None``) adds
-    the requirement that the dataset holds races of that archetype.
+    the requirement that the dataset holds races of that archetype, and
+    ``events`` that no event's threshold is above the dataset's field (its
+    number of drivers). No race may be dated after ``now`` (default: the time
+    of validation, UTC) plus ``limits.future_days`` (default: the settings'
+    ``limits``): a forecaster's data ends at races that have happened.
     Value checks are vectorised and walk the simulations in blocks of races,
     so memory stays bounded on large datasets.
+
+    ``intrinsic`` is set only for problems of the file's own bytes. The job's
+    choices (archetype, events) and a future date are not: a future date
+    depends on this worker's clock and ``limits.future_days``, a setting.
     """
     problems, usable = _variable_problems(ds)
     problems += _coordinate_problems(ds)
-    # The only problem of the job's choosing, not the file's own: it keeps the file.
-    job_problems = []
+    # Problems of the job's choosing or this worker's clock and settings, not the file's own: it keeps the file.
+    job_problems = _event_problems(ds, events)
     if archetype is not None and archetype != "all":
-        job_problems = _archetype_problems(ds, archetypes_of(archetype)[0])
+        job_problems += _archetype_problems(ds, archetypes_of(archetype)[0])
+    future_days = (limits or get_settings().limits).future_days
+    job_problems += _future_date_problems(ds, now=now or datetime.now(UTC), future_days=future_days)
     if "finish_position" in usable:
         problems += _finish_problems(ds)
     sim_entered = None
@@ -131,13 +151,53 @@ def _duplicate_id_problems(ids: np.ndarray, *, what: str) -> list[str]:
 
 
 def _race_date_problems(ds: xr.Dataset) -> list[str]:
+    """Every race dated, in [EARLIEST_DATE, LATEST_DATE) (constants: absurd for every worker)."""
     dates = ds["race_date"].values
     if not np.issubdtype(dates.dtype, np.datetime64):
         return [f"race_date: expected datetime64 dates, got values of dtype {dates.dtype}"]
     missing = np.isnat(dates)
+    problems = []
     if missing.any():
-        return [f"race_date: missing (NaT) for race(s) {_race_list(ds, missing)}"]
-    return []
+        problems.append(f"race_date: missing (NaT) for race(s) {_race_list(ds, missing)}")
+    outside = ~missing & ((dates < np.datetime64(EARLIEST_DATE, "D")) | (dates >= np.datetime64(LATEST_DATE, "D")))
+    if outside.any():
+        problems.append(
+            f"race_date: race(s) {_race_list(ds, outside, limit=5)} dated outside the dates calq accepts "
+            f"({EARLIEST_DATE} up to {LATEST_DATE})"
+        )
+    return problems
+
+
+def _future_date_problems(ds: xr.Dataset, *, now: datetime, future_days: float) -> list[str]:
+    """Races dated after ``now`` + ``future_days`` (those beyond LATEST_DATE are the file's own fault)."""
+    if "race_date" not in ds.variables or ds["race_date"].dims != ("race",):
+        return []
+    dates = ds["race_date"].values
+    if not np.issubdtype(dates.dtype, np.datetime64):
+        return []
+    cutoff = np.datetime64(now.astimezone(UTC).replace(tzinfo=None), "s") + np.timedelta64(
+        round(future_days * 86_400), "s"
+    )
+    future = ~np.isnat(dates) & (dates > cutoff) & (dates < np.datetime64(LATEST_DATE, "D"))
+    if not future.any():
+        return []
+    return [
+        f"race_date: race(s) {_race_list(ds, future, limit=5)} dated after {str(cutoff)[:16].replace('T', ' ')} UTC, "
+        f"the time of validation plus {future_days:g} day(s) (limits.future_days): a forecaster's data "
+        "holds races that have happened"
+    ]
+
+
+def _event_problems(ds: xr.Dataset, events: Sequence[str]) -> list[str]:
+    """No event's threshold above the dataset's field (its driver dimension)."""
+    field = ds.sizes.get("driver", 0)
+    above = [e for e in events if event_threshold(e) > field]
+    if not above or field == 0:
+        return []
+    return [
+        f"events: {', '.join(above)} above the dataset's field of {field} drivers "
+        f"(an event's threshold is at most the number of drivers)"
+    ]
 
 
 def _track_problems(ds: xr.Dataset) -> list[str]:

@@ -232,7 +232,7 @@ def calibrate(
     this job is logged and ignored: the run starts cold.
     """
     control = control or JobControl()
-    validate(dataset, archetype=job.archetype, source=job.dataset_uri)
+    validate(dataset, archetype=job.archetype, events=job.events, source=job.dataset_uri)
     prepared = prepare(dataset, job)
     rows = prepared.rows
     log.info(
