@@ -14,16 +14,19 @@ here is marked: test modules that use these fixtures mark themselves
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -215,3 +218,35 @@ def s3_settings(s3_bucket: S3Bucket) -> Settings:
         ),
         compile_cache_dir=None,
     )
+
+
+# -- a calq worker ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def calq_worker(environ: dict[str, str], cwd: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A ``calq worker --gpus none`` process (logging to ``cwd/worker.log``), stopped warm (SIGTERM) at the end."""
+    log = open(cwd / "worker.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--gpus", "none", *args],
+                            env=environ, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+
+
+def until(predicate: Any, *, timeout: float, what: str, every: float = 0.2) -> Any:
+    """``predicate()``'s first truthy value, polled every ``every`` seconds; AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"{what}: not within {timeout:.0f} s")

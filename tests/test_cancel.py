@@ -27,6 +27,7 @@ from shared.contract.settings import S3Settings, Settings
 from shared.data.dataset import save_dataset
 from shared.jobs.registry import StoreRegistry
 from shared.storage.store import Store
+from tests.services import calq_worker, until
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"warmup": 30, "samples": 30, "chains": 1}
@@ -41,16 +42,6 @@ CONVERGENCE = {"CALQ_CONVERGENCE__MIN_ESS_BULK": "5", "CALQ_CONVERGENCE__MAX_RHA
 def calq(environ: dict[str, str], cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "producer.cli", *args], env=environ, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def until(predicate, *, timeout: float, what: str, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"{what}: not within {timeout:.0f} s")
 
 
 def sampling(status: JobStatus | None) -> bool:
@@ -166,19 +157,8 @@ def fleet(redis_server, s3_server, tmp_path_factory):
         broker_url=url, storage_url=f"s3://{bucket}/calq", compile_cache_dir=None,
         s3=S3Settings(endpoint_url=s3_server, access_key_id=S3_KEY, secret_access_key=S3_SECRET, region=S3_REGION),
     )
-    log = open(root / "worker.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--gpus", "none"],
-                            env=environ, cwd=root, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with calq_worker(environ, root):
         yield environ, root, CalibrationClient(settings)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            log.close()
 
 
 @pytest.mark.integration

@@ -92,7 +92,7 @@ def test_the_environment_builds_valid_settings(monkeypatch):
 # -- hardening (issue 8) ---------------------------------------------------------
 
 SECRETS = ("REDIS_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "MINIO_WORKER_ACCESS_KEY", "MINIO_WORKER_SECRET_KEY",
-           "FLOWER_BASIC_AUTH")
+           "FLOWER_BASIC_AUTH", "GRAFANA_ADMIN_PASSWORD")
 
 
 def _variables(obj) -> set[str]:
@@ -187,3 +187,101 @@ def test_dockerfile_copies_what_exists_and_installs_the_cli():
     declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
     for group in extras:
         assert set(group.split(",")) <= declared
+
+
+# -- seeing the fleet (issue 20) ---------------------------------------------------
+
+DEPLOY = ROOT / "deploy"
+#: Prometheus's own series a query may name besides calq's.
+PROMETHEUS_SERIES = {"up"}
+#: Labels every query may use besides a calq metric's own: histogram buckets, and Prometheus's target labels.
+TARGET_LABELS = {"le", "job", "instance"}
+_PROMQL_WORDS = {"sum", "max", "min", "avg", "count", "by", "without", "rate", "increase", "deriv", "delta", "absent",
+                 "histogram_quantile", "and", "or", "unless", "on", "ignoring", "group_left", "group_right", "bool",
+                 "offset"}
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "calq.json").read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def alert_rules() -> list[dict]:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    return [rule for group in rules["groups"] for rule in group["rules"]]
+
+
+def _names_and_labels(expr: str) -> tuple[set[str], set[str]]:
+    """The series names a PromQL expression reads, and the labels it matches or groups by."""
+    no_strings = re.sub(r'"[^"]*"', '""', expr)
+    labels = set(re.findall(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)", no_strings))
+    labels = {name.strip() for group in labels for name in group.split(",") if name.strip()}
+    labels |= set(re.findall(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)\s*\"", expr))
+    stripped = re.sub(r"\b(?:by|without|on|ignoring)\s*\([^)]*\)", "", no_strings)
+    stripped = re.sub(r"\{[^}]*\}", "", stripped)
+    stripped = re.sub(r"\[[^\]]*\]", "", stripped)
+    words = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", stripped))
+    return {w for w in words if w not in _PROMQL_WORDS}, labels
+
+
+def test_every_dashboard_and_alert_query_names_a_metric_the_code_exports():
+    from shared.jobs.metrics import EXPORTED, METRICS
+
+    queries = dashboard_queries() + [rule["expr"] for rule in alert_rules()]
+    assert len(queries) >= 10
+    named: set[str] = set()
+    for expr in queries:
+        series, labels = _names_and_labels(expr)
+        assert series, f"{expr!r} names no series"
+        assert series <= EXPORTED | PROMETHEUS_SERIES, f"{expr!r} names {series - EXPORTED - PROMETHEUS_SERIES}"
+        own = {label for name in series for base in (name.removesuffix(s) for s in ("_bucket", "_sum", "_count"))
+               if base in METRICS for label in METRICS[base][1]}
+        assert labels <= own | TARGET_LABELS, f"{expr!r} uses labels {labels - own - TARGET_LABELS}"
+        named |= {name for name in series if name in EXPORTED}
+    # the dashboard shows what the issue asks for
+    dashboard = " ".join(dashboard_queries())
+    for metric in ("calq_queue_depth", "calq_worker_busy", "calq_jobs_finished_total", "calq_job_seconds_bucket",
+                   "calq_remedies_total", "calq_divergences_total", "calq_leases_reaped_total", "calq_handbacks_total"):
+        assert metric in dashboard, metric
+
+
+def test_the_query_checker_catches_a_misnamed_metric_and_label():
+    from shared.jobs.metrics import EXPORTED
+
+    series, labels = _names_and_labels('sum by (queue) (rate(calq_job_finished_total{state="failed"}[5m]))')
+    assert series == {"calq_job_finished_total"} and not series <= EXPORTED
+    assert labels == {"queue", "state"}
+
+
+def test_the_alerts_cover_workers_queues_failures_and_reaps():
+    rules = {rule["alert"]: rule for rule in alert_rules()}
+    assert {"CalqWorkerDown", "CalqQueueGrowing", "CalqFailureRateHigh", "CalqLeaseReapsHigh"} <= set(rules)
+    assert rules["CalqQueueGrowing"]["for"] == "15m" and "calq_queue_depth" in rules["CalqQueueGrowing"]["expr"]
+    for rule in rules.values():
+        assert rule["annotations"]["summary"] and rule["labels"]["severity"] in ("page", "warn")
+
+
+def test_prometheus_and_grafana_are_provisioned_from_files_that_exist():
+    from shared.contract.settings import MetricsSettings
+
+    services = compose()["services"]
+    for name in ("prometheus", "grafana"):
+        service = services[name]
+        for volume in service["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), f"{name} mounts {source}, which is missing"
+        assert "no-new-privileges:true" in service["security_opt"], name
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    target = scrape["scrape_configs"][0]["dns_sd_configs"][0]
+    assert set(target["names"]) == {"worker-cpu", "worker-gpu"}
+    assert target["port"] == MetricsSettings().port  # the port each supervisor serves by default
+    assert scrape["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    source = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "calq.json").read_text())
+    uids = {panel["datasource"]["uid"] for panel in dashboard["panels"]}
+    assert uids == {source["datasources"][0]["uid"]}
+

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -61,20 +60,11 @@ def fleet_env(redis_server, s3_server, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def worker(fleet_env):
+    from tests.services import calq_worker
+
     environ, _, root = fleet_env
-    log = open(root / "worker.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "worker", "--gpus", "none"],
-        env=environ, cwd=root, stdout=log, stderr=subprocess.STDOUT,
-    )
-    yield proc
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
+    with calq_worker(environ, root) as proc:
+        yield proc
     assert proc.returncode == 0, (root / "worker.log").read_text()[-3000:]
 
 

@@ -1,0 +1,193 @@
+"""The fleet, seen: a real `calq worker` runs real jobs; /metrics is scraped over HTTP, `calq fleet --json` read.
+
+One CPU worker on redis-server and moto's S3, with ``CALQ_METRICS__PORT`` and
+JSON logs. It runs a long job that is cancelled mid-sampling (two tiny jobs
+wait behind it, one on a dataset the validator rejects), the two tiny jobs,
+and an invalid message. The scrape is parsed with prometheus_client's own
+parser, and every counter is checked against what happened: each moved by
+exactly what it should, and the ones nothing touched did not move.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from producer.client import CalibrationClient
+from shared.contract.job import JobState
+from shared.contract.settings import S3Settings, Settings
+from shared.data.dataset import open_dataset, save_dataset
+from tests.services import calq_worker, free_port, until
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"warmup": 10, "samples": 10, "chains": 1}
+LONG = {"warmup": 10_000, "samples": 10_000, "chains": 1}
+EVENTS = "top_5"
+CONVERGENCE = {"CALQ_CONVERGENCE__MIN_ESS_BULK": "1", "CALQ_CONVERGENCE__MAX_RHAT": "10",
+               "CALQ_CONVERGENCE__MAX_DIVERGENCES": "1000", "CALQ_CONVERGENCE__MAX_ATTEMPTS": "1"}
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of one /metrics request: (name, sorted labels) → value, parsed by prometheus_client."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples, name: str, **labels: str) -> float:
+    """The sum over every series of ``name`` whose labels include ``labels`` (0 when there is none)."""
+    return sum(v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items())
+
+
+def fleet_json(environ, cwd) -> dict:
+    result = subprocess.run([sys.executable, "-m", "producer.cli", "fleet", "--json"], env=environ, cwd=cwd,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    from shared.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("metrics-data")
+    good = root / "season.nc"
+    save_dataset(synthesize(seasons=1, scenarios=100, seed=13), good)
+    ds = open_dataset(good)
+    finish = ds["finish_position"].values.copy()
+    finish[0, ~np.isnan(finish[0])] = 7.0  # everyone finished 7th: the validator rejects it
+    ds["finish_position"].values = finish
+    bad = root / "broken.nc"
+    save_dataset(ds, bad)
+    return good, bad
+
+
+@pytest.fixture(scope="module")
+def fleet(redis_server, s3_server, tmp_path_factory):
+    from tests.services import S3_KEY, S3_REGION, S3_SECRET, s3_client
+
+    bucket = "calq-metrics"
+    s3_client(s3_server).create_bucket(Bucket=bucket)
+    root = tmp_path_factory.mktemp("metrics-fleet")
+    url = redis_server.url.rsplit("/", 1)[0] + "/5"  # a database of its own
+    import redis
+
+    redis.Redis.from_url(url).flushdb()
+    port = free_port()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("CALQ_", "PROMETHEUS_"))}
+    environ.update(
+        CALQ_BROKER_URL=url, CALQ_STORAGE_URL=f"s3://{bucket}/calq", CALQ_S3__ENDPOINT_URL=s3_server,
+        CALQ_S3__ACCESS_KEY_ID=S3_KEY, CALQ_S3__SECRET_ACCESS_KEY=S3_SECRET, CALQ_S3__REGION=S3_REGION,
+        CALQ_COMPILE_CACHE_DIR=str(root / "jax-cache"), CALQ_WARM_START="false", PYTHONPATH=str(ROOT),
+        CALQ_METRICS__PORT=str(port), CALQ_METRICS__HOST="127.0.0.1", CALQ_METRICS__HEARTBEAT_S="0.5",
+        CALQ_LOG__FORMAT="json", **CONVERGENCE,
+    )
+    settings = Settings(
+        broker_url=url, storage_url=f"s3://{bucket}/calq", compile_cache_dir=None, warm_start=False,
+        s3=S3Settings(endpoint_url=s3_server, access_key_id=S3_KEY, secret_access_key=S3_SECRET, region=S3_REGION),
+    )
+    with calq_worker(environ, root):
+        yield environ, root, CalibrationClient(settings), port, settings
+
+
+def test_a_real_worker_is_seen_busy_then_idle_and_every_counter_moves_as_it_should(fleet, datasets):
+    environ, root, client, port, settings = fleet
+    good, bad = datasets
+
+    # Up: one idle worker in calq fleet, and a scrape that answers with its info series.
+    idle = until(lambda: [w for w in fleet_json(environ, root)["workers"] if w["state"] == "idle"], timeout=180,
+                 what="the worker's first heartbeat")
+    assert len(idle) == 1 and idle[0]["device"] == "cpu" and idle[0]["worker"].startswith("calq-cpu0@")
+    worker_name = idle[0]["worker"]
+    before = until(lambda: scrape(port), timeout=30, what="/metrics answering")
+    assert value(before, "calq_worker_info", worker=worker_name, device="cpu") == 1
+    assert value(before, "calq_worker_busy", worker=worker_name) == 0
+
+    # Busy: a long job sampling, with two jobs queued behind it.
+    long_id = client.submit(good, "intermediate", events=EVENTS, **LONG)
+    until(lambda: (s := client.status(long_id)).state is JobState.RUNNING and s.progress is not None
+          and s.progress.phase in ("warmup", "sampling"), timeout=240, what="the long job sampling")
+    rejected_id = client.submit(bad, "intermediate", events=EVENTS, **TINY)
+    good_id = client.submit(good, "road_course", events=EVENTS, **TINY)
+    busy = until(lambda: [w for w in fleet_json(environ, root)["workers"]
+                          if w["state"] == "busy" and w["phase"] in ("warmup", "sampling")],
+                 timeout=30, what="calq fleet showing the worker busy")
+    assert busy[0]["job_id"] == long_id and busy[0]["archetype"] == "intermediate"
+    assert busy[0]["lease_age_s"] is not None and busy[0]["heartbeat_age_s"] < 5
+    view = fleet_json(environ, root)
+    assert view["queues"] == {"calq.gpu": 0, "calq.cpu": 2}
+    during = scrape(port)
+    assert value(during, "calq_worker_busy", worker=worker_name) == 1
+    assert value(during, "calq_queue_depth", queue="calq.cpu") == 2
+    assert value(during, "calq_queue_depth", queue="calq.gpu") == 0
+
+    # Cancelled mid-sampling; then the two queued jobs run: one rejected, one succeeded.
+    client.cancel(long_id, "seen enough")
+    until(lambda: client.status(long_id).state is JobState.CANCELLED, timeout=120, what="the long job cancelled")
+    until(lambda: client.status(good_id).state.finished and client.status(rejected_id).state.finished,
+          timeout=300, what="the queued jobs finishing")
+    assert client.status(long_id).state is JobState.CANCELLED
+    assert client.status(rejected_id).state is JobState.REJECTED
+    assert client.status(good_id).state is JobState.SUCCEEDED
+
+    # An invalid message: dropped and counted.
+    from shared.jobs.celery_app import CPU_QUEUE, TASK_NAME, make_app
+
+    make_app(settings).send_task(TASK_NAME, args=[{"job_id": "cj-bogus", "archetype": 7}], queue=CPU_QUEUE)
+    until(lambda: fleet_json(environ, root)["invalid_messages"] == 1, timeout=60, what="the invalid message counted")
+
+    # Idle again, and the fleet view agrees with what happened.
+    after_view = until(lambda: (v := fleet_json(environ, root)) and v["workers"]
+                       and v["workers"][0]["state"] == "idle" and v, timeout=30, what="the worker idle again")
+    w = after_view["workers"][0]
+    assert w["jobs_done"] == 3 and w["job_id"] is None and w["lease_age_s"] is None
+    assert "position 7" in (w["last_error"] or "")  # the rejected job's reason
+    assert after_view["finished_last_hour"] == {"cancelled": 1, "rejected": 1, "succeeded": 1}
+    assert after_view["queues"] == {"calq.gpu": 0, "calq.cpu": 0}
+    assert after_view["dead_letters"] == 0 and after_view["jobs_per_minute_5m"] == pytest.approx(3 / 5)
+    assert after_view["archetypes"]["road_course"]["jobs"] == 1
+    assert after_view["archetypes"]["road_course"]["p50_s"] > 0
+
+    after = scrape(port)
+    finished = {(dict(ls)["archetype"], dict(ls)["state"], dict(ls)["lane"]): v
+                for (n, ls), v in after.items() if n == "calq_jobs_finished_total"}
+    assert finished == {("intermediate", "cancelled", "default"): 1, ("intermediate", "rejected", "default"): 1,
+                        ("road_course", "succeeded", "default"): 1}
+    assert value(after, "calq_sampler_runs_total", archetype="intermediate", outcome="interrupted") == 1
+    assert value(after, "calq_sampler_runs_total", archetype="road_course") == 1  # one run, max_attempts 1
+    assert value(after, "calq_sampler_runs_total", archetype="intermediate") == 1  # the rejected job never sampled
+    summary = client.result(good_id)
+    assert value(after, "calq_divergences_total", archetype="road_course") == summary.diagnostics.divergences
+    assert value(after, "calq_remedies_total") == 0
+    for phase in ("queued", "load", "compile", "sample", "diagnostics", "write"):
+        assert value(after, "calq_job_seconds_count", archetype="road_course", phase=phase) == 1, phase
+    assert value(after, "calq_job_seconds_sum", archetype="road_course", phase="sample") == pytest.approx(
+        summary.timings.sample_s)
+    assert value(after, "calq_job_seconds_count", archetype="intermediate", phase="queued") == 2
+    assert value(after, "calq_job_rows_count", archetype="road_course") == 1
+    assert value(after, "calq_job_rows_sum", archetype="road_course") == summary.n_rows
+    assert value(after, "calq_job_rows_count", archetype="intermediate") == 0
+    assert value(after, "calq_invalid_messages_total") == 1
+    for untouched in ("calq_dead_letters_total", "calq_leases_reaped_total", "calq_handbacks_total",
+                      "calq_store_write_retries_total"):
+        assert value(after, untouched) == 0, untouched
+    assert value(after, "calq_worker_busy", worker=worker_name) == 0
+    assert value(after, "calq_queue_depth", queue="calq.cpu") == 0
+
+    # JSON logs: one object per line, naming the worker, the job, its archetype and phase.
+    lines = [json.loads(line) for line in (root / "worker.log").read_text().splitlines() if line.startswith("{")]
+    assert {"time", "level", "worker", "job_id", "archetype", "phase", "message"} <= set(lines[-1])
+    mine = [entry for entry in lines if entry["job_id"] == good_id]
+    assert mine and any(e["worker"] == worker_name and e["archetype"] == "road_course" and e["phase"] for e in mine)
