@@ -217,20 +217,14 @@ def _name_problems(nc: Any, limits: DataLimits) -> tuple[list[str], list[str]]:
     problems, over = [], []
     for name, dim in _NAME_VARIABLES.items():
         var = nc.variables.get(name)
-        if var is None or var.dimensions != (dim,):
-            continue
-        if isinstance(var.dtype, np.dtype) and var.dtype.kind == "S":  # fixed-width chars: width from the header
-            continue
-        if var.dtype is not str:
+        values = _name_values(var, dim, limits) if var is not None else None
+        if values is None:
             continue
         too_long, not_utf8 = [], []
-        for i in range(var.shape[0]):
-            try:
-                value = var[i]
-            except UnicodeDecodeError:
+        for i, value in values:
+            if value is None:
                 not_utf8.append(i)
-                continue
-            if isinstance(value, str) and len(value) > limits.max_id_chars:
+            elif len(value) > limits.max_id_chars:
                 too_long.append((i, len(value)))
         if too_long:
             i, n = too_long[0]
@@ -242,6 +236,45 @@ def _name_problems(nc: Any, limits: DataLimits) -> tuple[list[str], list[str]]:
             where = ", ".join(f"#{i}" for i in not_utf8[:10]) + (f" and {len(not_utf8) - 10} more" if len(not_utf8) > 10 else "")
             problems.append(f"{name}: value(s) that are not valid UTF-8 text at {dim} {where}")
     return problems, over
+
+
+def _name_values(var: Any, dim: str, limits: DataLimits) -> Iterator[tuple[int, str | None]] | None:
+    """The values of an id or name variable along ``dim``, one at a time: ``(index, text)``, text None if not UTF-8.
+
+    Variable-length strings are read value by value. A char array (``S1``
+    along ``(dim, length)``, which xarray decodes to strings) is held to the
+    same limit: it is read, one row at a time, only when it is wider than
+    ``limits.max_id_chars`` (no value is longer than the array is wide);
+    its bytes up to the trailing NULs count, as decoded text. None for any
+    other layout (the contract check names a wrong one).
+    """
+    if var.dimensions == (dim,) and var.dtype is str:
+        return _string_values(var)
+    is_chars = isinstance(var.dtype, np.dtype) and var.dtype == np.dtype("S1")
+    if is_chars and len(var.dimensions) == 2 and var.dimensions[0] == dim:
+        return _char_values(var) if var.shape[1] > limits.max_id_chars else iter(())
+    return None
+
+
+def _string_values(var: Any) -> Iterator[tuple[int, str | None]]:
+    for i in range(var.shape[0]):
+        try:
+            value = var[i]
+        except UnicodeDecodeError:
+            yield i, None
+            continue
+        if isinstance(value, str):
+            yield i, value
+
+
+def _char_values(var: Any) -> Iterator[tuple[int, str | None]]:
+    var.set_auto_chartostring(False)  # raw rows of bytes, not decoded by netCDF4
+    for i in range(var.shape[0]):
+        row = np.ma.getdata(var[i]).tobytes().rstrip(b"\0")
+        try:
+            yield i, row.decode("utf-8")
+        except UnicodeDecodeError:
+            yield i, None
 
 
 def check_job(job: CalibrationJob, limits: DataLimits) -> None:
