@@ -35,6 +35,7 @@ from shared.data.dataset import open_dataset, save_dataset
 from shared.storage import confine
 from shared.storage.confine import confinement_problems
 from shared.storage.netcdf import read_inference_data, write_netcdf
+from shared.storage.store import posterior_key
 from tests.test_hostile import base, env, rejected, submit_file  # noqa: F401  (fixtures and the worker harness)
 
 OUTSIDE = "calq reads only data stored inside the file"
@@ -278,6 +279,16 @@ def test_a_posterior_is_read_back_only_from_inside_its_file(posterior, tmp_path)
         with pytest.raises(InvalidDataset) as caught:
             read_inference_data(path, label="the posterior")
         assert caught.value.problems == [POSTERIOR_LINE]
+
+
+def test_a_posterior_planted_in_the_store_is_refused_where_it_is_read(posterior, tmp_path, env):  # noqa: F811
+    """Warm starts, the client and the report read stored posteriors through the store: the same walk."""
+    _, store, _ = env
+    path = hostile_posterior(posterior, tmp_path / "planted.nc", "/proc/self/environ")
+    uri = store.put_file(path, posterior_key("all", "cj-planted"))
+    with pytest.raises(InvalidDataset) as caught:
+        store.get_inference_data(uri, groups=("posterior",))
+    assert caught.value.problems == [POSTERIOR_LINE]
 
 
 def test_a_posterior_over_the_size_limit_is_refused_before_it_is_decoded(posterior, tmp_path):
