@@ -50,7 +50,8 @@ def fleet_view() -> FleetView:
     if settings.embedded:
         raise ValueError("calq fleet needs a broker: set CALQ_BROKER_URL (e.g. redis://localhost:6379/0)")
     registry = RedisRegistry.from_url(settings.backend())
-    return read_fleet(registry.redis, registry.prefix, QUEUES)
+    with registry._errors():  # the registry's one mapping: Redis out → BrokerUnavailable (exit 5), no password shown
+        return read_fleet(registry.redis, registry.prefix, QUEUES)
 
 
 def fleet_json(view: FleetView) -> dict[str, Any]:

@@ -201,3 +201,11 @@ def test_calq_fleet_without_a_broker_is_a_usage_error():
 def _url(r: redis.Redis) -> str:
     kw = r.connection_pool.connection_kwargs
     return f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}"
+
+
+def test_calq_fleet_with_redis_unreachable_exits_5_without_the_password():
+    from tests.services import free_port
+
+    shown = calq_fleet(f"redis://:hunter2-secret@127.0.0.1:{free_port()}/0", "--json")
+    assert shown.returncode == 5 and "Redis unavailable" in shown.stderr
+    assert "hunter2-secret" not in shown.stderr + shown.stdout and "Traceback" not in shown.stderr
