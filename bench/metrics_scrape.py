@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.fleet import free_port, start_redis  # noqa: E402
+from bench.metrics import time_call  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "metrics_scrape.json"
 ARCHETYPES = ("superspeedway", "intermediate", "short_track", "road_course")
@@ -94,16 +95,6 @@ def fill_redis(client, *, jobs: int, queued: int, workers: int) -> None:
         telemetry.publish_beat(client, PREFIX, beat, ttl_s=3600)
 
 
-def timed(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=10_000)
@@ -139,10 +130,10 @@ def main() -> None:
         server = metrics.serve(0, host="127.0.0.1", redis_client=client, queues=QUEUES)
         url = f"http://127.0.0.1:{server.server_port}/metrics"
         size = len(urllib.request.urlopen(url, timeout=30).read())
-        scrape = timed(lambda: urllib.request.urlopen(url, timeout=30).read(), args.repeats)
+        scrape = time_call(lambda: urllib.request.urlopen(url, timeout=30).read(), args.repeats)
         view = read_fleet(client, PREFIX, QUEUES)
         assert len(view.workers) == args.workers and view.queues["calq.cpu"] == args.queued
-        in_process = timed(lambda: read_fleet(client, PREFIX, QUEUES), args.repeats)
+        in_process = time_call(lambda: read_fleet(client, PREFIX, QUEUES), args.repeats)
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("CALQ_", "PROMETHEUS_"))}
         environ.update(CALQ_BROKER_URL=f"redis://127.0.0.1:{port}/0", PYTHONPATH=str(ROOT))
 
@@ -151,7 +142,7 @@ def main() -> None:
                                   capture_output=True, text=True, timeout=120)
             assert done.returncode == 0, done.stderr[-2000:]
 
-        cli = timed(command, max(3, args.repeats // 4))
+        cli = time_call(command, max(3, args.repeats // 4))
         server.shutdown()
     finally:
         redis_proc.terminate()

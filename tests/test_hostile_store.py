@@ -20,12 +20,25 @@ The jobs go the way they go on a worker (the harness of
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import date, timedelta
+
 import pytest
 
+from shared.contract.errors import NotFound, Unverified
 from shared.contract.job import CalibrationJob, JobState, JobStatus, SamplerSettings
 from shared.contract.settings import Settings
+from shared.contract.summary import CalibrationSummary
 from shared.jobs.handle import process
-from shared.storage.store import Store, dataset_key, sha256_file
+from shared.jobs.lease import repair_from_store
+from shared.jobs.registry import StoreRegistry
+from shared.jobs.warm_source import find_warm_source
+from shared.storage.catalog import Catalog
+from shared.storage.provenance import key_bytes, seal
+from shared.storage.store import Store, dataset_key, posterior_key, sha256_file, summary_key
 from tests import test_hostile as hostile
 from tests.test_hostile import job_for, rejected, run, save
 
@@ -140,3 +153,178 @@ def test_an_s3_upload_replaces_same_size_planted_bytes(s3_settings, base, tmp_pa
     assert store.get_bytes(key) == path.read_bytes()
     assert store.fetch_dataset(uri, sha).read_bytes() == path.read_bytes()
     assert store.upload_dataset(path) == (uri, sha)  # now in place: nothing to do
+
+
+# -- proof of authorship: summaries and posteriors signed by workers ----------
+
+KEY = "the-fleet-signing-key"
+#: A string put in every forged summary: it must never reach a log line or a reason.
+MARK = "FORGED-CONTENT-7f3a"
+
+
+@pytest.fixture(scope="module")
+def worker_fit(tmp_path_factory, base) -> tuple[CalibrationSummary, bytes, Store]:
+    """One real job on a worker holding the signing key: its summary as stored, its posterior's bytes, its store."""
+    root = tmp_path_factory.mktemp("signed")
+    settings = Settings(storage_url=str(root / "store"), compile_cache_dir=None, signing_key=KEY)
+    store = Store.from_settings(settings, cache_dir=root / "cache")
+    uri, sha = store.upload_dataset(save(base, root / "d.nc"))
+    record = fitted((settings, store, StoreRegistry(store)), job_for(uri, sha))
+    assert record.state is JobState.SUCCEEDED, record.reason
+    summary = CalibrationSummary.model_validate_json(store.get_bytes(record.summary_uri))
+    return summary, store.get_bytes(record.posterior_uri), store
+
+
+@dataclass
+class Fleet:
+    """A fresh store whose readers hold ``key``, with the real fit's posterior bytes to plant copies of."""
+
+    settings: Settings
+    store: Store
+    registry: StoreRegistry
+    fit: CalibrationSummary
+    posterior: bytes
+
+    @property
+    def catalog(self) -> Catalog:
+        return Catalog(self.store)
+
+    def write(self, job_id: str, *, data_through: date, key: str | None = KEY, at: str | None = None,
+              **update) -> str:
+        """Put a converged summary of ``job_id`` (the real fit's fields) and a copy of its posterior in the store.
+
+        Sealed under ``key`` as a worker seals (None: unsigned); ``update``
+        changes fields before sealing; ``at`` writes it at another job's key.
+        Returns the summary's URI.
+        """
+        posterior = self.store.put_bytes(posterior_key("all", job_id), self.posterior)
+        fields = {
+            "job_id": job_id, "converged": True, "data_through": data_through, "calq_version": MARK,
+            "summary_uri": self.store.uri(summary_key("all", job_id)), "posterior_uri": posterior,
+            "provenance": None, **update,
+        }
+        summary = seal(self.fit.model_copy(update=fields), posterior_sha256=hashlib.sha256(self.posterior).hexdigest(),
+                       key=key_bytes(key))
+        return self.store.put_bytes(summary_key("all", at or job_id), summary.model_dump_json(indent=2).encode())
+
+    def warm_job(self, as_of: date) -> CalibrationJob:
+        return job_for(self.store.dataset_uri("0" * 64), "0" * 64, as_of=as_of)
+
+
+def fleet_of(tmp_path, worker_fit, *, key: str | None = KEY) -> Fleet:
+    summary, posterior, _ = worker_fit
+    settings = Settings(storage_url=str(tmp_path / "store"), compile_cache_dir=None, signing_key=key)
+    store = Store.from_settings(settings, cache_dir=tmp_path / "cache")
+    return Fleet(settings, store, StoreRegistry(store), summary, posterior)
+
+
+@pytest.fixture
+def fleet(tmp_path, worker_fit) -> Fleet:
+    return fleet_of(tmp_path, worker_fit)
+
+
+def test_a_summary_a_worker_wrote_verifies_and_records_its_posteriors_hash(worker_fit):
+    summary, posterior, store = worker_fit
+    assert summary.provenance is not None and len(summary.provenance.signature) == 64
+    assert summary.provenance.posterior_sha256 == hashlib.sha256(posterior).hexdigest()
+    assert Catalog(store).read(summary.summary_uri).model_dump_json() == summary.model_dump_json()  # NaN != NaN
+    assert [s.job_id for s in Catalog(store).summaries()] == [summary.job_id]
+    other = Store(store.url, signing_key="another-key")
+    with pytest.raises(Unverified, match="does not verify"):
+        Catalog(other).read(summary.summary_uri)
+
+
+D0 = date(2024, 6, 1)
+LEGIT, FORGED, OTHER = "cj-legit-0001", "cj-forged-0001", "cj-other-0001"
+
+
+def _forge_unsigned(fleet: Fleet) -> None:
+    fleet.write(FORGED, data_through=D0, key=None)
+
+
+def _forge_with_another_key(fleet: Fleet) -> None:
+    fleet.write(FORGED, data_through=D0, key="a-producer-guessed-this")
+
+
+def _forge_by_editing_a_signed_summary(fleet: Fleet) -> None:
+    uri = fleet.write(FORGED, data_through=D0 - timedelta(days=30))
+    document = json.loads(fleet.store.get_bytes(uri))
+    document["data_through"] = D0.isoformat()  # the signature no longer covers what it says
+    fleet.store.put_bytes(fleet.store.key_of(uri), json.dumps(document).encode())
+
+
+def _signed_posterior_elsewhere(target: str):
+    def forge(fleet: Fleet) -> None:  # signed with the fleet's own key: the URI check holds by itself
+        fleet.write(FORGED, data_through=D0, posterior_uri=target.format(store=fleet.store.url))
+    return forge
+
+
+def _signed_summary_at_another_jobs_key(fleet: Fleet) -> None:
+    fleet.write(OTHER, data_through=D0, at=FORGED)  # a valid summary of OTHER, copied to FORGED's key
+
+
+FORGERIES = {
+    "unsigned": _forge_unsigned,
+    "another-key": _forge_with_another_key,
+    "edited-after-signing": _forge_by_editing_a_signed_summary,
+    "posterior-etc-passwd": _signed_posterior_elsewhere("file:///etc/passwd"),
+    "posterior-other-bucket": _signed_posterior_elsewhere("s3://another-bucket/calq/posteriors/all/cj-forged-0001.nc"),
+    "posterior-another-jobs": _signed_posterior_elsewhere("{store}/posteriors/all/cj-legit-0001.nc"),
+    "at-another-jobs-key": _signed_summary_at_another_jobs_key,
+}
+
+
+@pytest.mark.parametrize("forge", FORGERIES.values(), ids=FORGERIES.keys())
+def test_a_planted_summary_is_skipped_by_every_reader(fleet, forge, caplog):
+    fleet.write(LEGIT, data_through=D0 - timedelta(days=10))  # what a worker wrote: older data
+    forge(fleet)  # nearer the job below, newer for latest: chosen everywhere if it were trusted
+    caplog.set_level(logging.WARNING)
+
+    # the catalog: summaries, lookups by id (the report, the client), latest rebuilt from the store
+    assert [s.job_id for s in fleet.catalog.summaries()] == [LEGIT]
+    with pytest.raises(NotFound):
+        fleet.catalog.summary(FORGED)
+    assert {p.job_id for p in fleet.catalog.latest_pointers().values()} == {LEGIT}
+    # reindex: latest rebuilt, records repaired; no succeeded record for a job never submitted
+    assert fleet.registry.rebuild_latest(fleet.catalog) > 0
+    assert {p.job_id for p in fleet.registry.latest_all().values()} == {LEGIT}
+    assert repair_from_store(fleet.registry, fleet.catalog) == [LEGIT]
+    assert fleet.registry.repair(FORGED, fleet.catalog) is None
+    assert fleet.registry.find(FORGED) is None and fleet.registry.find(OTHER) is None
+    # warm start: the worker's fit, never the planted one
+    warm = find_warm_source(fleet.warm_job(D0 + timedelta(days=1)), fleet.store)
+    assert warm is not None and warm.job_id == LEGIT
+
+    forged_key = summary_key("all", FORGED)
+    assert forged_key in caplog.text  # skipped with a warning naming its key...
+    assert MARK not in caplog.text and "root:" not in caplog.text  # ...never its content
+    assert "Traceback" not in caplog.text
+
+
+def test_a_verified_summarys_replaced_posterior_is_never_decoded(fleet, caplog):
+    fleet.write(LEGIT, data_through=D0 - timedelta(days=10))
+    key = posterior_key("all", LEGIT)
+    fleet.store.put_bytes(key, fleet.posterior[:-1] + bytes([fleet.posterior[-1] ^ 1]))  # one bit, same size
+    caplog.set_level(logging.WARNING)
+    assert find_warm_source(fleet.warm_job(D0), fleet.store) is None  # cold, not failed
+    assert "starting cold" in caplog.text and "not the ones its signed summary records" in caplog.text
+    with pytest.raises(Unverified):
+        fleet.store.get_inference_data(key, sha256=hashlib.sha256(fleet.posterior).hexdigest())
+
+
+def test_without_a_key_every_summary_at_its_own_key_is_trusted_as_before(tmp_path, worker_fit):
+    fleet = fleet_of(tmp_path, worker_fit, key=None)
+    fleet.write(LEGIT, data_through=D0 - timedelta(days=10))
+    fleet.write(FORGED, data_through=D0, key=None)
+    assert [s.job_id for s in fleet.catalog.summaries()] == [FORGED, LEGIT]
+    warm = find_warm_source(fleet.warm_job(D0 + timedelta(days=1)), fleet.store)
+    assert warm is not None and warm.job_id == FORGED
+    assert repair_from_store(fleet.registry, fleet.catalog) == [FORGED, LEGIT]
+
+
+def test_without_a_key_a_posterior_outside_the_store_is_still_refused(tmp_path, worker_fit, caplog):
+    fleet = fleet_of(tmp_path, worker_fit, key=None)
+    fleet.write(FORGED, data_through=D0, key=None, posterior_uri="file:///etc/passwd")
+    assert list(fleet.catalog.summaries()) == []
+    assert find_warm_source(fleet.warm_job(D0 + timedelta(days=1)), fleet.store) is None
+    assert "names a summary or posterior elsewhere" in caplog.text and "passwd" not in caplog.text

@@ -18,7 +18,8 @@ that matters to the fleet is whether trying again can help::
     │   └── JobTimeLimitExceeded  numerical failure); not retried automatically
     ├── AuthenticationFailed    a wrong password or key (Redis, S3): permanent, never "unavailable"
     └── NotFound                a lookup (job, summary, posterior) found nothing
-        └── CorruptRecord       the job's record is there but unreadable (a resubmission replaces it)
+        ├── CorruptRecord       the job's record is there but unreadable (a resubmission replaces it)
+        └── Unverified          a store object no worker vouches for (unsigned, forged, misplaced): skipped as absent
 
 Non-convergence is *not* an error: it is a flag with reasons in the summary.
 :func:`classify` is the one place that maps any exception to an outcome.
@@ -143,6 +144,15 @@ class JobCancelled(JobFailed):
 
 class NotFound(CalqError, LookupError):
     """A job, summary or posterior that was asked for does not exist."""
+
+
+class Unverified(NotFound):
+    """A summary or posterior in the store that no worker vouches for: skipped, as if absent.
+
+    Unsigned or signed under another key (with ``signing_key`` set), lying
+    outside its own keys, or a posterior whose bytes are not the ones its
+    signed summary records. The message names the object, never its content.
+    """
 
 
 class CorruptRecord(NotFound):

@@ -175,6 +175,13 @@ class Settings(BaseSettings):
         DEFAULT_STORE, description="Where datasets, posteriors and summaries live: a folder, file:// or s3://."
     )
     s3: S3Settings = S3Settings()
+    signing_key: SecretStr | None = Field(
+        None,
+        description="CALQ_SIGNING_KEY: the fleet's HMAC-SHA256 key, held by workers and the operator only (never "
+        "producers, who hold the store's key). Workers sign each summary and, through the posterior's sha256 "
+        "recorded in it, its posterior; readers (warm start, reindex, latest, report) skip what does not verify. "
+        "Unset: embedded mode, nothing signed and every summary trusted.",
+    )
     sampler: SamplerSettings = Field(SamplerSettings(), description="sampler settings a job gets when its producer names none")
     convergence: ConvergenceCriteria = ConvergenceCriteria()
     warm_start: bool = Field(

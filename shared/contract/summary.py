@@ -144,6 +144,15 @@ class WarmStart(_Frozen):
     target_accept_prob: float = Field(0.8, description="the warm run's target acceptance: the previous fit's, at least 0.8")
 
 
+class Provenance(_Frozen):
+    """A worker's proof that it wrote a summary and its posterior (see :mod:`shared.storage.provenance`)."""
+
+    posterior_sha256: str = Field(description="sha256 of the posterior file's bytes, as the worker uploaded them")
+    signature: str | None = Field(
+        None, description="HMAC-SHA256 under the fleet's signing key of the summary without this field"
+    )
+
+
 class Timings(_Frozen):
     load_s: float = 0.0
     compile_s: float = 0.0
@@ -183,6 +192,7 @@ class CalibrationSummary(_Frozen):
     timings: Timings
     posterior_uri: str | None = None
     summary_uri: str | None = None
+    provenance: Provenance | None = Field(None, description="set by workers holding a signing key; None: unsigned")
     created_at: datetime
     calq_version: str
 

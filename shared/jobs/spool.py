@@ -22,6 +22,10 @@ The summary waits beside the posterior (``spool/{job_id}.json``), so a
 process killed while the store was out loses nothing either: when the job
 comes back to a worker on this host, :func:`resume_spooled` writes the
 spooled results instead of fitting again.
+
+With the store's signing key, the summary written is sealed
+(:func:`shared.storage.provenance.seal`): it records the sha256 of the
+posterior file uploaded (the spool file itself) and a worker's HMAC of both.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ from shared.contract.settings import RecoverySettings, Settings
 from shared.contract.summary import CalibrationSummary
 from shared.jobs import metrics
 from shared.storage.netcdf import write_netcdf
-from shared.storage.store import Store, posterior_key, summary_key
+from shared.storage.provenance import seal
+from shared.storage.store import Store, posterior_key, sha256_file, summary_key
 
 if TYPE_CHECKING:
     from shared.fit.calibrate import Fit
@@ -154,7 +159,7 @@ def write_results(
             load_s=load_s, write_s=time.perf_counter() - t0, total_s=time.perf_counter() - started,
             posterior_uri=posterior_uri, summary_uri=store.uri(summary_key(archetype, job_id)),
         )
-        _store_summary(summary, job, store=store, recovery=recovery, on_wait=wait, resumed=resumed)
+        summary = _store_summary(summary, spooled, job, store=store, recovery=recovery, on_wait=wait, resumed=resumed)
     finally:
         _discard(spooled, spooled_summary)
     return summary
@@ -195,7 +200,7 @@ def resume_spooled(
         notify(Progress(phase="write"))
 
     _upload(spooled, job, store=store, recovery=recovery, on_wait=wait, resumed=resumed)
-    _store_summary(summary, job, store=store, recovery=recovery, on_wait=wait, resumed=resumed)
+    summary = _store_summary(summary, spooled, job, store=store, recovery=recovery, on_wait=wait, resumed=resumed)
     _discard(spooled, spooled_summary)
     return summary
 
@@ -213,12 +218,15 @@ def _upload(spooled: Path, job: CalibrationJob, *, store: Store, recovery: Recov
     return uri
 
 
-def _store_summary(summary: CalibrationSummary, job: CalibrationJob, *, store: Store, recovery: RecoverySettings,
-                   on_wait, resumed) -> None:
-    data = summary.model_dump_json(indent=2).encode()
+def _store_summary(summary: CalibrationSummary, posterior: Path, job: CalibrationJob, *, store: Store,
+                   recovery: RecoverySettings, on_wait, resumed) -> CalibrationSummary:
+    """Write the summary of the uploaded ``posterior`` file, sealed with the store's signing key; the summary written."""
+    sealed = seal(summary, posterior_sha256=sha256_file(posterior), key=store.signing_key)
+    data = sealed.model_dump_json(indent=2).encode()
     patiently(lambda: store.put_bytes(summary_key(job.archetype, job.job_id), data),
               what="the summary", recovery=recovery, on_wait=on_wait)
     resumed()
+    return sealed
 
 
 def _atomically(path: Path, write: Callable[[Path], Any]) -> None:

@@ -8,8 +8,13 @@ fits of the same model version that fitted every event of the job count,
 and never the job itself. Any stored fit may serve: a backfill's jobs run
 in parallel on the fleet, each from whatever its neighbours have finished.
 
+Only summaries the catalog accepts count (at their own keys and, with a
+signing key, signed by a worker: :meth:`~shared.storage.catalog.Catalog.read`),
+and a signed summary's posterior is read only if its bytes hash to the
+sha256 the summary records, checked before it is decoded.
+
 Finding a fit is an optimisation: a store that cannot be listed, a summary
-or posterior that cannot be read, is logged and the job starts cold. The
+or posterior that cannot be read or does not verify, is logged and the job starts cold. The
 summaries' few fields the rule needs are cached per process (a summary is
 written once, beside its posterior), so each job reads only new ones.
 """
@@ -21,6 +26,7 @@ import threading
 from dataclasses import dataclass
 from datetime import date
 
+from shared.contract.errors import Unverified
 from shared.contract.job import CalibrationJob
 from shared.fit.warm import WarmSource
 from shared.storage.catalog import POSTERIORS_PREFIX, Catalog
@@ -43,9 +49,11 @@ class StoredFit:
     centered: bool
     data_through: date
     posterior_uri: str | None
+    posterior_sha256: str | None = None  # recorded in a signed summary: the posterior's bytes must hash to it
 
 
-_seen: dict[str, StoredFit] = {}  # summary URI → its fields (an unreadable one is tried again next time)
+#: (summary URI, whether read under a signing key) → its fields; an unreadable or unverified one is tried again next time
+_seen: dict[tuple[str, bool], StoredFit] = {}
 _seen_lock = threading.Lock()
 
 
@@ -55,7 +63,7 @@ def find_warm_source(job: CalibrationJob, store: Store) -> WarmSource | None:
         chosen = nearest_fit(job, _stored_fits(store, job.archetype))
         if chosen is None or chosen.posterior_uri is None:
             return None
-        idata = store.get_inference_data(chosen.posterior_uri, groups=WARM_GROUPS)
+        idata = store.get_inference_data(chosen.posterior_uri, groups=WARM_GROUPS, sha256=chosen.posterior_sha256)
     except Exception as exc:  # an optimisation must never fail the job
         log.warning("job %s: starting cold, no stored fit could be read: %s: %s", job.job_id, type(exc).__name__, exc)
         return None
@@ -78,10 +86,11 @@ def nearest_fit(job: CalibrationJob, fits: list[StoredFit]) -> StoredFit | None:
 def _stored_fits(store: Store, archetype: str) -> list[StoredFit]:
     """Every readable stored fit of ``archetype``; summaries are read once per process."""
     catalog = Catalog(store)
+    signed = store.signing_key is not None
     uris = [u for u in store.list(f"{POSTERIORS_PREFIX}/{archetype}") if u.endswith(".json")]
     for uri in uris:
         with _seen_lock:
-            if uri in _seen:
+            if (uri, signed) in _seen:
                 continue
         try:
             summary = catalog.read(uri)
@@ -89,14 +98,18 @@ def _stored_fits(store: Store, archetype: str) -> list[StoredFit]:
                 job_id=summary.job_id, model_version=summary.model_version, events=frozenset(summary.events),
                 converged=summary.converged, centered=summary.centered, data_through=summary.data_through,
                 posterior_uri=summary.posterior_uri,
+                posterior_sha256=summary.provenance.posterior_sha256 if signed and summary.provenance else None,
             )
+        except Unverified as exc:
+            log.warning("skipping summary %s: %s", uri, exc)
+            continue
         except Exception as exc:
             log.warning("skipping unreadable summary %s: %s: %s", uri, type(exc).__name__, exc)
             continue
         with _seen_lock:
-            _seen[uri] = fit
+            _seen[(uri, signed)] = fit
     with _seen_lock:
-        return [fit for uri in uris if (fit := _seen.get(uri)) is not None]
+        return [fit for uri in uris if (fit := _seen.get((uri, signed))) is not None]
 
 
 __all__ = ["StoredFit", "find_warm_source", "nearest_fit"]

@@ -10,6 +10,15 @@ Every job that succeeds leaves two objects side by side in the store::
 registry keeps it for quick reads, and :meth:`Catalog.latest_pointers`
 rebuilds it from the summaries alone, by the same rule (:func:`is_newer`),
 after Redis lost it.
+
+Anyone holding the store's key can put a file there, so a summary is used
+only when :meth:`Catalog.read` accepts it: it lies at its own job's key,
+names its own posterior's key beside it, and, where the store has a
+signing key, carries a worker's signature (:mod:`shared.storage.provenance`).
+Everything else reads summaries through this class (warm start, repair and
+``reindex``, the rebuild of ``latest``, the report, the client), so each
+gets the check; a summary that fails it is skipped with a warning naming
+its key, as if absent.
 """
 
 from __future__ import annotations
@@ -22,9 +31,10 @@ from typing import Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from shared.contract.domain import ARCHETYPES, SAFE_ID
-from shared.contract.errors import NotFound
+from shared.contract.errors import NotFound, Unverified
 from shared.contract.summary import CalibrationSummary
-from shared.storage.store import Store, summary_key
+from shared.storage.provenance import verify
+from shared.storage.store import Store, posterior_key, summary_key
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +155,9 @@ class Catalog:
                 continue
             try:
                 summary = self.read(uri)
+            except Unverified as exc:
+                log.warning("skipping summary %s: %s", uri, exc)
+                continue
             except Exception as exc:
                 log.warning("skipping unreadable summary %s: %s: %s", uri, type(exc).__name__, exc)
                 continue
@@ -157,6 +170,8 @@ class Catalog:
                 uri = self.store.uri(summary_key(archetype, job_id))
                 try:
                     return self.read(uri)
+                except Unverified as exc:
+                    log.warning("skipping summary %s: %s", uri, exc)
                 except NotFound:
                     continue
         raise NotFound(f"no summary for job {job_id!r} in {self.store.uri(POSTERIORS_PREFIX)}")
@@ -174,16 +189,34 @@ class Catalog:
 
         Only summaries inside this store are read: a URI elsewhere (another
         path, bucket or host, or one climbing out with ``..``) is NotFound,
-        without touching it.
+        without touching it. A summary is then accepted only where it
+        belongs: ``uri`` is its own job's key (:func:`summary_key` of its
+        archetype and job id), and its ``summary_uri`` and ``posterior_uri``,
+        when it states them, are that key and :func:`posterior_key` beside
+        it (a posterior elsewhere, another job's, ``file:///etc/passwd``).
+        With the store's signing key it must also verify
+        (:func:`shared.storage.provenance.verify`). Failing either is
+        :class:`Unverified`, whose message names no content of the file.
+        ``summary_uri`` and ``posterior_uri`` are filled in when absent.
         """
         if not self.store.holds(uri):
             raise NotFound("a summary is read only from this store's posteriors")
-        summary = CalibrationSummary.model_validate(self.store.get_json(uri))
+        document = self.store.get_json(uri)
+        if self.store.signing_key is not None:
+            verify(document, self.store.signing_key)
+        summary = CalibrationSummary.model_validate(document)
+        misplaced = Unverified("it does not lie at its own job's key, or names a summary or posterior elsewhere")
+        if not SAFE_ID.fullmatch(summary.job_id):
+            raise misplaced
+        own = self.store.uri(summary_key(summary.archetype, summary.job_id))
+        posterior = self.store.uri(posterior_key(summary.archetype, summary.job_id))
+        if uri != own or summary.summary_uri not in (None, own) or summary.posterior_uri not in (None, posterior):
+            raise misplaced
         update: dict[str, str] = {}
         if summary.summary_uri is None:
             update["summary_uri"] = uri
         if summary.posterior_uri is None:
-            update["posterior_uri"] = uri[: -len(".json")] + ".nc"
+            update["posterior_uri"] = posterior
         return summary.model_copy(update=update) if update else summary
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -52,6 +53,7 @@ from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from pydantic import SecretStr
 
 from shared.contract.errors import (
     AuthenticationFailed,
@@ -62,10 +64,12 @@ from shared.contract.errors import (
     InvalidDataset,
     NotFound,
     StorageUnavailable,
+    Unverified,
     is_authentication_failure,
 )
 from shared.contract.settings import S3Settings, Settings, redact_url, storage_url_from
 from shared.storage.netcdf import read_inference_data, write_netcdf
+from shared.storage.provenance import key_bytes
 
 if TYPE_CHECKING:
     import arviz as az
@@ -216,6 +220,11 @@ class Store:
     ``max_attempts`` times with jittered backoff (under 1 s, then under 2 s)
     before :class:`StorageUnavailable`; a refused connection fails within
     about 3 s. Longer outages are the fleet's job: it retries the task.
+
+    ``signing_key`` is the fleet's HMAC key (:mod:`shared.storage.provenance`):
+    with it, workers sign what they write and readers of this store
+    (:class:`~shared.storage.catalog.Catalog`) verify what they read; None
+    is embedded mode, where every summary is trusted.
     """
 
     def __init__(
@@ -228,8 +237,10 @@ class Store:
         read_timeout_s: float = 30.0,
         max_attempts: int = 3,
         dataset_roots: Sequence[str] = (),
+        signing_key: SecretStr | str | bytes | None = None,
     ) -> None:
         self.url = storage_url_from(url)
+        self.signing_key = key_bytes(signing_key)
         self.dataset_roots = tuple(os.path.realpath(_file_path(storage_url_from(r))) for r in dataset_roots)
         parts = urlsplit(self.url)
         self.scheme = parts.scheme
@@ -251,7 +262,8 @@ class Store:
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> Store:
         """The store ``settings.storage_url`` names, with ``settings.s3``."""
-        return cls(settings.storage_url, s3=settings.s3, dataset_roots=settings.dataset_roots, **options)
+        return cls(settings.storage_url, s3=settings.s3, dataset_roots=settings.dataset_roots,
+                   signing_key=settings.signing_key, **options)
 
     def __repr__(self) -> str:
         return f"Store({redact_url(self.url)!r})"
@@ -427,19 +439,30 @@ class Store:
             write_netcdf(obj, local)
             return self.put_file(local, key)
 
-    def get_inference_data(self, uri_or_key: str, *, groups: Sequence[str] | None = None) -> az.InferenceData:
-        """The InferenceData at a URI or key, fully in memory, with no file left open (only ``groups``, if given)."""
+    def get_inference_data(
+        self, uri_or_key: str, *, groups: Sequence[str] | None = None, sha256: str | None = None
+    ) -> az.InferenceData:
+        """The InferenceData at a URI or key, fully in memory, with no file left open (only ``groups``, if given).
+
+        With ``sha256`` (a signed summary's ``provenance.posterior_sha256``),
+        the bytes are copied to a local file and must hash to it before
+        anything is decoded, else :class:`Unverified`.
+        """
         fs, path, uri = self._resolve(uri_or_key)
-        if isinstance(fs, LocalFileSystem):
+        if isinstance(fs, LocalFileSystem) and sha256 is None:
             with storage_errors(uri):
                 if not os.path.isfile(path):
                     raise FileNotFoundError(path)
                 return read_inference_data(path, groups=groups)
-        # A posterior is read once into memory: download to a throwaway file.
+        # A posterior is read once into memory: copy to a throwaway file (the copy is what is hashed and read).
         with tempfile.TemporaryDirectory(prefix="calq-netcdf-") as tmp_dir:
             local = Path(tmp_dir) / "data.nc"
             with storage_errors(uri):
+                if isinstance(fs, LocalFileSystem) and not os.path.isfile(path):
+                    raise FileNotFoundError(path)
                 fs.get_file(path, str(local))
+            if sha256 is not None and not hmac.compare_digest(sha256_file(local), sha256):
+                raise Unverified(f"posterior {redact_url(uri)}: its bytes are not the ones its signed summary records")
             return read_inference_data(local, groups=groups)
 
     def get_dataset_file(self, uri_or_key: str) -> Path:
