@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import threading
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -161,6 +161,7 @@ def calibrate(
     usage.events(events)
     client = _client()
     summaries, failures = [], []
+    started = datetime.now(UTC)
     ref = client.upload(dataset)
     with _ctrl_c_cancels(client):
         for name in _archetypes_in(dataset, archetype):
@@ -177,6 +178,10 @@ def calibrate(
                 say(err, f"{name}: {exc}", style="red")
     if summaries or not failures:
         _show(summaries if len(summaries) != 1 else summaries[0], as_json)
+    reused = [s for s in summaries if _as_utc(s.created_at) < started]
+    if reused and not as_json:
+        say(err, f"reused {len(reused)} of {len(summaries)} job(s) already in the store: not fitted again, "
+                 "their timings are from when they ran")
     code = exit_codes.worst(exit_codes.for_state(s.state) for s in failures)
     if client.interrupted:
         code = exit_codes.ExitCode.CANCELLED
@@ -475,7 +480,7 @@ def evaluate(
     as_json: JsonFlag = False,
 ) -> None:
     """Out of sample: score each race with the newest converged fit on earlier races; raw against calibrated."""
-    from producer.evaluate import evaluate_command, evaluate_table, write_page
+    from producer.evaluate import evaluate_command, evaluate_tables, write_page
 
     usage.archetypes(archetypes, allow_all=False, hint="--archetypes")
     usage.events(events)
@@ -488,9 +493,13 @@ def evaluate(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        for table in evaluate_tables(result.records, width=out.width):
+            out.print(table)
     if html is not None:
-        write_page(result, html)
-    _print_json(result.to_json()) if as_json else out.print(evaluate_table(result.records))
+        say(err, f"wrote the evaluation page to {write_page(result, html)}")
 
 
 @app.command()
@@ -504,7 +513,7 @@ def config() -> None:
 
 def _show(summaries, as_json: bool) -> None:
     """A summary (or several) as JSON, or as the calibration table and its notes."""
-    from producer.render import summary_notes, summary_table
+    from producer.render import posterior_lines, summary_notes, summary_tables, wrapped
 
     many = isinstance(summaries, list)
     items = summaries if many else [summaries]
@@ -512,16 +521,20 @@ def _show(summaries, as_json: bool) -> None:
         dumped = [s.model_dump(mode="json") for s in items]
         _print_json(dumped if many else dumped[0])
         return
-    out.print(summary_table(items))
-    for s in items:
-        for line in summary_notes(s):
-            say(out, line)  # data-derived text
+    for table in summary_tables(items, width=out.width):
+        out.print(table)
+    for line in wrapped([line for s in items for line in summary_notes(s)], width=out.width) + posterior_lines(items):
+        say(out, line)  # data-derived text; wrapped at words only, and a URI alone on its line, whole
 
 
 def _settings():
     from shared.contract.settings import get_settings
 
     return get_settings()
+
+
+def _as_utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _date(value: str | None) -> date | None:

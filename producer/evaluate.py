@@ -39,6 +39,7 @@ import numpy as np
 from rich.table import Table
 
 from producer.backfill import DEFAULT_WINDOW_DAYS, Backfill, Outcome, RaceCalendar, Window, counting_bar
+from producer.render import fitted_tables
 from producer.sanitize import for_markup
 from shared.contract.domain import ARCHETYPES, DEFAULT_EVENTS
 from shared.contract.errors import CalqError
@@ -303,24 +304,37 @@ def _per_race(rows: dict) -> list[dict[str, Any]]:
 # -- the command -------------------------------------------------------------------
 
 
-def evaluate_table(records: list[dict[str, Any]]) -> Table:
-    """Per archetype × event: races and rows scored, raw → calibrated scores, improvements with 90 % intervals."""
-    table = Table(title="out-of-sample: raw → calibrated (improvement = raw − calibrated, 90 % interval over races)")
-    for column in ("archetype", "event", "races", "rows", "unscored", "log loss", "Δ log loss",
-                   "Brier", "Δ Brier", "ECE"):
-        table.add_column(column, justify="left" if column in ("archetype", "event") else "right")
+def evaluate_tables(records: list[dict[str, Any]], *, width: int | None = None) -> list[Table]:
+    """Per archetype × event: races and rows scored, raw → calibrated scores, improvements with 90 % intervals.
+
+    One table where it fits ``width`` terminal columns, else split with the
+    archetype and event leading each part (:func:`producer.render.fitted_tables`).
+    """
+    rows = []
     for r in records:
         if not r["rows"]:
-            table.add_row(for_markup(r["archetype"]), for_markup(r["event"]), "0", "0", str(r["unscored_races"]), *["-"] * 5)
+            rows.append([for_markup(r["archetype"]), for_markup(r["event"]), "0", "0", str(r["unscored_races"]),
+                         *["-"] * 5])
             continue
         raw, cal = r["raw"], r["calibrated"]
-        table.add_row(
+        rows.append([
             for_markup(r["archetype"]), for_markup(r["event"]), str(r["races"]), str(r["rows"]), str(r["unscored_races"]),
             f"{raw['log_loss']:.4f} → {cal['log_loss']:.4f}", _improvement(r["log_loss_improvement"]),
             f"{raw['brier']:.4f} → {cal['brier']:.4f}", _improvement(r["brier_improvement"]),
             f"{raw['ece']:.3f} → {cal['ece']:.3f}",
-        )
-    return table
+        ])
+    return fitted_tables(
+        "out-of-sample: raw → calibrated (improvement = raw − calibrated, 90 % interval over races)",
+        ["archetype", "event"],
+        ["races", "rows", "unscored", "log loss", "Δ log loss", "Brier", "Δ Brier", "ECE"],
+        rows,
+        width=width,
+    )
+
+
+def evaluate_table(records: list[dict[str, Any]]) -> Table:
+    """:func:`evaluate_tables` as one table, however wide (for a console of known width)."""
+    return evaluate_tables(records)[0]
 
 
 def _improvement(i: dict[str, float]) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import textwrap
+from collections.abc import Iterable, Sequence
 
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from producer.sanitize import for_markup, visible
 from shared.contract.job import JobState, JobStatus
@@ -17,11 +19,50 @@ def _interval(low: float, high: float) -> str:
     return f"[{low:.2f}, {high:.2f}]"
 
 
-def summary_table(summaries: Iterable[CalibrationSummary]) -> Table:
-    """Per archetype and event: α and β with 94 % HDIs, worst R-hat and ESS, Brier raw → calibrated."""
-    table = Table(title="calibration", show_lines=False)
-    for column in ("archetype", "event", "α (bias)", "β (steepness)", "R-hat", "ESS bulk", "Brier raw → cal", "converged"):
-        table.add_column(column, justify="left" if column in ("archetype", "event") else "right")
+def fitted_tables(
+    title: str, keys: Sequence[str], columns: Sequence[str], rows: Sequence[Sequence[str]], *, width: int | None
+) -> list[Table]:
+    """``rows`` as one table if it fits ``width`` terminal columns, else as several that each do.
+
+    Every row is one line and no cell is ever cut or wrapped: names stay
+    whole. When the whole table is wider than ``width``, the value
+    ``columns`` are packed, in order, into as few tables as fit, each led by
+    the ``keys`` columns (archetype, event) so a row is still read by name.
+    A row's cells are ``keys`` then ``columns``, in rich markup. ``width``
+    None: one table, however wide.
+    """
+    headers = [*keys, *columns]
+    cell = [max(Text.from_markup(h).cell_len, *(Text.from_markup(r[i]).cell_len for r in rows)) if rows else len(h)
+            for i, h in enumerate(headers)]
+
+    def need(indices: list[int]) -> int:  # heavy-head box: a border and one space of padding each side per column
+        return sum(cell[i] for i in indices) + 3 * len(indices) + 1
+
+    key_idx = list(range(len(keys)))
+    groups: list[list[int]] = [[]]
+    for i in range(len(keys), len(headers)):
+        if width is not None and groups[-1] and need(key_idx + groups[-1] + [i]) > width:
+            groups.append([])
+        groups[-1].append(i)
+    tables = []
+    for n, group in enumerate(groups, start=1):
+        suffix = f" ({n} of {len(groups)})" if len(groups) > 1 else ""
+        table = Table(title=f"{title}{suffix}")
+        for i in key_idx + group:
+            table.add_column(headers[i], justify="left" if i < len(keys) else "right", no_wrap=True)
+        for row in rows:
+            table.add_row(*(row[i] for i in key_idx + group))
+        tables.append(table)
+    return tables
+
+
+def summary_tables(summaries: Iterable[CalibrationSummary], *, width: int | None = None) -> list[Table]:
+    """Per archetype and event: α and β with 94 % HDIs, worst R-hat and ESS, Brier raw → calibrated.
+
+    One table where it fits ``width``, else split (see :func:`fitted_tables`);
+    the posterior URIs are not in the table but in :func:`posterior_lines`.
+    """
+    rows = []
     for summary in summaries:
         scores = {(c.archetype, c.event): c for c in summary.calibration}
         for archetype in summary.archetypes:
@@ -30,7 +71,7 @@ def summary_table(summaries: Iterable[CalibrationSummary]) -> Table:
                 beta = summary.parameter("beta_arch", event, archetype=archetype)
                 params = [p for p in summary.parameters if p.event == event and p.archetype in (archetype, None)]
                 cal = scores.get((archetype, event))
-                table.add_row(
+                rows.append([
                     for_markup(archetype),
                     for_markup(event),
                     f"{alpha.mean:+.2f} {_interval(alpha.hdi_low, alpha.hdi_high)}",
@@ -39,12 +80,13 @@ def summary_table(summaries: Iterable[CalibrationSummary]) -> Table:
                     f"{min(p.ess_bulk for p in params):.0f}",
                     f"{cal.raw.brier:.4f} → {cal.calibrated.brier:.4f}" if cal else "-",
                     "yes" if summary.converged else "[red]no[/red]",
-                )
-    return table
+                ])
+    columns = ["α (bias)", "β (steepness)", "R-hat", "ESS bulk", "Brier raw → cal", "converged"]
+    return fitted_tables("calibration", ["archetype", "event"], columns, rows, width=width)
 
 
 def summary_notes(summary: CalibrationSummary) -> list[str]:
-    """One line per thing a reader should know beyond the table."""
+    """One line per thing a reader should know beyond the table (the posterior is in :func:`posterior_lines`)."""
     d, t = summary.diagnostics, summary.timings
     lines = [
         f"{summary.job_id} ({summary.archetype}): {summary.n_rows} rows from {summary.n_races} races "
@@ -57,9 +99,29 @@ def summary_notes(summary: CalibrationSummary) -> list[str]:
     if summary.warm_start:
         w = summary.warm_start
         lines.append(f"  warm start from job {w.job_id} (data through {w.data_through}), warmup {w.warmup}")
-    if summary.posterior_uri:
-        lines.append(f"  posterior: {summary.posterior_uri}")
     return lines
+
+
+def wrapped(lines: Iterable[str], *, width: int) -> list[str]:
+    """``lines`` wrapped at spaces to ``width``, keeping each line's indent (continuations indented two more).
+
+    A word longer than the width (a URI, a path) is never broken: it stays
+    whole on a line of its own, and the terminal shows it as it can.
+    """
+    out: list[str] = []
+    for line in lines:
+        indent = line[: len(line) - len(line.lstrip(" "))]
+        out += textwrap.wrap(line, width=max(width, 20), subsequent_indent=indent + "  ",
+                             break_long_words=False, break_on_hyphens=False) or [""]
+    return out
+
+
+def posterior_lines(summaries: Iterable[CalibrationSummary]) -> list[str]:
+    """A heading, then each posterior URI alone on its line: whole, and copyable for ``calq apply``."""
+    uris = [s.posterior_uri for s in summaries if s.posterior_uri]
+    if not uris:
+        return []
+    return [f"posterior{'s' if len(uris) > 1 else ''} (for calq apply, calq report --posterior):", *uris]
 
 
 def status_table(status: JobStatus) -> Table:

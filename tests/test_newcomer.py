@@ -196,3 +196,96 @@ def test_version_debug_and_completion_are_offered():
     text = _help()
     for option in ("--version", "--debug", "--install-completion", "--show-completion"):
         assert option in text
+
+
+# -- 3. output that fits the terminal ----------------------------------------------------------
+
+TINY = ["--scenarios", "20", "--warmup", "20", "--samples", "20", "--chains", "1"]
+ARCHETYPE_NAMES = ("superspeedway", "intermediate", "short_track", "road_course")
+
+
+@pytest.fixture(scope="module")
+def demo_at_80(tmp_path_factory):
+    """``calq demo`` at 80 columns, run twice in one folder (the second reuses the first's fits)."""
+    folder = tmp_path_factory.mktemp("demo80")
+    first = calq(folder, "demo", *TINY, extra={"COLUMNS": "80"}, timeout=900)
+    again = calq(folder, "demo", *TINY, extra={"COLUMNS": "80"}, timeout=900)
+    for result in (first, again):
+        assert result.returncode == 0, result.stderr[-3000:]
+    return first, again
+
+
+def assert_fits(text: str, width: int) -> None:
+    """No line wider than ``width``, except a URI alone on its line (kept whole to be copied); no name cut."""
+    for line in text.splitlines():
+        if len(line) > width:
+            assert line.startswith(("file://", "s3://")) and " " not in line, (width, line)
+    assert "…" not in text, text
+
+
+def test_demo_at_80_columns_keeps_names_whole_one_line_per_row(demo_at_80):
+    first, _ = demo_at_80
+    assert_fits(first.stdout, 80)
+    rows = [line for line in first.stdout.splitlines() if line.startswith("│")]
+    tables = first.stdout.count("archetype")  # each part of the table names its rows by archetype
+    assert tables >= 1
+    for name in ARCHETYPE_NAMES:
+        assert sum(line.startswith(f"│ {name} ") for line in rows) == 3 * tables  # three events, one line each
+
+
+def test_demo_puts_each_posterior_uri_whole_on_its_own_line(demo_at_80):
+    first, _ = demo_at_80
+    uris = [line for line in first.stdout.splitlines() if line.startswith("file://")]
+    assert len(uris) == 4
+    for uri in uris:
+        assert Path(uri.removeprefix("file://")).is_file(), uri  # copyable as printed: the file is there
+
+
+def test_a_second_demo_says_it_reused_the_stored_fits(demo_at_80):
+    first, again = demo_at_80
+    assert "reused" not in first.stderr
+    assert "reused 4 of 4 job(s) already in the store: not fitted again" in again.stderr
+
+
+def _record(archetype: str, event: str, *, rows: int = 1234) -> dict:
+    score = {"log_loss": 0.312345, "brier": 0.101234, "ece": 0.012345}
+    better = {"mean": 0.001234, "low": -0.000123, "high": 0.002345}
+    return {"archetype": archetype, "event": event, "races": 36, "rows": rows, "unscored_races": 2,
+            "raw": score, "calibrated": score, "log_loss_improvement": better, "brier_improvement": better}
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_evaluate_table_fits_the_terminal_with_whole_names(width):
+    import io
+
+    from rich.console import Console
+
+    from producer.evaluate import evaluate_tables
+
+    records = [_record(a, e) for a in ARCHETYPE_NAMES for e in ("top_1", "top_5", "top_10")]
+    records.append(_record("road_course", "top_20", rows=0))
+    console = Console(width=width, file=io.StringIO(), record=True)
+    tables = evaluate_tables(records, width=width)
+    for table in tables:
+        console.print(table)
+    text = console.export_text()
+    assert_fits(text, width)
+    for name in ARCHETYPE_NAMES:
+        row_lines = [line for line in text.splitlines() if line.startswith(f"│ {name} ")]
+        assert len(row_lines) == len([r for r in records if r["archetype"] == name]) * len(tables)
+    for header in ("Δ Brier", "ECE", "Δ log loss"):
+        assert header in text
+
+
+def test_evaluate_html_says_where_it_wrote_the_page(tmp_path, season, monkeypatch):
+    from typer.testing import CliRunner
+
+    import producer.evaluate as evaluate
+    from producer.cli import app
+
+    monkeypatch.setattr(evaluate, "evaluate_command", lambda *a, **k: evaluate.EvaluationResult([], [], []))
+    page = tmp_path / "evaluation.html"
+    result = CliRunner().invoke(app, ["evaluate", str(season), "--from", "2024-03-01", "--to", "2024-04-01",
+                                      "--html", str(page)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert page.is_file() and f"wrote the evaluation page to {page}" in " ".join(result.output.split())
