@@ -257,3 +257,88 @@ def test_a_wrong_s3_secret_is_authentication_failed(fleet, tmp_path):
     assert classify(redis.AuthenticationError("invalid password")) is Outcome.FAIL
     assert classify(redis.ConnectionError("refused")) is Outcome.RETRY
     assert Path(tmp_path).exists()
+
+
+# -- bodies Celery cannot decode, messages asking to wait, the exact cap on calq:invalid (issue 16, part C) --------
+
+
+def publish_raw(fleet, body: bytes, *, task_id: str) -> None:
+    """A calibrate message with Celery's own headers and ``body`` as it is (declared JSON)."""
+    app = fleet["app"]
+    headers = app.amqp.as_task_v2(task_id, TASK_NAME, args=[{}]).headers
+    with app.connection_for_write() as connection:
+        connection.Producer().publish(
+            body, exchange="calq", routing_key=queue_for("calq.cpu"), headers=headers,
+            content_type="application/json", content_encoding="utf-8",
+            declare=[app.amqp.queues[queue_for("calq.cpu")]],  # routed even before the worker declared it
+        )
+
+
+def newest_reasons(registry: RedisRegistry, n: int) -> list[str]:
+    return [entry.get("reason", "") for entry in registry.invalid_messages(limit=n)]
+
+
+def test_undecodable_bodies_are_counted_and_the_worker_carries_on(fleet):
+    registry: RedisRegistry = fleet["registry"]
+    count0 = registry.invalid_count()  # far below the cap here
+    bodies = {
+        "a JSON body nested 200k deep": b"[" * 200_000 + b"]" * 200_000,
+        "not JSON": b"\x1b[2J{{{ not json",
+        "not UTF-8": b'[[{"job_id": "\xff\xfe"}], {}, {}]',
+    }
+    for body in bodies.values():
+        publish_raw(fleet, body, task_id=secrets.token_hex(8))
+    wait_for(lambda: registry.invalid_count() >= count0 + len(bodies), what="every undecodable body counted")
+    reasons = newest_reasons(registry, len(bodies))
+    assert all(r.startswith("invalid job message: undecodable body (") for r in reasons), reasons
+    assert "invalid job message: undecodable body (RecursionError)" in reasons
+    assert not any("\x1b" in r or "not json" in r for r in reasons)  # nothing of the body is quoted
+    send(fleet, {"job_id": "cj-after"})  # the worker is alive and refuses the next message as usual
+    wait_for(lambda: registry.invalid_messages(limit=1)[0].get("job_id") == "cj-after",
+             what="the worker refused the next message")
+
+
+def test_messages_asking_to_wait_a_day_are_refused_never_parked(fleet):
+    registry: RedisRegistry = fleet["registry"]
+    n = 200
+    for _ in range(n):
+        fleet["app"].send_task(TASK_NAME, args=[a_job().to_message()], task_id=secrets.token_hex(8),
+                               queue=queue_for("calq.cpu"), countdown=24 * 3600)
+    wait_for(lambda: all("ETA or countdown lies more than max_eta_s" in r for r in newest_reasons(registry, n)),
+             timeout=180, what="every message with a one-day ETA refused")
+    redis_client = registry.redis
+    wait_for(lambda: redis_client.llen(queue_for("calq.cpu")) == 0 and redis_client.hlen("unacked") == 0,
+             what="nothing parked in the worker")  # all were acknowledged, none reserved for tomorrow
+    assert registry.find(a_job().job_id) is None  # refused before the handler: no record
+
+
+def test_calq_invalid_is_capped_exactly_after_a_worker_write(fleet):
+    from shared.jobs.registry.base import INVALID_KEEP
+
+    registry: RedisRegistry = fleet["registry"]
+    key = f"{registry.prefix}:invalid"
+    pipe = registry.redis.pipeline(transaction=False)
+    for i in range(200_000):
+        pipe.xadd(key, {"at": "planted", "job_id": "", "reason": f"planted {i}"})
+        if i % 10_000 == 9_999:
+            pipe.execute()
+    pipe.execute()
+    assert registry.invalid_count() >= 200_000
+    send(fleet, {"job_id": "cj-capped"})
+    wait_for(lambda: registry.invalid_messages(limit=1)[0].get("job_id") == "cj-capped", what="the worker's write")
+    assert registry.invalid_count() == INVALID_KEEP
+
+
+def test_the_eta_bound_lets_calqs_own_retries_through_and_nothing_far_ahead():
+    import datetime as dt
+
+    from worker.tasks import RETRY_BACKOFF_MAX_S, eta_refusal
+
+    bound = Settings().max_eta_s
+    assert bound >= RETRY_BACKOFF_MAX_S  # a retry's countdown is never refused
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    assert eta_refusal(None, max_eta_s=bound, now=now) is None
+    assert eta_refusal((now + dt.timedelta(seconds=RETRY_BACKOFF_MAX_S)).isoformat(), max_eta_s=bound, now=now) is None
+    assert "max_eta_s = 0 s" in eta_refusal(now + dt.timedelta(seconds=1), max_eta_s=0, now=now)
+    assert "ETA or countdown" in eta_refusal(now + dt.timedelta(days=1), max_eta_s=bound, now=now)
+    assert eta_refusal("\x1b[2J tomorrow", max_eta_s=bound, now=now) == "invalid job message: its ETA is not a date"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -191,3 +192,39 @@ def test_a_real_worker_is_seen_busy_then_idle_and_every_counter_moves_as_it_shou
     assert {"time", "level", "worker", "job_id", "archetype", "phase", "message"} <= set(lines[-1])
     mine = [entry for entry in lines if entry["job_id"] == good_id]
     assert mine and any(e["worker"] == worker_name and e["archetype"] == "road_course" and e["phase"] for e in mine)
+
+
+def test_a_killed_worker_process_is_a_hand_back_and_leaves_the_busy_sum(fleet, datasets):
+    """SIGKILL the busy child: its supervisor hands the job back (worker_lost) and marks the process dead."""
+    environ, root, client, port, _ = fleet
+    good, _ = datasets
+    start = scrape(port)
+    job_id = client.submit(good, "superspeedway", events=EVENTS, **LONG)
+    busy = until(lambda: [w for w in fleet_json(environ, root)["workers"]
+                          if w["job_id"] == job_id and w["phase"] in ("warmup", "sampling")],
+                 timeout=240, what="the long job sampling")
+    killed = busy[0]["pid"]
+    os.kill(killed, signal.SIGKILL)
+
+    # A new process takes the job back; its heartbeat replaces the dead one's (which expires).
+    again = until(lambda: [w for w in fleet_json(environ, root)["workers"]
+                           if w["job_id"] == job_id and w["pid"] != killed and w["phase"] in ("warmup", "sampling")],
+                  timeout=240, what="the job running again in a new worker process")
+    until(lambda: [w["pid"] for w in fleet_json(environ, root)["workers"]] == [again[0]["pid"]], timeout=30,
+          what="the dead process's record expiring")
+    during = scrape(port)
+    assert value(during, "calq_handbacks_total", cause="worker_lost") == 1
+    assert value(during, "calq_leases_reaped_total") == 0  # handed back at once, not after the lease lapsed
+    # the dead process's busy 1 left the sum when its supervisor marked it dead
+    assert value(during, "calq_worker_busy", worker=busy[0]["worker"]) == 1
+    assert client.status(job_id).deliveries == 2
+
+    client.cancel(job_id, "enough")
+    until(lambda: client.status(job_id).state is JobState.CANCELLED, timeout=120, what="the job cancelled")
+    after = until(lambda: (s := scrape(port)) and value(s, "calq_worker_busy") == 0 and s, timeout=30,
+                  what="the worker idle")
+    moved = {name: value(after, name) - value(start, name) for name in (
+        "calq_jobs_finished_total", "calq_handbacks_total", "calq_leases_reaped_total", "calq_dead_letters_total")}
+    assert moved == {"calq_jobs_finished_total": 1, "calq_handbacks_total": 1, "calq_leases_reaped_total": 0,
+                     "calq_dead_letters_total": 0}
+    assert value(after, "calq_jobs_finished_total", archetype="superspeedway", state="cancelled") == 1

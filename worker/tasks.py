@@ -22,6 +22,7 @@ SIGQUIT, whose solo pool would fail the job) or its supervisor is gone.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import functools
 import logging
 import os
@@ -32,6 +33,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from celery import Celery, Task, signals
+from celery.worker.consumer import Consumer
 
 from shared.contract.errors import Outcome, RetryableError, classify, transient_as_retryable
 from shared.contract.job import JobState, Progress
@@ -191,6 +193,9 @@ def calibrate_message(task: Task, message: Mapping[str, Any]) -> dict[str, Any]:
     fitting again. Every log line inside names the job.
     """
     job_id = _message_job_id((message,), {})
+    refused = eta_refusal(getattr(task.request, "eta", None), max_eta_s=context().settings.max_eta_s)
+    if refused is not None:
+        return _refuse(refused)
     with handle.bound_job_id(job_id):
         return _calibrate_leased(task, message, job_id)
 
@@ -286,6 +291,83 @@ def _repair_redelivery(ctx: WorkerContext, job_id: str) -> dict[str, Any] | None
     return Catalog(ctx.store).read(repaired.summary_uri).model_dump(mode="json")
 
 
+# -- messages refused before they run -------------------------------------------------
+#
+# Two kinds of message never reach the handler's own refusal: a body Celery
+# cannot decode (not JSON, not UTF-8, a JSON body nested 200k deep: kombu wraps
+# the RecursionError in a DecodeError, raised in the consumer under the solo
+# pool), and a message asking to wait (an ETA or countdown), which Celery
+# reserves and keeps in the worker's memory until then, whatever the prefetch
+# limit: 3,000 messages with a one-day ETA were all parked in one worker.
+# Both are counted in calq:invalid and dropped, never quoting the message.
+
+
+def eta_refusal(eta: dt.datetime | str | None, *, max_eta_s: int, now: dt.datetime | None = None) -> str | None:
+    """Why a message asking to run at ``eta`` is refused, or None (no ETA, or one within ``max_eta_s``).
+
+    calq's own retries wait at most :data:`RETRY_BACKOFF_MAX_S`, within the
+    default ``max_eta_s``; a producer has no reason to send an ETA at all. An
+    ETA that is not a date is refused too. Naive times count as UTC.
+    """
+    if eta is None or eta == "":
+        return None
+    if isinstance(eta, str):
+        try:
+            eta = dt.datetime.fromisoformat(eta)
+        except ValueError:
+            return "invalid job message: its ETA is not a date"
+    if eta.tzinfo is None:
+        eta = eta.replace(tzinfo=dt.UTC)
+    if (eta - (now or dt.datetime.now(dt.UTC))).total_seconds() <= max_eta_s:
+        return None
+    return (f"invalid job message: its ETA or countdown lies more than max_eta_s = {max_eta_s} s ahead "
+            "(a worker never parks a message that long)")
+
+
+def _refuse(reason: str) -> dict[str, Any]:
+    """Count a message refused before the handler saw it, as the handler counts its own refusals."""
+    return handle.refuse_message(observe.observed(context().registry, {}), None, reason)
+
+
+@signals.task_received.connect
+def _never_park(request: Any = None, **_: Any) -> None:
+    """A calibrate message whose ETA :func:`eta_refusal` refuses runs now, where the task refuses it.
+
+    Clearing the request's ETA (Celery's ``Request._eta``) before the
+    strategy reads it keeps it out of the timer and under the prefetch
+    limit; the task still sees the ETA the message asked for.
+    """
+    if getattr(request, "name", None) != TASK_NAME or getattr(request, "eta", None) is None:
+        return
+    if eta_refusal(request.eta, max_eta_s=get_settings().max_eta_s) is not None:
+        request._eta = None
+
+
+class CountingConsumer(Consumer):
+    """Celery's consumer, counting each message it cannot decode or accept in ``calq:invalid`` before dropping it.
+
+    Celery's own handlers log the message body; these name only the error's type.
+    """
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        cause = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else exc
+        self._refuse(message, f"invalid job message: undecodable body ({type(cause).__name__})", ack=True)
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        self._refuse(message, f"invalid job message: not a task message Celery accepts ({type(exc).__name__})")
+
+    def _refuse(self, message: Any, reason: str, *, ack: bool = False) -> None:
+        log.error("%s; dropped", reason)
+        try:
+            _refuse(reason)
+        except Exception as count_error:  # the count is best-effort; the message is dropped either way
+            log.warning("could not count a refused message (%s)", type(count_error).__name__)
+        if ack:
+            message.ack()
+        else:
+            message.reject_log_error(log, self.connection_errors)
+
+
 @functools.cache
 def register(app: Celery) -> Task:
     """Add the calibrate task to ``app`` (once) and return it."""
@@ -314,6 +396,7 @@ def __getattr__(name: str) -> Any:
     if name == "app":
         app = get_app()
         register(app)
+        app.conf.worker_consumer = f"{__name__}:CountingConsumer"
         return app
     if name == "calibrate":
         return register(get_app())

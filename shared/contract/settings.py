@@ -206,6 +206,12 @@ class Settings(BaseSettings):
         description="Redis redelivers an unacknowledged job after this long; must exceed queue wait plus run time.",
     )
     max_deliveries: int = Field(3, ge=1, description="Deliveries of one job before it is dead-lettered.")
+    max_eta_s: int = Field(
+        900,
+        ge=0,
+        description="The furthest ahead a message's ETA or countdown may lie (calq's own retries wait at most 600 s "
+        "plus jitter); a worker counts a message asking to wait longer in calq:invalid and drops it, never parking it.",
+    )
     recovery: RecoverySettings = RecoverySettings()
     compile_cache_dir: Path | None = Field(
         Path("~/.cache/calq/jax").expanduser(),

@@ -209,9 +209,11 @@ def _process(
     try:
         job = CalibrationJob.model_validate(message)
     except pydantic.ValidationError as exc:
-        return _invalid_message(registry, claimed_id, validation_reason(exc))
+        return refuse_message(registry, claimed_id, validation_reason(exc))
+    except Exception as exc:  # e.g. RecursionError: a body too deep to walk is as invalid as one that fails
+        return refuse_message(registry, claimed_id, f"invalid job message: unreadable ({type(exc).__name__})")
     if claimed_id is None:  # a message must say which job it is; its content must then give that id
-        return _invalid_message(registry, None, "invalid job message: job_id: missing")
+        return refuse_message(registry, None, "invalid job message: job_id: missing")
 
     job_id = job.job_id
     with bound_job_id(job_id):
@@ -309,8 +311,13 @@ def _run(
     return summary.model_dump(mode="json")
 
 
-def _invalid_message(registry: Registry, job_id: str | None, reason: str) -> dict[str, Any]:
-    """A message that is not a valid job changes no record: it is logged, counted, and dropped."""
+def refuse_message(registry: Registry, job_id: str | None, reason: str) -> dict[str, Any]:
+    """A message that is not a valid job changes no record: it is logged, counted in ``calq:invalid``, and dropped.
+
+    Also for messages refused before the handler sees them (undecodable
+    bodies, ETAs too far ahead: :mod:`worker.tasks`). ``reason`` is calq's
+    own words; it never quotes the message.
+    """
     try:
         registry.record_invalid(reason, job_id=job_id)
     except Exception as exc:  # the count is best-effort; the message is dropped either way
