@@ -19,7 +19,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from producer import exit_codes, fleet_command, helptext, job_commands, usage
+from producer import api_commands, exit_codes, fleet_command, helptext, job_commands, usage
 from producer.console import client as _client
 from producer.console import err, out, say
 from producer.console import print_json as _print_json
@@ -256,14 +256,13 @@ def apply(
     from rich.table import Table
 
     from shared.fit.apply import calibrate_probabilities
-    from shared.storage.store import Store
 
     usage.event(event)
     if archetype is not None:
         usage.archetype(archetype, allow_all=False)
     probabilities = _floats(p)
-    store = Store.from_settings(_settings())
-    idata = store.get_inference_data(posterior_uri if "://" in posterior_uri else "file://" + str(Path(posterior_uri).resolve()))
+    # through the client: over the API (a token only) the posterior is fetched by its job id
+    idata = _client().posterior_at(posterior_uri if "://" in posterior_uri else "file://" + str(Path(posterior_uri).resolve()))
     try:
         results = calibrate_probabilities(idata, probabilities, event=event, track=track, archetype=archetype)
     except (KeyError, ValueError) as exc:
@@ -503,6 +502,25 @@ def evaluate(
 
 
 @app.command()
+def schema(
+    name: Annotated[str, typer.Argument(help="summary, job, evaluation, or all.")],
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the field reference (docs/json-outputs.md).")] = False,
+) -> None:
+    """Print the JSON Schema of a --json output, generated from its pydantic model."""
+    from producer import schemas
+
+    names = [*schemas.OUTPUTS, "all"]
+    if name not in names:
+        raise typer.BadParameter(usage.unknown("output", name, names), param_hint="NAME")
+    if markdown:
+        if name != "all":
+            raise typer.BadParameter("--markdown writes the whole reference: use calq schema all --markdown")
+        print(schemas.markdown(), end="")
+        return
+    _print_json({n: schemas.json_schema(n) for n in schemas.OUTPUTS} if name == "all" else schemas.json_schema(name))
+
+
+@app.command()
 def config() -> None:
     """Show the settings in effect (passwords masked)."""
     _print_json(_settings().public())
@@ -555,6 +573,7 @@ def _floats(value: str) -> list[float]:
 
 job_commands.register(app)  # calq cancel, calq jobs
 fleet_command.register(app)  # calq fleet
+api_commands.register(app)  # calq serve, calq token
 helptext.install(app)  # after every command is registered: help from the settings in force, plain names
 
 

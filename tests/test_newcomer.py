@@ -289,3 +289,79 @@ def test_evaluate_html_says_where_it_wrote_the_page(tmp_path, season, monkeypatc
                                       "--html", str(page)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert page.is_file() and f"wrote the evaluation page to {page}" in " ".join(result.output.split())
+
+
+# -- 4. a reference for every JSON output ------------------------------------------------------
+
+
+def test_the_docs_page_is_the_one_the_models_generate():
+    from producer.schemas import markdown
+
+    page = (ROOT / "docs" / "json-outputs.md").read_text()
+    assert page == markdown(), "docs/json-outputs.md is stale: run calq schema all --markdown > docs/json-outputs.md"
+
+
+def test_every_field_of_every_output_is_in_the_page_with_a_meaning():
+    from producer.schemas import OUTPUTS, fields, json_schema
+
+    page = (ROOT / "docs" / "json-outputs.md").read_text()
+    for name in OUTPUTS:
+        found = fields(json_schema(name))
+        assert len(found) > 10
+        for path, _, description in found:
+            assert f"| `{path}` |" in page, (name, path)
+            assert description.strip(), f"{name}: {path} has no description"
+
+
+def test_calq_schema_prints_the_models_json_schema(tmp_path):
+    import json
+
+    from producer.schemas import json_schema
+
+    for name in ("summary", "job", "evaluation"):
+        result = calq(tmp_path, "schema", name)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == json_schema(name)
+    one_line_usage(calq(tmp_path, "schema", "sumary"), "unknown output 'sumary'", "did you mean summary?")
+
+
+def test_the_evaluation_model_describes_the_records_evaluate_builds():
+    import types
+    from datetime import date
+
+    import numpy as np
+    from pydantic import ValidationError
+
+    from producer.evaluate import Evaluation, Unscored
+    from producer.schemas import EvaluationRecord
+
+    rng = np.random.default_rng(0)
+    n = 60
+    p = rng.uniform(0.05, 0.95, n)
+    rows = {
+        "p": p, "q": np.clip(p + 0.02, 0, 1), "y": (rng.uniform(size=n) < p).astype(float),
+        "low": np.clip(p - 0.1, 0, 1), "high": np.clip(p + 0.1, 0, 1),
+        "race": np.repeat(["r1", "r2", "r3"], n // 3).astype(object),
+        "track": np.repeat(["Kansas", "Texas", "Kansas"], n // 3).astype(object),
+        "date": np.repeat([date(2025, 3, 1), date(2025, 3, 8), date(2025, 3, 15)], n // 3).astype(object),
+        "job": np.repeat(["cj-a", "cj-a", "cj-b"], n // 3).astype(object),
+    }
+    missing = [Unscored("intermediate", "r0", date(2025, 2, 1), "Kansas", "no earlier race of its archetype in the window")]
+    this = types.SimpleNamespace(n_boot=50, seed=0)
+    record = Evaluation._record(this, "intermediate", "top_5", rows, missing)
+    empty = Evaluation._record(this, "road_course", "top_5", None, [])
+    from producer.evaluate import _no_nan
+
+    for built in (record, empty):
+        EvaluationRecord.model_validate(_no_nan(built))  # every key it builds is declared
+    with pytest.raises(ValidationError):
+        EvaluationRecord.model_validate({**_no_nan(record), "undocumented": 1})  # and no other
+
+
+def test_the_readme_lists_every_evaluate_field():
+    from producer.schemas import EvaluationRecord
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    section = readme[readme.index("`--json` prints one object per archetype × event"):][:900]
+    for name in EvaluationRecord.model_fields:
+        assert f"`{name}`" in section, name

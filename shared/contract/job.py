@@ -44,10 +44,10 @@ class SamplerSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    warmup: int = Field(500, ge=1, le=100_000)
-    samples: int = Field(1000, ge=1, le=100_000)
-    chains: int = Field(4, ge=1, le=64)
-    seed: int = Field(0, ge=0, lt=2**32)
+    warmup: int = Field(500, ge=1, le=100_000, description="warmup steps per chain")
+    samples: int = Field(1000, ge=1, le=100_000, description="kept draws per chain")
+    chains: int = Field(4, ge=1, le=64, description="independent chains")
+    seed: int = Field(0, ge=0, lt=2**32, description="the sampler's seed: the same job gives the same draws")
 
 
 class CalibrationJob(BaseModel):
@@ -181,8 +181,8 @@ class Progress(BaseModel):
 
     phase: str = Field(description="load, compile, warmup, sampling, diagnostics or write")
     fraction: float = Field(0.0, ge=0.0, le=1.0, description="done share of the current phase")
-    draws_done: int = 0
-    draws_total: int = 0
+    draws_done: int = Field(0, description="draws done so far in this phase, all chains")
+    draws_total: int = Field(0, description="draws this phase will take, all chains")
 
 
 #: What long work calls as it goes; the CLI draws a bar, the worker writes the record.
@@ -198,24 +198,20 @@ class JobStatus(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    job_id: str
-    archetype: ArchetypeOrAll
-    state: JobState
-    progress: Progress | None = None
-    reason: str | None = None
-    deliveries: int = 0
-    worker: str | None = None
-    submitted_at: datetime | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    summary_uri: str | None = None
-    posterior_uri: str | None = None
-    #: the delivery attempt (Celery retry number) ``deliveries`` counts
-    attempt: int = 0
-    #: how often the sampler started for this job, over every delivery (a finished fit never runs again)
-    sampler_runs: int = 0
-    #: a cancel request for a running job: its worker stops at the next check
-    cancel_requested: bool = False
-    cancel_reason: str | None = None
-    #: when the registry last wrote this record (the job listing is ordered by it)
-    updated_at: datetime | None = None
+    job_id: str = Field(description="the job's id, derived from its content (cj-…)")
+    archetype: ArchetypeOrAll = Field(description="the archetype the job fits, or all")
+    state: JobState = Field(description="queued, running, succeeded, failed, rejected or cancelled")
+    progress: Progress | None = Field(None, description="how far a running job has got; null before it starts")
+    reason: str | None = Field(None, description="why a job failed, was rejected or cancelled")
+    deliveries: int = Field(0, description="times a worker took the job (dead-lettered above CALQ_MAX_DELIVERIES)")
+    worker: str | None = Field(None, description="the worker that runs or ran it (embedded: embedded)")
+    submitted_at: datetime | None = Field(None, description="when it was submitted (UTC)")
+    started_at: datetime | None = Field(None, description="when a worker started it (UTC)")
+    finished_at: datetime | None = Field(None, description="when it ended (UTC)")
+    summary_uri: str | None = Field(None, description="URI of its summary, once it succeeded")
+    posterior_uri: str | None = Field(None, description="URI of its posterior, once it succeeded")
+    attempt: int = Field(0, description="the delivery attempt (Celery retry number) that deliveries counts")
+    sampler_runs: int = Field(0, description="how often the sampler started for this job, over every delivery")
+    cancel_requested: bool = Field(False, description="a cancel request for a running job: it stops at its next check")
+    cancel_reason: str | None = Field(None, description="why it was cancelled, as the request said")
+    updated_at: datetime | None = Field(None, description="when the registry last wrote this record (UTC); listings sort by it")

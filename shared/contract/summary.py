@@ -24,32 +24,34 @@ class ParameterSummary(_Frozen):
     """Posterior summary of one scalar parameter."""
 
     name: str = Field(description='e.g. "beta_arch[top_5, superspeedway]"')
-    parameter: str
-    event: str
-    archetype: str | None = None
-    track: str | None = None
-    mean: float
-    sd: float
+    parameter: str = Field(
+        description="the model parameter: alpha_arch, beta_arch, sigma_alpha, sigma_log_beta, alpha_track or beta_track"
+    )
+    event: str = Field(description="the event it belongs to, e.g. top_5")
+    archetype: str | None = Field(None, description="its archetype; null for a parameter of no one archetype")
+    track: str | None = Field(None, description="its track, for track-level parameters; null otherwise")
+    mean: float = Field(description="posterior mean (logit scale for α; β is a ratio of logits, 1 = calibrated)")
+    sd: float = Field(description="posterior standard deviation, in the parameter's units")
     hdi_low: float = Field(description="lower end of the 94% highest-density interval")
-    hdi_high: float
-    r_hat: float
-    ess_bulk: float
-    ess_tail: float
+    hdi_high: float = Field(description="upper end of the 94% highest-density interval")
+    r_hat: float = Field(description="rank-normalised split R-hat (converged: below 1.01; a stuck chain gives the string inf)")
+    ess_bulk: float = Field(description="bulk effective sample size, in draws")
+    ess_tail: float = Field(description="tail effective sample size, in draws")
 
 
 class Diagnostics(_Frozen):
-    chains: int
-    draws: int
-    max_rhat: float
-    min_ess_bulk: float
-    min_ess_tail: float
-    divergences: int
+    chains: int = Field(description="chains of the reported sampler run")
+    draws: int = Field(description="kept draws per chain of the reported run")
+    max_rhat: float = Field(description="worst R-hat over every parameter")
+    min_ess_bulk: float = Field(description="smallest bulk ESS over every parameter, in draws")
+    min_ess_tail: float = Field(description="smallest tail ESS over every parameter, in draws")
+    divergences: int = Field(description="divergent transitions after warmup, all chains together")
     bfmi: list[float] = Field(description="energy Bayesian fraction of missing information, per chain")
-    min_bfmi: float
-    max_tree_depth: int
+    min_bfmi: float = Field(description="lowest BFMI over the chains (below 0.3 suggests poor exploration)")
+    max_tree_depth: int = Field(description="the sampler's tree-depth limit")
     tree_depth_hits: int = Field(description="draws whose tree reached the maximum depth")
-    mean_leapfrog_steps: float
-    ess_bulk_per_second: float
+    mean_leapfrog_steps: float = Field(description="mean leapfrog steps per draw (gradient evaluations)")
+    ess_bulk_per_second: float = Field(description="min_ess_bulk per second of sampling")
 
 
 class ConvergenceCriteria(_Frozen):
@@ -84,30 +86,32 @@ class ConvergenceCriteria(_Frozen):
 class ForecastScores(_Frozen):
     """Scores of one set of event probabilities against outcomes."""
 
-    brier: float
-    log_loss: float
+    brier: float = Field(description="Brier score: mean squared error of the probabilities (lower is better)")
+    log_loss: float = Field(description="mean negative log likelihood of the outcomes, in nats (lower is better)")
     ece: float = Field(description="expected calibration error over 10 bins")
-    reliability: dict[str, Any]
+    reliability: dict[str, Any] = Field(
+        description="reliability curve over 10 equal bins: bin_lower, bin_upper, mean_forecast, observed_frequency, count"
+    )
 
 
 class EventCalibration(_Frozen):
     """An event's forecasts before and after calibration, for one archetype."""
 
-    event: str
-    archetype: str
-    n: int
-    base_rate: float
-    raw: ForecastScores
+    event: str = Field(description="the event, e.g. top_5")
+    archetype: str = Field(description="the archetype whose races are scored")
+    n: int = Field(description="rows scored (race × driver entries)")
+    base_rate: float = Field(description="share of rows where the event happened")
+    raw: ForecastScores = Field(description="scores of the raw forecast probabilities")
     calibrated: ForecastScores = Field(description="posterior-mean calibrated probabilities (in-sample)")
 
 
 class EnsembleScores(_Frozen):
     """The fantasy-points ensemble (sim_points) scored against points, per archetype."""
 
-    archetype: str
-    n: int
-    crps: float
-    log_score: float
+    archetype: str = Field(description="the archetype whose races are scored")
+    n: int = Field(description="race × driver entries scored")
+    crps: float = Field(description="mean CRPS (energy form), in fantasy points (lower is better)")
+    log_score: float = Field(description="mean log density of the outcome under a Gaussian KDE of the ensemble (higher is better)")
     coverage: dict[str, float] = Field(description="central-interval level → share of outcomes inside")
 
 
@@ -115,16 +119,16 @@ class Attempt(_Frozen):
     """One sampler run of a job: its settings, how it ended and why it was run."""
 
     number: int = Field(description="1 for the job's own settings, then one per remedy")
-    seed: int
-    target_accept_prob: float
-    warmup: int
-    samples: int
-    divergences: int
-    max_rhat: float
-    min_ess_bulk: float
-    mean_leapfrog_steps: float
-    compile_s: float
-    sample_s: float
+    seed: int = Field(description="the run's sampler seed")
+    target_accept_prob: float = Field(description="NUTS target acceptance probability")
+    warmup: int = Field(description="warmup steps per chain")
+    samples: int = Field(description="kept draws per chain")
+    divergences: int = Field(description="divergent transitions after warmup")
+    max_rhat: float = Field(description="worst R-hat of the run")
+    min_ess_bulk: float = Field(description="smallest bulk ESS of the run, in draws")
+    mean_leapfrog_steps: float = Field(description="mean leapfrog steps per draw")
+    compile_s: float = Field(description="seconds compiling the sampler (0 when reused)")
+    sample_s: float = Field(description="seconds of warmup and sampling")
     issues: list[str] = Field(description="criteria this run failed; empty when it converged")
     remedy: str | None = Field(None, description="what this run changed, and why (None for the first)")
     warm_start: bool = Field(False, description="started from a previous fit's posterior (see CalibrationSummary.warm_start)")
@@ -137,8 +141,8 @@ class WarmStart(_Frozen):
     the initial step size, so the run's warmup was shorter (``warmup``).
     """
 
-    job_id: str
-    posterior_uri: str | None = None
+    job_id: str = Field(description="the previous fit's job")
+    posterior_uri: str | None = Field(None, description="the previous fit's posterior")
     data_through: date = Field(description="the last race date the previous fit saw")
     warmup: int = Field(description="warmup steps of the warm run (the step size alone adapts)")
     target_accept_prob: float = Field(0.8, description="the warm run's target acceptance: the previous fit's, at least 0.8")
@@ -154,47 +158,51 @@ class Provenance(_Frozen):
 
 
 class Timings(_Frozen):
-    load_s: float = 0.0
-    compile_s: float = 0.0
-    sample_s: float = 0.0
-    diagnostics_s: float = 0.0
-    write_s: float = 0.0
-    total_s: float = 0.0
+    load_s: float = Field(0.0, description="seconds: reading and checking the dataset")
+    compile_s: float = Field(0.0, description="seconds: compiling the sampler")
+    sample_s: float = Field(0.0, description="seconds: warmup and sampling, every run")
+    diagnostics_s: float = Field(0.0, description="seconds: diagnostics and scores")
+    write_s: float = Field(0.0, description="seconds: writing the posterior and summary")
+    total_s: float = Field(0.0, description="seconds: the whole job")
 
 
 class CalibrationSummary(_Frozen):
     """Everything the optimizer reads about one finished calibration."""
 
-    job_id: str
-    archetype: ArchetypeOrAll
-    archetypes: list[str]
-    events: list[str]
-    model_version: str
-    dataset_uri: str
-    dataset_sha256: str
-    as_of: date | None = None
-    window_days: int | None = None
+    job_id: str = Field(description="the job's id, derived from its content (cj-…)")
+    archetype: ArchetypeOrAll = Field(description="the archetype the job fitted, or all for a joint fit")
+    archetypes: list[str] = Field(description="the archetypes in the fit")
+    events: list[str] = Field(description="the events fitted, each with its own parameters")
+    model_version: str = Field(description="the calibration model's version, e.g. logit-hier/1")
+    dataset_uri: str = Field(description="the dataset's content address in the store")
+    dataset_sha256: str = Field(description="sha256 of the dataset file's bytes")
+    as_of: date | None = Field(None, description="only races before this date were used; null: every race")
+    window_days: int | None = Field(None, description="only races in this many days before as_of; null: no window")
     data_through: date = Field(description="date of the latest race in the data used")
-    sampler: SamplerSettings
-    centered: bool
-    n_rows: int
-    n_races: int
+    sampler: SamplerSettings = Field(description="the job's sampler settings (part of its identity)")
+    centered: bool = Field(description="whether the track level was centred (calq fits non-centred)")
+    n_rows: int = Field(description="rows fitted: race × driver × event entries")
+    n_races: int = Field(description="races in the data used")
     tracks: dict[str, list[str]] = Field(description="archetype → tracks fitted")
-    converged: bool
-    convergence_issues: list[str] = []
-    diagnostics: Diagnostics
+    converged: bool = Field(description="the last run met the convergence criteria (only converged fits move latest)")
+    convergence_issues: list[str] = Field([], description="criteria the last run failed; empty when converged")
+    diagnostics: Diagnostics = Field(description="MCMC diagnostics of the reported run")
     attempts: list[Attempt] = Field([], description="every sampler run, in order; the last is the one reported")
     warm_start: WarmStart | None = Field(None, description="the previous fit the first run started from; None: a cold start")
-    parameters: list[ParameterSummary]
-    calibration: list[EventCalibration]
-    ensemble: list[EnsembleScores] = []
-    joint_events: list[dict[str, Any]] = []
-    timings: Timings
-    posterior_uri: str | None = None
-    summary_uri: str | None = None
+    parameters: list[ParameterSummary] = Field(description="posterior summary of every scalar parameter")
+    calibration: list[EventCalibration] = Field(description="per event and archetype: scores before and after calibration (in-sample)")
+    ensemble: list[EnsembleScores] = Field([], description="fantasy-points ensemble scores per archetype; empty without sim_points")
+    joint_events: list[dict[str, Any]] = Field(
+        [],
+        description="pairs of drivers both hitting an event: group, event, threshold, n_pairs, mean_forecast, "
+        "observed_frequency, brier_score, expected_calibration_error, reliability",
+    )
+    timings: Timings = Field(description="where the job's time went, in seconds")
+    posterior_uri: str | None = Field(None, description="URI of the posterior NetCDF (ArviZ InferenceData)")
+    summary_uri: str | None = Field(None, description="URI of this summary in the store")
     provenance: Provenance | None = Field(None, description="set by workers holding a signing key; None: unsigned")
-    created_at: datetime
-    calq_version: str
+    created_at: datetime = Field(description="when the summary was written (UTC)")
+    calq_version: str = Field(description="the calq version that ran the job")
 
     def parameter(self, parameter: str, event: str, *, archetype: str | None = None, track: str | None = None) -> ParameterSummary:
         """Look up one parameter's summary by its coordinates."""
