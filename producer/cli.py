@@ -72,15 +72,15 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a 
 Events = Annotated[Optional[str], typer.Option(help="Comma-separated events, e.g. top_5,top_10 (default top_1,top_5,top_10).")]
 # Help in braces is filled in from the settings in force when help is drawn (producer.helptext).
 Warmup = Annotated[
-    Optional[int], typer.Option(help="Warmup steps per chain (default: CALQ_SAMPLER__WARMUP, now {sampler.warmup}).")
+    Optional[int], typer.Option(min=1, help="Warmup steps per chain (default: CALQ_SAMPLER__WARMUP, now {sampler.warmup}).")
 ]
 Samples = Annotated[
-    Optional[int], typer.Option(help="Draws per chain (default: CALQ_SAMPLER__SAMPLES, now {sampler.samples}).")
+    Optional[int], typer.Option(min=1, help="Draws per chain (default: CALQ_SAMPLER__SAMPLES, now {sampler.samples}).")
 ]
-Chains = Annotated[Optional[int], typer.Option(help="Chains (default: CALQ_SAMPLER__CHAINS, now {sampler.chains}).")]
+Chains = Annotated[Optional[int], typer.Option(min=1, help="Chains (default: CALQ_SAMPLER__CHAINS, now {sampler.chains}).")]
 Seed = Annotated[int, typer.Option(help="Seed of the sampler.")]
 AsOf = Annotated[Optional[str], typer.Option(help="Use races before this date (YYYY-MM-DD).")]
-WindowDays = Annotated[Optional[int], typer.Option(help="Only races in the last N days before --as-of.")]
+WindowDays = Annotated[Optional[int], typer.Option(min=1, help="Only races in the last N days before --as-of.")]
 
 
 
@@ -159,6 +159,7 @@ def calibrate(
 
     usage.archetypes(archetype)  # every usage mistake before any work: nothing is uploaded for a typo
     usage.events(events)
+    as_of_date = _date(as_of)
     client = _client()
     summaries, failures = [], []
     started = datetime.now(UTC)
@@ -169,7 +170,7 @@ def calibrate(
                 break
             job = client.make_job(
                 dataset, name, events=events, warmup=warmup, samples=samples, chains=chains, seed=seed,
-                as_of=_date(as_of), window_days=window_days, dataset_ref=ref,
+                as_of=as_of_date, window_days=window_days, dataset_ref=ref,
             )
             try:
                 summaries.append(_run_with_progress(client, job, timeout=timeout, quiet=as_json))
@@ -261,6 +262,8 @@ def apply(
     if archetype is not None:
         usage.archetype(archetype, allow_all=False)
     probabilities = _floats(p)
+    if "://" not in posterior_uri and not Path(posterior_uri).is_file():
+        raise typer.BadParameter(f"no posterior file at {visible(posterior_uri)}", param_hint="POSTERIOR_URI")
     # through the client: over the API (a token only) the posterior is fetched by its job id
     idata = _client().posterior_at(posterior_uri if "://" in posterior_uri else "file://" + str(Path(posterior_uri).resolve()))
     try:
@@ -298,11 +301,12 @@ def submit(
     """Submit a job and print its id (embedded mode: run it now; Ctrl-C cancels it cleanly, exit 4)."""
     usage.archetype(archetype)
     usage.events(events)
+    as_of_date = _date(as_of)
     client = _client()
     with _ctrl_c_cancels(client):
         job_id = client.submit(
             dataset, archetype, events=events, warmup=warmup, samples=samples, chains=chains, seed=seed,
-            as_of=_date(as_of), window_days=window_days, queue=queue,
+            as_of=as_of_date, window_days=window_days, queue=queue,
         )
     if as_json:
         _print_json({"job_id": job_id})
@@ -561,7 +565,7 @@ def _date(value: str | None) -> date | None:
     try:
         return date.fromisoformat(value)
     except ValueError:
-        raise typer.BadParameter(f"{value!r} is not a date like 2025-06-01") from None
+        raise typer.BadParameter(f"'{visible(value)}' is not a date like 2025-06-01") from None
 
 
 def _floats(value: str) -> list[float]:

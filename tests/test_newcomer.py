@@ -365,3 +365,55 @@ def test_the_readme_lists_every_evaluate_field():
     section = readme[readme.index("`--json` prints one object per archetype × event"):][:900]
     for name in EvaluationRecord.model_fields:
         assert f"`{name}`" in section, name
+
+
+# -- 5. smaller things a newcomer meets --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["calibrate", "{season}", "--as-of", "2025-13-01"],
+        ["calibrate", "{season}", "--archetype", "intermediate", "--window-days", "0"],
+        ["calibrate", "{season}", "--samples", "0"],
+        ["submit", "{season}", "--archetype", "intermediate", "--events", "top_0"],
+        ["backfill", "{season}", "--from", "2025-01-01", "--to", "June"],
+        ["evaluate", "{season}", "--from", "2025-01-01", "--to", "2025-02-01", "--archetypes", "oval"],
+        ["apply", "nowhere.nc", "--event", "top_5", "--p", "0.2"],
+        ["status", "cj-000000000000000000000000"],
+        ["latest", "intermediate"],
+        ["cancel", "cj-000000000000000000000000"],
+    ],
+    ids=lambda args: " ".join(args[:3]),
+)
+def test_a_failing_command_in_an_empty_folder_creates_no_store(tmp_path, season, args):
+    result = calq(tmp_path, *[a.replace("{season}", str(season)) for a in args])
+    assert result.returncode in (ExitCode.USAGE, ExitCode.FAILED), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == [], result.stderr  # no calq-store/, nothing uploaded
+
+
+def test_a_rejected_job_says_its_reason_once(tmp_path, season):
+    from shared.data.dataset import open_dataset
+
+    ds = open_dataset(season)
+    races = ds["race"].values.astype(object)
+    races[1] = races[0]  # a duplicated race id: the job is rejected before any sampling
+    broken = save_dataset(ds.assign_coords(race=races), tmp_path / "broken.nc")
+    result = calq(tmp_path, "calibrate", str(broken), "--archetype", "superspeedway", "--warmup", "10",
+                  "--samples", "10", "--chains", "1")
+    assert result.returncode == ExitCode.FAILED, result.stderr[-3000:]
+    said = " ".join(result.stderr.split())
+    assert said.count("duplicated race ids") == 1, result.stderr  # the command's own line, not a log line too
+    assert "WARNING" not in result.stderr and "rejected" in said
+
+
+def test_the_readme_examples_write_into_a_scratch_folder():
+    readme = (ROOT / "README.md").read_text()
+    using = readme[readme.index("## Using it"):readme.index("## The fleet")]
+    first = using[using.index("```bash") + len("```bash"):].strip().splitlines()[0]
+    assert first.startswith("mkdir -p ") and "&& cd " in first  # before anything writes season.nc or a page
+    fleet = readme[readme.index("## The fleet"):]
+    redis_line = next(line for line in fleet.splitlines() if line.startswith("redis-server"))
+    assert "--save ''" in redis_line  # no dump.rdb in the folder it runs in
+    assert "calq-demo.nc" not in fleet.split("```")[1]  # the fleet uses the scratch folder's season.nc
