@@ -34,6 +34,7 @@ from producer.sanitize import for_markup
 from shared.contract.domain import ARCHETYPES
 from shared.contract.job import CalibrationJob, JobState
 from shared.data.dataset import open_dataset
+from shared.jobs.celery_app import BATCH
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ class Backfill:
             while pending or in_flight:
                 while pending and len(in_flight) < max_in_flight:
                     job = pending.pop(0)
-                    self.client.submit_job(job)
+                    self.client.submit_job(job, lane=BATCH)  # backfills never hold up interactive jobs
                     in_flight[job.job_id] = (job, time.monotonic())
                 for job_id, (job, since) in list(in_flight.items()):
                     record = self.client.registry.find(job_id)

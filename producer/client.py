@@ -9,6 +9,14 @@
 
 Either way the store's summaries are the source of truth, and the job runs
 through the same :func:`shared.jobs.handle.process` as on a worker.
+
+- **remote** (``CALQ_API__URL`` and ``CALQ_API__TOKEN`` set): the same
+  public methods speak HTTP to the calibration API
+  (:class:`producer.api.remote.RemoteClient`), holding only a token. The
+  choice is made here, once, in :meth:`CalibrationClient.__new__`.
+
+A job carries a lane: ``interactive`` (the default) or ``batch`` (backfills
+and evaluations); workers take interactive jobs first (:mod:`shared.jobs.lanes`).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from shared.contract.job import CalibrationJob, JobState, JobStatus, SamplerSett
 from shared.contract.settings import Settings, get_settings
 from shared.contract.summary import CalibrationSummary
 from shared.data.dataset import save_dataset
+from shared.jobs.celery_app import BATCH, INTERACTIVE, lane_queue
 from shared.jobs.registry import JobRegistry, RedisRegistry, StoreRegistry
 from shared.storage.catalog import Catalog, newest
 from shared.storage.store import Store
@@ -54,6 +63,16 @@ class JobDidNotSucceed(CalqError):
 
 class CalibrationClient:
     """Submit calibration jobs and read their results (see the module docstring)."""
+
+    def __new__(
+        cls, settings: Settings | None = None, *, store: Store | None = None, registry: JobRegistry | None = None
+    ) -> CalibrationClient:
+        # The one place the mode is chosen: a token and an API URL, and no store or registry handed in, mean HTTP.
+        if cls is CalibrationClient and store is None and registry is None and (settings or get_settings()).api.remote:
+            from producer.api.remote import RemoteClient
+
+            return super().__new__(RemoteClient)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -133,6 +152,7 @@ class CalibrationClient:
         archetype: str,
         *,
         queue: str | None = None,
+        lane: str = INTERACTIVE,
         on_update: StatusCallback | None = None,
         **options: Any,
     ) -> str:
@@ -142,17 +162,40 @@ class CalibrationClient:
         (``on_update`` hears its progress); a rejected or failed job is then
         in its record, as on the fleet.
         """
-        return self.submit_job(self.make_job(dataset, archetype, **options), queue=queue, on_update=on_update)
+        return self.submit_job(self.make_job(dataset, archetype, **options), queue=queue, lane=lane, on_update=on_update)
 
     def submit_job(
-        self, job: CalibrationJob, *, queue: str | None = None, on_update: StatusCallback | None = None
+        self,
+        job: CalibrationJob,
+        *,
+        queue: str | None = None,
+        lane: str = INTERACTIVE,
+        on_update: StatusCallback | None = None,
     ) -> str:
         """Submit an already built job (see :meth:`submit`)."""
+        return self.admit(job, queue=queue, lane=lane, on_update=on_update)[0].job_id
+
+    def admit(
+        self,
+        job: CalibrationJob,
+        *,
+        queue: str | None = None,
+        lane: str = INTERACTIVE,
+        on_update: StatusCallback | None = None,
+        owner: str | None = None,
+    ) -> tuple[JobStatus, bool]:
+        """Claim a job and send it to the workers (embedded: run it): ``(record, sent)``.
+
+        ``sent`` is False when the job was known and is not sent again. A
+        batch job with an ``owner`` (the API's token name) waits for its turn
+        among other owners' batch jobs (:class:`shared.jobs.lanes.BatchLanes`).
+        """
+        lane_queue(queue or self.settings.default_queue, lane)  # an unknown queue or lane, before anything is recorded
         status, created = self.registry.claim(job)
         interrupted = self.embedded and not status.state.finished and not created
         if not created and not interrupted:
             log.info("job %s already known (%s): not enqueued again", job.job_id, status.state.value)
-            return job.job_id
+            return status, False
         if interrupted:
             # Embedded jobs run inside the submitting call: an unfinished record
             # means the process that ran it was stopped. Run it again.
@@ -160,17 +203,30 @@ class CalibrationClient:
         if self.embedded:
             self._run_here(job, on_update)
         else:
-            self._enqueue(job, queue)
-        return job.job_id
+            self._enqueue(job, lane_queue(queue or self.settings.default_queue, lane), owner if lane == BATCH else None)
+        return status, True
 
-    def _enqueue(self, job: CalibrationJob, queue: str | None) -> None:
-        from shared.jobs.celery_app import TASK_NAME, make_app, queue_for
+    def _enqueue(self, job: CalibrationJob, queue: str, owner: str | None) -> None:
+        if owner is not None:
+            waiting = self.lanes().hold(owner, job.to_message(), queue)
+            log.info("job %s waits for its turn on %s (%d of %s's batch jobs waiting)", job.job_id, queue, waiting, owner)
+            return
+        self.send(job.to_message(), queue)
 
-        name = queue_for(queue or self.settings.default_queue)
+    def send(self, message: dict[str, Any], queue: str) -> None:
+        """Put one job message on a worker queue (Celery's send_task; the task id is the job id)."""
+        from shared.jobs.celery_app import TASK_NAME, make_app
+
         if self._celery is None:
             self._celery = make_app(self.settings)
-        self._celery.send_task(TASK_NAME, args=[job.to_message()], task_id=job.job_id, queue=name)
-        log.info("job %s enqueued on %s", job.job_id, name)
+        self._celery.send_task(TASK_NAME, args=[message], task_id=message["job_id"], queue=queue)
+        log.info("job %s enqueued on %s", message["job_id"], queue)
+
+    def lanes(self):
+        """The fleet's batch lanes (:class:`shared.jobs.lanes.BatchLanes`) on the registry's Redis."""
+        from shared.jobs.lanes import BatchLanes
+
+        return BatchLanes(self.registry.redis, prefix=self.registry.prefix, depth=self.settings.api.batch_feed_depth)
 
     def _run_here(self, job: CalibrationJob, on_update: StatusCallback | None) -> None:
         from shared.jobs.handle import process  # imports JAX: only when a job runs here
@@ -248,12 +304,14 @@ class CalibrationClient:
         TimeoutError) if it could and the job had not ended.
         """
         deadline = time.monotonic() + timeout
-        status = self._riding_through(
-            lambda left: self.registry.wait(job_id, timeout=left, on_update=on_update), deadline, on_outage
-        )
+        status = self._riding_through(lambda left: self._follow(job_id, left, on_update), deadline, on_outage)
         if status.state is not JobState.SUCCEEDED:
             raise JobDidNotSucceed(status)
         return self._riding_through(lambda _: self.result(job_id), deadline, on_outage)
+
+    def _follow(self, job_id: str, timeout: float, on_update: StatusCallback | None) -> JobStatus:
+        """The job's final record, read until it ends (WaitTimeout after ``timeout``)."""
+        return self.registry.wait(job_id, timeout=timeout, on_update=on_update)
 
     @staticmethod
     def _riding_through(call: Callable[[float], T], deadline: float, on_outage: OutageCallback | None) -> T:
@@ -295,6 +353,10 @@ class CalibrationClient:
     def posterior(self, job_id: str):
         """The job's posterior as an ArviZ InferenceData."""
         return self.store.get_inference_data(self.result(job_id).posterior_uri)
+
+    def posterior_at(self, uri: str):
+        """The posterior stored at ``uri`` (``calq apply``), as an ArviZ InferenceData."""
+        return self.store.get_inference_data(uri)
 
     def calibrate(self, archetype: str, track: str | None, event: str, p: Sequence[float]):
         """Calibrate forecast probabilities with the latest converged posterior."""

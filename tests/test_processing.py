@@ -512,7 +512,8 @@ def test_app_config_is_safe_for_long_jobs_on_redis():
     assert conf.worker_cancel_long_running_tasks_on_connection_loss is True
     assert conf.task_time_limit == 1800
     assert 0 < conf.task_soft_time_limit < conf.task_time_limit
-    assert [q.name for q in conf.task_queues] == list(app_module.QUEUES)
+    assert [q.name for q in conf.task_queues] == list(app_module.ALL_QUEUES)
+    assert conf.broker_transport_options["queue_order_strategy"] == "priority"  # interactive before batch
     assert conf.task_default_queue == "calq.cpu"
     assert conf.result_expires == 7 * 24 * 3600
     assert conf.task_track_started is True

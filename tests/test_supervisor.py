@@ -45,7 +45,7 @@ def test_none_plans_cpu_workers():
         assert argv[argv.index("--pool") + 1] == "solo"
         assert argv[argv.index("--concurrency") + 1] == "1"
         assert argv[argv.index("--hostname") + 1] == spec.name
-        assert argv[argv.index("-Q") + 1] == "calq.cpu"
+        assert argv[argv.index("-Q") + 1] == "calq.cpu,calq.cpu.batch"  # interactive first, then batch
 
 
 def test_an_operators_own_gpu_memory_share_is_left_alone():
@@ -65,7 +65,7 @@ def test_gpu_list_plans_one_pinned_worker_per_gpu():
         assert "XLA_CLIENT_MEM_FRACTION" not in spec.env  # with both names set, JAX 0.11's CUDA backend does not start
         assert HOST_FLAG not in spec.env["XLA_FLAGS"]  # inherited host-device forcing removed
         argv = list(spec.argv)
-        assert argv[argv.index("-Q") + 1] == "calq.gpu,calq.cpu"
+        assert argv[argv.index("-Q") + 1] == "calq.gpu,calq.cpu,calq.gpu.batch,calq.cpu.batch"
         assert argv[argv.index("--hostname") + 1] == spec.name
 
 

@@ -56,7 +56,7 @@ from typing import Any
 
 from shared.fit.device import HOST_DEVICES, with_host_devices, without_host_devices
 from shared.jobs import metrics
-from shared.jobs.celery_app import CPU_QUEUE, GPU_QUEUE, QUEUES, queue_for
+from shared.jobs.celery_app import CPU_QUEUE, GPU_QUEUE, QUEUES, consumed_queues, queue_for
 from worker.tasks import EXIT_DEVICE_ERROR, HAND_BACK_SIGNAL, SUPERVISOR_PID_ENV, lease_holder
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def worker_argv(name: str, queues: Sequence[str], *, loglevel: str = "INFO") -> 
     return (
         sys.executable, "-m", "celery", "-A", "worker.tasks", "worker",
         "--pool", "solo", "--concurrency", "1",
-        "--hostname", name, "-Q", ",".join(queues),
+        "--hostname", name, "-Q", ",".join(consumed_queues(queues)),  # interactive first, then batch
         "--loglevel", loglevel, "--without-gossip", "--without-mingle",
     )
 

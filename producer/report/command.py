@@ -195,7 +195,7 @@ def load_latest(client, archetypes: list[str] | None = None):
 
 def _read_idata(client, uri: str):
     try:
-        idata = client.store.get_inference_data(uri)
+        idata = client.posterior_at(uri)  # over the API: fetched by the job id the file is named after
     except CalqError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

@@ -6,14 +6,16 @@ that matters to the fleet is whether trying again can help::
     CalqError
     ├── RetryableError          transient fault; the job is retried with backoff
     │   ├── StorageUnavailable  object store unreachable or timing out
-    │   └── BrokerUnavailable   Redis unreachable
+    │   ├── BrokerUnavailable   Redis unreachable
+    │   └── ApiUnavailable      the calibration API unreachable or overloaded
     ├── RejectedError           permanent: bad input, never retried
     │   ├── InvalidJob          the job message fails its schema
     │   ├── DatasetNotFound     nothing at the job's own content address in the store
     │   ├── DatasetNotAllowed   the URI is not the store's content address (one message, no oracle)
     │   ├── DatasetHashMismatch the bytes at the URI are not the ones the job names
     │   ├── InvalidDataset      the dataset breaks the contract or a limit (one problem per line)
-    │   └── JobOverLimit        the job asks for more than this worker's caps
+    │   ├── JobOverLimit        the job asks for more than this worker's caps
+    │   └── OverQuota           the API token's quota (jobs at once, largest job) refuses the job
     ├── JobFailed               the job ran and could not finish (time limit,
     │   └── JobTimeLimitExceeded  numerical failure); not retried automatically
     ├── AuthenticationFailed    a wrong password or key (Redis, S3): permanent, never "unavailable"
@@ -47,6 +49,10 @@ class StorageUnavailable(RetryableError):
 
 class BrokerUnavailable(RetryableError):
     """The broker or result backend could not be reached."""
+
+
+class ApiUnavailable(RetryableError):
+    """The calibration API could not be reached, timed out, or answered 5xx."""
 
 
 class RejectedError(CalqError):
@@ -124,6 +130,17 @@ class InvalidDataset(RejectedError):
 
 class JobOverLimit(RejectedError):
     """The job asks for more than the worker's caps allow (chains, draws, events)."""
+
+
+class OverQuota(RejectedError):
+    """The API token may not submit this job now: too many of its jobs queued or running, or the job is too large.
+
+    ``retry_after_s`` says when trying again may help (None: never, the job itself is too large).
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class AuthenticationFailed(CalqError):

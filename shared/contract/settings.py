@@ -148,6 +148,37 @@ class MetricsSettings(BaseModel):
     heartbeat_s: float = Field(5.0, gt=0, description="How often each worker process publishes its heartbeat record.")
 
 
+class ApiSettings(BaseModel):
+    """The calibration API (``calq serve``) and the clients that speak to it.
+
+    A producer sets ``url`` and ``token`` and nothing else: its client and
+    CLI then speak HTTP to the API (:mod:`producer.api`), never to Redis or
+    the store. The server listens on ``host:port`` (loopback by default),
+    refuses request bodies over ``max_body_bytes`` (datasets stream to disk,
+    up to ``limits.max_decoded_bytes``), and keeps tokens as sha256 hashes in
+    Redis or in ``tokens_file`` (``tokens``).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    url: str | None = Field(None, description="CALQ_API__URL: where the calibration API answers, e.g. http://127.0.0.1:8000.")
+    token: SecretStr | None = Field(None, description="CALQ_API__TOKEN: this producer's bearer token (calq token create).")
+    host: str = Field("127.0.0.1", description="Address calq serve listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port calq serve listens on.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest JSON request body the API reads.")
+    tokens: Literal["redis", "file"] = Field("redis", description="Where token hashes live: Redis, or tokens_file.")
+    tokens_file: Path = Field(Path("~/.config/calq/tokens.json").expanduser(), description="The token file (tokens=file).")
+    timeout_s: float = Field(30.0, gt=0, description="How long a client waits for one answer from the API.")
+    batch_feed_depth: int = Field(
+        4, ge=1, description="Batch jobs the API keeps in the workers' batch queue; the rest wait, round-robin by token."
+    )
+
+    @property
+    def remote(self) -> bool:
+        """True when a client should speak HTTP: both ``url`` and ``token`` are set."""
+        return bool(self.url) and self.token is not None
+
+
 class LogSettings(BaseModel):
     """How workers log: ``text`` lines, or ``json`` (one object per line, for Loki or ELK)."""
 
@@ -220,6 +251,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
+    api: ApiSettings = ApiSettings()
 
     @field_validator("storage_url")
     @classmethod

@@ -99,16 +99,33 @@ def calibrate_probabilities(
     p = np.asarray(p, dtype=np.float64)
     if p.ndim != 1 or not np.all((p >= 0) & (p <= 1)):
         raise ValueError("p must be a list of probabilities in [0, 1]")
-    if track is not None and archetype is None and track not in _track_archetypes(idata):
-        archetype = _only_archetype(idata)
+    archetype = fallback_archetype(idata, track=track, archetype=archetype)
     alpha, beta, _ = parameter_draws(idata, event=event, track=track, archetype=archetype)
+    mean, low, high = calibrate_with_draws(alpha, beta, p, band=band)
+    return [
+        CalibratedProbability(p=float(pi), mean=float(m), low=float(lo), high=float(hi))
+        for pi, m, lo, hi in zip(p, mean, low, high)
+    ]
+
+
+def fallback_archetype(idata: az.InferenceData, *, track: str | None, archetype: str | None) -> str | None:
+    """The archetype an unseen ``track`` borrows from when none is named: the posterior's only one, if it has one."""
+    if track is not None and archetype is None and track not in _track_archetypes(idata):
+        return _only_archetype(idata)
+    return archetype
+
+
+def calibrate_with_draws(
+    alpha: np.ndarray, beta: np.ndarray, p: np.ndarray, *, band: float = BAND
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(mean, low, high)`` of ``expit(α + β·logit(p))`` over the draws, for every p at once (vectorised).
+
+    ``p`` (probabilities in [0, 1]) is clipped to [P_EPS, 1 − P_EPS]; the band is equal-tailed.
+    """
     q = calibrated_probability(alpha[:, None], beta[:, None], np.clip(p, P_EPS, 1 - P_EPS)[None, :])
     tail = (1 - band) / 2
     low, high = np.quantile(q, [tail, 1 - tail], axis=0)
-    return [
-        CalibratedProbability(p=float(pi), mean=float(m), low=float(lo), high=float(hi))
-        for pi, m, lo, hi in zip(p, q.mean(axis=0), low, high)
-    ]
+    return q.mean(axis=0), low, high
 
 
 def _only_archetype(idata: az.InferenceData) -> str | None:

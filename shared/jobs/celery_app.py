@@ -26,6 +26,12 @@ Why each setting (see FIELD-NOTES, "Celery on Redis"):
   leased elsewhere and is dropped.
 - ``worker_cancel_long_running_tasks_on_connection_loss``: a broker blip must
   not leave a job running here while Redis hands it to another worker.
+- Lanes: each queue has a batch twin (``calq.cpu`` → ``calq.cpu.batch``);
+  a worker consumes its interactive queues first, then their batch twins
+  (:func:`consumed_queues`), and ``queue_order_strategy='priority'`` makes
+  kombu's BRPOP list the queues in that order every time, so Redis hands out
+  a batch job only when every interactive queue is empty (kombu's default
+  ``round_robin`` rotates the last-used queue to the back instead).
 - Time limits: the solo pool ignores them (celery/celery#8395), so the job
   runner enforces the job's own limit between sampling chunks; these only
   matter under a pool that honours them.
@@ -45,6 +51,12 @@ TASK_NAME = "calq.calibrate"
 GPU_QUEUE = "calq.gpu"
 CPU_QUEUE = "calq.cpu"
 QUEUES = (GPU_QUEUE, CPU_QUEUE)
+INTERACTIVE = "interactive"
+BATCH = "batch"
+#: A job's lane: interactive jobs (the default) always go before batch ones (backfills, evaluations).
+LANES = (INTERACTIVE, BATCH)
+#: Every queue a job may wait in: the interactive queues, then their batch twins.
+ALL_QUEUES = QUEUES + tuple(f"{q}.{BATCH}" for q in QUEUES)
 RESULT_EXPIRES_S = 7 * 24 * 3600
 SOFT_LIMIT_MARGIN_S = 60
 # A worker_process_init handler gets this long before a prefork child is killed;
@@ -61,6 +73,20 @@ def queue_for(name: str) -> str:
         return _QUEUE_ALIASES[key]
     except (KeyError, TypeError):
         raise ValueError(f"unknown queue {name!r}: use one of gpu, cpu, {', '.join(QUEUES)}") from None
+
+
+def lane_queue(queue: str, lane: str = INTERACTIVE) -> str:
+    """The queue a job of ``lane`` waits in: ``queue`` itself, or its batch twin ``queue.batch``."""
+    if lane not in LANES:
+        raise ValueError(f"unknown lane {lane!r}: use one of {', '.join(LANES)}")
+    name = queue_for(queue)
+    return name if lane == INTERACTIVE else f"{name}.{BATCH}"
+
+
+def consumed_queues(queues: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """What a worker serving ``queues`` consumes, in the order it drains them: interactive first, then batch."""
+    names = [queue_for(q) for q in queues]
+    return tuple(names) + tuple(lane_queue(q, BATCH) for q in names)
 
 
 def soft_time_limit(hard_s: int) -> int:
@@ -90,7 +116,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "broker_transport_options": dict(visibility),
+        "broker_transport_options": {**visibility, "queue_order_strategy": "priority"},
         "result_backend_transport_options": dict(visibility),
         "visibility_timeout": settings.visibility_timeout_s,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
@@ -101,7 +127,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_proc_alive_timeout": PROCESS_INIT_TIMEOUT_S,
         # Queues: GPU workers consume both, CPU workers only calq.cpu; unrouted jobs go to
         # settings.default_queue (calq.cpu unless set).
-        "task_queues": tuple(Queue(name, exchange, routing_key=name) for name in QUEUES),
+        "task_queues": tuple(Queue(name, exchange, routing_key=name) for name in ALL_QUEUES),
         "task_default_queue": default_queue,
         "task_default_exchange": exchange.name,
         "task_default_exchange_type": exchange.type,

@@ -604,23 +604,40 @@ class JobRegistry(ABC):
         that. Raises NotFound if the job has no record and
         :class:`WaitTimeout` (a TimeoutError) after ``timeout`` seconds.
         """
-        deadline = time.monotonic() + timeout
-        last: JobStatus | None = None
         with self._listener(job_id) as pause:
-            while True:
-                status = self.get(job_id)
-                if status != last:
-                    last = status
-                    if on_update is not None:
-                        on_update(status)
-                if status.state.finished:
-                    return status
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise WaitTimeout(
-                        f"job {job_id} still {status.state.value} after {timeout:g} s", status
-                    )
-                pause(min(poll_s, remaining))
+            return follow(lambda: self.get(job_id), job_id=job_id, timeout=timeout, on_update=on_update,
+                          pause=pause, poll_s=poll_s)
+
+
+def follow(
+    read: Callable[[], JobStatus],
+    *,
+    job_id: str,
+    timeout: float,
+    on_update: Callable[[JobStatus], None] | None,
+    pause: Callable[[float], None],
+    poll_s: float,
+) -> JobStatus:
+    """Read a job's record until it finishes (``on_update`` hears the first and every changed one); the final record.
+
+    ``pause(seconds)`` waits between reads (it may return early on a change
+    notification). Raises :class:`WaitTimeout` after ``timeout`` seconds.
+    The registry's :meth:`JobRegistry.wait` and the API client's wait both follow a job this way.
+    """
+    deadline = time.monotonic() + timeout
+    last: JobStatus | None = None
+    while True:
+        status = read()
+        if status != last:
+            last = status
+            if on_update is not None:
+                on_update(status)
+        if status.state.finished:
+            return status
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise WaitTimeout(f"job {job_id} still {status.state.value} after {timeout:g} s", status)
+        pause(min(poll_s, remaining))
 
 
 def _check_id(job_id: str) -> None:
