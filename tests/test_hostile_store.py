@@ -302,21 +302,27 @@ def test_a_planted_summary_is_skipped_by_every_reader(fleet, forge, caplog):
 
 
 def test_a_verified_summarys_replaced_posterior_is_never_decoded(fleet, caplog):
-    fleet.write(LEGIT, data_through=D0 - timedelta(days=10))
+    uri = fleet.write(LEGIT, data_through=D0 - timedelta(days=10))
+    summary = fleet.catalog.read(uri)
+    assert "posterior" in fleet.catalog.posterior(summary, groups=["posterior"]).groups()  # as the worker wrote it
     key = posterior_key("all", LEGIT)
     fleet.store.put_bytes(key, fleet.posterior[:-1] + bytes([fleet.posterior[-1] ^ 1]))  # one bit, same size
     caplog.set_level(logging.WARNING)
     assert find_warm_source(fleet.warm_job(D0), fleet.store) is None  # cold, not failed
     assert "starting cold" in caplog.text and "not the ones its signed summary records" in caplog.text
-    with pytest.raises(Unverified):
-        fleet.store.get_inference_data(key, sha256=hashlib.sha256(fleet.posterior).hexdigest())
+    with pytest.raises(Unverified, match="not the ones its signed summary records"):
+        fleet.catalog.posterior(summary)  # what a report or client reading the posterior goes through
+    with pytest.raises(Unverified, match="not signed"):
+        fleet.catalog.posterior(summary.model_copy(update={"provenance": None}))
 
 
 def test_without_a_key_every_summary_at_its_own_key_is_trusted_as_before(tmp_path, worker_fit):
     fleet = fleet_of(tmp_path, worker_fit, key=None)
     fleet.write(LEGIT, data_through=D0 - timedelta(days=10))
     fleet.write(FORGED, data_through=D0, key=None)
-    assert [s.job_id for s in fleet.catalog.summaries()] == [FORGED, LEGIT]
+    summaries = list(fleet.catalog.summaries())
+    assert [s.job_id for s in summaries] == [FORGED, LEGIT]
+    assert fleet.catalog.posterior(summaries[0], groups=["posterior"]) is not None  # nothing to check it against
     warm = find_warm_source(fleet.warm_job(D0 + timedelta(days=1)), fleet.store)
     assert warm is not None and warm.job_id == FORGED
     assert repair_from_store(fleet.registry, fleet.catalog) == [FORGED, LEGIT]

@@ -98,7 +98,7 @@ def _stored_fits(store: Store, archetype: str) -> list[StoredFit]:
                 job_id=summary.job_id, model_version=summary.model_version, events=frozenset(summary.events),
                 converged=summary.converged, centered=summary.centered, data_through=summary.data_through,
                 posterior_uri=summary.posterior_uri,
-                posterior_sha256=summary.provenance.posterior_sha256 if signed and summary.provenance else None,
+                posterior_sha256=catalog.posterior_sha256(summary),
             )
         except Unverified as exc:
             log.warning("skipping summary %s: %s", uri, exc)

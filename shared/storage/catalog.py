@@ -24,9 +24,9 @@ its key, as if absent.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, date, datetime
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -35,6 +35,9 @@ from shared.contract.errors import NotFound, Unverified
 from shared.contract.summary import CalibrationSummary
 from shared.storage.provenance import verify
 from shared.storage.store import Store, posterior_key, summary_key
+
+if TYPE_CHECKING:
+    import arviz as az
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +186,29 @@ class Catalog:
         :func:`is_newer` — the rule the job registry applies as jobs finish.
         """
         return newest_pointers(p for s in self.summaries() for p in pointers_for(s))
+
+    def posterior_sha256(self, summary: CalibrationSummary) -> str | None:
+        """The sha256 the posterior of ``summary`` must have before it is decoded; None without a signing key.
+
+        It is the digest the signed summary records (``provenance``), so
+        ``summary`` must be one :meth:`read` accepted; an unsigned one is
+        :class:`Unverified` where the store has a key.
+        """
+        if self.store.signing_key is None:
+            return None
+        if summary.provenance is None:
+            raise Unverified("it is not signed by a worker of this fleet")
+        return summary.provenance.posterior_sha256
+
+    def posterior(self, summary: CalibrationSummary, *, groups: Sequence[str] | None = None) -> az.InferenceData:
+        """The posterior of ``summary`` (one :meth:`read` accepted), its bytes checked before they are decoded.
+
+        With a signing key they must hash to :meth:`posterior_sha256`, else
+        :class:`Unverified` (a posterior replaced after its summary was signed).
+        """
+        if summary.posterior_uri is None:
+            raise NotFound(f"summary of job {summary.job_id} names no posterior")
+        return self.store.get_inference_data(summary.posterior_uri, groups=groups, sha256=self.posterior_sha256(summary))
 
     def read(self, uri: str) -> CalibrationSummary:
         """The summary stored at ``uri``: the one way a summary is read back (NotFound if absent).
