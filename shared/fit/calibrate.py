@@ -37,7 +37,7 @@ from shared.contract.summary import (
 )
 from shared.data.dataset import EventRows, event_rows, select_archetypes, select_window, validate
 from shared.fit.idata import build_inference_data, calibrated_probability_mean, convergence_data, logit
-from shared.fit.model import ModelData, ModelShape, model_data
+from shared.fit.model import ModelData, ModelShape, distinct_rows, model_data
 from shared.fit.remedy import RunOutcome, RunPlan, first_plan, next_plan
 from shared.fit.sampler import (
     MAX_TREE_DEPTH,
@@ -91,7 +91,7 @@ def prepare(ds: xr.Dataset, job: CalibrationJob) -> Prepared:
     )
     bucket = Bucket(
         shape=shape,
-        n_rows=bucket_rows(rows.n_rows),
+        n_rows=bucket_rows(distinct_rows(event=rows.event, track=rows.track, x=logit(rows.p))[0].size),
         chains=job.sampler.chains,
         warmup=job.sampler.warmup,
         chunk=chunk_length(job.sampler.warmup, job.sampler.samples),
@@ -101,25 +101,20 @@ def prepare(ds: xr.Dataset, job: CalibrationJob) -> Prepared:
 
 
 def pad(rows: EventRows, bucket: Bucket) -> ModelData:
-    """The rows as model arrays, padded to the bucket (padding masked out), with their statistics."""
-    n, N, K = rows.n_rows, bucket.n_rows, bucket.shape.n_tracks
-
-    def padded(values: np.ndarray, dtype, fill=0) -> np.ndarray:
-        out = np.full(N, fill, dtype=dtype)
-        out[:n] = values
-        return out
-
+    """The rows as model arrays (equal rows merged), padded to the bucket, with their statistics."""
+    K = bucket.shape.n_tracks
     track_archetype = np.zeros(K, np.int32)
     track_archetype[: len(rows.tracks)] = rows.track_archetype
     return model_data(
-        x=padded(logit(rows.p), np.float32),
-        y=padded(rows.y, np.int32),
-        event=padded(rows.event, np.int32),
-        track=padded(rows.track, np.int32),
-        mask=padded(np.ones(n, bool), bool, False),
+        x=logit(rows.p),
+        y=rows.y,
+        event=rows.event,
+        track=rows.track,
+        mask=np.ones(rows.n_rows, bool),
         track_archetype=track_archetype,
         track_real=np.arange(K) < len(rows.tracks),
         n_events=bucket.shape.n_events,
+        n_rows=bucket.n_rows,
     )
 
 

@@ -67,6 +67,16 @@ flat gather. Value and gradient of the log density (one chain), best of 5
 on this 2-core machine when it was quiet: 23,296 padded rows 300 → 217 µs,
 2,048 rows 70 → 65 µs.
 
+The softplus term is then summed over **distinct rows** with their counts
+as weights (:func:`distinct_rows`), also exact: a forecast from M scenarios
+takes at most M + 1 values, so rows of one event and track repeat. Measured
+on synthetic seasons with 400 scenarios, all archetypes, three events: 24,624
+rows are 8,364 distinct (26,112 → 9,216 padded rows), and one value and
+gradient took 339 → 178 µs (best of 7 × 200 calls, the machine shared with
+other work, so both sides slow alike); ten seasons, 41,040 rows, are 10,484
+distinct. A season alone (4,104 rows) goes from 4,224 to 2,944 padded rows
+and 175 → 118 µs.
+
 Tried and dropped: moving the archetype intercept at the information-weighted
 centre m of logit(p) (``α_arch + β_arch·m``, prior ``Normal(β·m, 1)``, exact).
 It lowered the α–β posterior correlation (−0.73 → about −0.3 for top_1) but
@@ -109,18 +119,21 @@ class ModelShape:
 class ModelData(NamedTuple):
     """Padded arrays the model conditions on; their shapes define a bucket.
 
-    ``x`` is logit(p) per row; ``mask`` is False on padding rows, whose values
-    are ignored. ``track_real`` is False on padding tracks. ``sum_y[e, k]``
-    and ``sum_yx[e, k]`` are Σy and Σy·x over the rows of event e at track k.
+    ``x`` is logit(p) per row and ``weight`` how many of the job's rows it
+    stands for: rows of one event and track with the same forecast are one
+    row of weight n (the likelihood's softplus term is the same for each),
+    and padding rows weigh 0. ``y`` is the number of successes per row.
+    ``track_real`` is False on padding tracks. ``sum_y[e, k]`` and
+    ``sum_yx[e, k]`` are Σy and Σy·x over the rows of event e at track k.
     Build them with :func:`model_data`. ``y`` None means: simulate the
-    outcomes from the prior.
+    outcomes from the prior (one per row of weight 1).
     """
 
     x: jnp.ndarray
     y: jnp.ndarray | None
     event: jnp.ndarray
     track: jnp.ndarray
-    mask: jnp.ndarray
+    weight: jnp.ndarray
     track_archetype: jnp.ndarray
     track_real: jnp.ndarray
     sum_y: jnp.ndarray
@@ -137,33 +150,67 @@ def model_data(
     track_archetype: np.ndarray,
     track_real: np.ndarray,
     n_events: int,
+    n_rows: int | None = None,
 ) -> ModelData:
-    """The model's arrays from (already padded) rows, with their sufficient statistics.
+    """The model's arrays from the job's rows, with their sufficient statistics, padded to ``n_rows``.
 
-    Rows where ``mask`` is False count in no statistic.
+    Rows where ``mask`` is False count nowhere. With outcomes ``y``, rows of
+    equal (event, track, x) are merged into one whose ``weight`` is their
+    count (:func:`distinct_rows`): exact, and the gradient's cost falls with
+    the number of distinct forecasts, not of rows. ``n_rows`` (default: the
+    number of rows given) must hold the merged rows; the rest is padding.
     """
     x = np.asarray(x, np.float32)
     event, track, mask = np.asarray(event, np.int32), np.asarray(track, np.int32), np.asarray(mask, bool)
     track_archetype = np.asarray(track_archetype, np.int32)
     K = track_archetype.shape[0]
-    w = mask.astype(np.float64)
+    n_rows = x.shape[0] if n_rows is None else n_rows
     sum_y = np.zeros((n_events, K))
     sum_yx = np.zeros((n_events, K))
-    if y is not None:
-        yw = np.asarray(y, np.float64) * w
-        np.add.at(sum_y, (event, track), yw)
-        np.add.at(sum_yx, (event, track), yw * x)
+    if y is None:
+        weight = mask.astype(np.float32)
+    else:
+        y = np.asarray(y, np.float64)[mask]
+        x, event, track = x[mask], event[mask], track[mask]
+        np.add.at(sum_y, (event, track), y)
+        np.add.at(sum_yx, (event, track), y * x)
+        first, inverse, weight = distinct_rows(event=event, track=track, x=x)
+        x, event, track = x[first], event[first], track[first]
+        y = np.bincount(inverse, weights=y, minlength=first.size)
+    if x.shape[0] > n_rows:
+        raise ValueError(f"{x.shape[0]:,} distinct rows do not fit a bucket of {n_rows:,}")
+
+    def padded(values: np.ndarray, dtype) -> jnp.ndarray:
+        out = np.zeros(n_rows, dtype)
+        out[: values.shape[0]] = values
+        return jnp.asarray(out)
+
     return ModelData(
-        x=jnp.asarray(x),
-        y=None if y is None else jnp.asarray(np.asarray(y, np.int32)),
-        event=jnp.asarray(event),
-        track=jnp.asarray(track),
-        mask=jnp.asarray(mask),
+        x=padded(x, np.float32),
+        y=None if y is None else padded(y, np.int32),
+        event=padded(event, np.int32),
+        track=padded(track, np.int32),
+        weight=padded(weight, np.float32),
         track_archetype=jnp.asarray(track_archetype),
         track_real=jnp.asarray(np.asarray(track_real, bool)),
         sum_y=jnp.asarray(sum_y, jnp.float32),
         sum_yx=jnp.asarray(sum_yx, jnp.float32),
     )
+
+
+def distinct_rows(*, event: np.ndarray, track: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of equal (event, track, x): ``(first, inverse, count)``.
+
+    ``first`` indexes one row of each distinct triple, ``inverse`` maps each
+    row to its triple, ``count`` is how many rows each stands for. A forecast
+    from M scenarios takes at most M + 1 values, so a season's rows repeat
+    (measured: 23,760 rows of ten seasons hold 6,692 distinct triples).
+    Equal means bit-equal float32 x: exact, never a rounding of forecasts.
+    """
+    key = (np.asarray(event, np.uint64) << np.uint64(48)) | (np.asarray(track, np.uint64) << np.uint64(32)) \
+        | np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    _, first, inverse, count = np.unique(key, return_index=True, return_inverse=True, return_counts=True)
+    return first, inverse.reshape(-1), count.astype(np.float32)
 
 
 def _track_level(name: str, loc, scale, real, centered: bool):
@@ -210,17 +257,18 @@ def calibration_model(data: ModelData, *, shape: ModelShape) -> None:
     per_row = jnp.stack([alpha_track.reshape(-1), beta_track.reshape(-1)], axis=-1)[data.event * K + data.track]
     logits = per_row[:, 0] + per_row[:, 1] * data.x
     if data.y is None:
-        with numpyro.plate("row", data.x.shape[0]), numpyro.handlers.mask(mask=data.mask):
+        with numpyro.plate("row", data.x.shape[0]), numpyro.handlers.mask(mask=data.weight > 0):
             numpyro.sample("y", dist.Bernoulli(logits=logits))
         return
-    # Σ mask·(y·η − softplus(η)), with Σ y·η from the sufficient statistics (module docstring)
+    # Σ_rows y·η − softplus(η): Σ y·η from the sufficient statistics, softplus once per distinct row × its weight
     linear = jnp.sum(alpha_track * data.sum_y + beta_track * data.sum_yx)
-    numpyro.factor("y", linear - jnp.sum(jnp.where(data.mask, jax.nn.softplus(logits), 0.0)))
+    numpyro.factor("y", linear - jnp.sum(data.weight * jax.nn.softplus(logits)))
 
 
 __all__ = [
     "ModelData",
     "ModelShape",
     "calibration_model",
+    "distinct_rows",
     "model_data",
 ]
