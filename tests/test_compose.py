@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from producer.cli import app
@@ -285,3 +286,33 @@ def test_prometheus_and_grafana_are_provisioned_from_files_that_exist():
     uids = {panel["datasource"]["uid"] for panel in dashboard["panels"]}
     assert uids == {source["datasources"][0]["uid"]}
 
+
+
+def test_the_dashboard_renderer_agrees_with_prometheus_on_known_values():
+    """tests/dashboard.py (which renders the panels from real scrapes in test_metrics_fleet) on hand-made scrapes."""
+    from tests.dashboard import Scrapes, _Parser
+
+    def buckets(counts, **labels):
+        les = ("1.0", "5.0", "10.0", "+Inf")
+        return {("calq_job_seconds_bucket", tuple(sorted({**labels, "le": le}.items()))): c for le, c in zip(les, counts)}
+
+    first = {**buckets([0, 0, 0, 0], phase="sample"),
+             ("calq_jobs_finished_total", (("state", "failed"),)): 2.0,
+             ("calq_jobs_finished_total", (("state", "succeeded"),)): 10.0}
+    second = {**buckets([2, 6, 10, 10], phase="sample"),
+              ("calq_jobs_finished_total", (("state", "failed"),)): 5.0,
+              ("calq_jobs_finished_total", (("state", "succeeded"),)): 16.0}
+    scrapes = Scrapes(first, second, 60.0)
+
+    def run(expr):
+        return _Parser(expr, scrapes).parse()
+
+    # 10 observations: 2 ≤ 1 s, 4 in (1, 5], 4 in (5, 10]; the median's rank 5 is 3/4 into (1, 5]
+    assert run("histogram_quantile(0.5, sum by (le, phase) (rate(calq_job_seconds_bucket[15m])))") == {
+        (("phase", "sample"),): pytest.approx(4.0)}
+    assert run('sum(rate(calq_jobs_finished_total{state="failed"}[15m])) / sum(rate(calq_jobs_finished_total[15m]))') \
+        == {(): pytest.approx(3 / 9)}
+    assert run("sum by (state) (rate(calq_jobs_finished_total[5m])) * 60") == {
+        (("state", "failed"),): pytest.approx(3.0), (("state", "succeeded"),): pytest.approx(6.0)}
+    with pytest.raises(ValueError, match="cannot render"):
+        run("topk(3, calq_queue_depth)")

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -113,6 +114,7 @@ def test_a_real_worker_is_seen_busy_then_idle_and_every_counter_moves_as_it_shou
     assert len(idle) == 1 and idle[0]["device"] == "cpu" and idle[0]["worker"].startswith("calq-cpu0@")
     worker_name = idle[0]["worker"]
     before = until(lambda: scrape(port), timeout=30, what="/metrics answering")
+    scraped_before = time.monotonic()
     assert value(before, "calq_worker_info", worker=worker_name, device="cpu") == 1
     assert value(before, "calq_worker_busy", worker=worker_name) == 0
 
@@ -162,6 +164,7 @@ def test_a_real_worker_is_seen_busy_then_idle_and_every_counter_moves_as_it_shou
     assert after_view["archetypes"]["road_course"]["p50_s"] > 0
 
     after = scrape(port)
+    seconds = time.monotonic() - scraped_before
     finished = {(dict(ls)["archetype"], dict(ls)["state"], dict(ls)["lane"]): v
                 for (n, ls), v in after.items() if n == "calq_jobs_finished_total"}
     assert finished == {("intermediate", "cancelled", "default"): 1, ("intermediate", "rejected", "default"): 1,
@@ -172,6 +175,7 @@ def test_a_real_worker_is_seen_busy_then_idle_and_every_counter_moves_as_it_shou
     summary = client.result(good_id)
     assert value(after, "calq_divergences_total", archetype="road_course") == summary.diagnostics.divergences
     assert value(after, "calq_remedies_total") == 0
+    assert value(after, "calq_remedies_total", archetype="road_course", remedy="target_accept") == 0  # a series
     for phase in ("queued", "load", "compile", "sample", "diagnostics", "write"):
         assert value(after, "calq_job_seconds_count", archetype="road_course", phase=phase) == 1, phase
     assert value(after, "calq_job_seconds_sum", archetype="road_course", phase="sample") == pytest.approx(
@@ -186,6 +190,22 @@ def test_a_real_worker_is_seen_busy_then_idle_and_every_counter_moves_as_it_shou
         assert value(after, untouched) == 0, untouched
     assert value(after, "calq_worker_busy", worker=worker_name) == 0
     assert value(after, "calq_queue_depth", queue="calq.cpu") == 0
+
+    # The dashboard, rendered from these two scrapes: every panel shows data.
+    from tests.dashboard import Scrapes, as_text, render
+
+    panels = render(Scrapes(before, after, seconds))
+    print(as_text(panels))
+    shown = {}
+    for title, _legend, vector in panels:
+        shown.setdefault(title, {}).update(vector)
+    assert all(shown.values()), [title for title, series in shown.items() if not series]
+    assert shown["Queue depth"] == {(("queue", "calq.cpu"),): 0, (("queue", "calq.gpu"),): 0}
+    per_minute = {dict(ls)["state"]: v for ls, v in shown["Jobs per minute by state"].items()}
+    assert per_minute == pytest.approx({s: 60 / seconds for s in ("cancelled", "rejected", "succeeded")})
+    p50 = {dict(ls)["phase"]: v for ls, v in shown["Job seconds by phase (p50)"].items()}
+    assert set(p50) == {"queued", "load", "compile", "sample", "diagnostics", "write"}
+    assert all(v >= 0 for v in p50.values())
 
     # JSON logs: one object per line, naming the worker, the job, its archetype and phase.
     lines = [json.loads(line) for line in (root / "worker.log").read_text().splitlines() if line.startswith("{")]

@@ -351,7 +351,7 @@ class Supervisor:
         environ: Mapping[str, str] | None = None,
         fleet: Fleet | None = None,
         metrics_port: int | None = None,
-        metrics_host: str = "0.0.0.0",
+        metrics_host: str = "127.0.0.1",
     ) -> None:
         if not specs:
             raise ValueError("nothing to supervise: no worker specs")
@@ -605,7 +605,7 @@ def run(
         log.info("  %s", spec.describe())
         if spec.gpu is None and GPU_QUEUE in spec.queues:
             log.warning("  %s consumes %s without a GPU: GPU jobs will run on the CPU", spec.name, GPU_QUEUE)
-    fleet, port, host = None, None, "0.0.0.0"
+    fleet, port, host = None, None, "127.0.0.1"
     if require_broker:
         from shared.contract.settings import get_settings
 

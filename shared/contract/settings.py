@@ -144,7 +144,7 @@ class MetricsSettings(BaseModel):
 
     enabled: bool = Field(True, description="Serve /metrics from each worker's supervisor.")
     port: int = Field(9464, ge=0, le=65535, description="Port of /metrics (0: any free port, logged).")
-    host: str = Field("0.0.0.0", description="Address /metrics listens on (inside a container: every interface).")
+    host: str = Field("127.0.0.1", description="Address /metrics listens on (0.0.0.0 in a container, for Prometheus).")
     heartbeat_s: float = Field(5.0, gt=0, description="How often each worker process publishes its heartbeat record.")
 
 

@@ -103,6 +103,8 @@ def _metrics() -> dict[str, Any]:
     # livesum/livemax: a dead child's value leaves the aggregate once it is marked dead.
     made["calq_worker_busy"] = Gauge("calq_worker_busy", _HELP["calq_worker_busy"], ("worker",),
                                      multiprocess_mode="livesum")
+    for cause in HANDBACK_CAUSES:  # a series per cause from the start: 0, not "no data"
+        made["calq_handbacks_total"].labels(cause)
     made["calq_worker_info"] = Gauge("calq_worker_info", _HELP["calq_worker_info"], ("worker", "version", "device"),
                                      multiprocess_mode="livemax")
     return made
@@ -181,10 +183,11 @@ def job_finished(
         m["calq_job_rows"].labels(archetype).observe(rows)
     for outcome in runs:
         m["calq_sampler_runs_total"].labels(archetype, _one_of(outcome, RUN_OUTCOMES)).inc()
-    for remedy in remedies:
-        m["calq_remedies_total"].labels(archetype, _one_of(remedy, REMEDIES)).inc()
-    if divergences > 0:
-        m["calq_divergences_total"].labels(archetype).inc(divergences)
+    # Every remedy and the divergences get a series (zero at first), so a dashboard shows 0, not "no data".
+    remedies = [_one_of(remedy, REMEDIES) for remedy in remedies]
+    for remedy in (*REMEDIES, *(r for r in set(remedies) if r not in REMEDIES)):
+        m["calq_remedies_total"].labels(archetype, remedy).inc(remedies.count(remedy))
+    m["calq_divergences_total"].labels(archetype).inc(max(0, divergences))
 
 
 @_safely("dead letter")
@@ -334,7 +337,7 @@ def registry(redis_client: Any | None, queues: Sequence[str]) -> Any:
     return collected
 
 
-def serve(port: int, *, host: str = "0.0.0.0", redis_client: Any | None, queues: Sequence[str]) -> Any:
+def serve(port: int, *, host: str = "127.0.0.1", redis_client: Any | None, queues: Sequence[str]) -> Any:
     """Serve ``/metrics`` on ``host:port`` in a daemon thread; returns the server (``shutdown()`` stops it)."""
     from prometheus_client import start_http_server
 
