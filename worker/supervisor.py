@@ -608,7 +608,6 @@ def run(
     fleet, port, host = None, None, "127.0.0.1"
     if require_broker:
         from shared.contract.settings import get_settings
-
         from worker.observe import apply_log_format
 
         settings = get_settings()

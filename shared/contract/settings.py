@@ -184,7 +184,9 @@ class LogSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    format: Literal["text", "json"] = Field("text", description="text, or json: time, level, worker, job_id, archetype, phase, message.")
+    format: Literal["text", "json"] = Field(
+        "text", description="text, or json: time, level, worker, job_id, archetype, phase, message."
+    )
 
 
 class Settings(BaseSettings):
