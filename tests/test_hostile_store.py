@@ -23,10 +23,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import date, timedelta
 
 import pytest
+from pydantic import SecretStr
 
 from shared.contract.errors import NotFound, Unverified
 from shared.contract.job import CalibrationJob, JobState, JobStatus, SamplerSettings
@@ -199,7 +203,7 @@ class Fleet:
         """
         posterior = self.store.put_bytes(posterior_key("all", job_id), self.posterior)
         fields = {
-            "job_id": job_id, "converged": True, "data_through": data_through, "calq_version": MARK,
+            "job_id": job_id, "converged": True, "data_through": data_through,
             "summary_uri": self.store.uri(summary_key("all", job_id)), "posterior_uri": posterior,
             "provenance": None, **update,
         }
@@ -211,9 +215,11 @@ class Fleet:
         return job_for(self.store.dataset_uri("0" * 64), "0" * 64, as_of=as_of)
 
 
-def fleet_of(tmp_path, worker_fit, *, key: str | None = KEY) -> Fleet:
+def fleet_of(tmp_path, worker_fit, *, key: str | None = KEY, settings: Settings | None = None) -> Fleet:
+    """A fleet on a fresh local store (or the one ``settings`` name) whose readers hold ``key``."""
     summary, posterior, _ = worker_fit
-    settings = Settings(storage_url=str(tmp_path / "store"), compile_cache_dir=None, signing_key=key)
+    settings = (settings or Settings(storage_url=str(tmp_path / "store"), compile_cache_dir=None)).model_copy(
+        update={"signing_key": SecretStr(key) if key else None})
     store = Store.from_settings(settings, cache_dir=tmp_path / "cache")
     return Fleet(settings, store, StoreRegistry(store), summary, posterior)
 
@@ -239,15 +245,15 @@ LEGIT, FORGED, OTHER = "cj-legit-0001", "cj-forged-0001", "cj-other-0001"
 
 
 def _forge_unsigned(fleet: Fleet) -> None:
-    fleet.write(FORGED, data_through=D0, key=None)
+    fleet.write(FORGED, data_through=D0, key=None, calq_version=MARK)
 
 
 def _forge_with_another_key(fleet: Fleet) -> None:
-    fleet.write(FORGED, data_through=D0, key="a-producer-guessed-this")
+    fleet.write(FORGED, data_through=D0, key="a-producer-guessed-this", calq_version=MARK)
 
 
 def _forge_by_editing_a_signed_summary(fleet: Fleet) -> None:
-    uri = fleet.write(FORGED, data_through=D0 - timedelta(days=30))
+    uri = fleet.write(FORGED, data_through=D0 - timedelta(days=30), calq_version=MARK)
     document = json.loads(fleet.store.get_bytes(uri))
     document["data_through"] = D0.isoformat()  # the signature no longer covers what it says
     fleet.store.put_bytes(fleet.store.key_of(uri), json.dumps(document).encode())
@@ -255,12 +261,12 @@ def _forge_by_editing_a_signed_summary(fleet: Fleet) -> None:
 
 def _signed_posterior_elsewhere(target: str):
     def forge(fleet: Fleet) -> None:  # signed with the fleet's own key: the URI check holds by itself
-        fleet.write(FORGED, data_through=D0, posterior_uri=target.format(store=fleet.store.url))
+        fleet.write(FORGED, data_through=D0, posterior_uri=target.format(store=fleet.store.url), calq_version=MARK)
     return forge
 
 
 def _signed_summary_at_another_jobs_key(fleet: Fleet) -> None:
-    fleet.write(OTHER, data_through=D0, at=FORGED)  # a valid summary of OTHER, copied to FORGED's key
+    fleet.write(OTHER, data_through=D0, at=FORGED, calq_version=MARK)  # a valid summary of OTHER, at FORGED's key
 
 
 FORGERIES = {
@@ -334,3 +340,39 @@ def test_without_a_key_a_posterior_outside_the_store_is_still_refused(tmp_path, 
     assert list(fleet.catalog.summaries()) == []
     assert find_warm_source(fleet.warm_job(D0 + timedelta(days=1)), fleet.store) is None
     assert "names a summary or posterior elsewhere" in caplog.text and "passwd" not in caplog.text
+
+
+def test_calq_reindex_latest_and_result_skip_a_planted_summary(fleet):
+    fleet.write(LEGIT, data_through=D0 - timedelta(days=10))
+    fleet.write(FORGED, data_through=D0, key=None, calq_version=MARK)  # what a producer holding the store's key can write
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
+    environ.update(CALQ_STORAGE_URL=fleet.store.url, CALQ_SIGNING_KEY=KEY, CALQ_COMPILE_CACHE_DIR="", JAX_PLATFORMS="cpu")
+
+    def calq(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "producer.cli", *args], env=environ, capture_output=True,
+                              text=True, timeout=120)
+
+    reindexed = calq("reindex", "--json")
+    assert reindexed.returncode == 0, reindexed.stderr[-2000:]
+    assert json.loads(reindexed.stdout)["repaired"] == 1  # the worker's job only: no record for one never submitted
+    assert fleet.registry.find(FORGED) is None
+    latest = calq("latest", "intermediate", "--json")
+    assert latest.returncode == 0, latest.stderr[-2000:]
+    assert json.loads(latest.stdout)["job_id"] == LEGIT
+    planted = calq("result", FORGED)
+    assert planted.returncode != 0 and "Traceback" not in planted.stderr
+    for result in (reindexed, latest, planted):
+        assert MARK not in result.stdout + result.stderr
+
+
+@pytest.mark.integration
+def test_on_s3_a_planted_summary_is_skipped_and_a_signed_one_warm_starts(s3_settings, tmp_path, worker_fit):
+    fleet = fleet_of(tmp_path, worker_fit, settings=s3_settings)
+    fleet.write(LEGIT, data_through=D0 - timedelta(days=10))
+    fleet.write(FORGED, data_through=D0, key="not-the-fleet-key")
+    assert [s.job_id for s in fleet.catalog.summaries()] == [LEGIT]
+    warm = find_warm_source(fleet.warm_job(D0 + timedelta(days=1)), fleet.store)
+    assert warm is not None and warm.job_id == LEGIT and warm.posterior_uri.startswith("s3://")
+    fleet.store.put_bytes(posterior_key("all", LEGIT), bytes(len(fleet.posterior)))  # replaced after signing
+    with pytest.raises(Unverified):
+        fleet.catalog.posterior(fleet.catalog.summary(LEGIT))
