@@ -180,7 +180,10 @@ class Worker:
         return children_of(self.proc.pid)
 
     def child_named(self, name: str) -> int | None:
-        """The pid of the child whose Celery hostname is ``name`` (a record's ``worker``)."""
+        """The pid of the child a record's ``worker`` names (``{hostname}#{pid}``, or a Celery hostname)."""
+        held = name.partition("#")[2]
+        if held.isdigit():
+            return int(held) if int(held) in self.children() else None
         for pid in self.children():
             try:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")

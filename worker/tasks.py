@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 EXIT_DEVICE_ERROR = 78
 MAX_RETRIES = 5
 RETRY_BACKOFF_MAX_S = 600
-LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s [%(job_id)s] %(message)s"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s [%(job_id)s] %(message)s"
 #: The supervisor's cold shutdown: stop the running job at its next progress report and hand it back.
 HAND_BACK_SIGNAL = signal.SIGUSR2
 #: The supervisor's pid, in each child's environment: when it changes, the supervisor is gone.
@@ -82,7 +82,7 @@ def context() -> WorkerContext:
         settings = get_settings()
         # The registry lives beside the results (a client with connect/read timeouts).
         store = Store.from_settings(settings)
-        registry = RedisRegistry.from_url(settings.backend(), holds=store.holds)
+        registry = RedisRegistry.from_url(settings.backend(), recovery=settings.recovery, holds=store.holds)
         leases = Leases(registry.redis, prefix=registry.prefix, lease_s=settings.recovery.lease_s,
                         record_ttl_s=registry.record_ttl_s)
         ctx = WorkerContext(settings=settings, registry=registry, store=store, leases=leases)
@@ -202,7 +202,8 @@ def calibrate_message(task: Task, message: Mapping[str, Any]) -> dict[str, Any]:
 
 def _calibrate_leased(task: Task, message: Mapping[str, Any], job_id: str | None) -> dict[str, Any]:
     ctx = context()
-    worker = task.request.hostname or f"pid{os.getpid()}"
+    # The name in the record, the logs and the lease: node name and pid (two supervisors on one host share node names).
+    worker = lease_holder(task.request.hostname or "calq")
     attempt = task.request.retries or 0
     registry = observe.observed(PatientRegistry(ctx.registry, ctx.settings), message)
 
@@ -215,7 +216,7 @@ def _calibrate_leased(task: Task, message: Mapping[str, Any], job_id: str | None
     leases = ctx.leases
     queue = (task.request.delivery_info or {}).get("routing_key")
     with transient_as_retryable():
-        lease = leases.acquire(job_id, lease_holder(worker), message=message, attempt=attempt, queue=queue)
+        lease = leases.acquire(job_id, worker, message=message, attempt=attempt, queue=queue)
         if lease is None:
             holder = leases.holder(job_id)
             log.info("already running on %s; this delivery is dropped", holder)

@@ -242,9 +242,9 @@ def token_store(settings: Settings, *, redis_client: Any | None = None) -> Token
     if settings.api.tokens == "file":
         return FileTokens(settings.api.tokens_file)
     if redis_client is None:
-        import redis
+        from shared.contract.settings import redis_client as new_client
 
-        redis_client = redis.Redis.from_url(settings.backend(), socket_connect_timeout=5, socket_timeout=5)
+        redis_client = new_client(settings.backend(), settings.recovery)
     return RedisTokens(redis_client)
 
 

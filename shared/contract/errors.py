@@ -6,7 +6,7 @@ that matters to the fleet is whether trying again can help::
     CalqError
     ├── RetryableError          transient fault; the job is retried with backoff
     │   ├── StorageUnavailable  object store unreachable or timing out
-    │   ├── BrokerUnavailable   Redis unreachable
+    │   ├── BrokerUnavailable   Redis unreachable, or refusing writes (out of memory, MISCONF)
     │   └── ApiUnavailable      the calibration API unreachable or overloaded
     ├── RejectedError           permanent: bad input, never retried
     │   ├── InvalidJob          the job message fails its schema
@@ -205,6 +205,8 @@ def classify(exc: BaseException) -> Outcome:
         pass
     if is_authentication_failure(exc):
         return Outcome.FAIL
+    if redis_refusing_writes(exc) is not None:
+        return Outcome.RETRY
     try:
         import redis.exceptions
 
@@ -237,6 +239,44 @@ def transient_as_retryable() -> Iterator[None]:
         raise
 
 
+#: Redis's answers that mean "full" or "cannot persist, so no writes" (the error code redis-py strips from
+#: the message is in its exception class): transient, fixed on the server's side.
+_REDIS_REFUSALS = (
+    ("OOM", "OutOfMemoryError",
+     "Redis is out of memory (maxmemory reached under noeviction) and refuses writes until memory is freed"),
+    ("MISCONF", None, "Redis cannot persist to disk (MISCONF) and refuses writes until its disk is fixed"),
+    ("READONLY", "ReadOnlyError", "Redis is a read-only replica and refuses writes until it is promoted"),
+)
+
+
+def redis_refusing_writes(exc: BaseException) -> str | None:
+    """Why Redis refuses writes for now (out of memory, cannot persist, read-only), or None.
+
+    Such an answer is transient (:func:`classify` retries it): whoever
+    writes waits through it as through an outage. The reason is calq's own
+    words, never the server's text.
+    """
+    for current in causes(exc):
+        names = {cls.__name__ for cls in type(current).__mro__}
+        if "ResponseError" not in names:
+            continue
+        text = str(current)
+        for code, name, why in _REDIS_REFUSALS:
+            if name in names or text.startswith(code) or getattr(current, "status_code", None) == code:
+                return why
+    return None
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what caused it, each once."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
 def is_authentication_failure(exc: BaseException) -> bool:
     """True if ``exc`` (or what caused it) is a refused password or key.
 
@@ -245,10 +285,7 @@ def is_authentication_failure(exc: BaseException) -> bool:
     ``ResponseError`` "WRONGPASS"/"NOAUTH"; S3 answers 403 with an access-key
     or signature error code.
     """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in causes(exc):
         if isinstance(current, AuthenticationFailed):
             return True
         names = {cls.__name__ for cls in type(current).__mro__}
@@ -259,5 +296,4 @@ def is_authentication_failure(exc: BaseException) -> bool:
         response = getattr(current, "response", None)
         if isinstance(response, dict) and response.get("Error", {}).get("Code") in _S3_AUTH_CODES:
             return True
-        current = current.__cause__ or current.__context__
     return False

@@ -93,6 +93,32 @@ class RecoverySettings(BaseModel):
     spool_dir: Path = Field(
         Path("~/.cache/calq/spool").expanduser(), description="Local folder where finished draws wait for the store."
     )
+    redis_timeout_s: float = Field(5.0, gt=0, description="A Redis connect or reply that takes longer has failed.")
+    redis_keepalive_s: int = Field(
+        10, ge=1, description="TCP keepalive on Redis connections: probe after this idle time, then every as long."
+    )
+    redis_health_check_s: int = Field(
+        10, ge=1, description="A Redis connection idle this long is pinged before it is used again."
+    )
+
+    def redis_options(self) -> dict[str, object]:
+        """The connection options of every Redis client calq opens (registry, leases, broker, backend).
+
+        A dead connection (a hung NAT or load balancer, a frozen server) is
+        noticed within ``redis_timeout_s`` on a request, within about
+        ``4 * redis_keepalive_s`` when idle (keepalive: 3 unanswered probes), and
+        an idle one is checked before use after ``redis_health_check_s``.
+        """
+        import socket
+
+        keepalive = {getattr(socket, name): value for name, value in (
+            ("TCP_KEEPIDLE", self.redis_keepalive_s), ("TCP_KEEPINTVL", self.redis_keepalive_s), ("TCP_KEEPCNT", 3),
+        ) if hasattr(socket, name)}
+        return {
+            "socket_timeout": self.redis_timeout_s, "socket_connect_timeout": self.redis_timeout_s,
+            "socket_keepalive": True, "socket_keepalive_options": keepalive,
+            "health_check_interval": self.redis_health_check_s,
+        }
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> RecoverySettings:
@@ -318,3 +344,14 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process's settings, read from the environment on first use."""
     return Settings()
+
+
+def redis_client(url: str, recovery: RecoverySettings | None = None):  # -> redis.Redis (imported lazily)
+    """A Redis client for ``url`` with :meth:`RecoverySettings.redis_options` (default: this process's settings).
+
+    Every Redis client calq opens is made here (Celery's broker and backend
+    get the same numbers through :func:`shared.jobs.celery_app.celery_config`).
+    """
+    import redis
+
+    return redis.Redis.from_url(url, **(recovery or get_settings().recovery).redis_options())

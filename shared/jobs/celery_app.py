@@ -24,6 +24,11 @@ Why each setting (see FIELD-NOTES, "Celery on Redis"):
   so it must outlast queue wait plus run time, and the three places must
   agree (celery/celery#5935); such a late redelivery finds its job done or
   leased elsewhere and is dropped.
+- Socket timeouts, TCP keepalive and a health check on the broker's and
+  the backend's connections (:meth:`RecoverySettings.redis_options`, the
+  numbers every calq Redis client uses): a half-open connection (a hung NAT
+  or load balancer) fails in seconds and is reconnected, instead of hanging
+  the worker for good.
 - ``worker_cancel_long_running_tasks_on_connection_loss``: a broker blip must
   not leave a job running here while Redis hands it to another worker.
 - Lanes: each queue has a batch twin (``calq.cpu`` → ``calq.cpu.batch``);
@@ -101,6 +106,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     Raises ``ValueError`` when no broker is configured (embedded mode).
     """
     visibility = {"visibility_timeout": settings.visibility_timeout_s}
+    # Dead connections noticed in seconds, as on every Redis client calq opens (settings.redis_client).
+    connection = settings.recovery.redis_options()
     exchange = Exchange("calq", type="direct")
     hard = settings.job_time_limit_s
     default_queue = queue_for(settings.default_queue)
@@ -116,8 +123,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "broker_transport_options": {**visibility, "queue_order_strategy": "priority"},
-        "result_backend_transport_options": dict(visibility),
+        "broker_transport_options": {**visibility, **connection, "queue_order_strategy": "priority"},
+        "result_backend_transport_options": dict(visibility),  # the backend takes the redis_* keys below
+        "redis_socket_timeout": connection["socket_timeout"],
+        "redis_socket_connect_timeout": connection["socket_connect_timeout"],
+        "redis_socket_keepalive": True,
+        "redis_backend_health_check_interval": connection["health_check_interval"],
         "visibility_timeout": settings.visibility_timeout_s,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "broker_connection_retry_on_startup": True,

@@ -198,11 +198,11 @@ class Leases:
         self._claim_held = redis_client.register_script(_CLAIM_HELD)
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> Leases:
-        import redis
+    def from_url(cls, url: str, *, recovery: Any = None, **options: Any) -> Leases:
+        """Leases on a new client for ``url`` (timeouts and keepalive: :func:`~shared.contract.settings.redis_client`)."""
+        from shared.contract.settings import redis_client
 
-        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5, health_check_interval=30)
-        return cls(client, **options)
+        return cls(redis_client(url, recovery), **options)
 
     # -- keys --
 

@@ -65,6 +65,7 @@ from shared.contract.errors import (
     NotFound,
     StorageUnavailable,
     Unverified,
+    causes,
     is_authentication_failure,
 )
 from shared.contract.settings import S3Settings, Settings, redact_url, storage_url_from
@@ -128,15 +129,6 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 # -- error mapping -------------------------------------------------------------
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
 def _is_transient(exc: BaseException) -> bool:
     """True if ``exc`` (or what caused it) is a network fault or a 5xx/throttle answer."""
     try:
@@ -149,7 +141,7 @@ def _is_transient(exc: BaseException) -> bool:
         aiohttp = None
     from fsspec.exceptions import FSTimeoutError
 
-    for err in _chain(exc):
+    for err in causes(exc):
         if isinstance(err, (PermissionError, FileNotFoundError)):
             return False
         if isinstance(err, (ConnectionError, TimeoutError, FSTimeoutError)):

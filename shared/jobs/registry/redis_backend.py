@@ -10,9 +10,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from shared.contract.errors import AuthenticationFailed, BrokerUnavailable, is_authentication_failure
+from shared.contract.errors import (
+    AuthenticationFailed,
+    BrokerUnavailable,
+    is_authentication_failure,
+    redis_refusing_writes,
+)
 from shared.contract.job import JobStatus
-from shared.contract.settings import redact_url
+from shared.contract.settings import RecoverySettings, redact_url, redis_client
 from shared.jobs.registry.base import DEFAULT_RECORD_TTL_S, INVALID_KEEP, Change, JobRegistry, _message
 from shared.jobs.registry.values import Corrupt, Holds, read_record
 from shared.storage.catalog import LatestPointer, is_newer, newest_pointers
@@ -47,12 +52,9 @@ class RedisRegistry(JobRegistry):
         self._url = redact_url(url) if url else _describe(redis_client)
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> RedisRegistry:
-        """A registry on a new client for ``url`` (connect and read time out after 5 s)."""
-        import redis
-
-        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5, health_check_interval=30)
-        return cls(client, url=url, **options)
+    def from_url(cls, url: str, *, recovery: RecoverySettings | None = None, **options: Any) -> RedisRegistry:
+        """A registry on a new client for ``url`` (timeouts and keepalive: :func:`~shared.contract.settings.redis_client`)."""
+        return cls(redis_client(url, recovery), url=url, **options)
 
     def __repr__(self) -> str:
         return f"RedisRegistry({self._url!r}, prefix={self.prefix!r})"
@@ -65,7 +67,7 @@ class RedisRegistry(JobRegistry):
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
-        """Map connection and timeout errors to BrokerUnavailable, without credentials."""
+        """Map connection and timeout errors, and writes Redis refuses for now, to BrokerUnavailable, without credentials."""
         import redis.exceptions as rex
 
         try:
@@ -75,6 +77,9 @@ class RedisRegistry(JobRegistry):
                 raise AuthenticationFailed(
                     f"authentication failed at {self._url}: Redis refused calq's password (check CALQ_BROKER_URL)"
                 ) from exc
+            refusing = redis_refusing_writes(exc)
+            if refusing is not None:  # full or cannot persist: transient, like an outage
+                raise BrokerUnavailable(f"Redis at {self._url} refuses writes: {refusing}") from exc
             if isinstance(exc, rex.ResponseError):
                 raise
             raise BrokerUnavailable(f"Redis unavailable at {self._url}: {type(exc).__name__}: {exc}") from exc
