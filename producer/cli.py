@@ -256,7 +256,7 @@ def apply(
     """Calibrate new forecast probabilities with a stored posterior."""
     from rich.table import Table
 
-    from shared.fit.apply import calibrate_probabilities
+    from shared.fit.apply import calibrate_probabilities, fitted_tracks
 
     usage.event(event)
     if archetype is not None:
@@ -279,6 +279,10 @@ def apply(
     for r in results:
         table.add_row(f"{r.p:.3f}", f"{r.mean:.3f}", f"[{r.low:.3f}, {r.high:.3f}]")
     out.print(table)
+    if results and results[0].track_seen is False:  # normal for a new track; a typo looks the same, so say it
+        near = usage.did_you_mean(track, fitted_tracks(idata))
+        say(out, f"{track} is not a track of this posterior: it borrows its archetype's population (a wider band)"
+                 + (f"; did you mean {near}?" if near else ""))
 
 
 # -- the fleet -------------------------------------------------------------------

@@ -359,7 +359,13 @@ class CalibrationClient:
         return self.store.get_inference_data(uri)
 
     def calibrate(self, archetype: str, track: str | None, event: str, p: Sequence[float]):
-        """Calibrate forecast probabilities with the latest converged posterior."""
+        """Calibrate forecast probabilities with the latest converged posterior.
+
+        Each result says whether the posterior fitted ``track``
+        (``track_seen``; False: an unseen track, which borrows its
+        archetype). A name that differs from a fitted track only in case is
+        refused with ValueError naming the fitted one.
+        """
         from shared.fit.apply import calibrate_probabilities
 
         summary = self.latest(archetype, event)

@@ -83,7 +83,8 @@ def test_apply_calibrates_new_probabilities(env, calibrated):
     out = calq(env, "apply", calibrated.posterior_uri, "--track", track, "--event", "top_5", "--p", "0.05,0.2,0.5", "--json")
     rows = json.loads(out.stdout)
     assert [r["p"] for r in rows] == [0.05, 0.2, 0.5]
-    assert all(set(r) == {"p", "mean", "low", "high"} and r["low"] <= r["mean"] <= r["high"] for r in rows)
+    assert all(set(r) == {"p", "mean", "low", "high", "track_seen"} and r["low"] <= r["mean"] <= r["high"] for r in rows)
+    assert all(r["track_seen"] is True for r in rows)  # a track of the fit
 
 
 def test_status_result_and_latest_read_the_embedded_records(env, calibrated):

@@ -417,3 +417,75 @@ def test_the_readme_examples_write_into_a_scratch_folder():
     redis_line = next(line for line in fleet.splitlines() if line.startswith("redis-server"))
     assert "--save ''" in redis_line  # no dump.rdb in the folder it runs in
     assert "calq-demo.nc" not in fleet.split("```")[1]  # the fleet uses the scratch folder's season.nc
+
+
+# -- 6. an unseen track is said, a track in the wrong case is refused ---------------------------
+
+
+def small_posterior():
+    """A posterior of calq's layout with two intermediate tracks (Kansas, Texas) and one event."""
+    import arviz as az
+    import numpy as np
+    import xarray as xr
+
+    rng = np.random.default_rng(0)
+    dims = ("chain", "draw", "event")
+
+    def draws(*extra: int, centre: float = 0.0):
+        return centre + rng.normal(0, 0.1, size=(2, 50, 1, *extra))
+
+    posterior = xr.Dataset(
+        {"alpha_track": ((*dims, "track"), draws(2)), "beta_track": ((*dims, "track"), draws(2, centre=1.0)),
+         "alpha_arch": ((*dims, "archetype"), draws(1)), "beta_arch": ((*dims, "archetype"), draws(1, centre=1.0)),
+         "sigma_alpha": ((*dims, "archetype"), np.abs(draws(1))),
+         "sigma_log_beta": ((*dims, "archetype"), np.abs(draws(1)))},
+        coords={"chain": [0, 1], "draw": range(50), "event": ["top_5"], "archetype": ["intermediate"],
+                "track": ["Kansas", "Texas"]},
+    )
+    constant = xr.Dataset({"track_archetype": (("track",), np.array([0, 0]))}, coords={"track": ["Kansas", "Texas"]})
+    return az.InferenceData(posterior=posterior, constant_data=constant)
+
+
+def test_calibrate_probabilities_says_whether_the_track_was_fitted_and_refuses_a_case_typo():
+    from shared.fit.apply import calibrate_probabilities
+
+    idata = small_posterior()
+    assert calibrate_probabilities(idata, [0.2], event="top_5", track="Kansas")[0].track_seen is True
+    assert calibrate_probabilities(idata, [0.2], event="top_5", track="Nowhere")[0].track_seen is False
+    assert calibrate_probabilities(idata, [0.2], event="top_5", archetype="intermediate")[0].track_seen is None
+    with pytest.raises(ValueError, match=r"'kansas' is not in this posterior, but 'Kansas' is: did you mean Kansas\?"):
+        calibrate_probabilities(idata, [0.2], event="top_5", track="kansas")
+
+
+def test_client_calibrate_refuses_a_track_in_the_wrong_case(tmp_path, monkeypatch):
+    import types
+
+    from producer.client import CalibrationClient
+    from shared.contract.settings import Settings
+
+    client = CalibrationClient(Settings(storage_url=str(tmp_path / "store"), compile_cache_dir=None))
+    idata = small_posterior()
+    monkeypatch.setattr(client, "latest", lambda archetype, event: types.SimpleNamespace(posterior_uri="file:///x.nc"))
+    monkeypatch.setattr(client.store, "get_inference_data", lambda uri: idata)
+    assert [r.track_seen for r in client.calibrate("intermediate", "Nowhere", "top_5", [0.1, 0.3])] == [False, False]
+    with pytest.raises(ValueError, match="did you mean Kansas"):
+        client.calibrate("intermediate", "kansas", "top_5", [0.1, 0.3])
+
+
+def test_calq_apply_says_an_unseen_track_and_refuses_a_case_typo(tmp_path):
+    import json
+
+    posterior = tmp_path / "cj-small.nc"
+    small_posterior().to_netcdf(str(posterior))
+    typo = calq(tmp_path, "apply", str(posterior), "--event", "top_5", "--p", "0.2", "--track", "Kansass",
+                extra={"COLUMNS": "200"})
+    assert typo.returncode == 0, typo.stderr
+    assert "Kansass is not a track of this posterior: it borrows its archetype's population" in typo.stdout
+    assert "did you mean Kansas?" in typo.stdout
+    shown = calq(tmp_path, "apply", str(posterior), "--event", "top_5", "--p", "0.2,0.5", "--track", "Nowhere", "--json")
+    assert [r["track_seen"] for r in json.loads(shown.stdout)] == [False, False]
+    known = calq(tmp_path, "apply", str(posterior), "--event", "top_5", "--p", "0.2", "--track", "Texas", "--json")
+    assert json.loads(known.stdout)[0]["track_seen"] is True
+    one_line_usage(calq(tmp_path, "apply", str(posterior), "--event", "top_5", "--p", "0.2", "--track", "kansas"),
+                   "'kansas' is not in this posterior, but 'Kansas' is: did you mean Kansas?")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cj-small.nc"]  # nothing else written

@@ -29,8 +29,10 @@ class CalibratedProbability:
     mean: float
     low: float
     high: float
+    #: whether the posterior fitted the track asked for (False: it borrowed its archetype); None: no track named
+    track_seen: bool | None = None
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, float | bool | None]:
         return asdict(self)
 
 
@@ -39,6 +41,31 @@ def _track_archetypes(idata: az.InferenceData) -> dict[str, str]:
     tracks = [str(t) for t in idata.posterior["track"].values]
     index = idata.constant_data["track_archetype"].values
     return {t: archetypes[int(i)] for t, i in zip(tracks, index)}
+
+
+def fitted_tracks(idata: az.InferenceData) -> list[str]:
+    """The tracks the posterior fitted, by name (a name under two archetypes reads ``"Name (archetype)"``)."""
+    return list(_track_archetypes(idata))
+
+
+def track_seen(idata: az.InferenceData, track: str | None, *, archetype: str | None = None) -> bool | None:
+    """Whether the posterior fitted ``track``; None when no track is named.
+
+    A track it has not fitted is normal (new tracks appear every season) and
+    borrows its archetype: False. A name that differs from a fitted track
+    only in case (``"kansas"`` for ``"Kansas"``) is a typo, not a new track:
+    ValueError naming the fitted one, so it never silently borrows.
+    """
+    if track is None:
+        return None
+    known = fitted_tracks(idata)
+    if track in known or (archetype is not None and f"{track} ({archetype})" in known):
+        return True
+    same = [t for t in known if track.casefold() in (t.casefold(), t.rsplit(" (", 1)[0].casefold())]
+    if same:
+        raise ValueError(f"track {track!r} is not in this posterior, but {same[0]!r} is: did you mean {same[0]}? "
+                         "(track names are matched exactly)")
+    return False
 
 
 def _flat(da) -> np.ndarray:
@@ -94,16 +121,19 @@ def calibrate_probabilities(
 
     ``p`` must lie in [0, 1]; it is clipped to [P_EPS, 1 − P_EPS] like the
     fitted data. Each result holds the posterior mean and the equal-tailed
-    ``band`` credible interval.
+    ``band`` credible interval, and whether the track was fitted
+    (:func:`track_seen`: a name differing from a fitted track only in case is
+    refused).
     """
     p = np.asarray(p, dtype=np.float64)
     if p.ndim != 1 or not np.all((p >= 0) & (p <= 1)):
         raise ValueError("p must be a list of probabilities in [0, 1]")
+    seen = track_seen(idata, track, archetype=archetype)
     archetype = fallback_archetype(idata, track=track, archetype=archetype)
     alpha, beta, _ = parameter_draws(idata, event=event, track=track, archetype=archetype)
     mean, low, high = calibrate_with_draws(alpha, beta, p, band=band)
     return [
-        CalibratedProbability(p=float(pi), mean=float(m), low=float(lo), high=float(hi))
+        CalibratedProbability(p=float(pi), mean=float(m), low=float(lo), high=float(hi), track_seen=seen)
         for pi, m, lo, hi in zip(p, mean, low, high)
     ]
 
