@@ -298,7 +298,8 @@ class Settings(BaseSettings):
         # Only the scheme is named: the rest of the URL may hold a password.
         scheme = urlsplit(value.get_secret_value()).scheme if value is not None else None
         if scheme is not None and scheme not in REDIS_SCHEMES:
-            raise ValueError(f"a Redis URL starts with {', '.join(s + '://' for s in REDIS_SCHEMES)}, not {scheme or 'no scheme'}")
+            found = f"this one starts with {scheme}://" if scheme else "this one has no scheme"
+            raise ValueError(f"a Redis URL starts with {', '.join(s + '://' for s in REDIS_SCHEMES)}; {found}")
         return value
 
     @field_validator("compile_cache_dir", mode="before")
