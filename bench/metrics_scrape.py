@@ -114,7 +114,7 @@ def main() -> None:
     try:
         import redis
 
-        from shared.jobs.celery_app import QUEUES
+        from shared.jobs.celery_app import ALL_QUEUES
         from shared.jobs.telemetry import read_fleet
 
         client = redis.Redis(port=port)
@@ -127,13 +127,13 @@ def main() -> None:
         for child in children:
             child.join()
 
-        server = metrics.serve(0, host="127.0.0.1", redis_client=client, queues=QUEUES)
+        server = metrics.serve(0, host="127.0.0.1", redis_client=client, queues=ALL_QUEUES)
         url = f"http://127.0.0.1:{server.server_port}/metrics"
         size = len(urllib.request.urlopen(url, timeout=30).read())
         scrape = time_call(lambda: urllib.request.urlopen(url, timeout=30).read(), args.repeats)
-        view = read_fleet(client, PREFIX, QUEUES)
+        view = read_fleet(client, PREFIX, ALL_QUEUES)
         assert len(view.workers) == args.workers and view.queues["calq.cpu"] == args.queued
-        in_process = time_call(lambda: read_fleet(client, PREFIX, QUEUES), args.repeats)
+        in_process = time_call(lambda: read_fleet(client, PREFIX, ALL_QUEUES), args.repeats)
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("CALQ_", "PROMETHEUS_"))}
         environ.update(CALQ_BROKER_URL=f"redis://127.0.0.1:{port}/0", PYTHONPATH=str(ROOT))
 

@@ -42,7 +42,7 @@ def _seconds(value: float | None) -> str:
 def fleet_view() -> FleetView:
     """The fleet now, read from the broker's Redis (ValueError without a broker)."""
     from shared.contract.settings import get_settings
-    from shared.jobs.celery_app import QUEUES
+    from shared.jobs.celery_app import ALL_QUEUES
     from shared.jobs.registry import RedisRegistry
     from shared.jobs.telemetry import read_fleet
 
@@ -51,7 +51,7 @@ def fleet_view() -> FleetView:
         raise ValueError("calq fleet needs a broker: set CALQ_BROKER_URL (e.g. redis://localhost:6379/0)")
     registry = RedisRegistry.from_url(settings.backend())
     with registry._errors():  # the registry's one mapping: Redis out → BrokerUnavailable (exit 5), no password shown
-        return read_fleet(registry.redis, registry.prefix, QUEUES)
+        return read_fleet(registry.redis, registry.prefix, ALL_QUEUES)
 
 
 def fleet_json(view: FleetView) -> dict[str, Any]:

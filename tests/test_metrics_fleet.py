@@ -123,17 +123,18 @@ def test_a_real_worker_is_seen_busy_then_idle_and_every_counter_moves_as_it_shou
     until(lambda: (s := client.status(long_id)).state is JobState.RUNNING and s.progress is not None
           and s.progress.phase in ("warmup", "sampling"), timeout=240, what="the long job sampling")
     rejected_id = client.submit(bad, "intermediate", events=EVENTS, **TINY)
-    good_id = client.submit(good, "road_course", events=EVENTS, **TINY)
+    good_id = client.submit(good, "road_course", events=EVENTS, lane="batch", **TINY)
     busy = until(lambda: [w for w in fleet_json(environ, root)["workers"]
                           if w["state"] == "busy" and w["phase"] in ("warmup", "sampling")],
                  timeout=30, what="calq fleet showing the worker busy")
     assert busy[0]["job_id"] == long_id and busy[0]["archetype"] == "intermediate"
     assert busy[0]["lease_age_s"] is not None and busy[0]["heartbeat_age_s"] < 5
     view = fleet_json(environ, root)
-    assert view["queues"] == {"calq.gpu": 0, "calq.cpu": 2}
+    assert view["queues"] == {"calq.gpu": 0, "calq.cpu": 1, "calq.gpu.batch": 0, "calq.cpu.batch": 1}
     during = scrape(port)
     assert value(during, "calq_worker_busy", worker=worker_name) == 1
-    assert value(during, "calq_queue_depth", queue="calq.cpu") == 2
+    assert value(during, "calq_queue_depth", queue="calq.cpu") == 1
+    assert value(during, "calq_queue_depth", queue="calq.cpu.batch") == 1
     assert value(during, "calq_queue_depth", queue="calq.gpu") == 0
 
     # Cancelled mid-sampling; then the two queued jobs run: one rejected, one succeeded.
@@ -158,7 +159,7 @@ def test_a_real_worker_is_seen_busy_then_idle_and_every_counter_moves_as_it_shou
     assert w["jobs_done"] == 3 and w["job_id"] is None and w["lease_age_s"] is None
     assert "position 7" in (w["last_error"] or "")  # the rejected job's reason
     assert after_view["finished_last_hour"] == {"cancelled": 1, "rejected": 1, "succeeded": 1}
-    assert after_view["queues"] == {"calq.gpu": 0, "calq.cpu": 0}
+    assert set(after_view["queues"].values()) == {0} and len(after_view["queues"]) == 4
     assert after_view["dead_letters"] == 0 and after_view["jobs_per_minute_5m"] == pytest.approx(3 / 5)
     assert after_view["archetypes"]["road_course"]["jobs"] == 1
     assert after_view["archetypes"]["road_course"]["p50_s"] > 0
@@ -167,8 +168,8 @@ def test_a_real_worker_is_seen_busy_then_idle_and_every_counter_moves_as_it_shou
     seconds = time.monotonic() - scraped_before
     finished = {(dict(ls)["archetype"], dict(ls)["state"], dict(ls)["lane"]): v
                 for (n, ls), v in after.items() if n == "calq_jobs_finished_total"}
-    assert finished == {("intermediate", "cancelled", "default"): 1, ("intermediate", "rejected", "default"): 1,
-                        ("road_course", "succeeded", "default"): 1}
+    assert finished == {("intermediate", "cancelled", "interactive"): 1, ("intermediate", "rejected", "interactive"): 1,
+                        ("road_course", "succeeded", "batch"): 1}
     assert value(after, "calq_sampler_runs_total", archetype="intermediate", outcome="interrupted") == 1
     assert value(after, "calq_sampler_runs_total", archetype="road_course") == 1  # one run, max_attempts 1
     assert value(after, "calq_sampler_runs_total", archetype="intermediate") == 1  # the rejected job never sampled
@@ -200,7 +201,7 @@ def test_a_real_worker_is_seen_busy_then_idle_and_every_counter_moves_as_it_shou
     for title, _legend, vector in panels:
         shown.setdefault(title, {}).update(vector)
     assert all(shown.values()), [title for title, series in shown.items() if not series]
-    assert shown["Queue depth"] == {(("queue", "calq.cpu"),): 0, (("queue", "calq.gpu"),): 0}
+    assert shown["Queue depth"] == {(("queue", q),): 0 for q in ("calq.cpu", "calq.gpu", "calq.cpu.batch", "calq.gpu.batch")}
     per_minute = {dict(ls)["state"]: v for ls, v in shown["Jobs per minute by state"].items()}
     assert per_minute == pytest.approx({s: 60 / seconds for s in ("cancelled", "rejected", "succeeded")})
     p50 = {dict(ls)["phase"]: v for ls, v in shown["Job seconds by phase (p50)"].items()}

@@ -77,18 +77,18 @@ def fleet_redis(redis_url, monkeypatch):
 def test_a_fail_before_the_job_started_is_a_dead_letter_and_one_after_is_not(fleet_redis):
     settings, client = fleet_redis
     before = (sample("calq_dead_letters_total"),
-              sample("calq_jobs_finished_total", archetype="short_track", state="failed", lane="default"))
+              sample("calq_jobs_finished_total", archetype="short_track", state="failed", lane="interactive"))
 
-    dead = observe.ObservedRegistry(Recorded(), {"job_id": "cj-dead"}, settings=settings)
+    dead = observe.ObservedRegistry(Recorded(), settings=settings)
     dead.fail("cj-dead", "dead-lettered after 3 deliveries")
-    ran = observe.ObservedRegistry(Recorded(), {"job_id": "cj-ran", "lane": "batch"}, settings=settings)
+    ran = observe.ObservedRegistry(Recorded(), settings=settings, lane="batch")
     ran.mark_running("cj-ran", worker="calq-cpu9@test")
     ran.progress("cj-ran", SimpleNamespace(phase="sampling"))
     assert observe.activity.job_id == "cj-ran" and observe.activity.phase == "sampling"
     ran.fail("cj-ran", "JobFailed: out of time")
 
     assert sample("calq_dead_letters_total") == before[0] + 1
-    assert sample("calq_jobs_finished_total", archetype="short_track", state="failed", lane="default") == before[1] + 1
+    assert sample("calq_jobs_finished_total", archetype="short_track", state="failed", lane="interactive") == before[1] + 1
     assert sample("calq_jobs_finished_total", archetype="short_track", state="failed", lane="batch") >= 1
     view = telemetry.read_fleet(client, "calq", QUEUES)
     assert view.dead_letters == 1 and view.finished_last_hour == {"failed": 2}
@@ -104,7 +104,7 @@ def test_an_invalid_message_is_counted_in_metrics_and_in_the_fleet_totals(fleet_
     settings, client = fleet_redis
     before = sample("calq_invalid_messages_total")
     inner = Recorded()
-    observe.ObservedRegistry(inner, {"job_id": 7}, settings=settings).record_invalid("invalid job message")
+    observe.ObservedRegistry(inner, settings=settings).record_invalid("invalid job message")
     assert inner.calls == ["record_invalid"]
     assert sample("calq_invalid_messages_total") == before + 1
     assert telemetry.read_fleet(client, "calq", QUEUES).invalid_messages == 1
@@ -120,18 +120,18 @@ def test_remedies_are_read_from_what_each_run_changed():
     assert observe.remedies_of(runs[:1]) == []
 
 
-def test_a_lane_is_named_by_the_message_or_is_default():
-    assert observe.lane_of({"lane": "batch"}) == "batch"
-    for hostile in ({"lane": "x" * 100}, {"lane": "bad lane\x1b[2J"}, {"lane": 3}, {}, None):
-        assert observe.lane_of(hostile) == "default"
+def test_a_lane_is_the_queue_the_job_was_delivered_from():
+    assert observe.lane_of("calq.cpu.batch") == "batch" and observe.lane_of("calq.gpu.batch") == "batch"
+    for other in ("calq.cpu", "calq.gpu", "evil.batch", "calq.cpu.batch\x1b[2J", 3, None):
+        assert observe.lane_of(other) == "interactive"
 
 
 def test_recorders_keep_labels_in_their_sets_and_never_raise():
-    before = sample("calq_jobs_finished_total", archetype="intermediate", state="other", lane="default")
-    metrics.job_finished(archetype="intermediate", state="exploded", lane="default",
+    before = sample("calq_jobs_finished_total", archetype="intermediate", state="other", lane="interactive")
+    metrics.job_finished(archetype="intermediate", state="exploded", lane="interactive",
                          phase_seconds={"queued": -1.0, "teleport": 5.0, "load": 0.5}, runs=["weird"],
                          remedies=["magic"])
-    assert sample("calq_jobs_finished_total", archetype="intermediate", state="other", lane="default") == before + 1
+    assert sample("calq_jobs_finished_total", archetype="intermediate", state="other", lane="interactive") == before + 1
     assert sample("calq_job_seconds_count", archetype="intermediate", phase="teleport") == 0
     assert sample("calq_sampler_runs_total", archetype="intermediate", outcome="other") >= 1
     metrics.job_finished(archetype=None, state=None, lane=None, rows="many")  # wrong types: logged, not raised

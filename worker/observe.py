@@ -42,9 +42,9 @@ from typing import Any
 from celery import signals
 
 import shared
-from shared.contract.domain import SAFE_ID
 from shared.contract.settings import Settings, get_settings
 from shared.jobs import metrics, telemetry
+from shared.jobs.celery_app import ALL_QUEUES, BATCH, INTERACTIVE
 from shared.jobs.handle import current_job_id
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 SAMPLER_PHASES = frozenset({"compile", "warmup", "sampling"})
 #: A heartbeat record outlives this many missed heartbeats.
 TTL_BEATS = 3
-DEFAULT_LANE = "default"
 
 
 def device_name(environ: Mapping[str, str] | None = None) -> str:
@@ -200,10 +199,18 @@ def _on_task_postrun(**_: Any) -> None:
 # -- the observed registry -----------------------------------------------------------
 
 
-def lane_of(message: Mapping[str, Any]) -> str:
-    """The job's lane as its message names it (a safe id), else ``default``."""
-    lane = message.get("lane") if isinstance(message, Mapping) else None
-    return lane if isinstance(lane, str) and len(lane) <= 32 and SAFE_ID.match(lane) else DEFAULT_LANE
+def lane_of(queue: object) -> str:
+    """The lane a job was delivered in: ``batch`` from a queue's batch twin (``calq.cpu.batch``), else ``interactive``."""
+    return BATCH if isinstance(queue, str) and queue in ALL_QUEUES and queue.endswith(f".{BATCH}") else INTERACTIVE
+
+
+def _delivered_from() -> str | None:
+    """The queue the running Celery task's message came from (its routing key), or None outside a task."""
+    from celery import current_task
+
+    request = getattr(current_task, "request", None)
+    info = getattr(request, "delivery_info", None) or {}
+    return info.get("routing_key") if isinstance(info, Mapping) else None
 
 
 def remedies_of(attempts: list[Any]) -> list[str]:
@@ -224,9 +231,8 @@ def remedies_of(attempts: list[Any]) -> list[str]:
 class ObservedRegistry:
     """A job's registry that counts what the worker records (see the module docstring); all else passes through."""
 
-    def __init__(self, registry: Any, message: Mapping[str, Any], *, settings: Settings) -> None:
-        self._registry, self._settings = registry, settings
-        self._lane = lane_of(message)
+    def __init__(self, registry: Any, *, settings: Settings, lane: str = INTERACTIVE) -> None:
+        self._registry, self._settings, self._lane = registry, settings, lane
         self._started: float | None = None
         self._queued_s: float | None = None
         self._sampling = False
@@ -324,8 +330,12 @@ class ObservedRegistry:
 
 
 def observed(registry: Any, message: Mapping[str, Any]) -> ObservedRegistry:
-    """``registry``, counted for the fleet while it runs the job in ``message``."""
-    return ObservedRegistry(registry, message, settings=get_settings())
+    """``registry``, counted for the fleet while it runs the job in ``message``.
+
+    The job's lane is the queue Celery delivered it from, not anything the
+    message says (whoever wrote the message could have written any lane).
+    """
+    return ObservedRegistry(registry, settings=get_settings(), lane=lane_of(_delivered_from()))
 
 
 # -- JSON logs -------------------------------------------------------------------------

@@ -56,7 +56,7 @@ from typing import Any
 
 from shared.fit.device import HOST_DEVICES, with_host_devices, without_host_devices
 from shared.jobs import metrics
-from shared.jobs.celery_app import CPU_QUEUE, GPU_QUEUE, QUEUES, consumed_queues, queue_for
+from shared.jobs.celery_app import ALL_QUEUES, CPU_QUEUE, GPU_QUEUE, consumed_queues, queue_for
 from worker.tasks import EXIT_DEVICE_ERROR, HAND_BACK_SIGNAL, SUPERVISOR_PID_ENV, lease_holder
 
 log = logging.getLogger(__name__)
@@ -530,7 +530,7 @@ class Supervisor:
         metrics.prepare_multiprocess(Path(folder))
         self._metrics_env = {metrics.MULTIPROC_ENV: folder}
         try:
-            server = metrics.serve(port, host=host, redis_client=self._fleet.registry.redis, queues=QUEUES)
+            server = metrics.serve(port, host=host, redis_client=self._fleet.registry.redis, queues=ALL_QUEUES)
         except OSError as exc:
             log.error("no metrics: cannot listen on %s:%d (%s); set CALQ_METRICS__PORT", host, port, exc)
             return None, folder if own else None

@@ -3,7 +3,8 @@
 The names are a contract (dashboards and alert rules query them; a test checks
 every query against :data:`EXPORTED`)::
 
-    counters    calq_jobs_finished_total{archetype,state,lane}   state: succeeded, failed, rejected, cancelled
+    counters    calq_jobs_finished_total{archetype,state,lane}   state: succeeded, failed, rejected, cancelled;
+                                                                 lane: interactive, batch (the queue it came from)
                 calq_sampler_runs_total{archetype,outcome}       outcome: converged, unconverged, interrupted
                 calq_remedies_total{archetype,remedy}            remedy: cold_start, target_accept, warmup, draws
                 calq_divergences_total{archetype}
@@ -14,7 +15,7 @@ every query against :data:`EXPORTED`)::
                 calq_invalid_messages_total
     histograms  calq_job_seconds{archetype,phase}                phase: queued, load, compile, sample, diagnostics, write
                 calq_job_rows{archetype}
-    gauges      calq_queue_depth{queue}                          read from Redis at scrape time
+    gauges      calq_queue_depth{queue}                          read from Redis at scrape time (batch twins too)
                 calq_worker_busy{worker}
                 calq_worker_info{worker,version,device}
 
@@ -111,7 +112,7 @@ def _metrics() -> dict[str, Any]:
 
 
 _HELP = {
-    "calq_jobs_finished_total": "Jobs this fleet finished, by final state and lane (queue).",
+    "calq_jobs_finished_total": "Jobs this fleet finished, by final state and lane (interactive or batch).",
     "calq_sampler_runs_total": "Sampler runs, by how they ended (unconverged runs are followed by a remedy).",
     "calq_remedies_total": "Sampler runs that changed something after a run failed the convergence criteria.",
     "calq_divergences_total": "Divergent transitions over every sampler run.",
