@@ -104,3 +104,174 @@ def test_every_redis_client_has_timeouts_keepalive_and_a_health_check(redis_url)
     assert broker["socket_timeout"] == 3 and broker["socket_keepalive"] is True and broker["health_check_interval"] == 9
     assert conf["redis_socket_timeout"] == 3 and conf["redis_socket_keepalive"] is True
     assert conf["redis_backend_health_check_interval"] == 9
+
+
+# -- a worker that lost its lease writes nothing ------------------------------------------------
+
+
+@pytest.fixture
+def fleet(redis_url, tmp_path):
+    """A registry, leases (0.6 s) and a file store on one real Redis; spooling under tmp_path/spool."""
+    from shared.jobs.lease import Leases
+    from shared.storage.store import Store
+
+    client = redis.Redis.from_url(redis_url)
+    settings = Settings(storage_url=str(tmp_path / "store"), compile_cache_dir=None,
+                        recovery=RecoverySettings(spool_dir=tmp_path / "spool", lease_s=0.6, heartbeat_s=0.2))
+    yield {"registry": RedisRegistry(client), "leases": Leases(client, lease_s=0.6), "client": client,
+           "store": Store.from_settings(settings), "settings": settings}
+    client.close()
+
+
+def taken_over(fleet, job):
+    """Worker A's lease lapses and is reaped; worker B takes the job: ``(lease_a, lease_b)``."""
+    import time
+
+    from shared.contract.job import Progress
+
+    registry, leases = fleet["registry"], fleet["leases"]
+    registry.claim(job)
+    registry.mark_running(job.job_id, worker="a#1")
+    lease_a = leases.acquire(job.job_id, "a#1", message=job.to_message())
+    time.sleep(0.8)  # A is frozen: its lease lapses
+    assert leases.lapsed() == [job.job_id]
+    registry.requeue_abandoned(job.job_id, reason="lapsed", count_delivery=True)
+    lease_b = leases.acquire(job.job_id, "b#2", message=job.to_message())
+    registry.mark_running(job.job_id, worker="b#2")
+    registry.progress(job.job_id, Progress(phase="sampling", fraction=0.69))
+    return lease_a, lease_b
+
+
+def spool_results(fleet, job):
+    """Finished draws of ``job`` waiting in the spool (as a run leaves them before the store write)."""
+    from shared.jobs.spool import spool_paths
+    from shared.storage.store import summary_key
+    from tests.test_catalog import make_summary
+
+    posterior, summary = spool_paths(fleet["settings"].recovery, job.job_id)
+    posterior.parent.mkdir(parents=True, exist_ok=True)
+    posterior.write_bytes(os.urandom(256))
+    summary.write_text(make_summary(job.job_id).model_copy(update={
+        "dataset_sha256": job.dataset_sha256, "posterior_uri": None,
+        "summary_uri": fleet["store"].uri(summary_key(job.archetype, job.job_id))}).model_dump_json())
+    return posterior, summary
+
+
+def resume(fleet, job, fence):
+    from shared.jobs.spool import resume_spooled
+
+    return resume_spooled(job, store=fleet["store"], settings=fleet["settings"], notify=lambda p: None, fence=fence)
+
+
+def stored(fleet, job) -> list[str]:
+    return sorted(fleet["store"].key_of(u) for u in fleet["store"].list("posteriors") if job.job_id in u)
+
+
+@pytest.mark.integration
+def test_a_stale_worker_changes_no_record_not_even_its_progress(fleet):
+    from shared.contract.job import JobState, Progress
+    from shared.jobs.lease import Fence, LeaseLost
+
+    job = make_job(1)
+    lease_a, lease_b = taken_over(fleet, job)
+    stale = fleet["registry"].fenced(Fence(fleet["leases"], lease_a))
+    with pytest.raises(LeaseLost, match="lease was lost before a record change"):
+        stale.progress(job.job_id, Progress(phase="sampling", fraction=0.38))
+    with pytest.raises(LeaseLost):
+        stale.fail(job.job_id, "stale")
+    record = fleet["registry"].get(job.job_id)
+    assert record.state is JobState.RUNNING and record.worker == "b#2" and record.progress.fraction == 0.69
+    owner = fleet["registry"].fenced(Fence(fleet["leases"], lease_b))
+    assert owner.progress(job.job_id, Progress(phase="sampling", fraction=0.8)).progress.fraction == 0.8
+
+
+@pytest.mark.integration
+def test_a_stale_worker_writes_nothing_to_the_store_and_drops_its_spool(fleet):
+    from shared.jobs.lease import Fence, LeaseLost
+
+    job = make_job(2)
+    lease_a, _ = taken_over(fleet, job)
+    posterior, summary = spool_results(fleet, job)
+    with pytest.raises(LeaseLost, match="before the posterior's upload"):
+        resume(fleet, job, Fence(fleet["leases"], lease_a))
+    assert stored(fleet, job) == []
+    assert not posterior.exists() and not summary.exists()
+
+
+class _Frozen:
+    """A fence whose check passed just before the worker froze (the window between the check and the write)."""
+
+    def __init__(self, token: int) -> None:
+        self.token = token
+
+    def check(self, what: str) -> None:
+        return None
+
+
+@pytest.mark.integration
+def test_of_two_runs_of_one_job_exactly_one_publishes_and_the_other_keeps_it(fleet):
+    from shared.jobs.lease import Fence
+    from shared.storage.catalog import Catalog
+
+    job = make_job(3)
+    lease_a, lease_b = taken_over(fleet, job)
+    spool_results(fleet, job)
+    published = resume(fleet, job, Fence(fleet["leases"], lease_b))  # B, the owner, publishes
+    assert published.posterior_uri.endswith(f"{job.job_id}.t{lease_b.token}.nc")
+    spool_results(fleet, job)
+    kept = resume(fleet, job, _Frozen(lease_a.token))  # A wakes past its check: its conditional put loses
+    assert kept == published
+    keys = stored(fleet, job)
+    assert keys == [f"posteriors/intermediate/{job.job_id}.json", f"posteriors/intermediate/{job.job_id}.t{lease_b.token}.nc"]
+    assert Catalog(fleet["store"]).summary(job.job_id) == published  # the summary names the posterior in the store
+
+
+@pytest.mark.integration
+def test_a_summary_naming_another_jobs_fenced_posterior_is_refused(fleet):
+    from shared.contract.errors import Unverified
+    from shared.storage.catalog import Catalog
+    from shared.storage.store import posterior_key, summary_key
+    from tests.test_catalog import make_summary
+
+    store = fleet["store"]
+    job_id, other = "cj-000000000000000000000011", "cj-000000000000000000000012"
+    for posterior, ok in [(posterior_key("intermediate", job_id, 7), True), (posterior_key("intermediate", other, 7), False),
+                          (f"posteriors/intermediate/{job_id}.t7.nc.json", False)]:
+        summary = make_summary(job_id).model_copy(update={"posterior_uri": store.uri(posterior), "summary_uri": None})
+        store.put_bytes(summary_key("intermediate", job_id), summary.model_dump_json().encode())
+        if ok:
+            assert Catalog(store).read(store.uri(summary_key("intermediate", job_id))).posterior_uri == store.uri(posterior)
+        else:
+            with pytest.raises(Unverified):
+                Catalog(store).read(store.uri(summary_key("intermediate", job_id)))
+
+
+# -- a flushed Redis -----------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_a_lease_lost_with_a_flushed_redis_is_reasserted_not_abandoned(fleet):
+    from shared.contract.job import Progress
+    from shared.jobs.lease import Fence
+
+    leases, client = fleet["leases"], fleet["client"]
+    for _ in range(5):
+        client.incr(leases.token_key)  # tokens handed out before
+    job = make_job(4)
+    lease = leases.acquire(job.job_id, "a#1", message=job.to_message())
+    client.flushall()
+    fenced = fleet["registry"].fenced(Fence(leases, lease))
+    assert fenced.progress(job.job_id, Progress(phase="sampling", fraction=0.5)) is None  # no record, but no LeaseLost
+    assert leases.holder(job.job_id) == "a#1"  # re-asserted by the fence
+    assert client.sismember(leases.leased_key, job.job_id)
+    assert int(client.get(leases.token_key)) >= lease.token  # tokens keep growing after the flush
+    assert leases.acquire(job.job_id, "b#2", message=job.to_message()) is None  # a redelivery is not run twice
+    assert leases.renew(lease)
+
+
+@pytest.mark.integration
+def test_a_lease_handed_back_is_not_reasserted(fleet):
+    job = make_job(5)
+    lease_a, _ = taken_over(fleet, job)
+    assert not fleet["leases"].renew(lease_a)
+    assert fleet["leases"].holder(job.job_id) == "b#2"

@@ -40,7 +40,7 @@ from shared.contract.job import JobState, Progress
 from shared.contract.settings import Settings, get_settings
 from shared.jobs import handle, metrics
 from shared.jobs.celery_app import TASK_NAME, get_app
-from shared.jobs.lease import HandBack, Heartbeat, Leases, celery_publisher, hand_back
+from shared.jobs.lease import Fence, HandBack, Heartbeat, Leases, celery_publisher, hand_back
 from worker import observe
 
 log = logging.getLogger(__name__)
@@ -205,11 +205,13 @@ def _calibrate_leased(task: Task, message: Mapping[str, Any], job_id: str | None
     # The name in the record, the logs and the lease: node name and pid (two supervisors on one host share node names).
     worker = lease_holder(task.request.hostname or "calq")
     attempt = task.request.retries or 0
-    registry = observe.observed(PatientRegistry(ctx.registry, ctx.settings), message)
 
-    def run(on_progress: Any = None) -> dict[str, Any]:
+    def run(on_progress: Any = None, fence: Fence | None = None) -> dict[str, Any]:
+        # Under a lease, every record change and store write is fenced by it (shared.jobs.lease.Fence).
+        fenced = ctx.registry if fence is None else ctx.registry.fenced(fence)
+        registry = observe.observed(PatientRegistry(fenced, ctx.settings), message)
         return handle.process(message, registry=registry, store=ctx.store, settings=ctx.settings,
-                              worker=worker, attempt=attempt, on_progress=on_progress)
+                              worker=worker, attempt=attempt, on_progress=on_progress, fence=fence)
 
     if job_id is None or ctx.leases is None:
         return run()  # the handler refuses a message without a job id
@@ -227,6 +229,7 @@ def _calibrate_leased(task: Task, message: Mapping[str, Any], job_id: str | None
             repaired = _repair_redelivery(ctx, job_id)
         if repaired is not None:
             return repaired
+        fence = Fence(leases, lease)
         with Heartbeat(leases, lease, interval_s=ctx.settings.recovery.heartbeat_s) as beat:
             sampling = False
 
@@ -235,7 +238,7 @@ def _calibrate_leased(task: Task, message: Mapping[str, Any], job_id: str | None
                 if not sampling and progress.phase in SAMPLING_PHASES:
                     sampling = True
                     try:
-                        ctx.registry.count_sampler_run(job_id)
+                        ctx.registry.fenced(fence).count_sampler_run(job_id)
                     except Exception as exc:  # a counter for people and tests; never a reason to stop
                         log.warning("could not count this sampler run (%s: %s)", type(exc).__name__, exc)
                 if beat.lost.is_set():
@@ -245,7 +248,7 @@ def _calibrate_leased(task: Task, message: Mapping[str, Any], job_id: str | None
                     raise HandBack(reason)
 
             try:
-                return run(check)
+                return run(check, fence)
             except HandBack as stop:
                 released = True
                 _give_back(task, ctx, lease, stop)

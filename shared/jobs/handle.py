@@ -50,6 +50,7 @@ from shared.storage.catalog import Catalog
 
 if TYPE_CHECKING:
     from shared.contract.summary import CalibrationSummary
+    from shared.jobs.lease import Fence
     from shared.storage.store import Store
 
 # shared.jobs.run (and through it JAX, NumPyro, ArviZ) is imported inside the
@@ -172,6 +173,7 @@ def process(
     attempt: int = 0,
     control: JobControl | None = None,
     on_progress: Callable[[Progress], Any] | None = None,
+    fence: Fence | None = None,
 ) -> dict[str, Any]:
     """Run the job in ``message`` once, record its outcome, return the task result.
 
@@ -185,11 +187,14 @@ def process(
     (throttled) in the registry, then passes it to ``on_progress``, and polls
     the record's cancel flag. A caller that passes ``control`` (embedded
     mode, to cancel the job from a signal handler) gets it wired the same way.
+    A fleet worker passes its lease's ``fence`` (and a registry fenced by it):
+    every store write is checked against it, and a worker that lost its lease
+    stops with :class:`~shared.jobs.lease.LeaseLost`, having written nothing.
     """
     with transient_as_retryable():  # e.g. redis.ConnectionError from the registry: the task's autoretry_for catches it
         return _process(
             message, registry=registry, store=store, settings=settings,
-            worker=worker, attempt=attempt, control=control, on_progress=on_progress,
+            worker=worker, attempt=attempt, control=control, on_progress=on_progress, fence=fence,
         )
 
 
@@ -203,6 +208,7 @@ def _process(
     attempt: int,
     control: JobControl | None,
     on_progress: Callable[[Progress], Any] | None,
+    fence: Fence | None = None,
 ) -> dict[str, Any]:
     claimed_id = message.get("job_id") if isinstance(message, Mapping) else None
     claimed_id = claimed_id if isinstance(claimed_id, str) and claimed_id else None
@@ -249,7 +255,7 @@ def _process(
 
         return _run(job, registry=registry, store=store, settings=settings, worker=worker,
                     attempt=attempt, deliveries=deliveries, control=control,
-                    on_progress=on_progress)
+                    on_progress=on_progress, fence=fence)
 
 
 def _run(
@@ -263,6 +269,7 @@ def _run(
     deliveries: int,
     control: JobControl | None,
     on_progress: Callable[[Progress], Any] | None,
+    fence: Fence | None = None,
 ) -> dict[str, Any]:
     from shared.jobs import run as runner
 
@@ -285,7 +292,7 @@ def _run(
 
         throttle = ProgressThrottle(record, logger=log)
         control = (control or JobControl()).attach(on_progress=throttle, cancel_source=cancel_source(registry, job_id))
-        summary = runner.run_job(job, store=store, settings=settings, control=control)
+        summary = runner.run_job(job, store=store, settings=settings, control=control, fence=fence)
         registry.succeed(job_id, summary)
     except JobCancelled as exc:
         reason = _clip(str(exc))

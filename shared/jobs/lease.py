@@ -34,6 +34,20 @@ Keys (``prefix`` is ``calq``):
 A duplicate delivery of a job whose lease is held elsewhere is not run: the
 lease is the mutual exclusion, the registry record is what people read.
 
+Every write a fleet worker makes is fenced by its lease (:class:`Fence`): a
+worker frozen or partitioned past its lease, whose job another worker took,
+writes nothing when it wakes::
+
+    record change ─ in a transaction WATCHing the lease: commits only while it is this worker's
+    posterior     ─ checked, then uploaded to its token's own key ({job_id}.t{token}.nc)
+    summary       ─ checked, then written only if absent (the job's publication: one run wins;
+                    a loser keeps the winner's summary and deletes its own posterior)
+
+and a :class:`LeaseLost` stops the job (not re-queued: it is another's).
+A lease Redis lost with all its keys (FLUSHALL, a restart without its
+data) is re-asserted by its worker's next renewal, not abandoned: the token
+counter below the lease's own token tells a flush from a hand-back.
+
 A lease's life never comes from its key's TTL alone: anyone with Redis
 access can write a lease key (``"deadworker|999"`` with a ten-year TTL). A
 lease is *live* only if its value parses and was renewed within ``lease_s``
@@ -102,15 +116,26 @@ redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[5])
 return token
 """
 
-# KEYS: lease, leased. ARGV: holder ("worker|token"), lease ms, job id.
+# KEYS: lease, leased, holding, token counter. ARGV: holder ("worker|token"), lease ms, job id, token,
+# holding value, record ttl s.
 # 1: renewed (renewal time now, TTL lease ms); 1 also when the lease had lapsed but nobody took the job
-# yet (taken again); 0: someone else holds it, or the job was handed back: this worker has lost it.
+# yet (taken again); 2: re-asserted: Redis lost its keys (flushed, or restarted empty: the token counter
+# is below this lease's token, which tokens never are otherwise), so the lease, the leased set, the
+# holding key and the counter are written again; 0: someone else holds it, or the job was handed back.
 _RENEW = _LUA_LEASE + """
 local current = read(KEYS[1])
 if holder_of(current) == ARGV[1]
    or (current == false and redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 1) then
   redis.call('SET', KEYS[1], ARGV[1] .. '|' .. now_ms(), 'PX', ARGV[2])
   return 1
+end
+local counter = tonumber(redis.call('GET', KEYS[4]) or '0') or 0
+if current == false and redis.call('EXISTS', KEYS[1]) == 0 and counter < tonumber(ARGV[4]) then
+  redis.call('SET', KEYS[1], ARGV[1] .. '|' .. now_ms(), 'PX', ARGV[2])
+  redis.call('SADD', KEYS[2], ARGV[3])
+  redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[6])
+  redis.call('SET', KEYS[4], ARGV[4])
+  return 2
 end
 return 0
 """
@@ -168,6 +193,18 @@ class HandBack(BaseException):
         self.requeue = requeue
 
 
+class LeaseLost(HandBack):
+    """This worker no longer holds the job's lease: it stops before ``what`` and writes nothing.
+
+    The job is another worker's now (or was handed back): not re-queued.
+    """
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"its lease was lost before {what}: the job is another worker's now (nothing written)",
+                         requeue=False)
+        self.what = what
+
+
 @dataclass(frozen=True)
 class Lease:
     """A lease this process holds: ``job_id``, ``worker`` and its fencing ``token``."""
@@ -219,6 +256,10 @@ class Leases:
     def resend_key(self, job_id: str) -> str:
         return f"{self.prefix}:resend:{job_id}"
 
+    @property
+    def token_key(self) -> str:
+        return f"{self.prefix}:lease-token"
+
     # -- the worker's side --
 
     def acquire(self, job_id: str, worker: str, *, message: Mapping[str, Any], attempt: int = 0,
@@ -227,15 +268,33 @@ class Leases:
         resend = json.dumps({"message": dict(message), "attempt": attempt, "queue": queue}, separators=(",", ":"))
         token = self._acquire(
             keys=[self.lease_key(job_id), self.leased_key, self.holding_key(worker), self.resend_key(job_id),
-                  f"{self.prefix}:lease-token"],
+                  self.token_key],
             args=[worker, self.lease_ms, job_id, resend, self.record_ttl_s],
         )
         return None if token is None else Lease(job_id, worker, int(token))
 
     def renew(self, lease: Lease) -> bool:
-        """Extend the lease by ``lease_s``; False if the job is no longer this worker's."""
-        return bool(self._renew(keys=[self.lease_key(lease.job_id), self.leased_key],
-                                args=[lease.value, self.lease_ms, lease.job_id]))
+        """Extend the lease by ``lease_s``; False if the job is no longer this worker's.
+
+        A lease Redis lost with all its keys (FLUSHALL, a restart without
+        its data) is re-asserted, with a warning: the job is still this
+        process's, and nobody else can have taken it.
+        """
+        renewed = self._renew(
+            keys=[self.lease_key(lease.job_id), self.leased_key, self.holding_key(lease.worker), self.token_key],
+            args=[lease.value, self.lease_ms, lease.job_id, lease.token, f"{lease.job_id}|{lease.token}",
+                  self.record_ttl_s],
+        )
+        if renewed == 2:
+            log.warning("the lease of %s was gone with the rest of Redis (flushed or restarted empty): re-asserted; "
+                        "the job carries on here", lease.job_id)
+        return bool(renewed)
+
+    def holds(self, lease: Lease, value: bytes | None, now_ms: int) -> bool:
+        """Whether ``value`` (the lease key's, read at the server time ``now_ms``) is ``lease``, live."""
+        match = None if value is None else _LEASE_VALUE.fullmatch(value.decode(errors="replace"))
+        return (match is not None and f"{match['worker']}|{match['token']}" == lease.value
+                and abs(now_ms - int(match["renewed"])) <= self.lease_ms)
 
     def release(self, lease: Lease) -> bool:
         """Drop the lease (the job ended, or this worker hands it back); True if it was still this worker's."""
@@ -284,6 +343,48 @@ class Leases:
         """Take the fleet-wide lock ``name`` for ``ttl_s`` (never released early: one holder per period)."""
         return bool(self.redis.set(f"{self.prefix}:lock:{name}", uuid.uuid4().hex, nx=True,
                                    px=max(1, int(ttl_s * 1000))))
+
+
+@dataclass(frozen=True)
+class Fence:
+    """What fences a fleet worker's writes: its lease, whose fencing ``token`` names its uploads.
+
+    :meth:`check` comes before each store write (the posterior, the
+    summary); :meth:`check_in` inside each record change's transaction
+    (the registry's :meth:`~shared.jobs.registry.RedisRegistry.fenced`),
+    which WATCHes :attr:`keys`, so a change commits only while the lease is
+    this worker's. Either raises :class:`LeaseLost` when it is not. Embedded
+    mode has no leases and no fence.
+    """
+
+    leases: Leases
+    lease: Lease
+
+    @property
+    def token(self) -> int:
+        return self.lease.token
+
+    @property
+    def keys(self) -> list[str]:
+        """The keys a fenced transaction watches."""
+        return [self.leases.lease_key(self.lease.job_id)]
+
+    def check(self, what: str) -> None:
+        """Raise :class:`LeaseLost` unless the lease is still this worker's (renewed, or re-asserted after a flush)."""
+        if not self.leases.renew(self.lease):
+            log.warning("not writing %s: the lease of %s is no longer this worker's", what, self.lease.job_id)
+            raise LeaseLost(what)
+
+    def check_in(self, pipe: Any, what: str) -> None:
+        """:meth:`check` inside a transaction watching :attr:`keys` (``pipe``: redis-py's, in immediate mode).
+
+        A lease that is this worker's but not live here (lapsed, or lost
+        with a flushed Redis) is renewed through :meth:`check`, which changes
+        the watched key: the transaction then runs again, and passes.
+        """
+        seconds, micros = pipe.time()
+        if not self.leases.holds(self.lease, pipe.get(self.keys[0]), int(seconds) * 1000 + int(micros) // 1000):
+            self.check(what)
 
 
 class Heartbeat:

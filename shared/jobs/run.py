@@ -18,6 +18,7 @@ from shared.contract.summary import CalibrationSummary, ConvergenceCriteria
 from shared.data.dataset import open_dataset
 from shared.data.limits import check_job
 from shared.fit.calibrate import calibrate
+from shared.jobs.lease import Fence
 from shared.jobs.spool import resume_spooled, write_results
 from shared.jobs.warm_source import find_warm_source
 from shared.storage.store import Store
@@ -50,6 +51,7 @@ def run_job(
     settings: Settings,
     control: JobControl | None = None,
     criteria: ConvergenceCriteria | None = None,
+    fence: Fence | None = None,
 ) -> CalibrationSummary:
     """Run ``job`` and store its posterior and summary; return the summary.
 
@@ -62,7 +64,8 @@ def run_job(
     (:func:`~shared.jobs.spool.resume_spooled`). With ``settings.warm_start`` the sampler
     starts from the nearest stored fit of the job's archetype
     (:mod:`shared.jobs.warm_source`). Convergence is judged by ``criteria``
-    (default: the settings'). Errors propagate as calq's typed exceptions:
+    (default: the settings'). A fleet worker's ``fence`` (its lease) is checked
+    before each store write (:func:`~shared.jobs.spool.write_results`). Errors propagate as calq's typed exceptions:
     bad input as :class:`~shared.contract.errors.RejectedError`, storage outages as
     :class:`~shared.contract.errors.StorageUnavailable`.
     """
@@ -72,7 +75,7 @@ def run_job(
     control = (control or JobControl()).start(limit_s)
     started = time.perf_counter()
     check_job(job, settings.limits)  # chains, draws, events: capped by this worker, before any work
-    resumed = resume_spooled(job, store=store, settings=settings, notify=control.progress)
+    resumed = resume_spooled(job, store=store, settings=settings, notify=control.progress, fence=fence)
     if resumed is not None:  # a process on this host fitted it and was stopped while writing
         return resumed
 
@@ -96,7 +99,8 @@ def run_job(
     control.progress(Progress(phase="write"))
     # The draws are in hand: from here on an outage costs waiting, never the fit (shared.jobs.spool).
     summary = write_results(
-        idata, fit, job, store=store, settings=settings, notify=control.progress, started=started, load_s=load_s
+        idata, fit, job, store=store, settings=settings, notify=control.progress, started=started, load_s=load_s,
+        fence=fence,
     )
     log.info(
         "job %s finished in %.1f s (converged=%s): %s",

@@ -43,6 +43,7 @@ from shared.contract.job import CalibrationJob, Progress
 from shared.contract.settings import RecoverySettings, Settings
 from shared.contract.summary import CalibrationSummary
 from shared.jobs import metrics
+from shared.jobs.lease import Fence, LeaseLost
 from shared.storage.netcdf import write_netcdf
 from shared.storage.provenance import seal
 from shared.storage.store import Store, posterior_key, sha256_file, summary_key
@@ -113,6 +114,7 @@ def write_results(
     notify: Callable[[Progress], Any],
     started: float,
     load_s: float = 0.0,
+    fence: Fence | None = None,
 ) -> CalibrationSummary:
     """Spool, upload and record the results of a finished fit; the summary as stored.
 
@@ -120,6 +122,9 @@ def write_results(
     ``load_s`` the time spent loading its dataset (for the summary's
     timings, which :meth:`Fit.summary` builds once the posterior's URI is
     known); ``notify`` hears the ``write`` and ``waiting for storage`` phases.
+    ``fence`` (a fleet worker's lease) is checked before each store write,
+    names the posterior's key, and makes the summary's write conditional
+    (:func:`_store_summary`).
     """
     recovery = settings.recovery
     job_id, archetype = job.job_id, job.archetype
@@ -147,26 +152,29 @@ def write_results(
         # the summary as it will be stored (the posterior's URI is known before the upload)
         early = fit.summary(
             load_s=load_s, write_s=time.perf_counter() - t0, total_s=time.perf_counter() - started,
-            posterior_uri=store.uri(posterior_key(archetype, job_id)), summary_uri=store.uri(summary_key(archetype, job_id)),
+            posterior_uri=store.uri(posterior_key(archetype, job_id, _token(fence))),
+            summary_uri=store.uri(summary_key(archetype, job_id)),
         )
         _atomically(spooled_summary, lambda path: path.write_text(early.model_dump_json(indent=2)))
 
     try:
         patiently(spool, what=f"the local spool file {spooled}", recovery=recovery, on_wait=wait)
         resumed()
-        posterior_uri = _upload(spooled, job, store=store, recovery=recovery, on_wait=wait, resumed=resumed)
+        posterior_uri = _upload(spooled, job, store=store, recovery=recovery, on_wait=wait, resumed=resumed, fence=fence)
         summary = fit.summary(
             load_s=load_s, write_s=time.perf_counter() - t0, total_s=time.perf_counter() - started,
             posterior_uri=posterior_uri, summary_uri=store.uri(summary_key(archetype, job_id)),
         )
-        summary = _store_summary(summary, spooled, job, store=store, recovery=recovery, on_wait=wait, resumed=resumed)
+        summary = _store_summary(summary, spooled, job, store=store, recovery=recovery, on_wait=wait, resumed=resumed,
+                                 fence=fence)
     finally:
         _discard(spooled, spooled_summary)
     return summary
 
 
 def resume_spooled(
-    job: CalibrationJob, *, store: Store, settings: Settings, notify: Callable[[Progress], Any]
+    job: CalibrationJob, *, store: Store, settings: Settings, notify: Callable[[Progress], Any],
+    fence: Fence | None = None,
 ) -> CalibrationSummary | None:
     """Write the results a killed process left in this host's spool for ``job``; None when there are none.
 
@@ -199,8 +207,13 @@ def resume_spooled(
     def resumed() -> None:
         notify(Progress(phase="write"))
 
-    _upload(spooled, job, store=store, recovery=recovery, on_wait=wait, resumed=resumed)
-    summary = _store_summary(summary, spooled, job, store=store, recovery=recovery, on_wait=wait, resumed=resumed)
+    try:
+        posterior_uri = _upload(spooled, job, store=store, recovery=recovery, on_wait=wait, resumed=resumed, fence=fence)
+        summary = _store_summary(summary.model_copy(update={"posterior_uri": posterior_uri}), spooled, job, store=store,
+                                 recovery=recovery, on_wait=wait, resumed=resumed, fence=fence)
+    except LeaseLost:
+        _discard(spooled, spooled_summary)  # the job is another worker's: these draws will never be written
+        raise
     _discard(spooled, spooled_summary)
     return summary
 
@@ -211,22 +224,89 @@ def spool_paths(recovery: RecoverySettings, job_id: str) -> tuple[Path, Path]:
     return folder / f"{job_id}.nc", folder / f"{job_id}.json"
 
 
-def _upload(spooled: Path, job: CalibrationJob, *, store: Store, recovery: RecoverySettings, on_wait, resumed) -> str:
-    uri = patiently(lambda: store.put_file(spooled, posterior_key(job.archetype, job.job_id)),
+def _token(fence: Fence | None) -> int | None:
+    return None if fence is None else fence.token
+
+
+def _fenced(action: Callable[[], T], fence: Fence | None, what: str) -> Callable[[], T]:
+    """``action``, run only after ``fence`` says the lease is still this worker's (every try: each is a write)."""
+    if fence is None:
+        return action
+
+    def checked() -> T:
+        fence.check(what)
+        return action()
+
+    return checked
+
+
+def _upload(spooled: Path, job: CalibrationJob, *, store: Store, recovery: RecoverySettings, on_wait, resumed,
+            fence: Fence | None = None) -> str:
+    key = posterior_key(job.archetype, job.job_id, _token(fence))
+    uri = patiently(_fenced(lambda: store.put_file(spooled, key), fence, "the posterior's upload"),
                     what="the posterior", recovery=recovery, on_wait=on_wait)
     resumed()
     return uri
 
 
 def _store_summary(summary: CalibrationSummary, posterior: Path, job: CalibrationJob, *, store: Store,
-                   recovery: RecoverySettings, on_wait, resumed) -> CalibrationSummary:
-    """Write the summary of the uploaded ``posterior`` file, sealed with the store's signing key; the summary written."""
+                   recovery: RecoverySettings, on_wait, resumed, fence: Fence | None = None) -> CalibrationSummary:
+    """Write the summary of the uploaded ``posterior`` file, sealed with the store's signing key; the summary published.
+
+    Embedded mode (no ``fence``) writes it as before. A fleet worker's write
+    is conditional (:meth:`Store.create_bytes`): the summary is the job's
+    publication, and of two runs of one job (a worker frozen past its lease
+    while another ran it) exactly one publishes. The other finds the
+    winner's summary, keeps it (returned: the record names it and its
+    posterior) and deletes its own posterior, which nothing names. A
+    summary at the key that :meth:`Catalog.read` refuses (planted, forged)
+    publishes nothing and is replaced.
+    """
     sealed = seal(summary, posterior_sha256=sha256_file(posterior), key=store.signing_key)
     data = sealed.model_dump_json(indent=2).encode()
-    patiently(lambda: store.put_bytes(summary_key(job.archetype, job.job_id), data),
-              what="the summary", recovery=recovery, on_wait=on_wait)
+    key = summary_key(job.archetype, job.job_id)
+    if fence is None:
+        patiently(lambda: store.put_bytes(key, data), what="the summary", recovery=recovery, on_wait=on_wait)
+        resumed()
+        return sealed
+    try:
+        patiently(_fenced(lambda: store.create_bytes(key, data), fence, "the summary's write"),
+                  what="the summary", recovery=recovery, on_wait=on_wait)
+    except FileExistsError:
+        published = _published(store, key, job)
+        if published is not None:
+            resumed()
+            _discard_posterior(store, sealed, published)
+            return published
+        patiently(_fenced(lambda: store.put_bytes(key, data), fence, "the summary's write"),
+                  what="the summary", recovery=recovery, on_wait=on_wait)
     resumed()
     return sealed
+
+
+def _published(store: Store, key: str, job: CalibrationJob) -> CalibrationSummary | None:
+    """The summary another run of ``job`` published at ``key`` first, or None if what lies there is no result."""
+    from shared.storage.catalog import Catalog
+
+    try:
+        summary = Catalog(store).read(store.uri(key))
+    except Exception as exc:  # planted, forged, unreadable: not a result of this job
+        log.warning("job %s: the summary at %s is not a result of this job (%s); replacing it",
+                    job.job_id, store.uri(key), type(exc).__name__)
+        return None
+    log.warning("job %s: another run of this job published its summary first (%s): keeping it, "
+                "this run's results are discarded", job.job_id, summary.posterior_uri)
+    return summary
+
+
+def _discard_posterior(store: Store, mine: CalibrationSummary, published: CalibrationSummary) -> None:
+    """Delete this run's posterior, which the published summary does not name (never the one it names)."""
+    if mine.posterior_uri is None or mine.posterior_uri == published.posterior_uri:
+        return
+    try:
+        store.delete(mine.posterior_uri)
+    except Exception as exc:  # a stray posterior is only space: nothing names it
+        log.warning("could not delete this run's unpublished posterior (%s)", type(exc).__name__)
 
 
 def _atomically(path: Path, write: Callable[[Path], Any]) -> None:

@@ -34,7 +34,7 @@ from shared.contract.domain import ARCHETYPES, SAFE_ID
 from shared.contract.errors import NotFound, Unverified
 from shared.contract.summary import CalibrationSummary
 from shared.storage.provenance import verify
-from shared.storage.store import Store, posterior_key, summary_key
+from shared.storage.store import Store, is_posterior_key, posterior_key, summary_key
 
 if TYPE_CHECKING:
     import arviz as az
@@ -218,8 +218,8 @@ class Catalog:
         without touching it. A summary is then accepted only where it
         belongs: ``uri`` is its own job's key (:func:`summary_key` of its
         archetype and job id), and its ``summary_uri`` and ``posterior_uri``,
-        when it states them, are that key and :func:`posterior_key` beside
-        it (a posterior elsewhere, another job's, ``file:///etc/passwd``).
+        when it states them, are that key and a :func:`posterior_key` beside
+        it, of any fencing token (a posterior elsewhere, another job's, ``file:///etc/passwd``).
         With the store's signing key it must also verify
         (:func:`shared.storage.provenance.verify`). Failing either is
         :class:`Unverified`, whose message names no content of the file.
@@ -236,7 +236,7 @@ class Catalog:
             raise misplaced
         own = self.store.uri(summary_key(summary.archetype, summary.job_id))
         posterior = self.store.uri(posterior_key(summary.archetype, summary.job_id))
-        if uri != own or summary.summary_uri not in (None, own) or summary.posterior_uri not in (None, posterior):
+        if uri != own or summary.summary_uri not in (None, own) or not self._own_posterior(summary):
             raise misplaced
         update: dict[str, str] = {}
         if summary.summary_uri is None:
@@ -244,6 +244,18 @@ class Catalog:
         if summary.posterior_uri is None:
             update["posterior_uri"] = posterior
         return summary.model_copy(update=update) if update else summary
+
+    def _own_posterior(self, summary: CalibrationSummary) -> bool:
+        """Whether the summary names no posterior, or one at a key :func:`posterior_key` gives its job (any token)."""
+        if summary.posterior_uri is None:
+            return True
+        if not self.store.holds(summary.posterior_uri):
+            return False
+        try:
+            key = self.store.key_of(summary.posterior_uri)
+        except ValueError:
+            return False
+        return summary.posterior_uri == self.store.uri(key) and is_posterior_key(key, summary.archetype, summary.job_id)
 
 
 __all__ = ["Catalog", "LatestPointer", "is_newer", "newest", "newest_pointers", "pointers_for"]

@@ -105,9 +105,20 @@ _RETRYABLE_S3_CODES = frozenset(
 )
 
 
-def posterior_key(archetype: str, job_id: str) -> str:
-    """Key of a job's posterior NetCDF file."""
-    return f"posteriors/{archetype}/{job_id}.nc"
+def posterior_key(archetype: str, job_id: str, token: int | None = None) -> str:
+    """Key of a job's posterior NetCDF file.
+
+    A fleet worker's upload carries its lease's fencing ``token``
+    (``{job_id}.t{token}.nc``): a worker that lost its lease can never
+    replace the posterior another worker's summary names. Embedded mode has
+    no token, and the key is ``{job_id}.nc``.
+    """
+    return f"posteriors/{archetype}/{job_id}.nc" if token is None else f"posteriors/{archetype}/{job_id}.t{int(token)}.nc"
+
+
+def is_posterior_key(key: str, archetype: str, job_id: str) -> bool:
+    """Whether ``key`` is one of the keys :func:`posterior_key` gives ``job_id`` of ``archetype`` (any token)."""
+    return re.fullmatch(rf"posteriors/{re.escape(archetype)}/{re.escape(job_id)}(\.t\d{{1,19}})?\.nc", key) is not None
 
 
 def summary_key(archetype: str, job_id: str) -> str:
@@ -127,6 +138,18 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 # -- error mapping -------------------------------------------------------------
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """True if S3 refused a conditional put because the object exists (412 PreconditionFailed)."""
+    for err in causes(exc):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code", "")
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "PreconditionFailed" or status == 412:
+                return True
+    return False
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -347,6 +370,40 @@ class Store:
             fs.pipe_file(tmp, bytes(data))
             _check_size(fs, tmp, len(data), uri)
         return uri
+
+    def create_bytes(self, key: str, data: bytes) -> str:
+        """Write ``data`` at ``key`` only if nothing is there (atomically); its URI, or FileExistsError.
+
+        The conditional put a publication needs: of two writers, exactly one
+        wins. A local store links a finished temporary file into place (a
+        link never replaces); S3 puts with ``If-None-Match: *``.
+        """
+        fs, path, uri = self._resolve(key)
+        with storage_errors(uri, missing=None):
+            if isinstance(fs, LocalFileSystem):
+                with self._staging_only(path) as tmp:
+                    Path(tmp).write_bytes(bytes(data))
+                    os.link(tmp, path)
+            else:
+                try:
+                    fs.pipe_file(path, bytes(data), mode="create")
+                except OSError as exc:
+                    if isinstance(exc, FileExistsError) or _precondition_failed(exc):
+                        raise FileExistsError(errno.EEXIST, "already written", redact_url(uri)) from exc
+                    raise
+            _check_size(fs, path, len(data), uri)
+        return uri
+
+    @contextlib.contextmanager
+    def _staging_only(self, path: str) -> Iterator[str]:
+        """A temporary local path next to ``path``, removed afterwards whatever happened."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}{_TMP_MARK}{uuid.uuid4().hex}"
+        try:
+            yield tmp
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
     def put_file(self, local_path: str | os.PathLike[str], key: str) -> str:
         """Upload a local file to ``key`` atomically (temporary key, size check, move)."""

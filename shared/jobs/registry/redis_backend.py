@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import re
@@ -50,6 +51,20 @@ class RedisRegistry(JobRegistry):
         self._index_key = f"{prefix}:index"
         self._invalid_key = f"{prefix}:invalid"
         self._url = redact_url(url) if url else _describe(redis_client)
+        self._fence: Any = None
+
+    def fenced(self, fence: Any) -> RedisRegistry:
+        """This registry, with every record change fenced by a worker's lease (:class:`shared.jobs.lease.Fence`).
+
+        Each change runs in a transaction that also WATCHes the lease and
+        commits only while the lease is ``fence``'s: a worker that lost its
+        lease changes no record (:class:`~shared.jobs.lease.LeaseLost` is
+        raised instead), not even a progress value. A record created where
+        there is none (after a flush) is checked just before.
+        """
+        view = copy.copy(self)
+        view._fence = fence
+        return view
 
     @classmethod
     def from_url(cls, url: str, *, recovery: RecoverySettings | None = None, **options: Any) -> RedisRegistry:
@@ -105,6 +120,8 @@ class RedisRegistry(JobRegistry):
             pipe.set(key, status.model_dump_json(), ex=self.record_ttl_s)
             return True
 
+        if self._fence is not None:
+            self._fence.check("a new record")
         with self._errors():
             created = bool(self.redis.set(key, status.model_dump_json(), nx=True, ex=self.record_ttl_s))
             if not created:
@@ -120,7 +137,11 @@ class RedisRegistry(JobRegistry):
     def _mutate(self, job_id: str, change: Change) -> tuple[JobStatus | None, JobStatus | None]:
         key = self._job_key(job_id)
 
+        fence = self._fence
+
         def attempt(pipe: Any) -> tuple[JobStatus | None, JobStatus | None]:
+            if fence is not None:
+                fence.check_in(pipe, "a record change")
             before = self._record_or_none(job_id, pipe.get(key))
             if before is None:
                 return None, None
@@ -132,7 +153,7 @@ class RedisRegistry(JobRegistry):
             return before, after
 
         with self._errors():
-            return self.redis.transaction(attempt, key, value_from_callable=True)
+            return self.redis.transaction(attempt, key, *(fence.keys if fence is not None else ()), value_from_callable=True)
 
     def _count_delivery(self, job_id: str, attempt: int, by: int = 1) -> int:
         key = self._deliveries_key(job_id, attempt)
