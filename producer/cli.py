@@ -40,6 +40,7 @@ log = logging.getLogger("calq")
 #: ``calq --debug``: errors show their traceback (set by the root callback, read by :func:`main`).
 _debug = False
 
+
 def _version(value: bool) -> None:
     if value:
         from importlib.metadata import PackageNotFoundError, version
