@@ -397,16 +397,16 @@ def latest(
 
 @app.command()
 def reindex(as_json: JsonFlag = False) -> None:
-    """Rebuild the latest pointers from the summaries in the store, and repair job records they prove finished."""
-    from shared.jobs.lease import repair_from_store
+    """Rebuild the latest pointers from the store, repair job records it proves finished, queue again submitted jobs Redis lost."""
+    from shared.jobs.submissions import reindex as rebuild
 
     client = _client()
-    n = client.registry.rebuild_latest(client.catalog)
-    repaired = repair_from_store(client.registry, client.catalog)
+    done = rebuild(registry=client.registry, store=client.store, publish=client.send)
     if as_json:
-        _print_json({"pointers": n, "repaired": len(repaired)})
+        _print_json(done)
     else:
-        say(out, f"rebuilt {n} latest pointer(s) and repaired {len(repaired)} job record(s) from {client.store.url}")
+        say(out, f"rebuilt {done['pointers']} latest pointer(s), repaired {done['repaired']} job record(s) and queued "
+                 f"{done['requeued']} lost job(s) again from {client.store.url}")
 
 
 @app.command()

@@ -40,6 +40,7 @@ from shared.contract.summary import CalibrationSummary
 from shared.data.dataset import save_dataset
 from shared.jobs.celery_app import BATCH, INTERACTIVE, lane_queue
 from shared.jobs.registry import JobRegistry, RedisRegistry, StoreRegistry
+from shared.jobs.submissions import lost, record_submission
 from shared.storage.catalog import Catalog, newest
 from shared.storage.store import Store
 
@@ -203,7 +204,9 @@ class CalibrationClient:
         if self.embedded:
             self._run_here(job, on_update)
         else:
-            self._enqueue(job, lane_queue(queue or self.settings.default_queue, lane), owner if lane == BATCH else None)
+            target = lane_queue(queue or self.settings.default_queue, lane)
+            record_submission(self.store, job, queue=target)  # where a Redis flush cannot reach (shared.jobs.submissions)
+            self._enqueue(job, target, owner if lane == BATCH else None)
         return status, True
 
     def _enqueue(self, job: CalibrationJob, queue: str, owner: str | None) -> None:
@@ -284,8 +287,11 @@ class CalibrationClient:
     # -- reading -----------------------------------------------------------
 
     def status(self, job_id: str) -> JobStatus:
-        """The job's record (NotFound for an id never submitted)."""
-        return self.registry.get(job_id)
+        """The job's record (NotFound for an id never submitted, or one the registry lost, saying so)."""
+        try:
+            return self.registry.get(job_id)
+        except NotFound as exc:
+            raise lost(self.store, job_id, exc) from exc
 
     def wait(
         self,
@@ -311,7 +317,10 @@ class CalibrationClient:
 
     def _follow(self, job_id: str, timeout: float, on_update: StatusCallback | None) -> JobStatus:
         """The job's final record, read until it ends (WaitTimeout after ``timeout``)."""
-        return self.registry.wait(job_id, timeout=timeout, on_update=on_update)
+        try:
+            return self.registry.wait(job_id, timeout=timeout, on_update=on_update)
+        except NotFound as exc:
+            raise lost(self.store, job_id, exc) from exc
 
     @staticmethod
     def _riding_through(call: Callable[[float], T], deadline: float, on_outage: OutageCallback | None) -> T:

@@ -275,3 +275,114 @@ def test_a_lease_handed_back_is_not_reasserted(fleet):
     lease_a, _ = taken_over(fleet, job)
     assert not fleet["leases"].renew(lease_a)
     assert fleet["leases"].holder(job.job_id) == "b#2"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("where", ["file", "s3"])
+def test_a_conditional_put_lets_exactly_one_writer_win(where, tmp_path, request):
+    from shared.storage.store import Store
+
+    store = (Store.from_settings(request.getfixturevalue("s3_settings")) if where == "s3"
+             else Store(str(tmp_path / "store")))
+    uri = store.create_bytes("posteriors/intermediate/cj-1.json", b"first")
+    with pytest.raises(FileExistsError):
+        store.create_bytes("posteriors/intermediate/cj-1.json", b"second")
+    assert store.get_bytes(uri) == b"first"
+    assert store.list("posteriors") == [uri]  # no temporary left behind
+
+
+@pytest.mark.integration
+def test_the_final_record_change_waits_through_a_redis_out_of_memory(redis_url, tmp_path):
+    from tests.test_catalog import make_summary
+    from worker.tasks import PatientRegistry
+
+    registry = RedisRegistry.from_url(redis_url)
+    job = make_job(6)
+    registry.claim(job)
+    registry.mark_running(job.job_id, worker="a#1")
+    client = redis.Redis.from_url(redis_url)
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", "1")
+    pauses = []
+
+    def freed(seconds):  # memory is freed while the worker waits
+        pauses.append(seconds)
+        client.config_set("maxmemory", "0")
+
+    try:
+        patient = PatientRegistry(registry, Settings(recovery=RecoverySettings(retry_first_s=1, retry_max_s=2)), sleep=freed)
+        after = patient.succeed(job.job_id, make_summary(job.job_id).model_copy(update={"archetype": "intermediate"}))
+    finally:
+        client.config_set("maxmemory", "0")
+        client.close()
+    assert pauses == [1] and after is not None and after.state.value == "succeeded"
+
+
+# -- submissions a flush cannot lose ------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_reindex_queues_again_every_submitted_job_the_registry_lost_and_only_those(fleet):
+    from shared.jobs.submissions import record_submission, reindex
+    from tests.test_catalog import make_summary
+
+    store, registry = fleet["store"], fleet["registry"]
+    finished, lost_job, queued = make_job(7), make_job(8), make_job(9, archetype="road_course")
+    for job in (finished, lost_job, queued):
+        record_submission(store, job, queue="calq.cpu")
+    make_summary(finished.job_id, store=store)
+    fleet["client"].flushall()  # the records and the queue list are gone
+    registry.claim(queued)  # this one was submitted again meanwhile
+    sent = []
+    done = reindex(registry=registry, store=store, publish=lambda message, queue: sent.append((message["job_id"], queue)))
+    assert sent == [(lost_job.job_id, "calq.cpu")]
+    assert done == {"pointers": 1, "repaired": 1, "requeued": 1}
+    assert registry.get(lost_job.job_id).state.value == "queued"
+    assert registry.get(finished.job_id).state.value == "succeeded"
+    sent.clear()
+    assert reindex(registry=registry, store=store, publish=lambda m, q: sent.append(m))["requeued"] == 0 and sent == []
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("planted", ["garbage", "another job's key", "unknown queue", "huge"])
+def test_a_planted_submission_is_skipped_naming_its_key_never_its_content(fleet, planted, caplog):
+    from shared.jobs.submissions import requeue_lost, submission_key
+
+    store = fleet["store"]
+    job, other = make_job(10), make_job(11)
+    body = {"message": job.to_message(), "queue": "calq.cpu"}
+    key = submission_key(job.job_id)
+    if planted == "garbage":
+        data = b'{"message": "SECRET-CONTENT'
+    elif planted == "another job's key":
+        key, data = submission_key(other.job_id), json_bytes(body)
+    elif planted == "unknown queue":
+        data = json_bytes({**body, "queue": "SECRET-CONTENT"})
+    else:
+        data = json_bytes({**body, "pad": "SECRET-CONTENT" * 10_000})
+    store.put_bytes(key, data)
+    sent = []
+    assert requeue_lost(fleet["registry"], store, lambda m, q: sent.append(m)) == [] and sent == []
+    assert f"skipping submission {store.uri(key)}" in caplog.text and "SECRET" not in caplog.text
+
+
+def json_bytes(obj) -> bytes:
+    import json
+
+    return json.dumps(obj).encode()
+
+
+@pytest.mark.integration
+def test_wait_on_a_job_the_registry_lost_says_so_and_what_to_run(fleet, redis_url):
+    from producer.client import CalibrationClient
+    from shared.contract.errors import NotFound
+    from shared.jobs.submissions import record_submission
+
+    client = CalibrationClient(Settings(broker_url=redis_url, storage_url=str(fleet["store"].url), compile_cache_dir=None))
+    job = make_job(12)
+    record_submission(client.store, job, queue="calq.cpu")
+    for read in (lambda: client.status(job.job_id), lambda: client.wait(job.job_id, timeout=1)):
+        with pytest.raises(NotFound, match=r"the registry has no record of it: Redis lost it .* run 'calq reindex'"):
+            read()
+    with pytest.raises(NotFound, match="never submitted"):  # a job never submitted still says that
+        client.status(make_job(13).job_id)

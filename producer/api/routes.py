@@ -219,13 +219,11 @@ def calibrate(body: CalibrateRequest, token: Token = Depends(caller), ctx: ApiCo
 
 @router.post("/v1/reindex", tags=["operator"])
 def reindex(token: Token = Depends(operator), ctx: ApiContext = Depends(context)) -> dict:
-    """Rebuild the latest pointers from the store, and repair the job records they prove finished."""
-    from shared.jobs.lease import repair_from_store
+    """Rebuild the latest pointers from the store, repair the job records it proves finished, queue lost jobs again."""
+    from shared.jobs.submissions import reindex as rebuild
 
     client = ctx.client
-    pointers = client.registry.rebuild_latest(client.catalog)
-    repaired = repair_from_store(client.registry, client.catalog)
-    return {"pointers": pointers, "repaired": len(repaired)}
+    return rebuild(registry=client.registry, store=client.store, publish=client.send)
 
 
 @router.get("/v1/fleet", tags=["operator"])
