@@ -270,7 +270,7 @@ def _feed_forever(ctx: ApiContext) -> None:
 
 def create_app(settings: Settings | None = None, *, ctx: ApiContext | None = None, feed: bool = True) -> FastAPI:
     """The calibration API over ``ctx`` (or a context built from ``settings``); ``feed`` runs the batch feeder."""
-    from producer.api import routes
+    from producer.api import observe, routes
 
     if ctx is None:
         if settings is None:
@@ -301,6 +301,7 @@ def create_app(settings: Settings | None = None, *, ctx: ApiContext | None = Non
     _install_errors(app)
     app.include_router(routes.router)
     app.add_middleware(BodyCap, limit=ctx.settings.api.max_body_bytes)
+    observe.install(app, redis_client=getattr(ctx.client.registry, "redis", None))  # counts every request, /metrics
     return app
 
 

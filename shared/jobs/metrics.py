@@ -18,6 +18,8 @@ every query against :data:`EXPORTED`)::
     gauges      calq_queue_depth{queue}                          read from Redis at scrape time (batch twins too)
                 calq_worker_busy{worker}
                 calq_worker_info{worker,version,device}
+    API         calq_api_requests_total{method,route,status}     route: the route's template (/v1/jobs/{job_id})
+                calq_api_request_seconds{method,route}           (histogram) served by the API's own /metrics
 
 Each worker's supervisor serves them (:func:`serve`), aggregated over its
 children with prometheus_client's multiprocess mode: the supervisor points
@@ -53,6 +55,9 @@ REMEDIES = ("cold_start", "target_accept", "warmup", "draws")
 HANDBACK_CAUSES = ("worker_lost", "lease_lapsed", "stopped")
 #: Job seconds: from a compile-cache hit (well under a second) to a job at its hour's limit.
 SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
+#: API latency: a record read (milliseconds) to a dataset upload (seconds).
+API_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 ROWS_BUCKETS = (100, 1_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000)
 
 #: Every metric this module exports: name → (type, labels).
@@ -71,6 +76,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "calq_queue_depth": ("gauge", ("queue",)),
     "calq_worker_busy": ("gauge", ("worker",)),
     "calq_worker_info": ("gauge", ("worker", "version", "device")),
+    "calq_api_requests_total": ("counter", ("method", "route", "status")),
+    "calq_api_request_seconds": ("histogram", ("method", "route")),
 }
 
 
@@ -99,6 +106,9 @@ def _metrics() -> dict[str, Any]:
     made: dict[str, Any] = {name: counter(name) for name, (kind, _) in METRICS.items() if kind == "counter"}
     made["calq_job_seconds"] = Histogram("calq_job_seconds", _HELP["calq_job_seconds"], METRICS["calq_job_seconds"][1],
                                          buckets=SECONDS_BUCKETS)
+    made["calq_api_request_seconds"] = Histogram(
+        "calq_api_request_seconds", _HELP["calq_api_request_seconds"], METRICS["calq_api_request_seconds"][1],
+        buckets=API_SECONDS_BUCKETS)
     made["calq_job_rows"] = Histogram("calq_job_rows", _HELP["calq_job_rows"], METRICS["calq_job_rows"][1],
                                       buckets=ROWS_BUCKETS)
     # livesum/livemax: a dead child's value leaves the aggregate once it is marked dead.
@@ -126,6 +136,8 @@ _HELP = {
     "calq_queue_depth": "Messages waiting in each Celery queue, read from Redis at scrape time.",
     "calq_worker_busy": "1 while a worker process runs a job, 0 while it is idle.",
     "calq_worker_info": "One series per worker process: its calq version and device.",
+    "calq_api_requests_total": "Requests the calibration API answered, by method, route template and status.",
+    "calq_api_request_seconds": "Seconds the calibration API took to answer, by method and route template.",
 }
 
 _warned: set[str] = set()
@@ -233,6 +245,15 @@ def worker_state(worker: str, *, busy: bool, version: str | None = None, device:
     m["calq_worker_busy"].labels(worker).set(1 if busy else 0)
     if version is not None and device is not None:
         m["calq_worker_info"].labels(worker, version, device).set(1)
+
+
+@_safely("API request")
+def api_request(*, method: str, route: str, status: int, seconds: float) -> None:
+    """One answered API request: ``route`` is the matched route's template (bounded), never the raw path."""
+    m = _metrics()
+    method = _one_of(method, HTTP_METHODS)
+    m["calq_api_requests_total"].labels(method, route, str(int(status))).inc()
+    m["calq_api_request_seconds"].labels(method, route).observe(max(0.0, seconds))
 
 
 # -- queue depth -----------------------------------------------------------------
@@ -348,7 +369,7 @@ def serve(port: int, *, host: str = "127.0.0.1", redis_client: Any | None, queue
 
 
 __all__ = [
-    "EXPORTED", "METRICS", "PHASES", "QueueDepthCollector", "dead_lettered", "handed_back", "invalid_message",
+    "EXPORTED", "METRICS", "PHASES", "QueueDepthCollector", "api_request", "dead_lettered", "handed_back", "invalid_message",
     "job_finished", "lease_reaped", "mark_process_dead", "prepare_multiprocess", "priority_lists",
     "queue_depths", "registry", "serve", "store_write_retried", "worker_state",
 ]
