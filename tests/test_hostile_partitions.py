@@ -9,6 +9,7 @@ disk. The cases with real workers and supervisors are in the fault suite
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import subprocess
 import sys
@@ -386,3 +387,95 @@ def test_wait_on_a_job_the_registry_lost_says_so_and_what_to_run(fleet, redis_ur
             read()
     with pytest.raises(NotFound, match="never submitted"):  # a job never submitted still says that
         client.status(make_job(13).job_id)
+
+
+# -- a full disk is a wait, not a loss ---------------------------------------------------------
+
+
+class _FullStore:
+    """A file store whose disk is full for the first ``times`` uploads (ENOSPC inside the store's own error mapping)."""
+
+    def __new__(cls, root: str, times: int):
+        from shared.storage.store import Store, storage_errors
+
+        class FullStore(Store):
+            calls = 0
+
+            def put_file(self, local_path, key):
+                FullStore.calls += 1
+                if FullStore.calls <= times:
+                    with storage_errors(self.uri(key), missing=None):
+                        raise OSError(errno.ENOSPC, "No space left on device")
+                return super().put_file(local_path, key)
+
+        return FullStore(root)
+
+
+@pytest.mark.integration
+def test_a_full_store_disk_is_waited_for_with_the_draws_kept_in_the_spool(fleet, tmp_path):
+    from shared.jobs.lease import Fence
+    from shared.jobs.spool import resume_spooled
+
+    job = make_job(14)
+    fleet["registry"].claim(job)
+    lease = fleet["leases"].acquire(job.job_id, "a#1", message=job.to_message())
+    posterior, _ = spool_results(fleet, job)
+    store = _FullStore(str(tmp_path / "store"), times=2)
+    settings = fleet["settings"].model_copy(update={"recovery": RecoverySettings(
+        spool_dir=tmp_path / "spool", retry_first_s=0.05, retry_max_s=0.1, lease_s=10, heartbeat_s=1)})
+    phases = []
+    summary = resume_spooled(job, store=store, settings=settings, notify=lambda p: phases.append(p.phase),
+                             fence=Fence(fleet["leases"], lease))
+    assert phases.count("waiting for storage") == 2 and summary.posterior_uri.endswith(f".t{lease.token}.nc")
+    assert store.exists(summary.posterior_uri) and not posterior.exists()
+
+
+@pytest.mark.integration
+def test_a_store_full_past_the_budget_fails_clearly_and_keeps_the_spool(fleet, tmp_path):
+    from shared.contract.errors import JobFailed
+    from shared.jobs.spool import resume_spooled
+
+    job = make_job(15)
+    posterior, summary_file = spool_results(fleet, job)
+    settings = fleet["settings"].model_copy(update={"recovery": RecoverySettings(
+        spool_dir=tmp_path / "spool", retry_first_s=0.05, retry_max_s=0.1, write_budget_s=0.2)})
+    with pytest.raises(JobFailed, match=r"no space left in the store at .*: its disk is full"):
+        resume_spooled(job, store=_FullStore(str(tmp_path / "store"), times=1000), settings=settings,
+                       notify=lambda p: None)
+    assert posterior.is_file() and summary_file.is_file()  # the next run here writes them, never fits again
+
+
+@pytest.fixture
+def full_spool(tmp_path):
+    """A 1 MiB tmpfs, filled: a spool folder on a full disk (skipped where tmpfs cannot be mounted)."""
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs CAP_SYS_ADMIN)")
+    try:
+        with contextlib.suppress(OSError):
+            (folder / "filler").write_bytes(b"\0" * (2 << 20))
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+@pytest.mark.parametrize("fenced", [True, False], ids=["fleet: handed back", "embedded: failed"])
+def test_a_spool_on_a_full_disk_says_no_space_in_it(full_spool, fenced):
+    import numpy as np
+    import xarray as xr
+
+    from shared.contract.errors import JobFailed
+    from shared.jobs.lease import HandBack
+    from shared.jobs.spool import _spooling
+    from shared.storage.netcdf import write_netcdf
+
+    data = xr.Dataset({"x": ("draw", np.random.default_rng(0).normal(size=100_000))})
+    with pytest.raises(HandBack if fenced else JobFailed) as raised:
+        _spooling(full_spool / "cj-1.nc", lambda path: write_netcdf(data, path), fence=_Frozen(1) if fenced else None)
+    assert str(raised.value).startswith(f"no space in {full_spool} ")
+    assert "HDF" not in str(raised.value)
+    if fenced:
+        assert raised.value.requeue  # handed back to the queue, not failed
+    assert [p.name for p in full_spool.iterdir()] == ["filler"]  # no partial file left

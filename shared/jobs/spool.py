@@ -9,10 +9,15 @@ loss of this process), then uploads it and writes the summary, each step retried
 
     draws ─▶ spool/{job_id}.nc, .json ─▶ store: posterior ─▶ store: summary ─▶ spool files removed
                   │                             │                  │
-                  └────── transient fault (network, 5xx, timeout): progress phase
-                          "waiting for storage", pause (doubling up to retry_max_s),
-                          try again — for up to write_budget_s, then JobFailed
+                  └────── transient fault (network, 5xx, timeout, the store's disk full):
+                          progress phase "waiting for storage", pause (doubling up to
+                          retry_max_s), try again — for up to write_budget_s, then JobFailed
+                          (the spooled draws stay for the job's next run on this host)
                           local PermissionError: the same, for up to permission_budget_s
+
+A spool that cannot be written for want of space is reported as "no space
+in <spool dir>" (the NetCDF library's own error names neither disk nor
+space), and a fleet worker hands the job back rather than failing it.
 
 The posterior is written before the summary, so a reader never finds a
 summary whose posterior is missing, and a summary in the store means the job
@@ -33,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,10 +49,10 @@ from shared.contract.job import CalibrationJob, Progress
 from shared.contract.settings import RecoverySettings, Settings
 from shared.contract.summary import CalibrationSummary
 from shared.jobs import metrics
-from shared.jobs.lease import Fence, LeaseLost
+from shared.jobs.lease import Fence, HandBack, LeaseLost
 from shared.storage.netcdf import write_netcdf
 from shared.storage.provenance import seal
-from shared.storage.store import Store, posterior_key, sha256_file, summary_key
+from shared.storage.store import Store, no_space, posterior_key, sha256_file, summary_key
 
 if TYPE_CHECKING:
     from shared.fit.calibrate import Fit
@@ -148,15 +154,16 @@ def write_results(
     spooled, spooled_summary = spool_paths(recovery, job_id)
 
     def spool() -> None:
-        _atomically(spooled, lambda path: write_netcdf(idata, path))
+        _spooling(spooled, lambda path: write_netcdf(idata, path), fence=fence)
         # the summary as it will be stored (the posterior's URI is known before the upload)
         early = fit.summary(
             load_s=load_s, write_s=time.perf_counter() - t0, total_s=time.perf_counter() - started,
             posterior_uri=store.uri(posterior_key(archetype, job_id, _token(fence))),
             summary_uri=store.uri(summary_key(archetype, job_id)),
         )
-        _atomically(spooled_summary, lambda path: path.write_text(early.model_dump_json(indent=2)))
+        _spooling(spooled_summary, lambda path: path.write_text(early.model_dump_json(indent=2)), fence=fence)
 
+    kept = False
     try:
         patiently(spool, what=f"the local spool file {spooled}", recovery=recovery, on_wait=wait)
         resumed()
@@ -167,8 +174,14 @@ def write_results(
         )
         summary = _store_summary(summary, spooled, job, store=store, recovery=recovery, on_wait=wait, resumed=resumed,
                                  fence=fence)
+    except JobFailed:
+        kept = spooled.is_file() and spooled_summary.is_file()
+        if kept:  # the store stayed out (or full) past the budget: the draws wait for the job's next run here
+            log.warning("job %s: its draws stay in %s for the next run of the job on this host", job_id, spooled.parent)
+        raise
     finally:
-        _discard(spooled, spooled_summary)
+        if not kept:
+            _discard(spooled, spooled_summary)
     return summary
 
 
@@ -307,6 +320,36 @@ def _discard_posterior(store: Store, mine: CalibrationSummary, published: Calibr
         store.delete(mine.posterior_uri)
     except Exception as exc:  # a stray posterior is only space: nothing names it
         log.warning("could not delete this run's unpublished posterior (%s)", type(exc).__name__)
+
+
+def _spooling(path: Path, write: Callable[[Path], Any], *, fence: Fence | None) -> None:
+    """:func:`_atomically` into the spool; a spool disk without space says so (not "NetCDF: HDF error").
+
+    A full spool is no fault of the job: a fleet worker hands it back
+    (:class:`~shared.jobs.lease.HandBack`: another worker, or this one once
+    space is freed, runs it); embedded mode fails it with the same reason.
+    """
+    try:
+        _atomically(path, write)
+    except Exception as exc:
+        if not (no_space(exc) or _nearly_full(path.parent)):
+            raise
+        reason = f"no space in {path.parent} (the spool, where finished draws wait for the store)"
+        log.error("%s", reason)
+        if fence is None:
+            raise JobFailed(reason) from exc
+        raise HandBack(reason) from exc
+
+
+#: A spool folder with less free space than this is full, whatever error the NetCDF library gave.
+SPOOL_FULL_BYTES = 1 << 20
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < SPOOL_FULL_BYTES
+    except OSError:
+        return False
 
 
 def _atomically(path: Path, write: Callable[[Path], Any]) -> None:

@@ -209,11 +209,19 @@ def storage_errors(uri: str, *, missing: type[CalqError] | None = NotFound) -> I
             ) from exc
         if isinstance(exc, PermissionError):
             raise
+        if no_space(exc):  # the store's disk is full: space comes back (a wait, as an outage is)
+            raise StorageUnavailable(f"no space left in the store at {redact_url(uri)}: its disk is full") from exc
         if _is_transient(exc):
             raise StorageUnavailable(
                 f"storage unavailable at {redact_url(uri)}: {type(exc).__name__}: {exc}"
             ) from exc
         raise
+
+
+def no_space(exc: BaseException) -> bool:
+    """True if ``exc`` (or what caused it) says a disk is full (ENOSPC) or a quota is spent (EDQUOT)."""
+    full = {errno.ENOSPC, getattr(errno, "EDQUOT", 122)}
+    return any(isinstance(err, OSError) and err.errno in full for err in causes(exc))
 
 
 # -- the store -----------------------------------------------------------------
