@@ -512,7 +512,7 @@ def evaluate(
 
 @app.command()
 def schema(
-    name: Annotated[str, typer.Argument(help="summary, job, evaluation, or all.")],
+    name: Annotated[str, typer.Argument(help="summary, job, evaluation, calibration, or all.")],
     markdown: Annotated[bool, typer.Option("--markdown", help="Print the field reference (docs/json-outputs.md).")] = False,
 ) -> None:
     """Print the JSON Schema of a --json output, generated from its pydantic model."""

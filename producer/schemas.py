@@ -1,6 +1,6 @@
 """A reference for every JSON output of ``calq``: JSON Schema from the pydantic models, and its docs page.
 
-``calq schema summary|job|evaluation`` prints the JSON Schema of an output
+``calq schema summary|job|evaluation|calibration`` prints the JSON Schema of an output
 (``model_json_schema()``); ``calq schema all --markdown`` writes
 ``docs/json-outputs.md``, one table per output listing every field path with
 its type and its description (meaning and unit), taken from the models'
@@ -11,7 +11,8 @@ does not declare.
 
 The summary and the job record are the contract's own models
 (:class:`~shared.contract.summary.CalibrationSummary`,
-:class:`~shared.contract.job.JobStatus`). ``calq evaluate --json`` prints
+:class:`~shared.contract.job.JobStatus`), a calibrated forecast is
+:class:`~shared.fit.apply.CalibratedProbability`. ``calq evaluate --json`` prints
 plain dicts (:mod:`producer.evaluate`, :mod:`shared.stats.oos`); the models
 below describe them.
 """
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from shared.contract.job import JobStatus
 from shared.contract.summary import CalibrationSummary
+from shared.fit.apply import CalibratedProbability
 
 
 class _Output(BaseModel):
@@ -111,6 +113,7 @@ OUTPUTS: dict[str, tuple[Any, str]] = {
     "summary": (CalibrationSummary, "calq calibrate, wait, result, latest, demo --json (a list for several jobs)"),
     "job": (JobStatus, "calq status --json; each of calq jobs --json's jobs"),
     "evaluation": (list[EvaluationRecord], "calq evaluate --json: one record per archetype × event"),
+    "calibration": (list[CalibratedProbability], "calq apply --json: one item per forecast p (client.calibrate returns the same)"),
 }
 
 
@@ -176,7 +179,7 @@ def markdown() -> str:
         "",
         "Every `--json` output of `calq`, field by field. Generated from the pydantic models by",
         "`calq schema all --markdown > docs/json-outputs.md` (a test keeps this page and the models in step);",
-        "`calq schema summary|job|evaluation` prints the JSON Schema itself. A path `a.b` is field `b` of",
+        "`calq schema summary|job|evaluation|calibration` prints the JSON Schema itself. A path `a.b` is field `b` of",
         "object `a`; `a[]` an item of list `a`; `a.*` any key of mapping `a`. Times are UTC; a",
         "non-finite number (an R-hat of a stuck chain) is the string `inf` or `NaN`.",
     ]

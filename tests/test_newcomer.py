@@ -307,7 +307,7 @@ def test_every_field_of_every_output_is_in_the_page_with_a_meaning():
     page = (ROOT / "docs" / "json-outputs.md").read_text()
     for name in OUTPUTS:
         found = fields(json_schema(name))
-        assert len(found) > 10
+        assert len(found) >= 5  # the walk found the fields (a broken walk finds none)
         for path, _, description in found:
             assert f"| `{path}` |" in page, (name, path)
             assert description.strip(), f"{name}: {path} has no description"
@@ -318,7 +318,7 @@ def test_calq_schema_prints_the_models_json_schema(tmp_path):
 
     from producer.schemas import json_schema
 
-    for name in ("summary", "job", "evaluation"):
+    for name in ("summary", "job", "evaluation", "calibration"):
         result = calq(tmp_path, "schema", name)
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout) == json_schema(name)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Annotated
 
 import arviz as az
 import numpy as np
+from pydantic import Field
 
 from shared.data.dataset import P_EPS
 from shared.fit.idata import calibrated_probability
@@ -25,12 +27,17 @@ BAND = 0.94
 
 @dataclass(frozen=True)
 class CalibratedProbability:
-    p: float
-    mean: float
-    low: float
-    high: float
-    #: whether the posterior fitted the track asked for (False: it borrowed its archetype); None: no track named
-    track_seen: bool | None = None
+    """One calibrated forecast (an item of ``calq apply --json``; its schema: ``calq schema calibration``)."""
+
+    p: Annotated[float, Field(description="the raw forecast probability")]
+    mean: Annotated[float, Field(description="the calibrated probability: posterior mean of expit(α + β·logit(p))")]
+    low: Annotated[float, Field(description="lower end of the equal-tailed 94% credible band")]
+    high: Annotated[float, Field(description="upper end of the 94% credible band")]
+    track_seen: Annotated[
+        bool | None,
+        Field(description="the posterior fitted the track (false: an unseen track, which borrows its archetype); "
+              "null when no track was named"),
+    ] = None
 
     def to_dict(self) -> dict[str, float | bool | None]:
         return asdict(self)
