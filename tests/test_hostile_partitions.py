@@ -479,3 +479,49 @@ def test_a_spool_on_a_full_disk_says_no_space_in_it(full_spool, fenced):
     if fenced:
         assert raised.value.requeue  # handed back to the queue, not failed
     assert [p.name for p in full_spool.iterdir()] == ["filler"]  # no partial file left
+
+
+# -- a child that stops beating is restarted -----------------------------------------------------
+
+HUNG_CHILD = """
+import os, signal, sys, time
+log = sys.argv[1]
+starts = sum(1 for line in open(log)) if os.path.exists(log) else 0
+open(log, "a").write(f"start {os.getpid()}\\n")
+signal.signal(signal.SIGTERM, lambda *_: open(log, "a").write(f"term {os.getpid()}\\n"))  # a hung loop ignores it
+beats = 5 if starts == 0 else 10**9  # the first process hangs after five beats; the next one keeps beating
+while True:
+    if beats > 0:
+        beats -= 1
+        open(os.environ["CALQ_BEAT_FILE"], "a").close()
+        os.utime(os.environ["CALQ_BEAT_FILE"])
+    time.sleep(0.1)
+"""
+
+
+def test_a_child_that_stops_beating_gets_sigterm_then_sigkill_and_is_restarted(tmp_path):
+    import threading
+    import time
+
+    from worker.supervisor import Supervisor, WorkerSpec
+
+    log = tmp_path / "child.log"
+    spec = WorkerSpec("w0", None, ("calq.cpu",), {}, (sys.executable, "-c", HUNG_CHILD, str(log)))
+    sup = Supervisor([spec], restart_backoff_s=(0.05, 0.2), poll_s=0.02, kill_after_s=0.5, silent_after_s=1.0)
+    thread = threading.Thread(target=sup.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while sup.children[0].restarts < 1:
+            assert time.monotonic() < deadline, log.read_text() if log.exists() else "no child started"
+            time.sleep(0.05)
+        time.sleep(2.5)  # the new process beats: it is left alone
+        assert sup.children[0].restarts == 1 and sup.children[0].alive
+        events = [tuple(line.split()) for line in log.read_text().splitlines()]
+    finally:
+        sup.stop(force=True)
+        thread.join(20)
+    (start, hung), (term, termed), (restart, new) = events[:3]
+    # SIGTERM first; the hung process ignored it and was killed (no more lines from it); a new one started
+    assert (start, term, restart) == ("start", "term", "start") and hung == termed != new
+    assert all(pid != hung for _, pid in events[2:])

@@ -19,6 +19,12 @@ exit); a second one is a cold shutdown: each child gets
 next sampling chunk (Celery's own SIGQUIT would fail the job under the solo
 pool), and a child still alive ``kill_after_s`` later is killed.
 
+Each child beats (:func:`worker.tasks.beat`: a file the supervisor names,
+touched by Celery's loop while idle and by the lease heartbeat while a job
+runs); a child silent for ``recovery.silent_child_s`` (a loop hung on a dead
+connection) gets SIGTERM, then SIGKILL ``kill_after_s`` later, and is
+restarted like any child that died.
+
 With a :class:`Fleet` (what :func:`run` builds from the settings) the
 supervisor also keeps jobs moving when processes die: a child that dies
 holding a job has it handed back at once (:func:`shared.jobs.lease.hand_back`;
@@ -38,6 +44,7 @@ exit. The queue depths are read from Redis at each scrape.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -57,7 +64,7 @@ from typing import Any
 from shared.fit.device import HOST_DEVICES, with_host_devices, without_host_devices
 from shared.jobs import metrics
 from shared.jobs.celery_app import ALL_QUEUES, CPU_QUEUE, GPU_QUEUE, consumed_queues, queue_for
-from worker.tasks import EXIT_DEVICE_ERROR, HAND_BACK_SIGNAL, SUPERVISOR_PID_ENV, lease_holder
+from worker.tasks import BEAT_FILE_ENV, EXIT_DEVICE_ERROR, HAND_BACK_SIGNAL, SUPERVISOR_PID_ENV, lease_holder
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +238,7 @@ class _Child:
     restarts: int = 0
     given_up: bool = False
     oom_kills_at_start: int | None = None
+    silenced_at: float | None = None  # when it was sent SIGTERM for not beating
 
     @property
     def alive(self) -> bool:
@@ -352,6 +360,7 @@ class Supervisor:
         fleet: Fleet | None = None,
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
+        silent_after_s: float | None = None,
     ) -> None:
         if not specs:
             raise ValueError("nothing to supervise: no worker specs")
@@ -375,6 +384,8 @@ class Supervisor:
         self._metrics_at = (metrics_host, metrics_port) if metrics_port is not None else None
         self._metrics_env: dict[str, str] = {}
         self.metrics_port: int | None = None
+        self._silent_after = silent_after_s
+        self._beats: str | None = None  # the folder of the children's beat files, while running
 
     # -- control --
 
@@ -397,6 +408,8 @@ class Supervisor:
         previous = self._install_signal_handlers()
         server, folder = self._serve_metrics()  # first: the reaper's counters go to the multiprocess folder
         reaper = self._fleet.reaper().start() if self._fleet is not None else None
+        if self._silent_after is not None:
+            self._beats = tempfile.mkdtemp(prefix="calq-beats-")
         try:
             for child in self.children:
                 self._start(child)
@@ -412,6 +425,8 @@ class Supervisor:
                 server.server_close()
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
+            if self._beats is not None:
+                shutil.rmtree(self._beats, ignore_errors=True)
 
     def _loop(self) -> int:
         term_sent_at: float | None = None
@@ -440,6 +455,8 @@ class Supervisor:
 
             stopping = term_sent_at is not None
             for child in self.children:
+                if not stopping:
+                    self._watch(child, now)
                 self._check(child, now, stopping=stopping)
 
             if stopping and not self._live_count():
@@ -483,6 +500,38 @@ class Supervisor:
             log.info("restarting %s (restart #%d)", child.spec.name, child.restarts)
             self._start(child)
 
+    def _watch(self, child: _Child, now: float) -> None:
+        """Restart a child that stopped beating (:func:`worker.tasks.beat`): SIGTERM, then SIGKILL ``kill_after_s`` later.
+
+        A child whose loop hangs (a connection that went dead without an
+        error) takes no job again and may ignore SIGTERM; once it exits it is
+        handled as any child that died (its job handed back, a restart).
+        """
+        if self._beats is None or self._silent_after is None or child.proc is None or not child.alive:
+            return
+        if child.silenced_at is not None:
+            if now - child.silenced_at >= self._kill_after:
+                log.warning("%s ignored SIGTERM for %.0f s: killing it", child.spec.name, now - child.silenced_at)
+                child.proc.kill()
+            return
+        silent = now - self._last_beat(child, now)
+        if silent >= self._silent_after:
+            log.warning("%s has not beaten for %.0f s (a hung loop or a dead connection): restarting it",
+                        child.spec.name, silent)
+            child.proc.terminate()
+            child.silenced_at = now
+
+    def _beat_file(self, child: _Child) -> str:
+        return os.path.join(self._beats or "", f"{child.spec.name}.beat")
+
+    def _last_beat(self, child: _Child, now: float) -> float:
+        """When ``child`` last beat, on the monotonic clock (its start while it has not beaten yet)."""
+        try:
+            age = time.time() - os.stat(self._beat_file(child)).st_mtime
+        except OSError:
+            return child.started_at
+        return max(child.started_at, now - age)
+
     def _hand_back(self, child: _Child, pid: int, how: str, *, count_delivery: bool) -> None:
         """Hand back the job a dead child held, at once (not after its lease lapses)."""
         if self._fleet is None:
@@ -500,6 +549,11 @@ class Supervisor:
     def _start(self, child: _Child) -> None:
         spec = child.spec
         env = {**self._environ, **spec.env, **self._metrics_env, SUPERVISOR_PID_ENV: str(os.getpid())}
+        if self._beats is not None:
+            env[BEAT_FILE_ENV] = self._beat_file(child)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._beat_file(child))  # the last process's beats are not this one's
+        child.silenced_at = None
         child.restart_at = None
         child.started_at = time.monotonic()
         child.oom_kills_at_start = oom_kills()
@@ -615,5 +669,6 @@ def run(
         fleet = Fleet.from_settings(settings)
         if settings.metrics.enabled:
             port, host = settings.metrics.port, settings.metrics.host
+    silent = settings.recovery.silent_child_s if require_broker else None
     return Supervisor(specs, restart_backoff_s=restart_backoff_s, stop_timeout_s=stop_timeout_s, fleet=fleet,
-                      metrics_port=port, metrics_host=host).run()
+                      metrics_port=port, metrics_host=host, silent_after_s=silent).run()

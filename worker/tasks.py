@@ -54,6 +54,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s [%
 HAND_BACK_SIGNAL = signal.SIGUSR2
 #: The supervisor's pid, in each child's environment: when it changes, the supervisor is gone.
 SUPERVISOR_PID_ENV = "CALQ_SUPERVISOR_PID"
+#: The file this process touches to tell its supervisor it is alive (set by the supervisor; see :func:`beat`).
+BEAT_FILE_ENV = "CALQ_BEAT_FILE"
 #: Phases that mean the sampler is running (counted once per delivery).
 SAMPLING_PHASES = frozenset({"compile", "warmup", "sampling"})
 
@@ -230,7 +232,7 @@ def _calibrate_leased(task: Task, message: Mapping[str, Any], job_id: str | None
         if repaired is not None:
             return repaired
         fence = Fence(leases, lease)
-        with Heartbeat(leases, lease, interval_s=ctx.settings.recovery.heartbeat_s) as beat:
+        with Heartbeat(leases, lease, interval_s=ctx.settings.recovery.heartbeat_s, on_beat=beat) as lease_beat:
             sampling = False
 
             def check(progress: Progress) -> None:
@@ -241,7 +243,7 @@ def _calibrate_leased(task: Task, message: Mapping[str, Any], job_id: str | None
                         ctx.registry.fenced(fence).count_sampler_run(job_id)
                     except Exception as exc:  # a counter for people and tests; never a reason to stop
                         log.warning("could not count this sampler run (%s: %s)", type(exc).__name__, exc)
-                if beat.lost.is_set():
+                if lease_beat.lost.is_set():
                     raise HandBack("its lease was taken: another worker runs it", requeue=False)
                 reason = stop_reason()
                 if reason is not None:
@@ -451,6 +453,32 @@ def _on_process_init(**_: Any) -> None:
         prepare_process(get_settings())
     except Exception:  # each job prepares again and fails with the reason if this is fatal
         log.exception("could not prepare the process (compile cache); carrying on")
+
+
+def beat(environ: Mapping[str, str] | None = None) -> None:
+    """Tell the supervisor this process is alive: touch the file it named in :data:`BEAT_FILE_ENV` (if any).
+
+    Beats come from Celery's event loop while the process waits for a job
+    (:func:`_beat_while_idle`) and from the lease's heartbeat thread while a
+    job runs: a process whose loop hangs (a dead connection with no timeout)
+    stops beating, and its supervisor restarts it (``recovery.silent_child_s``).
+    """
+    path = (os.environ if environ is None else environ).get(BEAT_FILE_ENV)
+    if path:
+        try:
+            os.utime(path) if os.path.exists(path) else open(path, "a").close()
+        except OSError as exc:  # the supervisor restarts a silent child: say why, once per failure
+            log.warning("could not beat (%s)", type(exc).__name__)
+
+
+@signals.worker_ready.connect
+def _beat_while_idle(sender: Any = None, **_: Any) -> None:
+    """Beat every ``recovery.heartbeat_s`` from the consumer's event loop (which a running job blocks)."""
+    timer = getattr(sender, "timer", None)
+    if timer is None or not os.environ.get(BEAT_FILE_ENV):
+        return
+    beat()
+    timer.call_repeatedly(get_settings().recovery.heartbeat_s, beat)
 
 
 @signals.setup_logging.connect

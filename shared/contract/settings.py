@@ -100,6 +100,9 @@ class RecoverySettings(BaseModel):
     redis_health_check_s: int = Field(
         10, ge=1, description="A Redis connection idle this long is pinged before it is used again."
     )
+    silent_child_s: float = Field(
+        120.0, gt=0, description="A worker process that has not beaten for this long is restarted (SIGTERM, then SIGKILL)."
+    )
 
     def redis_options(self) -> dict[str, object]:
         """The connection options of every Redis client calq opens (registry, leases, broker, backend).
@@ -126,6 +129,9 @@ class RecoverySettings(BaseModel):
             raise ValueError("recovery.heartbeat_s must be at most half of recovery.lease_s, or leases lapse under load")
         if self.retry_max_s < self.retry_first_s:
             raise ValueError("recovery.retry_max_s must be at least recovery.retry_first_s")
+        if self.silent_child_s < 3 * self.heartbeat_s:
+            raise ValueError("recovery.silent_child_s must be at least 3 heartbeats (recovery.heartbeat_s), "
+                             "or busy workers are restarted")
         return self
 
 

@@ -393,11 +393,13 @@ class Heartbeat:
     A renewal that fails (Redis out) is tried again at the next beat; the
     lease lasts ``lease_s``, several beats. When the job is no longer this
     worker's (:meth:`Leases.renew` says so), :attr:`lost` is set and the
-    beats stop.
+    beats stop. ``on_beat`` is called at every beat (the worker tells its
+    supervisor it is alive: :func:`worker.tasks.beat`).
     """
 
-    def __init__(self, leases: Leases, lease: Lease, *, interval_s: float) -> None:
-        self.leases, self.lease, self.interval_s = leases, lease, interval_s
+    def __init__(self, leases: Leases, lease: Lease, *, interval_s: float,
+                 on_beat: Callable[[], Any] | None = None) -> None:
+        self.leases, self.lease, self.interval_s, self.on_beat = leases, lease, interval_s, on_beat
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{lease.job_id}", daemon=True)
@@ -417,6 +419,8 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
+            if self.on_beat is not None:
+                self.on_beat()
             try:
                 if not self.leases.renew(self.lease):
                     log.warning("lease of %s lost: the job was handed back or taken by another worker", self.lease.job_id)
