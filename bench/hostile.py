@@ -1,4 +1,4 @@
-"""Hostile datasets: outcome, time and peak memory of each, as a worker meets them (issue 8).
+"""Hostile datasets: outcome, time and peak memory of each, as a worker meets them (issues 8 and 16).
 
     python bench/hostile.py [--json OUT]
 
@@ -152,6 +152,7 @@ def make_cases(tmp: Path) -> list[tuple[str, str, str]]:
     r, s, d = np.argwhere(~np.isnan(inf["sim_points"].values))[0]
     inf["sim_points"].values[r, s, d] = np.inf
     save_dataset(inf, tmp / "inf.nc")
+    issue_16 = _issue_16_files(base, tmp)
     return [
         ("baseline", "baseline", "-"),
         ("declares 51 GB (2 × f8 [800, 20000, 200])", "store",
@@ -172,8 +173,35 @@ def make_cases(tmp: Path) -> list[tuple[str, str, str]]:
         ("file:///etc/passwd", "uri", "file:///etc/passwd"),
         ("file://host/etc/passwd", "uri", "file://host/etc/passwd"),
         ("store/../../etc/passwd", "uri", "file://" + str(tmp / "store" / "datasets" / ".." / ".." / "etc" / "passwd")),
+        *issue_16,
         ("valid season, 1000 scenarios (loads; no race of 'all' is missing)", "store", str(valid)),
     ]
+
+
+def _issue_16_files(base, tmp: Path) -> list[tuple[str, str, str]]:
+    """Files that read outside themselves (built as tests/test_hostile_hdf5.py builds them), dates, char arrays."""
+    import numpy as np
+
+    from shared.data.dataset import save_dataset
+    from tests.test_hostile_dates import dated
+    from tests.test_hostile_hdf5 import external, external_link, filtered, rewritten, virtual
+    from tests.test_hostile_names import as_chars
+
+    plain = save_dataset(base, tmp / "plain.nc", compress=False)
+    elsewhere = save_dataset(base, tmp / "elsewhere.nc")
+    hdf5 = {
+        "HDF5 external raw storage in /etc/passwd": external("/etc/passwd"),
+        "HDF5 external raw storage in /proc/self/environ": external("/proc/self/environ"),
+        "HDF5 external link to another dataset": external_link(str(elsewhere)),
+        "HDF5 virtual dataset over another file": virtual(str(elsewhere)),
+        "HDF5 lzf filter (id 32000)": filtered(compression="lzf"),
+    }
+    cases = [(name, "store", str(rewritten(plain, tmp / f"hdf5-{i}.nc", make))) for i, (name, make) in enumerate(hdf5.items())]
+    future = save_dataset(dated(base, "2150-03-01", "2150-03-08"), tmp / "future.nc")
+    tracks = base["track"].values.astype(object)
+    tracks[3] = "T" * 20_001
+    chars = as_chars(base.assign_coords(track=("race", np.asarray(tracks))), tmp / "chars.nc", "track")
+    return [*cases, ("races dated 2150", "store", str(future)), ("20,001-char track as a char array", "store", str(chars))]
 
 
 def main() -> None:
@@ -211,6 +239,8 @@ def main() -> None:
     args.json.write_text(json.dumps({"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                                                  "note": "shared 2-core machine: timings are noisy"},
                                      "rows": rows, "targets": verdicts}, indent=2))
+    worst = sorted((r for r in rows[1:-1] if r["job_s"] is not None), key=lambda r: r["job_s"], reverse=True)[:3]
+    print("worst three by time: " + "; ".join(f"{r['case']} ({r['job_s']:.2f} s, {r['peak_mb']:.0f} MB peak)" for r in worst))
     print(f"wrote {args.json}")
 
 
