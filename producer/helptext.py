@@ -101,12 +101,20 @@ class CalqCommand(TyperCommand):
 
 
 def install(app: typer.Typer) -> None:
-    """Draw the help of every command registered on ``app`` so far with :class:`CalqCommand`."""
+    """Draw the help of every command registered on ``app`` so far with :class:`CalqCommand`.
+
+    Sub-apps (``calq token …``) become :class:`CalqGroup` groups of CalqCommands.
+    """
     for info in app.registered_commands:
         if info.cls in (None, TyperCommand):
             info.cls = CalqCommand
         if info.help is None and info.callback is not None and info.callback.__doc__:
             info.help = plain(inspect.cleandoc(info.callback.__doc__))
+    for group in app.registered_groups:
+        if getattr(group.cls, "value", group.cls) in (None, TyperGroup):  # typer's default placeholder
+            group.cls = CalqGroup
+        if group.typer_instance is not None:
+            install(group.typer_instance)
 
 
 __all__ = ["CalqCommand", "CalqGroup", "filled", "install", "plain"]
