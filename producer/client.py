@@ -41,7 +41,7 @@ from shared.data.dataset import save_dataset
 from shared.jobs.celery_app import BATCH, INTERACTIVE, lane_queue
 from shared.jobs.registry import JobRegistry, RedisRegistry, StoreRegistry
 from shared.jobs.submissions import lost, record_submission
-from shared.storage.catalog import Catalog, newest
+from shared.storage.catalog import Catalog, LatestPointer, newest
 from shared.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -197,6 +197,10 @@ class CalibrationClient:
         if not created and not interrupted:
             log.info("job %s already known (%s): not enqueued again", job.job_id, status.state.value)
             return status, False
+        repaired = self.registry.repair(job.job_id, self.catalog)
+        if repaired is not None:  # one store, one truth: fitted before (embedded, or a record Redis lost)
+            log.info("job %s: its summary is already in the store; not run again", job.job_id)
+            return repaired, False
         if interrupted:
             # Embedded jobs run inside the submitting call: an unfinished record
             # means the process that ran it was stopped. Run it again.
@@ -352,12 +356,30 @@ class CalibrationClient:
 
     def latest(self, archetype: str, event: str | None = None) -> CalibrationSummary:
         """The newest converged summary for an archetype (and event; default: any of its events)."""
-        pointers = self.registry.latest_all()
-        best = newest(p for (a, e), p in pointers.items() if a == archetype and (event is None or e == event))
-        if best is None:
+        pointers = self.latest_pointers([archetype])
+        found = newest(p for (a, e), p in pointers.items() if event is None or e == event)
+        if found is None:
             what = f"{archetype}" + (f" / {event}" if event else "")
             raise NotFound(f"no converged calibration for {what} yet")
-        return self.catalog.read(best.summary_uri)
+        return self.catalog.read(found.summary_uri)
+
+    def latest_pointers(self, archetypes: Sequence[str] | None = None) -> dict[tuple[str, str], LatestPointer]:
+        """``{(archetype, event): pointer}`` of the newest converged fits (of ``archetypes``, if given).
+
+        One store, one truth: where the registry has no pointer for one of
+        ``archetypes`` (or none at all), the store's own fits are merged into
+        it first, so a fit made in embedded mode on this store, or before
+        Redis was flushed, is latest on the fleet as it is embedded.
+        """
+        def read() -> dict[tuple[str, str], LatestPointer]:
+            pointers = self.registry.latest_all()
+            return {slot: p for slot, p in pointers.items() if archetypes is None or slot[0] in archetypes}
+
+        pointers = read()
+        missing = not pointers or (archetypes is not None and set(archetypes) - {a for a, _ in pointers})
+        if missing and self.registry.merge_latest(self.catalog):
+            pointers = read()
+        return pointers
 
     def posterior(self, job_id: str):
         """The job's posterior as an ArviZ InferenceData."""

@@ -177,9 +177,7 @@ def load_latest(client, archetypes: list[str] | None = None):
     """``{(archetype, event): Calibration}`` for every latest pointer (of ``archetypes``, if given)."""
     from producer.report.calibration import Calibration
 
-    pointers = client.registry.latest_all()
-    if archetypes:
-        pointers = {slot: p for slot, p in pointers.items() if slot[0] in archetypes}
+    pointers = client.latest_pointers(archetypes or None)
     if not pointers:
         what = ", ".join(archetypes) if archetypes else "any archetype"
         raise NotFound(f"no converged calibration of {what} yet")

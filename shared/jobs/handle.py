@@ -79,6 +79,7 @@ class Registry(Protocol):
     def finish_cancelled(self, job_id: str, reason: str) -> Any: ...
     def record_delivery(self, job_id: str, attempt: int = 0) -> int: ...
     def record_invalid(self, reason: str, *, job_id: str | None = None) -> None: ...
+    def repair(self, job_id: str, catalog: Catalog) -> JobStatus | None: ...
 
 
 class JobIdFilter(logging.Filter):
@@ -242,6 +243,9 @@ def _process(
             reason = f"cancelled: {record.cancel_reason or 'cancelled by request'}"
             registry.finish_cancelled(job_id, reason)
             return status_dict(job_id, JobState.CANCELLED, reason)
+        done = _finished_in_store(registry, store, job_id)
+        if done is not None:
+            return done
 
         deliveries = registry.record_delivery(job_id, attempt)
         if deliveries > settings.max_deliveries:
@@ -330,6 +334,19 @@ def refuse_message(registry: Registry, job_id: str | None, reason: str) -> dict[
     except Exception as exc:  # the count is best-effort; the message is dropped either way
         log.warning("could not count an invalid message (%s: %s)", type(exc).__name__, exc)
     return status_dict(job_id, JobState.REJECTED, reason)
+
+
+def _finished_in_store(registry: Registry, store: Store, job_id: str) -> dict[str, Any] | None:
+    """The summary of a job the store says finished, its record repaired; None when it must run.
+
+    One store, one truth: a job fitted in embedded mode on the same store, or
+    whose record Redis lost, never runs again nor overwrites its result.
+    """
+    repaired = registry.repair(job_id, Catalog(store))
+    if repaired is None:
+        return None
+    log.info("its summary is already in the store: record repaired, not run again")
+    return _stored_summary(store, repaired)
 
 
 def _stored_summary(store: Store, record: JobStatus) -> dict[str, Any] | None:

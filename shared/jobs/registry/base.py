@@ -584,6 +584,15 @@ class JobRegistry(ABC):
         the number of pointers written.
         """
         self._drop_latest()
+        return self.merge_latest(catalog)
+
+    def merge_latest(self, catalog: Catalog) -> int:
+        """Merge the store's newest pointers into the registry's, forward-only (nothing dropped); how many were written.
+
+        One store, one truth: fits the registry never heard of (made in
+        embedded mode on the same store, or before Redis was flushed) count as
+        they do in embedded mode.
+        """
         return len(self._merge(list(catalog.latest_pointers().values())))
 
     # -- waiting --
