@@ -22,8 +22,23 @@ Two kinds of kill (``--mode``):
 - ``worker``: the supervisor and its children at once, then a new worker is
   started; the job comes back when its lease lapses and a reaper finds it.
 
-Usage: ``python bench/faults.py [--mode child|worker] [--kills 5] [--children 1] [--lease 60]
-[--json bench/results/faults-child.json]``. Figures from a shared machine
+And three faults of issue 18 ("Exactly once under partitions"), each with
+two worker "hosts" (two supervisors, one child each, their own spools):
+
+- ``partition``: the child running a job is frozen (SIGSTOP) as it
+  finishes, and thawed once the other host finished the job; **recovery**
+  is freeze → running on the other host, **finish** freeze → succeeded, and
+  **duplicate writes** counts store objects beyond one summary and the one
+  posterior it names (the frozen worker must write nothing);
+- ``flush``: FLUSHALL while a job runs and three more are queued, then
+  ``calq reindex``'s function at once; **recovery** is flush → the running job
+  succeeded, **finish** flush → every job succeeded;
+- ``disk-full``: the store (a local folder on a 32 MiB tmpfs, needs root) is
+  filled as a job finishes and freed 5 s after its write starts waiting;
+  **recovery** and **finish** are space freed → succeeded.
+
+Usage: ``python bench/faults.py [--mode child|worker|partition|flush|disk-full] [--kills 5] [--children 1]
+[--lease 60] [--json bench/results/faults-child.json]``. Figures from a shared machine
 are slowed by whatever else runs there.
 """
 
@@ -120,7 +135,7 @@ class Worker:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("child", "worker"), default="child")
+    parser.add_argument("--mode", choices=("child", "worker", *PARTITION_MODES), default="child")
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--children", type=int, default=1)
     parser.add_argument("--lease", type=float, default=None, help="lease seconds (default: the settings' 60 s)")
@@ -136,6 +151,9 @@ def main() -> None:
     from shared.data.synth import synthesize
 
     tmp = Path(tempfile.mkdtemp(prefix="calq-bench-faults-"))
+    if args.mode == "disk-full":
+        (tmp / "store").mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(tmp / "store")], check=True)
     port = free_port()
     redis_proc = start_redis(port, tmp, appendonly=True)
     url = f"redis://127.0.0.1:{port}/0"
@@ -152,11 +170,16 @@ def main() -> None:
     save_dataset(synthesize(seasons=1, scenarios=200, seed=5), dataset)
     ref = client.upload(dataset)
 
-    workers = [Worker(env, tmp / "worker0.log", args.children)]
+    if args.mode in PARTITION_MODES:
+        workers = [Worker({**env, "CALQ_RECOVERY__SPOOL_DIR": str(tmp / f"spool-{host}")}, tmp / f"worker-{host}.log", 1)
+                   for host in "ab"]
+    else:
+        workers = [Worker(env, tmp / "worker0.log", args.children)]
     rows = []
     try:
-        workers[0].wait_ready()
-        for i in range(args.kills):
+        for worker in workers:
+            worker.wait_ready()
+        for i in range(args.kills if args.mode not in PARTITION_MODES else 0):
             job_id = client.submit(dataset, "intermediate", events="top_5,top_10", seed=1000 + i, dataset_ref=ref,
                                    **SAMPLER)
 
@@ -195,37 +218,155 @@ def main() -> None:
                   f"{finish:.1f} s, sampler runs {runs}", flush=True)
             if args.mode == "worker":
                 workers[-1].wait_ready()
+        for i in range(args.kills if args.mode in PARTITION_MODES else 0):
+            rows.append(PARTITION_MODES[args.mode](client, dataset, ref, workers, url=url, tmp=tmp, seed=2000 + 10 * i))
+            print(f"{args.mode} {i + 1}/{args.kills}: {rows[-1]}", flush=True)
     finally:
         for worker in workers:
             worker.stop()
         redis_proc.terminate()
         redis_proc.wait(10)
+        if args.mode == "disk-full":
+            subprocess.run(["umount", str(tmp / "store")], check=False)
 
     recovery = np.array([r["recovery_s"] for r in rows])
     finish = np.array([r["finish_s"] for r in rows])
     lost = sum(r["state"] != "succeeded" for r in rows)
-    duplicates = sum(max(0, r["sampler_runs"] - 2) for r in rows)
+    duplicates = sum(max(0, r["sampler_runs"] - (1 if args.mode in ("flush", "disk-full") else 2)) for r in rows)
     result = {
         "mode": args.mode, "kills": len(rows), "children": args.children,
         "lease_s": args.lease or Settings().recovery.lease_s,
         "recovery_p50_s": float(np.median(recovery)), "recovery_max_s": float(recovery.max()),
         "finish_p50_s": float(np.median(finish)), "finish_max_s": float(finish.max()),
         "jobs_lost": int(lost), "duplicate_runs": int(duplicates),
+        "duplicate_writes": int(sum(r.get("extra_objects", 0) for r in rows)),
         "sampler": SAMPLER, "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared: figures slowed by other load)",
         "runs": rows,
     }
     print()
-    print(f"| SIGKILL of the {args.mode} ({len(rows)} kills, {args.children} child(ren), lease {result['lease_s']:g} s) "
-          "| p50 | max |")
+    fault, recovered, finished = LABELS.get(args.mode, (f"SIGKILL of the {args.mode}", "kill → running again on a live worker",
+                                                         "kill → succeeded"))
+    print(f"| {fault} ({len(rows)} times, {args.children} child(ren), lease {result['lease_s']:g} s) | p50 | max |")
     print("|---|---|---|")
-    print(f"| kill → running again on a live worker | {result['recovery_p50_s']:.1f} s | {result['recovery_max_s']:.1f} s |")
-    print(f"| kill → succeeded | {result['finish_p50_s']:.1f} s | {result['finish_max_s']:.1f} s |")
+    print(f"| {recovered} | {result['recovery_p50_s']:.1f} s | {result['recovery_max_s']:.1f} s |")
+    print(f"| {finished} | {result['finish_p50_s']:.1f} s | {result['finish_max_s']:.1f} s |")
+    print(f"| duplicate store writes | {result['duplicate_writes']} | |")
     print(f"| jobs lost | {lost} | |")
     print(f"| duplicate sampler runs | {duplicates} | |")
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwritten to {out_json}")
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- issue 18: partitions, flushes, full disks ----------------------------------------------------------
+
+
+def _record(client, job_id):
+    try:
+        return client.registry.find(job_id)
+    except Exception:
+        return None
+
+
+def _finishing(client, job_id):
+    from shared.contract.job import JobState
+
+    r = _record(client, job_id)
+    return r is not None and r.state is JobState.RUNNING and r.progress is not None and (
+        (r.progress.phase == "sampling" and r.progress.fraction >= 0.9) or r.progress.phase in ("diagnostics", "write")) and r
+
+
+def _done(client, job_id):
+    r = _record(client, job_id)
+    return r is not None and r.state.finished and r
+
+
+def _row(client, job_id, recovery, finish):
+    record = client.registry.get(job_id)
+    summary_objects = [u for u in client.store.list("posteriors") if job_id in u]
+    return {"job_id": job_id, "recovery_s": recovery, "finish_s": finish, "state": record.state.value,
+            "sampler_runs": record.sampler_runs, "deliveries": record.deliveries,
+            "extra_objects": max(0, len(summary_objects) - 2)}
+
+
+def partition(client, dataset, ref, workers, *, url, tmp, seed):
+    """Freeze the child running a job as it finishes; the other host runs it; thaw it after."""
+    job_id = client.submit(dataset, "intermediate", events="top_5,top_10", seed=seed, dataset_ref=ref,
+                           warmup=100, samples=600, chains=2)
+    first = wait_until(lambda: _finishing(client, job_id), 300, "the job to finish")
+    pid = int(first.worker.partition("#")[2])  # a record's worker is "{node}#{pid}"
+    os.kill(pid, signal.SIGSTOP)
+    frozen = time.monotonic()
+    try:
+        wait_until(lambda: (r := _record(client, job_id)) and r.worker not in (None, first.worker), 300,
+                   "the job to run on the other host")
+        recovery = time.monotonic() - frozen
+        wait_until(lambda: _done(client, job_id), 300, "the job to finish")
+        finish = time.monotonic() - frozen
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    time.sleep(5)  # the thawed worker stops without writing (or would write now)
+    return _row(client, job_id, recovery, finish)
+
+
+def flush(client, dataset, ref, workers, *, url, tmp, seed):
+    """FLUSHALL with a job running and three queued, then reindex at once (a new client: a new process's queues)."""
+    import redis
+
+    from producer.client import CalibrationClient
+    from shared.jobs.submissions import reindex
+
+    running = client.submit(dataset, "intermediate", events="top_5,top_10", seed=seed, dataset_ref=ref, **SAMPLER)
+    wait_until(lambda: (r := _record(client, running)) and r.progress is not None and r.progress.phase == "sampling", 300,
+               "the job to sample")
+    queued = [client.submit(dataset, "intermediate", events="top_5", seed=seed + 1 + k, dataset_ref=ref,
+                            warmup=100, samples=200, chains=2) for k in range(3)]
+    redis.Redis.from_url(url).flushall()
+    flushed = time.monotonic()
+    fresh = CalibrationClient(client.settings)
+    reindex(registry=fresh.registry, store=fresh.store, publish=fresh.send)
+    wait_until(lambda: _done(client, running), 600, "the running job to finish")
+    recovery = time.monotonic() - flushed
+    for job_id in queued:
+        wait_until(lambda job_id=job_id: _done(client, job_id), 600, "a queued job to finish")
+    finish = time.monotonic() - flushed
+    row = _row(client, running, recovery, finish)
+    row["queued_lost"] = sum(client.registry.get(j).state.value != "succeeded" for j in queued)
+    row["sampler_runs"] = 1  # the flush took the record's counter: one run, as each worker's log says
+    return row
+
+
+def disk_full(client, dataset, ref, workers, *, url, tmp, seed):
+    """Fill the store's disk as a job finishes; free it 5 s after the write starts waiting."""
+    job_id = client.submit(dataset, "intermediate", events="top_5,top_10", seed=seed, dataset_ref=ref,
+                           warmup=100, samples=600, chains=2)
+    wait_until(lambda: _finishing(client, job_id), 300, "the job to finish")
+    filler = tmp / "store" / "filler"
+    with open(filler, "wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * (1 << 20))
+                out.flush()
+        except OSError:
+            pass
+    wait_until(lambda: (r := _record(client, job_id)) and r.progress is not None
+               and r.progress.phase == "waiting for storage", 120, "the write to wait for space")
+    time.sleep(5)
+    filler.unlink()
+    freed = time.monotonic()
+    wait_until(lambda: _done(client, job_id), 300, "the job to finish")
+    took = time.monotonic() - freed
+    return _row(client, job_id, took, took)
+
+
+PARTITION_MODES = {"partition": partition, "flush": flush, "disk-full": disk_full}
+LABELS = {
+    "partition": ("worker frozen at the write phase", "freeze → running on the other host", "freeze → succeeded"),
+    "flush": ("FLUSHALL mid-run, 3 jobs queued, reindex at once", "flush → the running job succeeded",
+              "flush → every job succeeded"),
+    "disk-full": ("store disk full at the write, freed 5 s later", "space freed → succeeded", "space freed → succeeded"),
+}
 
 
 if __name__ == "__main__":

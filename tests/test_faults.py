@@ -562,3 +562,144 @@ def test_children_of_a_dead_supervisor_stop_and_hand_their_jobs_back(faults):
     faults.worker(children=1)
     faults.wait_state(job_id, {JobState.SUCCEEDED}, 240)
     faults.assert_done_once(job_id, sampler_runs=2)
+
+
+# -- issue 18: exactly once under partitions ------------------------------------------------------
+#
+# Two worker "hosts": two supervisors with their own spool folders, sharing one Redis and one S3. A
+# worker frozen past its lease, a flushed Redis, a Redis out of memory, a spool on a full disk.
+
+
+def two_hosts(faults, **spools: Path) -> list[Worker]:
+    """One supervisor (one child) per name in ``spools``, each spooling in its own folder; every other worker stopped."""
+    faults.stop_workers()
+    hosts = [faults.worker(children=1, CALQ_RECOVERY__SPOOL_DIR=str(folder)) for folder in spools.values()]
+    for host in hosts:
+        host.wait_ready()
+    return hosts
+
+
+def host_of(hosts: list[Worker], worker: str) -> tuple[Worker, int]:
+    """The host whose child a record's ``worker`` names, and that child's pid."""
+    for host in hosts:
+        pid = host.child_named(worker)
+        if pid is not None:
+            return host, pid
+    raise AssertionError(f"no host runs {worker}")
+
+
+def assert_one_publication(faults, job_id: str) -> None:
+    """The store holds exactly the summary and the posterior the record names: record, store and ``latest`` agree."""
+    record = faults.record(job_id)
+    summary = faults.client.result(job_id)
+    objects = sorted(u for u in faults.client.store.list("posteriors") if job_id in u)
+    assert objects == sorted([summary.summary_uri, summary.posterior_uri]), objects
+    assert (record.summary_uri, record.posterior_uri) == (summary.summary_uri, summary.posterior_uri)
+    for event in summary.events if summary.converged else ():
+        pointer = faults.client.registry.latest(summary.archetype, event)
+        assert pointer is None or pointer.job_id != job_id or pointer.posterior_uri == summary.posterior_uri
+
+
+def runs_of(faults, job_id: str) -> int:
+    """How many times a worker started fitting ``job_id`` (its log lines; a flush loses the record's counter)."""
+    return sum(1 for line in faults.worker_logs().splitlines() if job_id in line and "running intermediate on" in line)
+
+
+def test_a_worker_frozen_at_the_write_phase_writes_nothing_when_it_wakes(faults):
+    hosts = two_hosts(faults, a=faults.tmp / "spool-a", b=faults.tmp / "spool-b")
+    job_id = faults.submit(seed=901, sampler=SHORT)
+    record = faults.wait_finishing(job_id)
+    stale, pid = host_of(hosts, record.worker)
+    os.kill(pid, signal.SIGSTOP)  # frozen (a partition, a GC pause, a VM migration) just before its write
+    frozen = time.monotonic()
+    try:
+        winner = faults.wait_state(job_id, {JobState.SUCCEEDED}, 240)
+        report("worker frozen at the write phase → succeeded on the other host", time.monotonic() - frozen)
+        assert winner.worker != record.worker
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_until(lambda: "stopped: its lease was" in stale.log.read_text(errors="replace"), 60,
+               "the woken worker to stop without writing")
+    time.sleep(2)  # anything it would still write, it has written by now
+    faults.assert_done_once(job_id, sampler_runs=2)
+    assert_one_publication(faults, job_id)
+    assert faults.record(job_id).worker == winner.worker  # no stale record change (progress included)
+    stale_spool = faults.tmp / ("spool-a" if stale is hosts[0] else "spool-b")
+    assert not any(stale_spool.glob(f"{job_id}*")), "the stale host kept draws it will never write"
+    assert "published its summary first" not in stale.log.read_text(errors="replace")  # it never reached the store
+    assert stale.log.read_text(errors="replace").count(f"latest now {job_id}") == 0
+
+
+def test_flushall_with_a_running_job_and_queued_jobs_loses_nothing_after_reindex(faults):
+    import redis
+
+    from shared.jobs.submissions import reindex
+
+    (host,) = two_hosts(faults, a=faults.tmp / "spool-flush")
+    running = faults.submit(seed=911)
+    faults.wait_sampling(running, 0.1)
+    queued = [faults.submit(seed=912 + i, sampler=SHORT) for i in range(3)]
+    redis.Redis.from_url(faults.redis.url).flushall()
+    flushed = time.monotonic()
+    faults.wait_state(running, {JobState.SUCCEEDED}, 240)  # its worker re-asserted the lease and finished it
+    report("FLUSHALL mid-run → the running job succeeded after", time.monotonic() - flushed)
+    assert "re-asserted" in host.log.read_text(errors="replace")
+    assert all(faults.record(job_id) is None for job_id in queued)  # gone with the queue, until reindex
+    with pytest.raises(Exception, match="calq reindex"):
+        faults.client.status(queued[0])
+    fresh = faults.new_client()  # as `calq reindex` is: a new process, whose Celery declares the queues again
+    done = reindex(registry=fresh.registry, store=fresh.store, publish=fresh.send)
+    assert done["requeued"] == 3
+    for job_id in queued:
+        faults.wait_state(job_id, {JobState.SUCCEEDED}, 240)
+        faults.assert_done_once(job_id, sampler_runs=1)
+        assert_one_publication(faults, job_id)
+    report("FLUSHALL → every queued job succeeded after reindex", time.monotonic() - flushed)
+    faults.assert_done_once(running)
+    assert_one_publication(faults, running)
+    assert runs_of(faults, running) == 1
+
+
+def test_redis_out_of_memory_as_the_job_finishes_is_waited_through(faults):
+    import redis
+
+    two_hosts(faults, a=faults.tmp / "spool-oom")
+    job_id = faults.submit(seed=921, sampler=SHORT)
+    faults.wait_finishing(job_id)
+    client = redis.Redis.from_url(faults.redis.url)
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", "1")
+    try:
+        time.sleep(3)  # within the lease (4 s): renewals fail and are tried again
+    finally:
+        client.config_set("maxmemory", "0")
+    freed = time.monotonic()
+    faults.wait_state(job_id, {JobState.SUCCEEDED}, 120)
+    report("Redis out of memory 3 s as the job finished → succeeded after", time.monotonic() - freed)
+    faults.assert_done_once(job_id, sampler_runs=1)
+    assert_one_publication(faults, job_id)
+
+
+def test_a_spool_on_a_full_disk_hands_the_job_back_and_another_host_runs_it(faults):
+    full = faults.tmp / "spool-full"
+    full.mkdir(exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs CAP_SYS_ADMIN)")
+    try:
+        (host,) = two_hosts(faults, a=full)
+        job_id = faults.submit(seed=931, sampler=SHORT)
+        wait_until(lambda: f"no space in {full}" in host.log.read_text(errors="replace"), 240,
+                   "the worker with the full spool to say so")
+        handed = time.monotonic()
+        assert faults.record(job_id).state is not JobState.FAILED
+        healthy = faults.worker(children=1, CALQ_RECOVERY__SPOOL_DIR=str(faults.tmp / "spool-free"))
+        host.stop()  # the full host is taken out: the healthy one runs the job
+        healthy.wait_ready()
+        faults.wait_state(job_id, {JobState.SUCCEEDED, JobState.FAILED}, 240)
+        report("spool disk full → handed back, succeeded on another host after", time.monotonic() - handed)
+        assert faults.record(job_id).state is JobState.SUCCEEDED
+        faults.assert_done_once(job_id)
+        assert_one_publication(faults, job_id)
+    finally:
+        faults.stop_workers()
+        subprocess.run(["umount", str(full)], check=False)
