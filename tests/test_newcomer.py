@@ -476,7 +476,7 @@ def test_client_calibrate_refuses_a_track_in_the_wrong_case(tmp_path, monkeypatc
     client = CalibrationClient(Settings(storage_url=str(tmp_path / "store"), compile_cache_dir=None))
     idata = small_posterior()
     monkeypatch.setattr(client, "latest", lambda archetype, event: types.SimpleNamespace(posterior_uri="file:///x.nc"))
-    monkeypatch.setattr(client.store, "get_inference_data", lambda uri: idata)
+    monkeypatch.setattr(client.catalog, "posterior", lambda summary, **_: idata)  # the latest fit's posterior
     assert [r.track_seen for r in client.calibrate("intermediate", "Nowhere", "top_5", [0.1, 0.3])] == [False, False]
     with pytest.raises(ValueError, match="did you mean Kansas"):
         client.calibrate("intermediate", "kansas", "top_5", [0.1, 0.3])
