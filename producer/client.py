@@ -382,8 +382,8 @@ class CalibrationClient:
         return pointers
 
     def posterior(self, job_id: str):
-        """The job's posterior as an ArviZ InferenceData."""
-        return self.store.get_inference_data(self.result(job_id).posterior_uri)
+        """The job's posterior as an ArviZ InferenceData (its bytes checked against the signed summary first)."""
+        return self.catalog.posterior(self.result(job_id))
 
     def posterior_at(self, uri: str):
         """The posterior stored at ``uri`` (``calq apply``), as an ArviZ InferenceData."""
@@ -400,5 +400,5 @@ class CalibrationClient:
         from shared.fit.apply import calibrate_probabilities
 
         summary = self.latest(archetype, event)
-        idata = self.store.get_inference_data(summary.posterior_uri)
+        idata = self.catalog.posterior(summary)
         return calibrate_probabilities(idata, p, event=event, track=track, archetype=archetype)

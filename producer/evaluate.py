@@ -180,7 +180,7 @@ class Evaluation:
 
     def _posterior(self, summary: CalibrationSummary):
         if summary.job_id not in self._idata:
-            self._idata[summary.job_id] = self.client.store.get_inference_data(summary.posterior_uri)
+            self._idata[summary.job_id] = self.client.catalog.posterior(summary)
         return self._idata[summary.job_id]
 
     def _score(self, ds, archetype: str, events: Sequence[str], scored: dict[int, Fit], *, on_race) -> dict[str, dict]:
