@@ -31,7 +31,7 @@ import pydantic
 
 from shared.contract.job import JobStatus
 from shared.storage.catalog import LatestPointer
-from shared.storage.store import summary_key
+from shared.storage.store import is_posterior_key, summary_key
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,13 @@ def read_pointer(
         return _corrupt(key, "the pointer names another archetype or event than its slot")
     if not parsed.summary_uri or not parsed.posterior_uri:
         return _corrupt(key, "the pointer names no summary or no posterior")
-    own = [summary_key(archetype, parsed.job_id) for archetype in (slot[0], "all")]
-    mine = next((k for k in own if parsed.summary_uri.endswith("/" + k)), None)
-    if mine is None or parsed.posterior_uri != parsed.summary_uri[: -len(".json")] + ".nc":
+    own = [(archetype, summary_key(archetype, parsed.job_id)) for archetype in (slot[0], "all")]
+    mine = next(((a, k) for a, k in own if parsed.summary_uri.endswith("/" + k)), None)
+    root = parsed.summary_uri[: -len(mine[1])] if mine is not None else ""
+    # the posterior may sit at any fencing token's key of the same job (store.posterior_key)
+    if mine is None or not parsed.posterior_uri.startswith(root) or not is_posterior_key(
+        parsed.posterior_uri[len(root):], mine[0], parsed.job_id
+    ):
         return _corrupt(key, "the pointer names another job's or another archetype's summary")
     if holds is not None and not (holds(parsed.summary_uri) and holds(parsed.posterior_uri)):
         return _corrupt(key, "the pointer names a summary outside the store")
