@@ -36,6 +36,9 @@ MAX_URI_CHARS = 2048
 #: The most events one job may name (a worker may cap lower: limits.max_events).
 MAX_EVENTS = 32
 STORAGE_SCHEMES = ("file", "s3")
+#: The longest warmup, and the most draws, one chain of a job may ask for (a worker may cap lower:
+#: limits.max_draws_per_chain, on the two together; remedies never go past either).
+MAX_RUN_LENGTH = 100_000
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -44,8 +47,8 @@ class SamplerSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    warmup: int = Field(500, ge=1, le=100_000, description="warmup steps per chain")
-    samples: int = Field(1000, ge=1, le=100_000, description="kept draws per chain")
+    warmup: int = Field(500, ge=1, le=MAX_RUN_LENGTH, description="warmup steps per chain")
+    samples: int = Field(1000, ge=1, le=MAX_RUN_LENGTH, description="kept draws per chain")
     chains: int = Field(4, ge=1, le=64, description="independent chains")
     seed: int = Field(0, ge=0, lt=2**32, description="the sampler's seed: the same job gives the same draws")
 

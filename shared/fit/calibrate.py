@@ -23,7 +23,7 @@ import shared
 from shared.contract.control import JobControl
 from shared.contract.domain import archetypes_of
 from shared.contract.errors import InvalidDataset
-from shared.contract.job import CalibrationJob, Progress, utcnow
+from shared.contract.job import MAX_RUN_LENGTH, CalibrationJob, Progress, utcnow
 from shared.contract.summary import (
     Attempt,
     CalibrationSummary,
@@ -38,10 +38,9 @@ from shared.contract.summary import (
 from shared.data.dataset import EventRows, event_rows, select_archetypes, select_window, validate
 from shared.fit.idata import build_inference_data, calibrated_probability_mean, convergence_data, logit
 from shared.fit.model import ModelData, ModelShape, distinct_rows, model_data
-from shared.fit.remedy import RunOutcome, RunPlan, first_plan, next_plan
+from shared.fit.remedy import TARGET_ACCEPT, RunOutcome, RunPlan, first_plan, next_plan
 from shared.fit.sampler import (
     MAX_TREE_DEPTH,
-    TARGET_ACCEPT,
     Bucket,
     Draws,
     StartingPoint,
@@ -208,6 +207,7 @@ def calibrate(
     control: JobControl | None = None,
     criteria: ConvergenceCriteria = ConvergenceCriteria(),
     warm: WarmSource | None = None,
+    max_draws_per_chain: int = 2 * MAX_RUN_LENGTH,
 ) -> tuple[az.InferenceData, Fit]:
     """Fit the calibration model for ``job`` on ``dataset`` with NUTS.
 
@@ -216,7 +216,8 @@ def calibrate(
     is checked (time limit, cancellation) before compiling, between sampling
     chunks, between remedy attempts and before the diagnostics. A run that
     fails ``criteria`` is remedied (:mod:`shared.fit.remedy`) while attempts
-    and time are left; the fit lists every attempt, and the last one is
+    and time are left, no run longer than ``max_draws_per_chain`` (warmup +
+    draws: the worker's cap); the fit lists every attempt, and the last one is
     judged and reported. Non-convergence after the remedies is a result
     (``Fit.issues``, the summary's ``converged`` and ``convergence_issues``),
     never raised.
@@ -237,7 +238,9 @@ def calibrate(
 
     seeded = _warm_start(prepared, job, warm)
     warm_start = seeded[1] if seeded else None
-    draws, attempts, stopped = _sample_with_remedies(prepared, job, control=control, criteria=criteria, warm=seeded)
+    draws, attempts, stopped = _sample_with_remedies(
+        prepared, job, control=control, criteria=criteria, warm=seeded, max_draws=max_draws_per_chain
+    )
 
     control.check("diagnostics")
     control.progress(Progress(phase="diagnostics"))
@@ -334,6 +337,7 @@ def _sample_with_remedies(
     control: JobControl,
     criteria: ConvergenceCriteria,
     warm: tuple[StartingPoint, WarmStart] | None = None,
+    max_draws: int,
 ) -> tuple[Draws, list[Attempt], str | None]:
     """Run the sampler, then remedies while the run fails ``criteria``; the last run's draws.
 
@@ -343,7 +347,7 @@ def _sample_with_remedies(
     (None when they did not: the run passed, or no attempt or remedy was left).
     """
     plan = first_plan(
-        seed=job.sampler.seed, warmup=job.sampler.warmup, samples=job.sampler.samples, target_accept_prob=TARGET_ACCEPT
+        seed=job.sampler.seed, warmup=job.sampler.warmup, samples=job.sampler.samples, max_draws=max_draws
     )
     start = None
     if warm is not None:
@@ -377,10 +381,7 @@ def _sample_with_remedies(
         attempts.append(attempt)
         if not attempt.issues:
             return draws, attempts, None
-        following = next_plan(
-            plan, RunOutcome(max_rhat=max_rhat, min_ess_bulk=min_ess, divergences=divergences), criteria,
-            job_seed=job.sampler.seed, job_warmup=job.sampler.warmup,
-        )
+        following = next_plan(plan, RunOutcome(max_rhat=max_rhat, min_ess_bulk=min_ess, divergences=divergences), criteria)
         if following is None:
             return draws, attempts, None
         log.info("job %s attempt %d: %s; remedy: %s", job.job_id, plan.number, "; ".join(attempt.issues), following.remedy)

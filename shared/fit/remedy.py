@@ -24,8 +24,13 @@ order of the failure seen:
   proportion to the shortfall with a 25 % margin, at most 4× per step.
 
 Every run gets its own seed, derived from the job's seed and the attempt's
-number (:func:`attempt_seed`): the same job gives the same runs. Lengths
-never exceed :data:`MAX_LENGTH`, the job schema's own bound.
+number (:func:`attempt_seed`): the same job gives the same runs. Each plan
+carries the job's own settings (:class:`JobRuns`), so a remedy needs
+nothing handed back to it, and no run grows past the schema's
+:data:`~shared.contract.job.MAX_RUN_LENGTH` for warmup or draws, nor past
+the worker's cap on the two together (``limits.max_draws_per_chain``, the
+cap a job itself was checked against): a remedy that cannot grow within
+them is not run.
 """
 
 from __future__ import annotations
@@ -35,21 +40,36 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from shared.contract.job import MAX_RUN_LENGTH
 from shared.contract.summary import ConvergenceCriteria
 
 #: Target acceptance probabilities, in the order remedies try them.
 TARGET_LADDER: tuple[float, ...] = (0.8, 0.9, 0.95, 0.99)
-#: Longest warmup or draw count a remedy asks for (SamplerSettings' bound).
-MAX_LENGTH = 100_000
+#: A job's first run's target: divergence-free on five seasons × four archetypes (see shared.fit.model).
+TARGET_ACCEPT = TARGET_LADDER[0]
 #: More draws for low ESS: the shortfall times this margin, at most MAX_DRAW_GROWTH times as many.
 ESS_MARGIN = 1.25
 MAX_DRAW_GROWTH = 4
 
 
 @dataclass(frozen=True)
-class RunPlan:
-    """The settings of one sampler run."""
+class JobRuns:
+    """What every run of one job derives from: the job's own seed and lengths, and the cap on a chain."""
 
+    seed: int
+    warmup: int
+    samples: int
+    max_draws: int  # warmup + samples of one chain, at most (the worker's limits.max_draws_per_chain)
+
+    def fits(self, warmup: int, samples: int) -> bool:
+        return warmup <= MAX_RUN_LENGTH and samples <= MAX_RUN_LENGTH and warmup + samples <= self.max_draws
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The settings of one sampler run, and the job's own they derive from."""
+
+    job: JobRuns
     number: int
     seed: int
     target_accept_prob: float
@@ -75,29 +95,31 @@ def attempt_seed(seed: int, number: int) -> int:
     return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
 
 
-def first_plan(*, seed: int, warmup: int, samples: int, target_accept_prob: float = TARGET_LADDER[0]) -> RunPlan:
-    """The job's own settings, as attempt 1."""
-    return RunPlan(number=1, seed=seed, target_accept_prob=target_accept_prob, warmup=warmup, samples=samples)
+def first_plan(
+    *, seed: int, warmup: int, samples: int, max_draws: int = 2 * MAX_RUN_LENGTH, target_accept_prob: float = TARGET_ACCEPT
+) -> RunPlan:
+    """The job's own settings, as attempt 1; ``max_draws`` caps warmup + samples of any later run."""
+    job = JobRuns(seed=seed, warmup=warmup, samples=samples, max_draws=max(max_draws, warmup + samples))
+    return RunPlan(job=job, number=1, seed=seed, target_accept_prob=target_accept_prob, warmup=warmup, samples=samples)
 
 
-def next_plan(
-    plan: RunPlan, outcome: RunOutcome, criteria: ConvergenceCriteria, *, job_seed: int, job_warmup: int
-) -> RunPlan | None:
+def next_plan(plan: RunPlan, outcome: RunOutcome, criteria: ConvergenceCriteria) -> RunPlan | None:
     """The remedy after ``plan`` ended with ``outcome``; None when it passed or no remedy is left.
 
     See the module docstring for the rules. ``criteria.max_attempts`` bounds
-    the number of runs; ``job_warmup`` is the job's own (cold) warmup.
+    the number of runs, and ``plan.job`` the length of each.
     """
     if plan.number >= criteria.max_attempts:
         return None
+    job = plan.job
     number = plan.number + 1
-    base = replace(plan, number=number, seed=attempt_seed(job_seed, number))
+    base = replace(plan, number=number, seed=attempt_seed(job.seed, number))
     failures = criteria.failures(max_rhat=outcome.max_rhat, min_ess_bulk=outcome.min_ess_bulk, divergences=outcome.divergences)
     if not failures:
         return None
     if plan.warm and not outcome.max_rhat <= criteria.max_rhat:
         return replace(
-            base, warm=False, warmup=job_warmup,
+            base, warm=False, warmup=job.warmup, samples=min(plan.samples, job.max_draws - job.warmup),
             remedy=f"warm start failed ({'; '.join(failures)}): cold start",
         )
     if outcome.divergences > criteria.max_divergences:
@@ -107,36 +129,43 @@ def next_plan(
                 base, target_accept_prob=higher[0],
                 remedy=f"{outcome.divergences} divergent transitions: target acceptance {higher[0]}",
             )
-        if plan.warm:  # a longer warmup is a cold run's remedy
-            warmup = min(2 * job_warmup, MAX_LENGTH)
-            return replace(base, warm=False, warmup=warmup,
-                           remedy=f"{outcome.divergences} divergent transitions: cold start, warmup {warmup}")
-        if plan.warmup >= MAX_LENGTH:
+        # a longer warmup: a cold run's remedy, from the job's own warmup when the run was warm
+        warmup = _longest(2 * (job.warmup if plan.warm else plan.warmup), room=job.max_draws - plan.samples)
+        if warmup < job.warmup if plan.warm else warmup <= plan.warmup:
             return None
-        warmup = min(2 * plan.warmup, MAX_LENGTH)
-        return replace(base, warmup=warmup, remedy=f"{outcome.divergences} divergent transitions: warmup {warmup}")
+        cold = ": cold start," if plan.warm else ":"
+        return replace(base, warm=False, warmup=warmup,
+                       remedy=f"{outcome.divergences} divergent transitions{cold} warmup {warmup}")
     if not outcome.max_rhat <= criteria.max_rhat:
-        if plan.warmup >= MAX_LENGTH and plan.samples >= MAX_LENGTH:
+        scale = min(2.0, job.max_draws / (plan.warmup + plan.samples))
+        warmup = _longest(int(plan.warmup * scale), room=job.max_draws)
+        samples = _longest(int(plan.samples * scale), room=job.max_draws - warmup)
+        if warmup <= plan.warmup and samples <= plan.samples:
             return None
-        warmup, samples = min(2 * plan.warmup, MAX_LENGTH), min(2 * plan.samples, MAX_LENGTH)
         return replace(
             base, warmup=warmup, samples=samples,
             remedy=f"max R-hat {outcome.max_rhat:.4f}: warmup {warmup}, {samples} draws",
         )
     if not outcome.min_ess_bulk >= criteria.min_ess_bulk:
-        if plan.samples >= MAX_LENGTH:
-            return None
         ess = outcome.min_ess_bulk if math.isfinite(outcome.min_ess_bulk) else 1.0
         shortfall = criteria.min_ess_bulk / max(ess, 1.0)
         growth = min(MAX_DRAW_GROWTH, max(1.25, shortfall * ESS_MARGIN))
-        samples = min(math.ceil(plan.samples * growth), MAX_LENGTH)
+        samples = _longest(math.ceil(plan.samples * growth), room=job.max_draws - plan.warmup)
+        if samples <= plan.samples:
+            return None
         return replace(base, samples=samples, remedy=f"min bulk ESS {outcome.min_ess_bulk:.0f}: {samples} draws")
     return None
 
 
+def _longest(length: int, *, room: int) -> int:
+    """``length`` within the schema's bound and the ``room`` a chain has left."""
+    return max(0, min(length, MAX_RUN_LENGTH, room))
+
+
 __all__ = [
-    "MAX_LENGTH",
+    "TARGET_ACCEPT",
     "TARGET_LADDER",
+    "JobRuns",
     "RunOutcome",
     "RunPlan",
     "attempt_seed",

@@ -60,11 +60,11 @@ from shared.contract.control import JobControl
 from shared.contract.job import Progress
 from shared.fit.model import ModelData, ModelShape, calibration_model, model_data
 from shared.fit.nuts import nuts_step
+from shared.fit.remedy import TARGET_ACCEPT
 
 log = logging.getLogger(__name__)
 
 MAX_TREE_DEPTH = 10
-TARGET_ACCEPT = 0.8  # divergence-free on five seasons × four archetypes (see shared.fit.model)
 #: The smallest row bucket: a season of intermediate races (the largest archetype) with three events is 1,710 rows.
 MIN_ROW_BUCKET = 2048
 #: Row buckets above the smallest grow by this ratio, in multiples of 128 rows.

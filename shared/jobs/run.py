@@ -90,7 +90,8 @@ def run_job(
         warm = find_warm_source(job, store) if settings.warm_start else None
         load_s = time.perf_counter() - started
 
-        idata, fit = calibrate(dataset, job, control=control, criteria=criteria or settings.convergence, warm=warm)
+        idata, fit = calibrate(dataset, job, control=control, criteria=criteria or settings.convergence, warm=warm,
+                               max_draws_per_chain=limits.max_draws_per_chain)
     except (InvalidDataset, DatasetHashMismatch) as exc:
         _discard_if_its_own_fault(exc, job, store)
         raise
