@@ -1,4 +1,4 @@
-"""``calq serve`` and ``calq token create|list|revoke``: the calibration API and who may call it.
+"""``calq serve``, ``calq token create|list|revoke`` and ``calq acl``: the calibration API and who may call it.
 
 Registered on the ``calq`` app by :mod:`producer.cli`. Both need the fleet's
 Redis (``CALQ_BROKER_URL``); tokens may live in a file instead
@@ -8,6 +8,7 @@ keeps only its sha256 (:mod:`producer.api.tokens`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -88,6 +89,34 @@ def revoke(name: Annotated[str, typer.Argument(help="The token's name (calq toke
     say(out, f"token {record.name} revoked")
 
 
+def acl(
+    out_path: Annotated[Optional[Path], typer.Option("--out", help="Write the ACL file here (default: print it).")] = None,
+) -> None:
+    """Write Redis ACL rules for the users api, worker and operator (passwords from CALQ_REDIS_ACL__*, as sha256).
+
+    Load the file with redis-server --aclfile; the default user is switched off. Only the operator may run
+    FLUSHALL, CONFIG, DEBUG and the other server commands.
+    """
+    from producer.console import err, say
+    from shared.contract.settings import get_settings
+    from shared.jobs.acl import acl_rules
+
+    group = get_settings().redis_acl
+    passwords = {name: secret.get_secret_value() for name, secret in
+                 (("api", group.api_password), ("worker", group.worker_password), ("operator", group.operator_password))
+                 if secret is not None}
+    missing = sorted({"api", "worker", "operator"} - set(passwords))
+    if missing:
+        raise typer.BadParameter("set " + ", ".join(f"CALQ_REDIS_ACL__{m.upper()}_PASSWORD" for m in missing))
+    text = "\n".join(acl_rules(passwords)) + "\n"
+    if out_path is None:
+        print(text, end="")
+        return
+    out_path.write_text(text)
+    out_path.chmod(0o600)
+    say(err, f"wrote {out_path}: users api, worker, operator (redis-server --aclfile {out_path})")
+
+
 def _tokens():
     from producer.api.tokens import token_store
     from shared.contract.settings import get_settings
@@ -99,9 +128,10 @@ def _tokens():
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``serve`` and ``token`` to the ``calq`` app."""
+    """Add ``serve``, ``acl`` and ``token`` to the ``calq`` app."""
     app.command()(serve)
+    app.command()(acl)
     app.add_typer(token_app, name="token")
 
 
-__all__ = ["register", "serve", "token_app"]
+__all__ = ["acl", "register", "serve", "token_app"]

@@ -390,3 +390,56 @@ def test_a_planted_token_record_that_does_not_parse_authenticates_nobody(redis_u
     client.hset(tokens.hashes_key, digest(secret), "ghost")
     client.hset(tokens.records_key, "ghost", b'{"name": "ghost", "role": "operator"')
     assert tokens.authenticate(secret) is None and tokens.list() == []
+
+
+# -- least privilege in Redis ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def acl_clients(redis_url):
+    """Clients logged in as the api, worker and operator users of ``calq acl`` (the default user stays on)."""
+    from shared.jobs.acl import acl_rules, setuser_args
+
+    admin = redis.Redis.from_url(redis_url)
+    passwords = {"api": "a-pw", "worker": "w-pw", "operator": "o-pw"}
+    lines = acl_rules(passwords)
+    assert lines[0] == "user default off"
+    for line in lines[1:]:
+        admin.execute_command("ACL", "SETUSER", *setuser_args(line))
+    port = admin.connection_pool.connection_kwargs["port"]
+    clients = {name: redis.Redis(host="127.0.0.1", port=port, username=name, password=pw) for name, pw in passwords.items()}
+    yield clients
+    for c in clients.values():
+        c.close()
+    admin.execute_command("ACL", "DELUSER", *passwords)
+    admin.close()
+
+
+def test_only_the_operator_may_flush_configure_or_debug_redis(acl_clients):
+    operator = acl_clients["operator"]
+    for command in (("FLUSHALL",), ("FLUSHDB",), ("CONFIG", "GET", "maxmemory"), ("DEBUG", "SLEEP", "0"), ("KEYS", "*")):
+        for name in ("api", "worker"):  # ACL DRYRUN: what the ACL says, whatever the server's own switches (DEBUG is off)
+            verdict = operator.execute_command("ACL", "DRYRUN", name, *command)
+            assert b"no permissions" in verdict, (name, command, verdict)
+        assert operator.execute_command("ACL", "DRYRUN", "operator", *command) == b"OK"
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        acl_clients["worker"].flushall()
+    assert operator.flushdb()
+
+
+def test_the_api_user_cannot_write_leases_or_unacked_jobs_and_the_worker_cannot_touch_tokens(acl_clients):
+    api, worker = acl_clients["api"], acl_clients["worker"]
+    api.set("calq:job:cj-0", "{}")  # what it needs: records, tokens, held batch jobs, the queues
+    api.hset("calq:api:tokens", "x", "{}")
+    api.rpush("calq:lanes:owners", "x")
+    api.lpush("calq.cpu.batch", "m")
+    assert api.get("calq:lease:cj-0") is None  # leases: read only
+    for write in (lambda: api.set("calq:lease:cj-0", "planted"), lambda: api.hset("unacked", "t", "m"),
+                  lambda: api.set("celery-task-meta-x", "{}"), lambda: api.set("anything-else", "1")):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            write()
+    worker.set("calq:lease:cj-0", "mine")
+    for touch in (lambda: worker.hget("calq:api:tokens", "x"), lambda: worker.hset("calq:api:tokens", "x", "{}"),
+                  lambda: worker.lpop("calq:lanes:owners")):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            touch()

@@ -4,7 +4,8 @@ The producer's commands run as ``calq`` subprocesses whose environment holds
 ``CALQ_API__URL`` and ``CALQ_API__TOKEN`` and no ``CALQ_BROKER_URL``, store
 URL or S3 key: upload, submit, wait, latest, calibrate (``calq apply`` and
 ``POST /v1/calibrate``), report. The worker is bench/faults.py's launcher
-(``python -m worker``), the API runs on a thread of this process.
+(``python -m worker``), the API runs on a thread of this process; each
+connects to Redis as its own ACL user from ``calq acl`` (:mod:`shared.jobs.acl`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from shared.contract.settings import Settings
 from shared.contract.summary import CalibrationSummary
 from shared.data.dataset import save_dataset
 from shared.data.synth import synthesize
+from shared.jobs.acl import acl_rules, setuser_args
 from tests.services import free_port
 
 pytestmark = pytest.mark.integration
@@ -43,18 +45,32 @@ CONTRACT = {
 
 
 @pytest.fixture(scope="module")
-def fleet(redis_server, tmp_path_factory):
-    """A worker and the API on one Redis and one local store; yields ``(url, ctx, producer_env, producer_dir)``."""
+def acl_users(redis_server):
+    """The worker and api users of ``calq acl`` on the test server (its default user stays on for other tests)."""
+    import redis
+
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.flushall()
+    passwords = {"worker": "worker-secret", "api": "api-secret"}
+    for line in acl_rules(passwords)[1:]:
+        admin.execute_command("ACL", "SETUSER", *setuser_args(line))
+    yield {name: f"redis://{name}:{pw}@{redis_server.host}:{redis_server.port}/0" for name, pw in passwords.items()}
+    admin.execute_command("ACL", "DELUSER", *passwords)
+    admin.close()
+
+
+@pytest.fixture(scope="module")
+def fleet(acl_users, tmp_path_factory):
+    """A worker and the API, each as its ACL user, on one Redis and store: ``(url, ctx, producer_env, producer_dir)``."""
     root = tmp_path_factory.mktemp("api-fleet")
     store = root / "store"
     environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-    fleet_env = {**environ, "CALQ_BROKER_URL": redis_server.url, "CALQ_STORAGE_URL": str(store),
+    fleet_env = {**environ, "CALQ_BROKER_URL": acl_users["worker"], "CALQ_STORAGE_URL": str(store),
                  "CALQ_COMPILE_CACHE_DIR": str(root / "jax-cache"), "CALQ_WARM_START": "false",
                  "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), **CONVERGENCE}
     worker = Worker(fleet_env, root / "worker.log", children=1)
-    settings = Settings(broker_url=redis_server.url, storage_url=str(store), compile_cache_dir=None)
+    settings = Settings(broker_url=acl_users["api"], storage_url=str(store), compile_cache_dir=None)
     ctx = ApiContext.from_settings(settings)
-    ctx.client.registry.redis.flushall()
     producer_dir = root / "producer"
     producer_dir.mkdir()
     try:
@@ -114,6 +130,7 @@ def test_calibrate_over_http_agrees_with_calq_apply_and_borrows_for_an_unseen_tr
                                                     "event": "top_5", "p": p}).json()
         out_of_range = client.post("/v1/calibrate", json={"archetype": "intermediate", "event": "top_5", "p": [1.5]})
         no_fit = client.post("/v1/calibrate", json={"archetype": "road_course", "event": "top_5", "p": p})
+        wrong_case = client.post("/v1/calibrate", json={"archetype": "intermediate", "track": "kansas", "event": "top_5", "p": p})
     assert known["job_id"] == unseen["job_id"] == finished.job_id
     applied = json.loads(calq(fleet, "apply", finished.posterior_uri, "--event", "top_5", "--p", "0.05,0.2,0.5",
                               "--track", "Kansas", "--json").stdout)
@@ -122,9 +139,10 @@ def test_calibrate_over_http_agrees_with_calq_apply_and_borrows_for_an_unseen_tr
     borrowed = json.loads(calq(fleet, "apply", finished.posterior_uri, "--event", "top_5", "--p", "0.05,0.2,0.5",
                                "--track", "Nowhere Speedway", "--archetype", "intermediate", "--json").stdout)
     np.testing.assert_allclose(unseen["q_mean"], [r["mean"] for r in borrowed], rtol=1e-9)  # the archetype's new track
-    assert unseen["q_mean"] != known["q_mean"]
+    assert unseen["q_mean"] != known["q_mean"] and (known["track_seen"], unseen["track_seen"]) == (True, False)
     assert out_of_range.status_code == 422 and out_of_range.json()["detail"] == "p must be a list of probabilities in [0, 1]"
     assert no_fit.status_code == 404
+    assert wrong_case.status_code == 422 and "Kansas" in wrong_case.json()["detail"]  # a typo never borrows silently
 
 
 def test_report_of_a_job_over_http(fleet, finished):

@@ -23,8 +23,7 @@ from typing import Any
 import numpy as np
 
 from shared.contract.errors import NotFound
-from shared.contract.summary import CalibrationSummary
-from shared.fit.apply import calibrate_with_draws, fallback_archetype, parameter_draws
+from shared.fit.apply import calibrate_with_draws, fallback_archetype, parameter_draws, track_seen
 
 #: Draws kept for this many (job, event, track, archetype) combinations, least recently used dropped first.
 KEEP_DRAWS = 256
@@ -39,17 +38,18 @@ class Calibrations:
         self._lock = threading.Lock()
         self._slots: dict[tuple[str, str], str] = {}  # (archetype, event) → the job id last seen as latest
         self._posteriors: dict[str, Any] = {}  # job id → InferenceData
-        self._draws: OrderedDict[tuple[str, str, str | None, str], tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._summaries: OrderedDict[str, CalibrationSummary] = OrderedDict()
+        self._draws: OrderedDict[tuple[str, str, str | None, str], tuple[np.ndarray, np.ndarray, bool | None]] = OrderedDict()
+        self._summaries: OrderedDict[str, str] = OrderedDict()
 
     def calibrate(
         self, archetype: str, track: str | None, event: str, p: Sequence[float]
-    ) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
-        """``(job_id, mean, low, high)`` for forecasts ``p`` from the latest converged fit.
+    ) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, bool | None]:
+        """``(job_id, mean, low, high, track_seen)`` for forecasts ``p`` from the latest converged fit.
 
         NotFound if the archetype has no converged fit for ``event``;
-        ValueError/KeyError (the caller's input) for p outside [0, 1] or a
-        track the fit does not know named without a usable archetype.
+        ValueError/KeyError (the caller's input) for p outside [0, 1], a
+        track named like a fitted one but in another case
+        (:func:`~shared.fit.apply.track_seen`), or an unknown track without a usable archetype.
         """
         values = np.asarray(p, dtype=np.float64)
         if values.ndim != 1 or not np.all((values >= 0) & (values <= 1)):
@@ -57,25 +57,27 @@ class Calibrations:
         pointer = self.client.registry.latest(archetype, event)
         if pointer is None:
             raise NotFound(f"no converged calibration for {archetype} / {event} yet")
-        alpha, beta = self._draws_for(pointer, archetype, track, event)
+        alpha, beta, seen = self._draws_for(pointer, archetype, track, event)
         mean, low, high = calibrate_with_draws(alpha, beta, values)
-        return pointer.job_id, mean, low, high
+        return pointer.job_id, mean, low, high, seen
 
-    def summary(self, uri: str) -> CalibrationSummary:
-        """The summary stored at ``uri`` (read once, then kept)."""
+    def summary_json(self, uri: str) -> str:
+        """The summary stored at ``uri`` as JSON (read and checked by the catalog once, then kept)."""
         with self._lock:
             found = self._summaries.get(uri)
             if found is not None:
                 self._summaries.move_to_end(uri)
                 return found
-        summary = self.client.catalog.read(uri)
+        text = self.client.catalog.read(uri).model_dump_json()
         with self._lock:
-            self._summaries[uri] = summary
+            self._summaries[uri] = text
             while len(self._summaries) > KEEP_SUMMARIES:
                 self._summaries.popitem(last=False)
-        return summary
+        return text
 
-    def _draws_for(self, pointer: Any, archetype: str, track: str | None, event: str) -> tuple[np.ndarray, np.ndarray]:
+    def _draws_for(
+        self, pointer: Any, archetype: str, track: str | None, event: str
+    ) -> tuple[np.ndarray, np.ndarray, bool | None]:
         key = (pointer.job_id, event, track, archetype)
         with self._lock:
             self._follow(archetype, event, pointer.job_id)
@@ -86,15 +88,16 @@ class Calibrations:
             idata = self._posteriors.get(pointer.job_id)
         if idata is None:
             idata = self._load(pointer)
+        seen = track_seen(idata, track, archetype=archetype)
         fallback = fallback_archetype(idata, track=track, archetype=archetype)
         alpha, beta, _ = parameter_draws(idata, event=event, track=track, archetype=fallback)
         with self._lock:
             if self._slots.get((archetype, event)) == pointer.job_id:  # still latest: keep it
                 self._posteriors[pointer.job_id] = idata
-                self._draws[key] = (alpha, beta)
+                self._draws[key] = (alpha, beta, seen)
                 while len(self._draws) > KEEP_DRAWS:
                     self._draws.popitem(last=False)
-        return alpha, beta
+        return alpha, beta, seen
 
     def _load(self, pointer: Any) -> Any:
         return self.client.posterior(pointer.job_id)  # the client's read, with whatever checks it makes

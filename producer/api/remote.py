@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -217,16 +218,16 @@ class RemoteClient(CalibrationClient):
 
     def posterior_at(self, uri: str):
         """The posterior at a fleet URI: fetched by its job id (the file's name), through the API."""
-        name = uri.rstrip("/").rsplit("/", 1)[-1]
-        if not name.endswith(".nc"):
+        name = re.fullmatch(r"(.+?)(\.t\d+)?\.nc", uri.rstrip("/").rsplit("/", 1)[-1])  # JOB.nc or JOB.tN.nc
+        if name is None:
             raise NotFound(f"{uri} does not name a posterior (JOB_ID.nc); over the API, give the job id")
-        return self.posterior(name[: -len(".nc")])
+        return self.posterior(name.group(1))
 
     def calibrate(self, archetype: str, track: str | None, event: str, p: Sequence[float]):
         """Calibrate forecast probabilities with the latest converged posterior (computed by the API)."""
         answer = self._call("POST", "/v1/calibrate",
                             json={"archetype": archetype, "track": track, "event": event, "p": [float(x) for x in p]}).json()
-        return [CalibratedProbability(p=float(pi), mean=m, low=lo, high=hi)
+        return [CalibratedProbability(p=float(pi), mean=m, low=lo, high=hi, track_seen=answer.get("track_seen"))
                 for pi, m, lo, hi in zip(p, answer["q_mean"], answer["q_low"], answer["q_high"])]
 
     def close(self) -> None:

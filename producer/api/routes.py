@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 import tempfile
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Optional
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse
 
-from producer.api.app import ApiContext, ApiError, caller, context, operator
+from producer.api.app import ApiContext, ApiError, caller, context, json_response, operator
 from producer.api.schemas import (
     CalibrateRequest,
     CalibrateResponse,
@@ -30,7 +31,7 @@ from producer.api.schemas import (
 from producer.api.tokens import Token
 from shared.contract.domain import ARCHETYPES, event_threshold
 from shared.contract.errors import InvalidJob, NotFound
-from shared.contract.job import JobState
+from shared.contract.job import JobState, JobStatus
 
 router = APIRouter()
 SHA256_PATH = r"^[0-9a-f]{64}$"
@@ -141,10 +142,10 @@ def list_jobs(
     return [r.model_dump(mode="json") for r in ctx.client.jobs(state=state, archetype=archetype, limit=limit)]
 
 
-@router.get("/v1/jobs/{job_id}", tags=["jobs"])
-def job_record(job_id: str, token: Token = Depends(caller), ctx: ApiContext = Depends(context)) -> dict:
+@router.get("/v1/jobs/{job_id}", tags=["jobs"], response_model=JobStatus)
+def job_record(job_id: str, token: Token = Depends(caller), ctx: ApiContext = Depends(context)) -> Response:
     """A job's record: state, progress, reason."""
-    return ctx.client.status(_job_id(job_id)).model_dump(mode="json")
+    return json_response(ctx.client.status(_job_id(job_id)).model_dump_json())
 
 
 @router.post("/v1/jobs/{job_id}/cancel", tags=["jobs"])
@@ -190,28 +191,28 @@ def report(job_id: str, token: Token = Depends(caller), ctx: ApiContext = Depend
 
 
 @router.get("/v1/latest/{archetype}", tags=["results"])
-def latest(archetype: str, token: Token = Depends(caller), ctx: ApiContext = Depends(context)) -> dict:
+def latest(archetype: str, token: Token = Depends(caller), ctx: ApiContext = Depends(context)) -> Response:
     """Per event, the job that is latest for ``archetype`` and its summary."""
     _check_archetype(archetype)
     pointers = {e: p for (a, e), p in ctx.client.registry.latest_all().items() if a == archetype}
     if not pointers:
         raise NotFound(f"no converged calibration for {archetype} yet")
-    return {
-        event: {"job_id": p.job_id, "summary": ctx.calibrations.summary(p.summary_uri).model_dump(mode="json")}
-        for event, p in sorted(pointers.items())
-    }
+    parts = [f'{json.dumps(event)}:{{"job_id":{json.dumps(p.job_id)},"summary":{ctx.calibrations.summary_json(p.summary_uri)}}}'
+             for event, p in sorted(pointers.items())]
+    return json_response("{" + ",".join(parts) + "}")
 
 
 @router.post("/v1/calibrate", response_model=CalibrateResponse, tags=["results"])
-def calibrate(body: CalibrateRequest, token: Token = Depends(caller), ctx: ApiContext = Depends(context)) -> CalibrateResponse:
+def calibrate(body: CalibrateRequest, token: Token = Depends(caller), ctx: ApiContext = Depends(context)) -> Response:
     """Calibrated probabilities for ``p`` from the latest converged fit (an unseen track borrows its archetype)."""
     _check_archetype(body.archetype)
     _check_event(body.event)
     try:
-        job_id, mean, low, high = ctx.calibrations.calibrate(body.archetype, body.track, body.event, body.p)
+        job_id, mean, low, high, seen = ctx.calibrations.calibrate(body.archetype, body.track, body.event, body.p)
     except (KeyError, ValueError) as exc:
         raise InvalidJob(str(exc).strip("'\"")) from None
-    return CalibrateResponse(job_id=job_id, q_mean=mean.tolist(), q_low=low.tolist(), q_high=high.tolist())
+    answer = {"job_id": job_id, "q_mean": mean.tolist(), "q_low": low.tolist(), "q_high": high.tolist(), "track_seen": seen}
+    return json_response(json.dumps(answer, separators=(",", ":")))  # floats as JSON numbers, encoded once
 
 
 # -- operator --------------------------------------------------------------------------

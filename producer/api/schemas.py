@@ -68,6 +68,7 @@ class CalibrateResponse(BaseModel):
     q_mean: list[float]
     q_low: list[float]
     q_high: list[float]
+    track_seen: bool | None = Field(None, description="False: the track was not fitted and borrowed its archetype")
 
 
 class DatasetResponse(BaseModel):

@@ -10,8 +10,9 @@ to, and compares the stored hash with :func:`hmac.compare_digest`.
 Two backends, one setting (``api.tokens``):
 
 - :class:`RedisTokens`: hash ``{prefix}:api:tokens`` (name → record JSON)
-  and hash ``{prefix}:api:token-hashes`` (sha256 → name). Revoking deletes
-  the hash entry first, so a revoked token fails at once on every API process.
+  and hash ``{prefix}:api:token-hashes`` (sha256 → the same record JSON, so
+  a request costs one HGET). Revoking deletes the hash entry in the same
+  transaction, so a revoked token fails at once on every API process.
 - :class:`FileTokens`: one JSON file (mode 0600), rewritten atomically.
 
 A record read back may have been written by anyone who can write Redis or the
@@ -165,14 +166,11 @@ class RedisTokens(TokenStore):
     def _insert(self, record: Token) -> bool:
         if not self.redis.hsetnx(self.records_key, record.name, record.model_dump_json()):
             return False
-        self.redis.hset(self.hashes_key, record.sha256, record.name)
+        self.redis.hset(self.hashes_key, record.sha256, record.model_dump_json())
         return True
 
     def _by_hash(self, sha256: str) -> Token | None:
-        name = self.redis.hget(self.hashes_key, sha256)
-        if name is None:
-            return None
-        return _parse(self.redis.hget(self.records_key, name))
+        return _parse(self.redis.hget(self.hashes_key, sha256))
 
     def _revoke(self, record: Token) -> None:
         pipe = self.redis.pipeline(transaction=True)

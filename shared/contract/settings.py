@@ -211,6 +211,18 @@ class ApiSettings(BaseModel):
         return bool(self.url) and self.token is not None
 
 
+class RedisAclSettings(BaseModel):
+    """Passwords of the Redis ACL users ``calq acl`` writes (:mod:`shared.jobs.acl`); each is written as its sha256."""
+
+    model_config = ConfigDict(frozen=True)
+
+    api_password: SecretStr | None = Field(None, description="CALQ_REDIS_ACL__API_PASSWORD: the API's Redis user.")
+    worker_password: SecretStr | None = Field(None, description="CALQ_REDIS_ACL__WORKER_PASSWORD: the workers' Redis user.")
+    operator_password: SecretStr | None = Field(
+        None, description="CALQ_REDIS_ACL__OPERATOR_PASSWORD: the operator's Redis user (every command)."
+    )
+
+
 class LogSettings(BaseModel):
     """How workers log: ``text`` lines, or ``json`` (one object per line, for Loki or ELK)."""
 
@@ -286,6 +298,7 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
     api: ApiSettings = ApiSettings()
+    redis_acl: RedisAclSettings = RedisAclSettings()
 
     @field_validator("storage_url")
     @classmethod
