@@ -113,7 +113,7 @@ def acl(
         print(text, end="")
         return
     out_path.write_text(text)
-    out_path.chmod(0o600)
+    out_path.chmod(0o644)  # redis-server runs as another user; the file holds sha256 hashes, no password
     say(err, f"wrote {out_path}: users api, worker, operator (redis-server --aclfile {out_path})")
 
 

@@ -86,13 +86,14 @@ def test_the_environment_builds_valid_settings(monkeypatch):
     assert not settings.embedded and settings.storage_url == "s3://calq/store"
     assert settings.s3.endpoint_url == "http://minio:9000"
     assert settings.s3.access_key_id == secrets["MINIO_WORKER_ACCESS_KEY"]
-    assert settings.broker() == f"redis://:{secrets['REDIS_PASSWORD']}@redis:6379/0"
-    assert secrets["REDIS_PASSWORD"] not in json.dumps(settings.public())
+    assert settings.broker() == f"redis://worker:{secrets['REDIS_WORKER_PASSWORD']}@redis:6379/0"
+    assert secrets["REDIS_WORKER_PASSWORD"] not in json.dumps(settings.public())
 
 
 # -- hardening (issue 8) ---------------------------------------------------------
 
-SECRETS = ("REDIS_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "MINIO_WORKER_ACCESS_KEY", "MINIO_WORKER_SECRET_KEY",
+SECRETS = ("REDIS_WORKER_PASSWORD", "REDIS_API_PASSWORD", "REDIS_OPERATOR_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD",
+           "MINIO_WORKER_ACCESS_KEY", "MINIO_WORKER_SECRET_KEY", "MINIO_API_ACCESS_KEY", "MINIO_API_SECRET_KEY",
            "FLOWER_BASIC_AUTH", "GRAFANA_ADMIN_PASSWORD")
 
 
@@ -121,16 +122,30 @@ def test_every_secret_is_required_from_the_env_file_and_listed_in_env_example():
     assert ".env.example" in readme
 
 
-def test_redis_needs_a_password_and_every_port_is_on_localhost_only():
+def test_redis_runs_with_calq_acl_users_and_every_port_is_on_localhost_only():
     services = compose()["services"]
     redis_command = " ".join(services["redis"]["command"])
-    assert "--requirepass" in redis_command and "$$REDIS_PASSWORD" in redis_command
-    assert "REDIS_PASSWORD" in services["redis"]["environment"]
-    assert "$$REDIS_PASSWORD" in " ".join(services["redis"]["healthcheck"]["test"])
+    assert "--aclfile /acl/users.acl" in redis_command and "redis-acl:/acl:ro" in services["redis"]["volumes"]
+    assert services["redis-acl"]["command"] == ["acl", "--out", "/acl/users.acl"]
+    assert "$$REDIS_OPERATOR_PASSWORD" in " ".join(services["redis"]["healthcheck"]["test"])
     for name, service in services.items():
         for port in _host_ports(service):
             assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond localhost"
-    assert "${REDIS_PASSWORD" in compose()["x-calq-env"]["CALQ_BROKER_URL"]
+    assert compose()["x-calq-env"]["CALQ_BROKER_URL"].startswith("redis://worker:${REDIS_WORKER_PASSWORD")
+    assert services["api"]["environment"]["CALQ_BROKER_URL"].startswith("redis://api:${REDIS_API_PASSWORD")
+
+
+def test_producers_reach_only_the_api_and_the_api_writes_datasets_only():
+    services = compose()["services"]
+    assert not _host_ports(services["redis"]) and not _host_ports(services["minio"])  # not reachable from the host
+    assert _host_ports(services["api"]) == ["127.0.0.1:8000:8000"]
+    api_env = services["api"]["environment"]
+    assert "MINIO_API_ACCESS_KEY" in api_env["CALQ_S3__ACCESS_KEY_ID"] and "MINIO_WORKER" not in json.dumps(api_env)
+    init = services["minio-init"]["entrypoint"][-1]
+    policy = json.loads(re.search(r"<<'APIPOLICY'\n(.*?)\n\s*APIPOLICY", init, flags=re.S).group(1))
+    writes = {r for st in policy["Statement"] if "s3:PutObject" in st["Action"] for r in st["Resource"]}
+    assert writes == {"arn:aws:s3:::calq/store/datasets/*"}
+    assert not [st for st in policy["Statement"] if "s3:DeleteObject" in st["Action"]]
 
 
 def test_workers_use_a_bucket_limited_service_account_never_minio_root():
