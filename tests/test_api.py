@@ -443,3 +443,24 @@ def test_the_api_user_cannot_write_leases_or_unacked_jobs_and_the_worker_cannot_
                   lambda: worker.lpop("calq:lanes:owners")):
         with pytest.raises(redis.exceptions.NoPermissionError):
             touch()
+
+
+def test_calq_acl_writes_hashes_never_passwords_and_names_a_missing_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
+    run = [sys.executable, "-m", "producer.cli", "acl", "--out", str(tmp_path / "users.acl")]
+    missing = subprocess.run(run, env={**environ, "CALQ_REDIS_ACL__API_PASSWORD": "a-secret"}, capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 2 and "CALQ_REDIS_ACL__OPERATOR_PASSWORD" in missing.stderr
+    assert "CALQ_REDIS_ACL__WORKER_PASSWORD" in missing.stderr and not (tmp_path / "users.acl").exists()
+    passwords = {"API": "a-secret", "WORKER": "w-secret", "OPERATOR": "o-secret"}
+    written = subprocess.run(run, env={**environ, **{f"CALQ_REDIS_ACL__{k}_PASSWORD": v for k, v in passwords.items()}},
+                             capture_output=True, text=True, timeout=120)
+    text = (tmp_path / "users.acl").read_text()
+    assert written.returncode == 0 and text.splitlines()[0] == "user default off"
+    assert [line.split()[1] for line in text.splitlines()[1:]] == ["worker", "api", "operator"]
+    assert not any(v in text for v in passwords.values())
+    assert "#" + hashlib.sha256(b"o-secret").hexdigest() in text
