@@ -18,6 +18,7 @@ skips them: an interrupted backfill picks up where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -27,11 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from producer.sanitize import for_markup
+from producer.sanitize import visible
 from shared.contract.domain import ARCHETYPES
+from shared.contract.errors import NotFound
 from shared.contract.job import CalibrationJob, JobState
 from shared.data.dataset import open_dataset
 from shared.jobs.celery_app import BATCH
@@ -39,6 +43,10 @@ from shared.jobs.celery_app import BATCH
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5
+#: After a Ctrl-C, how long a backfill waits for the fleet jobs it cancelled to stop.
+CANCEL_GRACE_S = 30.0
+#: The outcome of a job a backfill planned but never submitted (it was interrupted first).
+NOT_RUN = "not run"
 #: The default rolling window of ``calq backfill`` and ``calq evaluate``: three years.
 DEFAULT_WINDOW_DAYS = 3 * 365
 
@@ -51,6 +59,8 @@ class Outcome:
     state: str
     reason: str | None = None
     races: int = 0
+    #: Its summary was already in the store: not fitted again (``state`` is ``succeeded``).
+    reused: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "as_of": self.as_of.isoformat()}
@@ -196,32 +206,83 @@ class Backfill:
         console=None,
         windows: list[Window] | None = None,
     ) -> list[Outcome]:
-        """Submit every planned job, at most ``max_in_flight`` unfinished at once; wait for all."""
+        """Submit every planned job, at most ``max_in_flight`` unfinished at once; wait for all.
+
+        Embedded, a submission runs its job here and now, so each job is
+        counted (and the bar advanced) as soon as it ends, before the next
+        starts. A job the store already holds a summary for is ``reused``: not
+        fitted again. Once the client is interrupted (Ctrl-C:
+        :meth:`~producer.client.CalibrationClient.interrupt`) nothing more is
+        submitted, the jobs in flight are cancelled through the client
+        (embedded, the running one has already ended ``cancelled`` at its next
+        check), and every job never submitted is reported ``not run``.
+        """
         windows = windows if windows is not None else self.windows()
         races = {w.job.job_id: len(w.races) for w in windows}
         jobs = [w.job for w in windows]
         outcomes: dict[str, Outcome] = {}
         pending = list(jobs)
         in_flight: dict[str, tuple[CalibrationJob, float]] = {}
+        reused: set[str] = set()
+        limit = 1 if self.client.embedded else max_in_flight  # embedded, a submission is the whole run
         with counting_bar(console) as bar:
             task = bar.add_task("backfill", total=len(jobs))
-            while pending or in_flight:
-                while pending and len(in_flight) < max_in_flight:
+
+            def settle(job: CalibrationJob, state: str, reason: str | None) -> None:
+                outcomes[job.job_id] = Outcome(job.archetype, job.as_of, job.job_id, state, reason,
+                                               races[job.job_id], reused=job.job_id in reused)
+                del in_flight[job.job_id]
+                bar.advance(task)
+
+            while (pending or in_flight) and not self.client.interrupted:
+                while pending and len(in_flight) < limit and not self.client.interrupted:
                     job = pending.pop(0)
-                    self.client.submit_job(job, lane=BATCH)  # backfills never hold up interactive jobs
+                    record, sent = self.client.admit(job, lane=BATCH)  # backfills never hold up interactive jobs
+                    if not sent and record.state is JobState.SUCCEEDED:
+                        reused.add(job.job_id)
                     in_flight[job.job_id] = (job, time.monotonic())
                 for job_id, (job, since) in list(in_flight.items()):
                     record = self.client.registry.find(job_id)
-                    expired = time.monotonic() - since > timeout
-                    if record is not None and (record.state.finished or expired):
-                        state = record.state.value if record.state.finished else "failed"
-                        reason = record.reason if record.state.finished else f"no result within {timeout:.0f} s"
-                        outcomes[job_id] = Outcome(job.archetype, job.as_of, job_id, state, reason, races[job_id])
-                        del in_flight[job_id]
-                        bar.advance(task)
-                if in_flight and not self.client.embedded:
+                    if record is not None and record.state.finished:
+                        settle(job, record.state.value, record.reason)
+                    elif time.monotonic() - since > timeout:
+                        settle(job, JobState.FAILED.value, f"no result within {timeout:.0f} s")
+                if in_flight and not self.client.embedded and not self.client.interrupted:
                     time.sleep(POLL_S)
+            if in_flight:
+                for job, state, reason in self._cancel([job for job, _ in in_flight.values()]):
+                    settle(job, state, reason)
+        for job in pending:
+            outcomes[job.job_id] = Outcome(job.archetype, job.as_of, job.job_id, NOT_RUN,
+                                           "not submitted: the backfill was interrupted first", races[job.job_id])
         return [outcomes[j.job_id] for j in jobs]
+
+    def _cancel(self, jobs: list[CalibrationJob]) -> list[tuple[CalibrationJob, str, str | None]]:
+        """Cancel the fleet jobs this backfill has in flight; each job's state once its cancel took.
+
+        A queued job is cancelled at once; a running one is flagged, and its
+        worker stops it at its next check: it is waited for up to
+        :data:`CANCEL_GRACE_S`, then reported as it stands.
+        """
+        for job in jobs:
+            with contextlib.suppress(NotFound):  # its record expired: nothing left to cancel
+                self.client.cancel(job.job_id, "backfill interrupted (Ctrl-C)")
+        deadline = time.monotonic() + CANCEL_GRACE_S
+        while True:
+            records = {job.job_id: self.client.registry.find(job.job_id) for job in jobs}
+            if all(r is None or r.state.finished for r in records.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(POLL_S)
+        settled = []
+        for job in jobs:
+            record = records[job.job_id]
+            if record is None:
+                settled.append((job, JobState.CANCELLED.value, "its record expired"))
+            elif record.state.finished:
+                settled.append((job, record.state.value, record.reason))
+            else:
+                settled.append((job, record.state.value, "cancel requested: its worker stops it at its next check"))
+        return settled
 
 
 class _NoBar:
@@ -247,22 +308,46 @@ def counting_bar(console):
     )
 
 
-def outcome_table(outcomes: list[Outcome]) -> Table:
-    """Jobs per archetype and final state, then every job that did not succeed, with its reason."""
-    states = [state.value for state in JobState if state.finished]  # cancelled too, where jobs can be
-    totals = {state: sum(o.state == state for o in outcomes) for state in states}
-    table = Table(title=f"backfill: {len(outcomes)} jobs — " + ", ".join(f"{totals[s]} {s}" for s in states))
-    table.add_column("archetype")
-    for state in states:
-        table.add_column(state, justify="right")
+#: The columns of a backfill's report: each job in exactly one.
+COLUMNS = ("done", "reused", JobState.FAILED.value, JobState.REJECTED.value, JobState.CANCELLED.value, NOT_RUN)
+
+
+def column(outcome: Outcome) -> str:
+    """The report column of ``outcome``: a succeeded job is ``done``, or ``reused`` if it was not fitted again."""
+    if outcome.state == JobState.SUCCEEDED.value:
+        return "reused" if outcome.reused else "done"
+    return outcome.state
+
+
+def counts_table(outcomes: list[Outcome]) -> Table:
+    """Jobs per archetype and column (done, reused, failed, rejected, cancelled, not run, then any other state)."""
+    columns = [*COLUMNS, *sorted({column(o) for o in outcomes} - set(COLUMNS))]
+    totals = {c: sum(column(o) == c for o in outcomes) for c in columns}
+    said = ", ".join(f"{totals[c]} {c}" for c in columns if totals[c])  # the nonzero ones: the title fits 80 columns
+    table = Table(title=f"backfill: {len(outcomes)} jobs" + (f" — {said}" if said else ""))
+    table.add_column("archetype", no_wrap=True)
+    for name in columns:
+        table.add_column(name, justify="right", no_wrap=True)
     for archetype in sorted({o.archetype for o in outcomes}):
         mine = [o for o in outcomes if o.archetype == archetype]
-        table.add_row(archetype, *(str(sum(o.state == s for o in mine)) for s in states))
-    failures = [o for o in outcomes if o.state != JobState.SUCCEEDED.value]
-    if failures:
-        table.add_section()
-        for o in failures:
-            # Reasons quote the data (race ids, track names).
-            table.add_row(for_markup(f"{o.archetype} as of {o.as_of}"), o.state, for_markup(o.job_id),
-                          for_markup((o.reason or "")[:200]))
+        table.add_row(archetype, *(str(sum(column(o) == c for o in mine)) for c in columns))
     return table
+
+
+def outcome_table(outcomes: list[Outcome]) -> Group:
+    """The counts (:func:`counts_table`), then every job that did not succeed on a line of its own with its reason.
+
+    Each job's line is ``<archetype> as of <date>  <state>  <job id>``, its
+    id whole (it fits 80 columns), and its reason indented below it, wrapped
+    at words: one line per job however narrow the terminal.
+    """
+    lines: list[Text] = []
+    for o in outcomes:
+        if o.state == JobState.SUCCEEDED.value:
+            continue
+        # Plain Text with control characters shown, never markup: reasons quote the data (race ids, track names).
+        lines.append(Text(visible(f"{o.archetype} as of {o.as_of}  {o.state}  {o.job_id}"), no_wrap=True,
+                          overflow="ignore"))
+        if o.reason:
+            lines.append(Text("    " + visible(o.reason[:200])))
+    return Group(counts_table(outcomes), *lines)

@@ -192,14 +192,26 @@ def calibrate(
 
 
 @contextlib.contextmanager
-def _ctrl_c_cancels(client):
-    """Embedded mode: the first Ctrl-C cancels the running job cleanly; a second one quits at once."""
-    if not client.embedded or threading.current_thread() is not threading.main_thread():
+def _ctrl_c_cancels(client, *, fleet: bool = False):
+    """The first Ctrl-C cancels what the command started; a second one quits at once (exit 4 either way).
+
+    Embedded, the first Ctrl-C cancels the job running here at its next check
+    (:meth:`~producer.client.CalibrationClient.interrupt`: it ends
+    ``cancelled`` and writes nothing) and every later one. A second Ctrl-C
+    stops the job at once, and its record still ends ``cancelled`` (the client
+    settles it on the way out; Ctrl-C is ignored while it does). With
+    ``fleet``, for a command that follows the fleet jobs it sent (backfill),
+    the first Ctrl-C marks the client interrupted and the command's loop
+    cancels its jobs through the client; without it, Ctrl-C on the fleet only
+    stops the waiting (exit 4) and the jobs run on.
+    """
+    if (not client.embedded and not fleet) or threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def on_sigint(signum, frame) -> None:
         if client.interrupted:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # until the record is settled; restored below
             raise Interrupted
         client.interrupt("interrupted (Ctrl-C)")
 
@@ -446,7 +458,12 @@ def backfill(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each job.")] = 3600,
     as_json: JsonFlag = False,
 ) -> None:
-    """Recompute calibration as of every race date in a range; resumable."""
+    """Recompute calibration as of every race date in a range; resumable.
+
+    Ctrl-C cancels the jobs in flight (here, or on the fleet), submits no
+    more, prints the table of done, reused, failed, cancelled and not-run
+    jobs and exits 4; a second Ctrl-C quits at once.
+    """
     from producer.backfill import Backfill, outcome_table
 
     chosen = usage.archetypes(archetypes, allow_all=False, hint="--archetypes")
@@ -460,11 +477,14 @@ def backfill(
         window_days=window_days, events=events,
         sampler={"warmup": warmup, "samples": samples, "chains": chains, "seed": seed},
     )
-    outcomes = plan.run(max_in_flight=max_in_flight, timeout=timeout, console=None if as_json else err)
+    with _ctrl_c_cancels(client, fleet=True):
+        outcomes = plan.run(max_in_flight=max_in_flight, timeout=timeout, console=None if as_json else err)
     if as_json:
         _print_json([o.to_dict() for o in outcomes])
     else:
         out.print(outcome_table(outcomes))
+    if client.interrupted:
+        raise typer.Exit(exit_codes.ExitCode.CANCELLED)
     if any(o.state != "succeeded" for o in outcomes):
         raise typer.Exit(1)
 

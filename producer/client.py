@@ -236,8 +236,6 @@ class CalibrationClient:
         return BatchLanes(self.registry.redis, prefix=self.registry.prefix, depth=self.settings.api.batch_feed_depth)
 
     def _run_here(self, job: CalibrationJob, on_update: StatusCallback | None) -> None:
-        from shared.jobs.handle import process  # imports JAX: only when a job runs here
-
         def forward(progress) -> None:
             if on_update is not None:
                 on_update(self.registry.get(job.job_id))
@@ -246,6 +244,8 @@ class CalibrationClient:
         if self._interrupted is not None:
             self._control.cancel(self._interrupted)
         try:
+            from shared.jobs.handle import process  # imports JAX (seconds): only when a job runs here
+
             process(
                 job.to_message(),
                 registry=self.registry,
@@ -255,8 +255,26 @@ class CalibrationClient:
                 control=self._control,
                 on_progress=forward,
             )
+        except BaseException:
+            self._stopped_at_once(job.job_id)
+            raise
         finally:
             self._control = None
+
+    def _stopped_at_once(self, job_id: str) -> None:
+        """The job running here was stopped mid-way (a second Ctrl-C raises out of it): its record ends ``cancelled``.
+
+        This process is the job's only worker, so a record left ``queued`` or
+        ``running`` would say it runs when nothing runs it. Queued, it is
+        cancelled; running, flagged and then finished cancelled, as its worker.
+        """
+        reason = f"{self._interrupted or 'interrupted'}, then stopped at once"
+        try:
+            record, _ = self.registry.cancel(job_id, reason)
+            if record.state is JobState.RUNNING:
+                self.registry.finish_cancelled(job_id, f"cancelled: {reason}")
+        except CalqError as exc:  # the stop is what the user asked for: say the record, do not replace the stop
+            log.warning("job %s: its record could not be settled after the stop: %s", job_id, exc)
 
     def interrupt(self, reason: str = "interrupted") -> None:
         """Cancel the job running in this process (embedded mode) at its next check, and every later one.

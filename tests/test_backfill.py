@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import date
 
 import numpy as np
 import pytest
 
-from producer.backfill import Backfill, Outcome, RaceCalendar, outcome_table
+from producer.backfill import NOT_RUN, Backfill, Outcome, RaceCalendar, counts_table
 from producer.client import CalibrationClient
 from shared.contract.job import JobState
 from shared.contract.settings import Settings
@@ -109,7 +110,8 @@ def test_run_then_rerun_skips_what_is_done(client, dataset, monkeypatch):
     again = backfill(client, dataset, end=date(2024, 3, 31), archetypes=["short_track"]).run()
     assert ran == []
     assert [o.job_id for o in again] == [o.job_id for o in outcomes]
-    assert "0 failed, 0 rejected" in outcome_table(again).title
+    assert all(o.reused for o in again) and not any(o.reused for o in outcomes)
+    assert counts_table(again).title == f"backfill: {len(again)} jobs — {len(again)} reused"
 
 
 def test_an_interrupted_backfill_picks_up_where_it_stopped(client, dataset, monkeypatch):
@@ -137,10 +139,12 @@ def test_an_interrupted_backfill_picks_up_where_it_stopped(client, dataset, monk
     assert client.status(jobs[0].job_id).deliveries == 1  # done once, not again
 
 
-def test_the_table_has_a_column_for_every_final_state():
-    finished = [s.value for s in JobState if s.finished]
+def test_the_table_has_a_column_for_every_final_state_and_for_reused_and_not_run_jobs():
+    states = [s.value for s in JobState if s.finished]
     outcomes = [Outcome("superspeedway", date(2024, 3, 1), f"cj-{i}", state, None if state == "succeeded" else "why")
-                for i, state in enumerate(finished)]
-    table = outcome_table(outcomes)
-    assert [c.header for c in table.columns] == ["archetype", *finished]
-    assert all(f"1 {state}" in table.title for state in finished)
+                for i, state in enumerate([*states, "succeeded", NOT_RUN])]
+    outcomes[-2] = replace(outcomes[-2], reused=True)
+    table = counts_table(outcomes)
+    assert [c.header for c in table.columns] == ["archetype", "done", "reused", "failed", "rejected", "cancelled",
+                                                 "not run"]
+    assert table.title == "backfill: 6 jobs — 1 done, 1 reused, 1 failed, 1 rejected, 1 cancelled, 1 not run"
