@@ -2,8 +2,9 @@
 
 Every job that succeeds leaves two objects side by side in the store::
 
-    posteriors/{archetype}/{job_id}.nc     the posterior (written first)
-    posteriors/{archetype}/{job_id}.json   its CalibrationSummary
+    posteriors/{archetype}/{job_id}.nc     the posterior (written first; a fleet worker's is
+                                           {job_id}.t{token}.nc, its lease's fencing token)
+    posteriors/{archetype}/{job_id}.json   its CalibrationSummary, naming that posterior
 
 :class:`Catalog` reads those summaries back. The ``latest`` pointer of an
 (archetype, event) pair names the summary the optimizer should use; the job
