@@ -190,3 +190,15 @@ def test_a_producer_token_reaches_nothing_but_the_contract(fleet, finished):
         cancelled = client.post(f"/v1/jobs/{job}/cancel").json()
     assert not cancelled["changed"] and cancelled["job"]["state"] == "succeeded"
     assert ctx.client.status(job).state.value == "succeeded"
+
+
+def test_an_operator_token_reindexes_and_sees_the_fleet_through_the_api_user(fleet, finished):
+    """The operator endpoints work under the API's Redis ACL user: reindex rewrites pointers, fleet reads heartbeats."""
+    url, ctx, _, _ = fleet
+    secret, _ = ctx.tokens.create("ops", role="operator")
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {secret}"}, timeout=120) as client:
+        reindexed = client.post("/v1/reindex")
+        fleet_view = client.get("/v1/fleet").json()
+    assert reindexed.status_code == 200 and reindexed.json()["pointers"] >= 2
+    assert ctx.client.registry.latest("intermediate", "top_5") is not None
+    assert [w["worker"] for w in fleet_view["workers"]] and set(fleet_view["queues"]) >= {"calq.cpu", "calq.cpu.batch"}
