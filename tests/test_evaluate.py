@@ -236,3 +236,50 @@ def test_each_race_gets_the_fit_current_before_it_or_the_newest_earlier_one_that
     _, missing = assign_fits(cal, "superspeedway", [1, 2], [_fit(cal, windows[0], converged=False),
                                                             _fit(cal, windows[1], state="failed")])
     assert "did not converge" in missing[0].reason and "failed: boom" in missing[1].reason
+
+
+# -- the evaluation page at 1280 px (issue 22) ------------------------------------------------
+
+#: Added to a copy of the page: each table's box and whether its wrapper scrolls sideways, as JSON in #calq-check.
+TABLE_CHECKER = """
+<script>
+addEventListener("load", () => {
+  const tables = [...document.querySelectorAll("table")].map(t => {
+    const wrap = t.closest(".table-wrap"), title = wrap.querySelector("p.table-title"), box = t.getBoundingClientRect();
+    return {title: title ? title.textContent : "", right: box.right, width: box.width,
+            scrolls: wrap.scrollWidth > wrap.clientWidth, headers: [...t.querySelectorAll("th")].map(h => h.textContent)};
+  });
+  const out = document.createElement("pre");
+  out.id = "calq-check";
+  out.textContent = JSON.stringify({viewport: document.documentElement.clientWidth, tables});
+  document.body.appendChild(out);
+});
+</script>
+"""
+
+
+def test_the_evaluation_page_fits_1280_px_and_writes_every_score_by_one_rule(records, env, tmp_path):
+    import html as html_lib
+    import re
+
+    from PIL import Image as PILImage
+
+    from tests.test_report import browse
+
+    page = env[1] / "evaluation.html"
+    found, shot = browse(page, tmp_path, checker=TABLE_CHECKER)
+    assert found["viewport"] == 1280 and found["tables"]
+    for table in found["tables"]:  # every table whole on the screen: none scrolls sideways, hiding columns
+        assert not table["scrolls"] and table["right"] <= found["viewport"], table
+    headers = [h for t in found["tables"] for h in t["headers"]]
+    assert {"Δ log loss", "Δ Brier", "ECE raw", "ECE cal"} <= set(headers)
+    assert PILImage.open(shot).size == (1280, 2400)
+
+    # one number rule: 4 significant digits in fixed notation, for scores and differences alike
+    numbers = [html_lib.unescape(c) for c in re.findall(r'<td class="num">([^<]*)</td>', page.read_text())]
+    decimals = [n for n in numbers if "." in n]
+    assert decimals, numbers
+    for n in numbers:
+        assert not re.search(r"[eE][+-]?\d", n), n  # never 4.83e-05
+    for n in decimals:
+        assert len(n.lstrip("-").replace(".", "").lstrip("0")) == 4, n  # 0.00004830, 0.001205, 0.2345

@@ -391,19 +391,23 @@ def chromium() -> str:
     pytest.skip("chromium is not installed (apt-get install -y chromium)")
 
 
-def browse(html_path: Path, out_dir: Path) -> tuple[dict, Path]:
-    """Open a copy of the page with the checker in headless Chromium: the checker's JSON and a screenshot."""
+def browse(html_path: Path, out_dir: Path, *, checker: str = CHECKER) -> tuple[dict, Path]:
+    """Open a copy of the page with ``checker`` in headless Chromium, 1280 px wide: its JSON and a screenshot.
+
+    ``checker`` is a script that writes its findings as JSON into ``<pre id="calq-check">``.
+    """
     browser = chromium()
     text = html_path.read_text(encoding="utf-8")
     # the page's policy forbids scripts; the copy lets the checker (and only inline scripts) run
     policy = 'http-equiv="Content-Security-Policy" content="'
     assert text.count(policy) == 1
-    checked = text.replace(policy, policy + "script-src 'unsafe-inline'; ", 1).replace("</body>", CHECKER + "</body>", 1)
+    checked = text.replace(policy, policy + "script-src 'unsafe-inline'; ", 1).replace("</body>", checker + "</body>", 1)
     copy = out_dir / f"{html_path.stem}.checked.html"
     copy.write_text(checked, encoding="utf-8")
     flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
              f"--user-data-dir={out_dir / 'chromium-profile'}", "--virtual-time-budget=10000"]
-    dom = subprocess.run([*flags, "--dump-dom", copy.as_uri()], capture_output=True, text=True, timeout=120)
+    dom = subprocess.run([*flags, "--window-size=1280,2400", "--dump-dom", copy.as_uri()], capture_output=True,
+                         text=True, timeout=120)
     match = re.search(r'<pre id="calq-check">(.*?)</pre>', dom.stdout, re.S)
     assert match, f"the checker did not run: {dom.stderr[-2000:]}"
     import html as html_lib

@@ -130,3 +130,12 @@ def test_every_plot_has_a_title_and_axis_labels():
                 assert any(labels), (fig.get_suptitle(), ax.get_title())
         # a y label on the first axes of every row
         assert any(ax.get_ylabel() for ax in fig.axes)
+
+
+def test_numbers_are_fixed_notation_to_four_significant_digits_never_an_exponent():
+    from producer.report.page import fixed
+
+    cases = {4.83e-05: "0.00004830", 0.001205: "0.001205", -0.0123456: "-0.01235", 0.99996: "1.000", 2572.3: "2572",
+             123456.0: "123500", 0.0: "0"}
+    assert {value: fixed(value) for value in cases} == cases
+    assert format_cell(4.83e-05) == "0.00004830" and format_cell(0.5, digits=2) == "0.50"

@@ -3,9 +3,12 @@
 Built from the JSON records of :mod:`producer.evaluate` (nothing is
 recomputed here) with the report's page builder and plots:
 
-- a summary table: per archetype × event, races and rows scored, raw →
-  calibrated out-of-sample log loss, Brier and ECE, and the improvement with
-  its 90 % interval over races;
+- the summary, in two tables that each fit a 1280 px screen: per archetype
+  × event, races and rows scored with the raw and calibrated out-of-sample
+  log loss, Brier and ECE; then the improvements in log loss and Brier, each
+  with its 90 % interval over races. Every score and difference is written
+  by one rule (:func:`~producer.report.page.format_cell`: 4 significant
+  digits, fixed notation), so ``0.00004830`` stands beside ``0.001205``;
 - per archetype: the out-of-sample reliability diagram, raw against
   calibrated, per event; the improvement over time (the cumulative
   per-row log-loss improvement race by race); the per-track table; and the
@@ -37,14 +40,21 @@ def evaluation_sections(records: Sequence[Mapping[str, Any]]) -> list[Section]:
     summary = page.section(
         "Out-of-sample summary",
         intro="Each race scored with the newest converged fit of its archetype on races strictly before it. "
-              "Improvement = raw − calibrated per row (positive: calibration helped); "
-              "the interval is the 5th–95th percentile of a bootstrap over races.",
+              "Lower is better for every score. Every score and difference is shown to 4 significant digits "
+              "in fixed notation.",
     )
     summary.table(
-        ["archetype", "event", "races", "rows", "unscored", "log loss raw", "log loss cal", "Δ log loss",
-         "Δ low", "Δ high", "Brier raw", "Brier cal", "Δ Brier", "ECE raw", "ECE cal"],
-        [_summary_row(r) for r in records],
-        digits=4,
+        ["archetype", "event", "races", "rows", "unscored", "log loss raw", "log loss cal", "Brier raw", "Brier cal",
+         "ECE raw", "ECE cal"],
+        [_score_row(r) for r in records],
+        caption="Scores, raw and calibrated",
+    )
+    summary.table(
+        ["archetype", "event", "Δ log loss", "Δ log loss low", "Δ log loss high", "Δ Brier", "Δ Brier low",
+         "Δ Brier high"],
+        [_improvement_row(r) for r in records],
+        caption="Improvement = raw − calibrated per row (positive: calibration helped), with its 90 % interval "
+                "(the 5th–95th percentile of a bootstrap over races)",
     )
     for archetype in dict.fromkeys(r["archetype"] for r in records):
         mine = [r for r in records if r["archetype"] == archetype]
@@ -52,12 +62,15 @@ def evaluation_sections(records: Sequence[Mapping[str, Any]]) -> list[Section]:
     return page.sections
 
 
-def _summary_row(r: Mapping[str, Any]) -> list[Any]:
+def _score_row(r: Mapping[str, Any]) -> list[Any]:
     raw, cal = r["raw"], r["calibrated"]
+    return [r["archetype"], r["event"], r["races"], r["rows"], r["unscored_races"], raw["log_loss"], cal["log_loss"],
+            raw["brier"], cal["brier"], raw["ece"], cal["ece"]]
+
+
+def _improvement_row(r: Mapping[str, Any]) -> list[Any]:
     ll, br = r["log_loss_improvement"], r["brier_improvement"]
-    return [r["archetype"], r["event"], r["races"], r["rows"], r["unscored_races"], raw["log_loss"],
-            cal["log_loss"], ll["mean"], ll["low"], ll["high"], raw["brier"], cal["brier"], br["mean"],
-            raw["ece"], cal["ece"]]
+    return [r["archetype"], r["event"], ll["mean"], ll["low"], ll["high"], br["mean"], br["low"], br["high"]]
 
 
 def _archetype_section(section: Section, records: Sequence[Mapping[str, Any]]) -> None:

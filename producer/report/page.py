@@ -71,7 +71,7 @@ def _escape_line_start(m: re.Match) -> str:
 
 
 def format_cell(value: Cell, *, digits: int = 4) -> str:
-    """A table cell as text: floats to ``digits`` significant places, None and NaN as "–"."""
+    """A table cell as text: floats by :func:`fixed` to ``digits`` significant digits, None and NaN as "–"."""
     if value is None:
         return "–"
     if isinstance(value, bool):
@@ -81,8 +81,21 @@ def format_cell(value: Cell, *, digits: int = 4) -> str:
             return "–"
         if math.isinf(value):
             return "∞" if value > 0 else "−∞"
-        return f"{value:.{digits}g}"
+        return fixed(value, digits=digits)
     return str(value)
+
+
+def fixed(value: float, *, digits: int = 4) -> str:
+    """``value`` rounded to ``digits`` significant digits, in fixed notation: never an exponent.
+
+    One rule for every number on a page, so a score and a difference of two
+    scores read alike (``0.00004830`` beside ``0.001205``, not ``4.83e-05``).
+    Trailing zeros are kept: they are significant. Zero is ``0``.
+    """
+    if value == 0:
+        return "0"
+    rounded = float(f"{value:.{digits}g}")  # first, so 0.99996 becomes 1.000, not 0.10000e1
+    return f"{rounded:.{max(0, digits - 1 - math.floor(math.log10(abs(rounded))))}f}"
 
 
 @dataclass(frozen=True)
@@ -275,5 +288,6 @@ __all__ = [
     "escape_html",
     "escape_markdown",
     "figure_png",
+    "fixed",
     "format_cell",
 ]
