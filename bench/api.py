@@ -19,7 +19,7 @@ draws, the default sampler's size), then:
   time: reported are the running job's duration, how long the interactive
   job waited to start, and how many batch jobs started before it.
 
-Usage: ``python bench/api.py [--requests 2000] [--threads 4] [--p 40] [--batch 200]
+Usage: ``python bench/api.py [--requests 2000] [--threads 4] [--workers 1] [--p 40] [--batch 200]
 [--json bench/results/api.json]``. Figures from a shared machine are slowed
 by whatever else runs there.
 """
@@ -89,9 +89,9 @@ def measure(client_factory, request, *, requests: int, threads: int) -> dict[str
             "requests_per_s": threads * requests / elapsed, "requests": requests, "threads": threads}
 
 
-def serve(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
+def serve(env: dict[str, str], port: int, log: Path, *, workers: int) -> subprocess.Popen:
     out = open(log, "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "serve", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "serve", "--port", str(port), "--workers", str(workers)],
                             env={**env, "CALQ_LOG_LEVEL": "WARNING"}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     out.close()
     def healthy() -> bool:
@@ -143,6 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests per loop (bounded)")
     parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=1, help="calq serve --workers (server processes)")
     parser.add_argument("--p", type=int, default=40, help="forecast probabilities per calibrate request")
     parser.add_argument("--batch", type=int, default=200)
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "api.json")
@@ -167,7 +168,7 @@ def main() -> None:
     ref = client.upload(dataset)
     worker = Worker(env, tmp / "worker.log", children=1)
     api_port = free_port()
-    api = serve(env, api_port, tmp / "api.log")
+    api = serve(env, api_port, tmp / "api.log", workers=args.workers)
     try:
         worker.wait_ready()
         fitted = client.submit(dataset, "intermediate", events="top_5", dataset_ref=ref, **LATEST)
@@ -205,7 +206,8 @@ def main() -> None:
 
     draws = LATEST["chains"] * LATEST["samples"]
     print(f"\nAPI on loopback, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), load average "
-          f"{os.getloadavg()[0]:.1f}, {args.requests} requests per loop, {args.threads} clients for requests/s; "
+          f"{os.getloadavg()[0]:.1f}, {args.requests} requests per loop, {args.threads} clients for requests/s, "
+          f"{args.workers} server process(es); "
           f"calibrate on a posterior of {draws:,} draws")
     print(f"{'endpoint':34} {'p50 ms':>8} {'p95 ms':>8} {'req/s':>8}")
     for name, r in rows.items():
@@ -220,6 +222,7 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                                  "load_average": os.getloadavg()[0]}, "posterior_draws": draws,
+                                     "server_processes": args.workers,
                                      "endpoints": rows, "lanes": lanes}, indent=2))
     print(f"\nwrote {args.json}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,7 @@ token_app = typer.Typer(help="Create, list and revoke API tokens.", no_args_is_h
 def serve(
     host: Annotated[Optional[str], typer.Option(help="Address to listen on (default: CALQ_API__HOST, 127.0.0.1).")] = None,
     port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="Port (default: CALQ_API__PORT, 8000).")] = None,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Server processes (one per core to use).")] = 1,
 ) -> None:
     """Serve the calibration API (OpenAPI at /openapi.json, docs at /docs) until Ctrl-C or SIGTERM."""
     from producer.api.app import create_app
@@ -27,11 +28,11 @@ def serve(
     from shared.contract.settings import get_settings
 
     settings = get_settings()
-    app = create_app(settings)
+    app = create_app(settings) if workers == 1 else None  # several: each process builds its own
     host = host or settings.api.host
     port = settings.api.port if port is None else port
     say(err, f"calq API on http://{host}:{port} (docs at /docs)")
-    run(app, host=host, port=port, log_level=settings.log_level.lower())
+    run(app, host=host, port=port, log_level=settings.log_level.lower(), workers=workers)
 
 
 @token_app.command("create")

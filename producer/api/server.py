@@ -19,8 +19,17 @@ import uvicorn
 START_TIMEOUT_S = 30.0
 
 
-def serve(app: Any, *, host: str, port: int, log_level: str = "info") -> None:
-    """Serve ``app`` until SIGINT or SIGTERM (uvicorn's own signal handling)."""
+def serve(app: Any, *, host: str, port: int, log_level: str = "info", workers: int = 1) -> None:
+    """Serve ``app`` until SIGINT or SIGTERM (uvicorn's own signal handling).
+
+    With ``workers`` > 1, uvicorn starts that many processes, each building
+    its own app from the environment's settings (:func:`producer.api.app.create_app`,
+    with its own calibration cache); ``app`` is then not used.
+    """
+    if workers > 1:
+        uvicorn.run("producer.api.app:create_app", factory=True, host=host, port=port, log_level=log_level,
+                    access_log=False, workers=workers)
+        return
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
 
 
