@@ -202,3 +202,39 @@ def test_an_operator_token_reindexes_and_sees_the_fleet_through_the_api_user(fle
     assert reindexed.status_code == 200 and reindexed.json()["pointers"] >= 2
     assert ctx.client.registry.latest("intermediate", "top_5") is not None
     assert [w["worker"] for w in fleet_view["workers"]] and set(fleet_view["queues"]) >= {"calq.cpu", "calq.cpu.batch"}
+
+
+def test_bad_requests_with_a_worker_running_get_clear_errors_and_lose_nothing(fleet, finished):
+    """Each hostile request is refused with its reason; no record, message or dataset appears, the worker goes on."""
+    import hashlib
+
+    url, ctx, environ, cwd = fleet
+    registry, store = ctx.client.registry, ctx.client.store
+    jobs_before = [r.job_id for r in registry.jobs(limit=None)]
+    datasets_before = sorted(store.list("datasets"))
+    revoked, _ = ctx.tokens.create("leaver", role="producer")
+    ctx.tokens.revoke("leaver")
+    data = (cwd / "season.nc").read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    job = {"dataset_sha256": sha, "archetype": "intermediate", "events": ["top_5"]}
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {environ['CALQ_API__TOKEN']}"}, timeout=60) as client:
+        answers = {
+            "malformed JSON": client.post("/v1/jobs", content=b"{'archetype':", headers={"Content-Type": "application/json"}),
+            "wrong type": client.post("/v1/jobs", json={**job, "window_days": "ten"}),
+            "huge body": client.post("/v1/jobs", json={**job, "events": ["top_5"] * 200_000}),
+            "bytes not at their hash": client.put(f"/v1/datasets/{'0' * 64}", content=data),
+            "unknown archetype": client.post("/v1/jobs", json={**job, "archetype": "dirt_track"}),
+            "unknown event": client.post("/v1/jobs", json={**job, "events": ["podium"]}),
+            "revoked token": client.get("/v1/jobs", headers={"Authorization": f"Bearer {revoked}"}),
+        }
+    expected = {"malformed JSON": (422, "the body is not valid JSON"), "wrong type": (422, "window_days"),
+                "huge body": (413, "api.max_body_bytes"), "bytes not at their hash": (422, "do not hash to " + "0" * 64),
+                "unknown archetype": (422, "archetype"), "unknown event": (422, "podium"),
+                "revoked token": (401, "unknown or revoked")}
+    for case, (status, says) in expected.items():
+        answer = answers[case]
+        assert answer.status_code == status and says in answer.json()["detail"], (case, answer.status_code, answer.text[:300])
+    assert [r.job_id for r in registry.jobs(limit=None)] == jobs_before
+    assert sorted(store.list("datasets")) == datasets_before
+    assert registry.redis.llen("calq.cpu") == 0 and registry.redis.llen("calq.cpu.batch") == 0
+    assert json.loads(calq(fleet, "status", finished.job_id, "--json").stdout)["state"] == "succeeded"
