@@ -65,7 +65,7 @@ def jobs(
         listed = [r.model_dump(mode="json") for r in records]
         print_json({"jobs": listed, "corrupt": [{"key": c.key, "why": c.why} for c in corrupt]} if everything else listed)
     else:
-        out.print(jobs_table(records))
+        out.print(jobs_table(records, width=out.width))
         if corrupt:
             out.print(corrupt_table(corrupt))
 

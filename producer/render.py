@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Iterable, Sequence
 
+from rich.console import Group
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -35,8 +36,8 @@ def fitted_tables(
     cell = [max(Text.from_markup(h).cell_len, *(Text.from_markup(r[i]).cell_len for r in rows)) if rows else len(h)
             for i, h in enumerate(headers)]
 
-    def need(indices: list[int]) -> int:  # heavy-head box: a border and one space of padding each side per column
-        return sum(cell[i] for i in indices) + 3 * len(indices) + 1
+    def need(indices: list[int]) -> int:
+        return boxed_width(*([cell[i]] for i in indices))
 
     key_idx = list(range(len(keys)))
     groups: list[list[int]] = [[]]
@@ -54,6 +55,15 @@ def fitted_tables(
             table.add_row(*(row[i] for i in key_idx + group))
         tables.append(table)
     return tables
+
+
+def boxed_width(*columns: Iterable[int]) -> int:
+    """The terminal columns a rich table takes whose columns hold cells of these widths (``max`` of each).
+
+    Rich's default heavy-head box: a border, and one space of padding each side, per column, and the closing border.
+    """
+    widths = [max(column) for column in columns]
+    return sum(widths) + 3 * len(widths) + 1
 
 
 def summary_tables(summaries: Iterable[CalibrationSummary], *, width: int | None = None) -> list[Table]:
@@ -135,27 +145,45 @@ def status_table(status: JobStatus) -> Table:
     return table
 
 
-def jobs_table(records: Iterable[JobStatus]) -> Table:
-    """The job listing: newest first, with state, progress and worker (``calq status ID`` has the rest)."""
-    table = Table(title="jobs (newest first)")
-    table.add_column("job", no_wrap=True, min_width=27)  # whole: it is what calq cancel / wait take
-    table.add_column("archetype", no_wrap=True)
-    table.add_column("state", overflow="fold")
-    table.add_column("progress", overflow="fold")
-    table.add_column("worker", overflow="fold")
-    table.add_column("updated", overflow="fold")
-    for status in records:
-        phase, done = describe(status)
-        updated = status.updated_at or status.submitted_at
-        table.add_row(
-            for_markup(status.job_id),
-            for_markup(status.archetype),
-            _state_label(status),
-            "" if status.state.finished else for_markup(f"{phase} {done:.0%}"),
-            for_markup(status.worker or ""),
-            updated.strftime("%H:%M:%S") if updated else "",
-        )
-    return table
+def jobs_table(records: Iterable[JobStatus], *, width: int | None = None) -> Group:
+    """The job listing: newest first, with state, progress, when it changed and worker (``calq status ID`` has the rest).
+
+    One line per job, its id whole (it is what ``calq cancel`` and ``wait``
+    take) and no name cut: where the columns are wider than ``width`` they
+    are split into tables that each fit, every one led by the job id
+    (:func:`fitted_tables`). A worker name too long to stand beside the id
+    in ``width`` is moved below the tables, whole, under its job's id.
+    """
+    records = list(records)
+    rows = [[for_markup(s.job_id), for_markup(s.archetype), _state_label(s), _progress_cell(s), _updated_cell(s)]
+            for s in records]
+    columns = ["archetype", "state", "progress", "updated"]
+    workers = [visible(s.worker or "") for s in records]
+    below: list[Text] = []
+    if width is None or boxed_width([len("job"), *(len(s.job_id) for s in records)],
+                                    [len("worker"), *map(len, workers)]) <= width:
+        columns.append("worker")
+        rows = [[*row, for_markup(worker)] for row, worker in zip(rows, workers)]
+    else:
+        below = [line for s, worker in zip(records, workers) if worker
+                 for line in (Text(f"{visible(s.job_id)} on"), Text("  " + worker))]
+    tables = fitted_tables("jobs (newest first)", ["job"], columns, rows, width=width)
+    for table in tables:  # names and states read from the left, as words do
+        for column in table.columns:
+            column.justify = "left"
+    return Group(*tables, *below)
+
+
+def _progress_cell(status: JobStatus) -> str:
+    if status.state.finished:
+        return ""
+    phase, done = describe(status)
+    return for_markup(f"{phase} {done:.0%}")
+
+
+def _updated_cell(status: JobStatus) -> str:
+    updated = status.updated_at or status.submitted_at
+    return updated.strftime("%H:%M:%S") if updated else ""
 
 
 def corrupt_table(entries: Iterable[Corrupt]) -> Table:
