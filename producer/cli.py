@@ -212,6 +212,7 @@ def _ctrl_c_cancels(client, *, fleet: bool = False):
     def on_sigint(signum, frame) -> None:
         if client.interrupted:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # until the record is settled; restored below
+            Interrupted.seen = True
             raise Interrupted
         client.interrupt("interrupted (Ctrl-C)")
 
@@ -607,10 +608,19 @@ helptext.install(app)  # after every command is registered: help from the settin
 
 
 class Interrupted(BaseException):
-    """Ctrl-C. Not a KeyboardInterrupt, which Click turns into its own exit code on the way out."""
+    """Ctrl-C. Not a KeyboardInterrupt, which Click turns into its own exit code on the way out.
+
+    Raised from a signal handler, it can surface as another exception: raised
+    while a C extension initialises, it is an ``ImportError: initialization
+    failed``. ``seen`` says a Ctrl-C raised it, so :func:`_run` reports what
+    comes out after that as the interruption it is.
+    """
+
+    seen = False
 
 
 def _on_sigint(signum, frame) -> None:
+    Interrupted.seen = True
     raise Interrupted
 
 
@@ -658,6 +668,9 @@ def _run() -> int:
         say(err, "interrupted", style="red")
         return exit_codes.ExitCode.CANCELLED
     except Exception as exc:
+        if Interrupted.seen:  # the Ctrl-C, wrapped by the code it interrupted
+            say(err, "interrupted", style="red")
+            return exit_codes.ExitCode.CANCELLED
         if _debug:
             raise
         say(err, f"calq: unexpected {type(exc).__name__}: {exc} (run 'calq --debug ...' for the traceback)", style="red")

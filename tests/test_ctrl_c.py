@@ -170,6 +170,25 @@ def test_the_outcome_table_at_80_columns_keeps_whole_job_ids_one_line_per_job():
     assert "backfill: 4 jobs — 1 done, 1 rejected, 1 cancelled, 1 not run" in " ".join(text.split())
 
 
+def test_a_ctrl_c_that_surfaces_as_another_error_is_still_a_cancellation(monkeypatch, capsys):
+    """A Ctrl-C raised while a C extension initialises comes out as ``ImportError: initialization failed``."""
+    from producer import cli
+
+    def interrupted_import(**_):
+        cli.Interrupted.seen = True  # as the SIGINT handler does before it raises
+        raise ImportError("initialization failed")
+
+    monkeypatch.setattr(cli.Interrupted, "seen", False)
+    monkeypatch.setattr(cli, "app", interrupted_import)
+    monkeypatch.setattr(sys, "argv", ["calq", "calibrate"])
+    assert cli._run() == ExitCode.CANCELLED
+    assert capsys.readouterr().err.strip() == "interrupted"
+    monkeypatch.setattr(cli.Interrupted, "seen", False)
+    monkeypatch.setattr(cli, "app", lambda **_: (_ for _ in ()).throw(ImportError("a real one")))
+    assert cli._run() == ExitCode.FAILED  # without a Ctrl-C, an ImportError is the error it is
+    assert "unexpected ImportError: a real one" in capsys.readouterr().err
+
+
 # -- subprocesses: Ctrl-C as a person sends it ------------------------------------------------
 
 
@@ -191,6 +210,7 @@ def test_ctrl_c_in_an_embedded_backfill_cancels_its_job_reports_it_and_exits_4(t
     assert len(cancelled) == 1 and "interrupted (Ctrl-C)" in cancelled[0].reason
     assert len(records(store)) == 2  # nothing submitted after the Ctrl-C
     assert f"cancelled  {cancelled[0].job_id}" in stdout  # its line in the report, its id whole
+    assert max(len(line) for line in stdout.splitlines()) <= 80 and "…" not in stdout  # COLUMNS=80
     assert f"2/{total}" in stderr  # the bar counted both jobs that ended
     assert not list(store.rglob(f"{cancelled[0].job_id}*.nc"))  # the cancelled job wrote nothing
 
@@ -208,7 +228,8 @@ def test_ctrl_c_in_a_fleet_backfill_cancels_the_jobs_it_submitted(tmp_path, seas
     assert len(submitted) == 2
     for record in submitted:
         assert record.state is JobState.CANCELLED and record.reason == "cancelled: backfill interrupted (Ctrl-C)"
-        assert record.job_id in stdout
+        assert f"cancelled  {record.job_id}\n" in stdout  # one line, its id whole, at 80 columns
+    assert max(len(line) for line in stdout.splitlines()) <= 80 and "…" not in stdout
     total = int(re.search(r"backfill: (\d+) jobs", stdout).group(1))
     assert counts(stdout) == {"cancelled": 2, "not run": total - 2}
 
