@@ -335,19 +335,24 @@ def counts_table(outcomes: list[Outcome]) -> Table:
 
 
 def outcome_table(outcomes: list[Outcome]) -> Group:
-    """The counts (:func:`counts_table`), then every job that did not succeed on a line of its own with its reason.
+    """The counts (:func:`counts_table`), then every job that ran and did not succeed, on a line of its own.
 
     Each job's line is ``<archetype> as of <date>  <state>  <job id>``, its
     id whole (it fits 80 columns), and its reason indented below it, wrapped
-    at words: one line per job however narrow the terminal.
+    at words: one line per job however narrow the terminal. Jobs never
+    submitted (``not run``) are counted on one line, not listed.
     """
     lines: list[Text] = []
     for o in outcomes:
-        if o.state == JobState.SUCCEEDED.value:
+        if o.state in (JobState.SUCCEEDED.value, NOT_RUN):
             continue
         # Plain Text with control characters shown, never markup: reasons quote the data (race ids, track names).
         lines.append(Text(visible(f"{o.archetype} as of {o.as_of}  {o.state}  {o.job_id}"), no_wrap=True,
                           overflow="ignore"))
         if o.reason:
             lines.append(Text("    " + visible(o.reason[:200])))
+    not_run = sum(o.state == NOT_RUN for o in outcomes)
+    if not_run:
+        lines.append(Text(f"{not_run} job(s) not run: the backfill was interrupted before it submitted them; "
+                          "run it again to pick up where it stopped"))
     return Group(counts_table(outcomes), *lines)
