@@ -250,3 +250,204 @@ def until(predicate: Any, *, timeout: float, what: str, every: float = 0.2) -> A
             return value
         time.sleep(every)
     raise AssertionError(f"{what}: not within {timeout:.0f} s")
+
+
+# -- a network between a client and a server -------------------------------------
+
+
+class TcpProxy:
+    """A loopback TCP proxy with the faults of a network: a hung NAT, a cut link.
+
+    ``TcpProxy(host, port)`` listens on 127.0.0.1 and a free port (``.port``,
+    ``.url_for(url)``) and forwards every connection to ``host:port`` (a
+    loopback address only), from one thread with bounded buffers and at most
+    ``max_connections`` connections. Faults:
+
+    - :meth:`freeze`: every open connection stays open and goes silent both
+      ways (no byte, no FIN, no RST: the peers see a half-open link, as a hung
+      NAT or load balancer leaves it); a connection accepted while frozen is
+      silent too (``new="silent"``), refused (``"refused"``: closed at once with
+      a reset), or forwarded (``"forwarded"``: the link is dead for existing
+      connections only);
+    - :meth:`thaw`: every connection forwards again, what its peers sent meanwhile included;
+    - :meth:`cut`: every connection is closed (new ones are still accepted).
+
+    Each fault has taken effect when its method returns. Use it as a context
+    manager (or call :meth:`close`): the thread stops and every socket is closed.
+    """
+
+    _LOOPBACK = ("127.0.0.1", "localhost", "::1")
+    _CHUNK = 65536
+    _BUFFER = 1 << 20
+
+    def __init__(self, host: str, port: int, *, max_connections: int = 64) -> None:
+        import threading
+
+        if host not in self._LOOPBACK:
+            raise ValueError(f"TcpProxy forwards to a loopback address only, not {host!r}")
+        self.target = (host, port)
+        self.max_connections = max_connections
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.setblocking(False)
+        self.port: int = self._listener.getsockname()[1]
+        self._pipes: list[_Pipe] = []
+        self._frozen = False
+        self._new = "silent"
+        self._cut = False
+        self._silence = False  # freeze() asked: silence the connections open now
+        self._stopped = False
+        self._lock = threading.Lock()
+        self._applied = threading.Condition(self._lock)
+        self._generation = 0  # changes the loop has taken in
+        self._seen = 0
+        self.accepted = 0
+        self._thread = threading.Thread(target=self._run, name=f"tcp-proxy-{self.port}", daemon=True)
+        self._thread.start()
+
+    def url_for(self, url: str) -> str:
+        """``url`` (``redis://host:port/db``) with its address replaced by this proxy's."""
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(url)
+        auth = parts.netloc.rpartition("@")[0]
+        netloc = f"{auth}@127.0.0.1:{self.port}" if auth else f"127.0.0.1:{self.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    # -- faults --
+
+    def freeze(self, *, new: str = "silent") -> None:
+        """Silence every connection both ways, keeping each open; ``new`` says what a connection accepted meanwhile meets."""
+        if new not in ("silent", "refused", "forwarded"):
+            raise ValueError(f"new must be silent, refused or forwarded, not {new!r}")
+        self._change(frozen=True, new=new, silence=True)
+
+    def thaw(self) -> None:
+        """Forward on every connection again."""
+        self._change(frozen=False)
+
+    def cut(self) -> None:
+        """Close every connection (the link went down); new connections are forwarded as before."""
+        self._change(cut=True)
+
+    def close(self) -> None:
+        """Stop the thread and close every socket."""
+        self._change(stopped=True)
+        self._thread.join(10)
+
+    def __enter__(self) -> TcpProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _change(self, **flags: object) -> None:
+        with self._lock:
+            for name, value in flags.items():
+                setattr(self, f"_{name}", value)
+            self._generation += 1
+            wanted = self._generation
+            if not self._applied.wait_for(lambda: self._seen >= wanted or not self._thread.is_alive(), 10):
+                raise RuntimeError("the proxy's thread did not take in the change within 10 s")
+
+    # -- the loop --
+
+    def _run(self) -> None:
+        import select
+
+        try:
+            while True:
+                with self._lock:
+                    if self._stopped:
+                        break
+                    if self._cut:
+                        for pipe in self._pipes:
+                            pipe.close()
+                        self._pipes.clear()
+                        self._cut = False
+                    if self._silence or not self._frozen:
+                        for pipe in self._pipes:
+                            pipe.frozen = self._silence
+                        self._silence = False
+                    self._seen = self._generation
+                    self._applied.notify_all()
+                    frozen, new = self._frozen, self._new
+                readers = [self._listener]
+                writers = []
+                for pipe in self._pipes:
+                    if pipe.frozen:
+                        continue
+                    readers += pipe.readable()
+                    writers += pipe.writable()
+                ready_r, ready_w, _ = select.select(readers, writers, [], 0.05)
+                for sock in ready_r:
+                    if sock is self._listener:
+                        self._accept(frozen, new)
+                for pipe in list(self._pipes):
+                    if not pipe.frozen and not pipe.pump(ready_r, ready_w):
+                        pipe.close()
+                        self._pipes.remove(pipe)
+        finally:
+            with self._lock:
+                for pipe in self._pipes:
+                    pipe.close()
+                self._pipes.clear()
+                self._listener.close()
+                self._seen = self._generation
+                self._applied.notify_all()
+
+    def _accept(self, frozen: bool, new: str) -> None:
+        try:
+            client, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        self.accepted += 1
+        if (frozen and new == "refused") or len(self._pipes) >= self.max_connections:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            client.close()  # a reset, as a refused connection reads
+            return
+        try:
+            upstream = socket.create_connection(self.target, timeout=5)
+        except OSError:
+            client.close()
+            return
+        self._pipes.append(_Pipe(client, upstream, frozen=frozen and new == "silent"))
+
+
+class _Pipe:
+    """One proxied connection: the accepted socket, its upstream, and the bytes each way not yet written."""
+
+    def __init__(self, client: socket.socket, upstream: socket.socket, *, frozen: bool) -> None:
+        for sock in (client, upstream):
+            sock.setblocking(False)
+        self.peer = {client: upstream, upstream: client}
+        self.pending: dict[socket.socket, bytearray] = {client: bytearray(), upstream: bytearray()}
+        self.frozen = frozen
+
+    def readable(self) -> list[socket.socket]:
+        """Sockets to read from: those whose peer's buffer has room."""
+        return [s for s, peer in self.peer.items() if len(self.pending[peer]) < TcpProxy._BUFFER]
+
+    def writable(self) -> list[socket.socket]:
+        return [s for s, data in self.pending.items() if data]
+
+    def pump(self, ready_r: list, ready_w: list) -> bool:
+        """Move bytes one step; False once either side has closed or failed."""
+        try:
+            for sock, peer in self.peer.items():
+                if sock in ready_r:
+                    data = sock.recv(TcpProxy._CHUNK)
+                    if not data:
+                        return False
+                    self.pending[peer] += data
+            for sock, data in self.pending.items():
+                if sock in ready_w and data:
+                    del data[:sock.send(data)]
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        for sock in self.peer:
+            sock.close()
