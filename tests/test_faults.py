@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,7 +31,7 @@ import pytest
 
 from shared.contract.job import JobState
 from shared.contract.settings import S3Settings, Settings
-from tests.services import S3_KEY, S3_REGION, S3_SECRET, free_port, s3_client
+from tests.services import S3_KEY, S3_REGION, S3_SECRET, TcpProxy, free_port, s3_client
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -703,3 +704,121 @@ def test_a_spool_on_a_full_disk_hands_the_job_back_and_another_host_runs_it(faul
     finally:
         faults.stop_workers()
         subprocess.run(["umount", str(full)], check=False)
+
+
+# -- issue 18: a real partition between one host and Redis (a loopback proxy) ----------------------
+#
+# Host 1 reaches Redis (broker, result backend, registry, leases) only through a TcpProxy; host 2
+# directly. Freezing the proxy is a partition of host 1 alone: its connections stay open and silent
+# (no FIN, no RST), as a hung NAT or load balancer leaves them.
+
+def behind_proxy(faults, proxy: TcpProxy, spool: Path) -> Worker:
+    """A host whose every Redis connection goes through ``proxy`` (one child, its own spool), ready."""
+    host = faults.worker(children=1, CALQ_BROKER_URL=proxy.url_for(faults.redis.url),
+                         CALQ_RECOVERY__SPOOL_DIR=str(spool))
+    host.wait_ready()
+    return host
+
+
+def test_the_proxy_silences_thaws_and_cuts_connections(faults):
+    import redis
+
+    with TcpProxy("127.0.0.1", faults.redis.port) as proxy:
+        client = redis.Redis.from_url(proxy.url_for(faults.redis.url), socket_timeout=1)
+        assert client.ping()
+        proxy.freeze(new="forwarded")
+        with pytest.raises(redis.exceptions.TimeoutError):
+            client.execute_command("PING")  # the open connection is silent: no reply, no reset
+        assert redis.Redis.from_url(proxy.url_for(faults.redis.url), socket_timeout=1).ping()  # a new one works
+        proxy.freeze(new="refused")
+        with pytest.raises(redis.exceptions.ConnectionError):
+            redis.Redis.from_url(proxy.url_for(faults.redis.url), socket_timeout=1).ping()
+        proxy.thaw()
+        assert redis.Redis.from_url(proxy.url_for(faults.redis.url), socket_timeout=1).ping()
+        raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=2)
+        raw.sendall(b"PING\r\n")
+        assert raw.recv(64) == b"+PONG\r\n"
+        proxy.cut()
+        assert raw.recv(64) == b""  # closed by the cut
+    with pytest.raises(ValueError, match="loopback"):
+        TcpProxy("10.0.0.1", 6379)
+
+
+def test_a_host_partitioned_from_redis_writes_nothing_while_the_other_host_finishes_the_job(faults):
+    faults.stop_workers()
+    spool_near, spool_far = faults.tmp / "spool-partitioned", faults.tmp / "spool-reachable"
+    with TcpProxy("127.0.0.1", faults.redis.port) as proxy:
+        near = behind_proxy(faults, proxy, spool_near)
+        job_id = faults.submit(seed=941)
+        first = faults.wait_sampling(job_id, 0.01)
+        assert near.child_named(first.worker) is not None, first.worker
+        far = faults.worker(children=1, CALQ_RECOVERY__SPOOL_DIR=str(spool_far))  # its reaper starts at once
+        proxy.freeze()  # host 1 is cut off from Redis, mid-sampling; its connections hang open
+        frozen = time.monotonic()
+        assert faults.record(job_id).worker == first.worker
+        try:
+            moved = wait_until(lambda: (r := faults.record(job_id)) and r.state is JobState.RUNNING and
+                               r.worker != first.worker and r, 120, "the job to run on host 2")
+            report("host 1 partitioned from Redis → running on host 2", time.monotonic() - frozen)
+            assert far.child_named(moved.worker) is not None, moved.worker
+            winner = faults.wait_state(job_id, {JobState.SUCCEEDED}, 240)
+            report("host 1 partitioned from Redis → succeeded on host 2", time.monotonic() - frozen)
+        finally:
+            proxy.thaw()
+        wait_until(lambda: "stopped: its lease was lost" in near.log.read_text(errors="replace"), 120,
+                   "host 1 to stop without writing once it reaches Redis again")
+        time.sleep(3)  # anything host 1 would still write, it has written by now
+        near.stop()
+    faults.assert_done_once(job_id)
+    assert_one_publication(faults, job_id)
+    summary = faults.client.result(job_id)
+    record = faults.record(job_id)
+    assert record.worker == winner.worker and record.summary_uri == summary.summary_uri
+    stored = sorted(u for u in faults.client.store.list("posteriors") if job_id in u)
+    assert stored == sorted([summary.summary_uri, summary.posterior_uri]), stored  # no second posterior key
+    assert not any(spool_near.glob(f"{job_id}*")), "host 1 kept a finished write in its spool"
+    assert "the job is another worker's now (nothing written)" in near.log.read_text(errors="replace")
+    assert near.log.read_text(errors="replace").count(f"latest now {job_id}") == 0
+    if summary.converged:
+        assert faults.worker_logs().count(f"latest now {job_id}") == 1
+        for event in summary.events:
+            pointer = faults.client.registry.latest(summary.archetype, event)
+            assert pointer is not None and pointer.job_id == job_id and pointer.summary_uri == summary.summary_uri
+
+
+#: How long a host behind a half-open link may take to run a new job (the issue saw 150 s and 330 s, never).
+HALF_OPEN_BOUND_S = 60
+
+
+def test_a_half_open_link_to_redis_does_not_stop_a_worker_taking_new_jobs(faults):
+    """Scenario 2 of issue 18: the link dies for the connections open now only, as a hung NAT leaves it.
+
+    The consumer's BRPOP never answers and its pooled connections hang; kombu drops the BRPOP
+    connection once its reply is overdue, and the unacked record of the message it then pops is
+    written on a new connection (``retry_on_timeout``): without that the consumer restarted on a
+    TimeoutError and the popped message was lost, the job queued for good. The job is submitted 2 s
+    after the freeze: a message Redis hands to a BRPOP already waiting on the dead connection (its
+    server-side timeout is 1 s) is lost with that connection, which no client setting can prevent.
+    """
+    faults.stop_workers()
+    with TcpProxy("127.0.0.1", faults.redis.port) as proxy:
+        host = behind_proxy(faults, proxy, faults.tmp / "spool-half-open")
+        time.sleep(2)  # idle: its consumer waits on the broker
+        opened = proxy.accepted
+        proxy.freeze(new="forwarded")  # every open connection hangs for good; a new one gets through
+        frozen = time.monotonic()
+        time.sleep(2)
+        job_id = faults.submit(seed=951, sampler=SHORT)
+        try:
+            taken = wait_until(lambda: (r := faults.record(job_id)) and r.state is not JobState.QUEUED and r,
+                               HALF_OPEN_BOUND_S, "the host behind the half-open link to take the new job")
+        finally:
+            report("half-open link to Redis (open connections dead) → new job taken after", time.monotonic() - frozen)
+        assert host.child_named(taken.worker) is not None, taken.worker
+        faults.wait_state(job_id, {JobState.SUCCEEDED}, 240)
+        report("half-open link to Redis → new job succeeded after", time.monotonic() - frozen)
+        assert proxy.accepted > opened  # it got out by connecting again: the old connections never came back
+        host.stop()  # while the proxy still forwards: its last acknowledgement goes through
+    faults.assert_done_once(job_id, sampler_runs=1)
+    assert_one_publication(faults, job_id)
+    assert "Connection to broker lost" not in host.log.read_text(errors="replace")  # the consumer never restarted

@@ -28,7 +28,8 @@ Why each setting (see FIELD-NOTES, "Celery on Redis"):
   the backend's connections (:meth:`RecoverySettings.redis_options`, the
   numbers every calq Redis client uses): a half-open connection (a hung NAT
   or load balancer) fails in seconds and is reconnected, instead of hanging
-  the worker for good.
+  the worker for good; the broker's commands are retried on a new connection
+  after a timeout, so a message BRPOP popped is not lost with the dead one.
 - ``worker_cancel_long_running_tasks_on_connection_loss``: a broker blip must
   not leave a job running here while Redis hands it to another worker.
 - Lanes: each queue has a batch twin (``calq.cpu`` → ``calq.cpu.batch``);
@@ -123,7 +124,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "broker_transport_options": {**visibility, **connection, "queue_order_strategy": "priority"},
+        # retry_on_timeout: a command on a pooled connection that went dead (the unacked record written
+        # right after BRPOP popped a message) is sent again on a new connection. Without it the consumer
+        # restarts and the popped message is lost: a job left queued for good (tests/test_faults.py, half-open).
+        "broker_transport_options": {**visibility, **connection, "retry_on_timeout": True,
+                                     "queue_order_strategy": "priority"},
         "result_backend_transport_options": dict(visibility),  # the backend takes the redis_* keys below
         "redis_socket_timeout": connection["socket_timeout"],
         "redis_socket_connect_timeout": connection["socket_connect_timeout"],
