@@ -289,3 +289,28 @@ def test_a_renewed_lease_is_never_reaped_or_taken(fleet):
             assert leases.acquire(job.job_id, "w1", message=job.to_message()) is None
         assert not beat.lost.is_set() and leases.holder(job.job_id) == "w0"
     assert fleet["sent"] == []
+
+
+def test_a_reaper_that_lost_redis_gives_every_holder_a_lease_to_renew_before_judging(fleet):
+    """Through a Redis outage nobody could renew: a lease's age is no evidence until each holder had lease_s again."""
+    from shared.contract.job import JobState
+    from shared.jobs.lease import Reaper
+
+    leases, client = fleet["leases"], fleet["registry"].redis
+    job, lease = running_job(fleet)
+    client.set(leases.lease_key(job.job_id), f"w0|{lease.token}|{server_ms(client) - 5_000}")  # 5 s without renewal
+    reaper = Reaper(registry=fleet["registry"], leases=leases, store=fleet["store"], publish=fleet["publish"],
+                    interval_s=0.1)
+    real_try_lock = leases.try_lock
+    leases.try_lock = lambda *a, **k: (_ for _ in ()).throw(redis.ConnectionError("Redis is restarting"))
+    with pytest.raises(redis.ConnectionError):
+        reaper.run_once()
+    leases.try_lock = real_try_lock
+    assert reaper.run_once() == {}  # back, with a lease 5 s stale: within the grace it is not judged
+    with Heartbeat(leases, lease, interval_s=0.1) as beat:  # the holder renews again
+        time.sleep(0.7)  # the grace (0.6 s) is over; the lease is live
+        assert reaper.run_once() == {}
+        assert not beat.lost.is_set()
+    assert fleet["registry"].get(job.job_id).state is JobState.RUNNING and fleet["sent"] == []
+    time.sleep(0.7)  # now it stops renewing: reaped as usual
+    assert reaper.run_once() == {job.job_id: "requeued"}

@@ -517,6 +517,13 @@ class Reaper:
     (so fleets of any size reap once per interval) and hands back what it
     finds, counting the delivery (the worker stopped renewing: it may have
     been killed by its job).
+
+    A reaper that could not reach Redis judges no lease for one ``lease_s``
+    after it reaches Redis again: while Redis was out (restarted, full,
+    unreachable from this host) no worker could renew either, so a lease's
+    age says nothing of its worker until each had a lease's time to renew.
+    Otherwise every job running through a Redis restart longer than the
+    lease would be reaped, its finished draws refused by the fence, and fitted again.
     """
 
     def __init__(self, *, registry: Any, leases: Leases, store: Any, publish: Publisher, interval_s: float) -> None:
@@ -524,10 +531,21 @@ class Reaper:
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._outage_seen = False
+        self._grace_until = 0.0
 
     def run_once(self) -> dict[str, str]:
-        """One pass: ``{job_id: what was done}`` (empty when another worker holds the lock)."""
-        if not self.leases.try_lock("reaper", self.interval_s * 0.9):
+        """One pass: ``{job_id: what was done}`` (empty when another worker holds the lock, or in the grace after an outage)."""
+        try:
+            locked = self.leases.try_lock("reaper", self.interval_s * 0.9)
+        except Exception:
+            self._outage_seen = True
+            raise
+        if self._outage_seen:  # Redis is back: every holder gets a lease's time to renew first
+            self._outage_seen = False
+            self._grace_until = time.monotonic() + self.leases.lease_ms / 1000
+            log.info("Redis is reachable again: no lease is judged for %g s", self.leases.lease_ms / 1000)
+        if not locked or time.monotonic() < self._grace_until:
             return {}
         done = {}
         for job_id in self.leases.lapsed():
