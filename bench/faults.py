@@ -22,8 +22,8 @@ Two kinds of kill (``--mode``):
 - ``worker``: the supervisor and its children at once, then a new worker is
   started; the job comes back when its lease lapses and a reaper finds it.
 
-And three faults of issue 18 ("Exactly once under partitions"), each with
-two worker "hosts" (two supervisors, one child each, their own spools):
+And four faults of issue 18 ("Exactly once under partitions"), the first
+three with two worker "hosts" (two supervisors, one child each, their own spools):
 
 - ``partition``: the child running a job is frozen (SIGSTOP) as it
   finishes, and thawed once the other host finished the job; **recovery**
@@ -35,9 +35,14 @@ two worker "hosts" (two supervisors, one child each, their own spools):
   succeeded, **finish** flush → every job succeeded;
 - ``disk-full``: the store (a local folder on a 32 MiB tmpfs, needs root) is
   filled as a job finishes and freed 5 s after its write starts waiting;
-  **recovery** and **finish** are space freed → succeeded.
+  **recovery** and **finish** are space freed → succeeded;
+- ``half-open``: one host reaching Redis only through a loopback proxy
+  (``tests.services.TcpProxy``); while it is idle, every connection open is
+  frozen for good (open and silent, as a hung NAT leaves it; new ones get
+  through) and a job submitted 2 s later; **recovery** is freeze → the job
+  taken, **finish** freeze → succeeded; the proxy is thawed after each.
 
-Usage: ``python bench/faults.py [--mode child|worker|partition|flush|disk-full] [--kills 5] [--children 1]
+Usage: ``python bench/faults.py [--mode child|worker|partition|flush|disk-full|half-open] [--kills 5] [--children 1]
 [--lease 60] [--json bench/results/faults-child.json]``. Figures from a shared machine
 are slowed by whatever else runs there.
 """
@@ -170,7 +175,14 @@ def main() -> None:
     save_dataset(synthesize(seasons=1, scenarios=200, seed=5), dataset)
     ref = client.upload(dataset)
 
-    if args.mode in PARTITION_MODES:
+    proxy = None
+    if args.mode == "half-open":
+        from tests.services import TcpProxy
+
+        proxy = TcpProxy("127.0.0.1", port)
+        workers = [Worker({**env, "CALQ_BROKER_URL": proxy.url_for(url), "CALQ_RECOVERY__SPOOL_DIR": str(tmp / "spool-a")},
+                          tmp / "worker-a.log", 1)]
+    elif args.mode in PARTITION_MODES:
         workers = [Worker({**env, "CALQ_RECOVERY__SPOOL_DIR": str(tmp / f"spool-{host}")}, tmp / f"worker-{host}.log", 1)
                    for host in "ab"]
     else:
@@ -219,11 +231,14 @@ def main() -> None:
             if args.mode == "worker":
                 workers[-1].wait_ready()
         for i in range(args.kills if args.mode in PARTITION_MODES else 0):
-            rows.append(PARTITION_MODES[args.mode](client, dataset, ref, workers, url=url, tmp=tmp, seed=2000 + 10 * i))
+            rows.append(PARTITION_MODES[args.mode](client, dataset, ref, workers, url=url, tmp=tmp, seed=2000 + 10 * i,
+                                                   proxy=proxy))
             print(f"{args.mode} {i + 1}/{args.kills}: {rows[-1]}", flush=True)
     finally:
         for worker in workers:
             worker.stop()
+        if proxy is not None:
+            proxy.close()
         redis_proc.terminate()
         redis_proc.wait(10)
         if args.mode == "disk-full":
@@ -232,7 +247,7 @@ def main() -> None:
     recovery = np.array([r["recovery_s"] for r in rows])
     finish = np.array([r["finish_s"] for r in rows])
     lost = sum(r["state"] != "succeeded" for r in rows)
-    duplicates = sum(max(0, r["sampler_runs"] - (1 if args.mode in ("flush", "disk-full") else 2)) for r in rows)
+    duplicates = sum(max(0, r["sampler_runs"] - (1 if args.mode in ("flush", "disk-full", "half-open") else 2)) for r in rows)
     result = {
         "mode": args.mode, "kills": len(rows), "children": args.children,
         "lease_s": args.lease or Settings().recovery.lease_s,
@@ -290,7 +305,7 @@ def _row(client, job_id, recovery, finish):
             "extra_objects": max(0, len(summary_objects) - 2)}
 
 
-def partition(client, dataset, ref, workers, *, url, tmp, seed):
+def partition(client, dataset, ref, workers, *, url, tmp, seed, **_):
     """Freeze the child running a job as it finishes; the other host runs it; thaw it after."""
     job_id = client.submit(dataset, "intermediate", events="top_5,top_10", seed=seed, dataset_ref=ref,
                            warmup=100, samples=600, chains=2)
@@ -310,7 +325,7 @@ def partition(client, dataset, ref, workers, *, url, tmp, seed):
     return _row(client, job_id, recovery, finish)
 
 
-def flush(client, dataset, ref, workers, *, url, tmp, seed):
+def flush(client, dataset, ref, workers, *, url, tmp, seed, **_):
     """FLUSHALL with a job running and three queued, then reindex at once (a new client: a new process's queues)."""
     import redis
 
@@ -337,7 +352,7 @@ def flush(client, dataset, ref, workers, *, url, tmp, seed):
     return row
 
 
-def disk_full(client, dataset, ref, workers, *, url, tmp, seed):
+def disk_full(client, dataset, ref, workers, *, url, tmp, seed, **_):
     """Fill the store's disk as a job finishes; free it 5 s after the write starts waiting."""
     job_id = client.submit(dataset, "intermediate", events="top_5,top_10", seed=seed, dataset_ref=ref,
                            warmup=100, samples=600, chains=2)
@@ -360,12 +375,34 @@ def disk_full(client, dataset, ref, workers, *, url, tmp, seed):
     return _row(client, job_id, took, took)
 
 
-PARTITION_MODES = {"partition": partition, "flush": flush, "disk-full": disk_full}
+def half_open(client, dataset, ref, workers, *, url, tmp, seed, proxy, **_):
+    """Freeze every open connection of the host behind ``proxy`` while it is idle; submit a job 2 s later."""
+    from shared.contract.job import JobState
+
+    time.sleep(3)  # idle: its consumer waits on the broker
+    proxy.freeze(new="forwarded")
+    frozen = time.monotonic()
+    try:
+        time.sleep(2)  # past the 1 s a BRPOP already waiting on the dead connection holds a message
+        job_id = client.submit(dataset, "intermediate", events="top_5,top_10", seed=seed, dataset_ref=ref,
+                               warmup=100, samples=200, chains=2)
+        wait_until(lambda: (r := _record(client, job_id)) and r.state is not JobState.QUEUED, 600, "the job to be taken")
+        recovery = time.monotonic() - frozen
+        wait_until(lambda: _done(client, job_id), 600, "the job to finish")
+        finish = time.monotonic() - frozen
+    finally:
+        proxy.thaw()
+    return _row(client, job_id, recovery, finish)
+
+
+PARTITION_MODES = {"partition": partition, "flush": flush, "disk-full": disk_full, "half-open": half_open}
 LABELS = {
     "partition": ("worker frozen at the write phase", "freeze → running on the other host", "freeze → succeeded"),
     "flush": ("FLUSHALL mid-run, 3 jobs queued, reindex at once", "flush → the running job succeeded",
               "flush → every job succeeded"),
     "disk-full": ("store disk full at the write, freed 5 s later", "space freed → succeeded", "space freed → succeeded"),
+    "half-open": ("every open Redis connection of an idle host hung (a NAT)", "freeze → new job taken",
+                  "freeze → new job succeeded"),
 }
 
 

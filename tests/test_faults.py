@@ -798,13 +798,17 @@ def test_a_half_open_link_to_redis_does_not_stop_a_worker_taking_new_jobs(faults
     The consumer's BRPOP never answers and its pooled connections hang; kombu drops the BRPOP
     connection once its reply is overdue, and the unacked record of the message it then pops is
     written on a new connection (``retry_on_timeout``): without that the consumer restarted on a
-    TimeoutError and the popped message was lost, the job queued for good. The job is submitted 2 s
+    TimeoutError and the popped message was lost, the job queued for good; and the task's first write
+    to the result backend (``redis_retry_on_timeout``) met a dead connection and failed the task, its
+    record left queued. A first job runs before the freeze so those pools hold connections. The job is submitted 2 s
     after the freeze: a message Redis hands to a BRPOP already waiting on the dead connection (its
     server-side timeout is 1 s) is lost with that connection, which no client setting can prevent.
     """
     faults.stop_workers()
     with TcpProxy("127.0.0.1", faults.redis.port) as proxy:
         host = behind_proxy(faults, proxy, faults.tmp / "spool-half-open")
+        warm = faults.submit(seed=950, sampler=SHORT)  # so its pools hold connections that will hang (backend included)
+        faults.wait_state(warm, {JobState.SUCCEEDED}, 240)
         time.sleep(2)  # idle: its consumer waits on the broker
         opened = proxy.accepted
         proxy.freeze(new="forwarded")  # every open connection hangs for good; a new one gets through

@@ -28,8 +28,9 @@ Why each setting (see FIELD-NOTES, "Celery on Redis"):
   the backend's connections (:meth:`RecoverySettings.redis_options`, the
   numbers every calq Redis client uses): a half-open connection (a hung NAT
   or load balancer) fails in seconds and is reconnected, instead of hanging
-  the worker for good; the broker's commands are retried on a new connection
-  after a timeout, so a message BRPOP popped is not lost with the dead one.
+  the worker for good; the broker's and the backend's commands are retried on
+  a new connection after a timeout, so a message BRPOP popped is not lost with
+  the dead one, nor its task failed by a dead result-backend connection.
 - ``worker_cancel_long_running_tasks_on_connection_loss``: a broker blip must
   not leave a job running here while Redis hands it to another worker.
 - Lanes: each queue has a batch twin (``calq.cpu`` → ``calq.cpu.batch``);
@@ -134,6 +135,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "redis_socket_connect_timeout": connection["socket_connect_timeout"],
         "redis_socket_keepalive": True,
         "redis_backend_health_check_interval": connection["health_check_interval"],
+        "redis_retry_on_timeout": True,  # the backend's too: a task's first result write met a dead pooled connection
         "visibility_timeout": settings.visibility_timeout_s,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "broker_connection_retry_on_startup": True,
