@@ -502,8 +502,7 @@ def test_calq_apply_says_an_unseen_track_and_refuses_a_case_typo(tmp_path):
 
 
 def test_ctrl_c_twice_exits_4_never_130(tmp_path, season):
-    import signal
-    import time
+    from tests.test_ctrl_c import interrupt
 
     environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
     environ.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", CALQ_COMPILE_CACHE_DIR="")
@@ -512,17 +511,7 @@ def test_ctrl_c_twice_exits_4_never_130(tmp_path, season):
          "--warmup", "2000", "--samples", "2000", "--chains", "1"],
         env=environ, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "calq-store").exists():  # calq is running: it has uploaded the dataset
-            assert running.poll() is None and time.monotonic() < deadline, running.communicate()
-            time.sleep(0.1)
-        running.send_signal(signal.SIGINT)
-        time.sleep(0.3)
-        running.send_signal(signal.SIGINT)
-        _, stderr = running.communicate(timeout=120)
-    finally:
-        if running.poll() is None:
-            running.kill()
-    assert running.returncode == ExitCode.CANCELLED, (running.returncode, stderr[-3000:])
-    assert "Traceback" not in stderr
+    # calq is running once it has uploaded the dataset (the store exists); interrupt() also asserts no traceback
+    code, _, stderr = interrupt(running, when=(tmp_path / "calq-store").exists, what="calq to upload the dataset",
+                                times=2, timeout=120)
+    assert code == ExitCode.CANCELLED, (code, stderr[-3000:])
