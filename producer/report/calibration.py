@@ -179,7 +179,7 @@ def _warm_start(s: CalibrationSummary) -> str:
     if w is None:
         return "none: a cold start"
     return (f"from job {w.job_id} (data through {w.data_through}): its posterior gave the starting positions, "
-            f"mass matrix and step size; warmup {w.warmup}, target acceptance {getattr(w, 'target_accept_prob', 0.8):g}")
+            f"mass matrix and step size; warmup {w.warmup}, target acceptance {w.target_accept_prob:g}")
 
 
 def sampler_section(section: Section, calibration: Calibration) -> Section:

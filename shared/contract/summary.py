@@ -54,6 +54,11 @@ class Diagnostics(_Frozen):
     ess_bulk_per_second: float = Field(description="min_ess_bulk per second of sampling")
 
 
+#: The target acceptance of a job's first sampler run (and the least a warm run uses): the first rung of
+#: shared.fit.remedy's ladder; divergence-free on five seasons × four archetypes (see shared.fit.model).
+TARGET_ACCEPT = 0.8
+
+
 class ConvergenceCriteria(_Frozen):
     """When a posterior counts as converged (and may move the ``latest`` pointer).
 
@@ -145,7 +150,9 @@ class WarmStart(_Frozen):
     posterior_uri: str | None = Field(None, description="the previous fit's posterior")
     data_through: date = Field(description="the last race date the previous fit saw")
     warmup: int = Field(description="warmup steps of the warm run (the step size alone adapts)")
-    target_accept_prob: float = Field(0.8, description="the warm run's target acceptance: the previous fit's, at least 0.8")
+    target_accept_prob: float = Field(
+        TARGET_ACCEPT, description=f"the warm run's target acceptance: the previous fit's, at least {TARGET_ACCEPT}"
+    )
 
 
 class Provenance(_Frozen):

@@ -23,7 +23,7 @@ import shared
 from shared.contract.control import JobControl
 from shared.contract.domain import archetypes_of
 from shared.contract.errors import InvalidDataset
-from shared.contract.job import MAX_RUN_LENGTH, CalibrationJob, Progress, utcnow
+from shared.contract.job import CalibrationJob, Progress, utcnow
 from shared.contract.summary import (
     Attempt,
     CalibrationSummary,
@@ -38,7 +38,7 @@ from shared.contract.summary import (
 from shared.data.dataset import EventRows, event_rows, select_archetypes, select_window, validate
 from shared.fit.idata import build_inference_data, calibrated_probability_mean, convergence_data, logit
 from shared.fit.model import ModelData, ModelShape, distinct_rows, model_data
-from shared.fit.remedy import TARGET_ACCEPT, RunOutcome, RunPlan, first_plan, next_plan
+from shared.fit.remedy import MAX_DRAWS_PER_CHAIN, TARGET_ACCEPT, RunOutcome, RunPlan, first_plan, next_plan
 from shared.fit.sampler import (
     MAX_TREE_DEPTH,
     Bucket,
@@ -207,7 +207,7 @@ def calibrate(
     control: JobControl | None = None,
     criteria: ConvergenceCriteria = ConvergenceCriteria(),
     warm: WarmSource | None = None,
-    max_draws_per_chain: int = 2 * MAX_RUN_LENGTH,
+    max_draws_per_chain: int = MAX_DRAWS_PER_CHAIN,
 ) -> tuple[az.InferenceData, Fit]:
     """Fit the calibration model for ``job`` on ``dataset`` with NUTS.
 

@@ -29,8 +29,10 @@ carries the job's own settings (:class:`JobRuns`), so a remedy needs
 nothing handed back to it, and no run grows past the schema's
 :data:`~shared.contract.job.MAX_RUN_LENGTH` for warmup or draws, nor past
 the worker's cap on the two together (``limits.max_draws_per_chain``, the
-cap a job itself was checked against): a remedy that cannot grow within
-them is not run.
+cap a job itself was checked against; :data:`MAX_DRAWS_PER_CHAIN`, the
+settings' default, where no cap is given): a remedy that cannot grow within
+them is not run. Each number has one home: the first target acceptance is
+:data:`~shared.contract.summary.TARGET_ACCEPT`, the ladder's first rung.
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from shared.contract.job import MAX_RUN_LENGTH
-from shared.contract.summary import ConvergenceCriteria
+from shared.contract.settings import DataLimits
+from shared.contract.summary import TARGET_ACCEPT, ConvergenceCriteria
 
-#: Target acceptance probabilities, in the order remedies try them.
-TARGET_LADDER: tuple[float, ...] = (0.8, 0.9, 0.95, 0.99)
-#: A job's first run's target: divergence-free on five seasons × four archetypes (see shared.fit.model).
-TARGET_ACCEPT = TARGET_LADDER[0]
+#: Target acceptance probabilities, in the order remedies try them: the first run's, then higher.
+TARGET_LADDER: tuple[float, ...] = (TARGET_ACCEPT, 0.9, 0.95, 0.99)
+#: Warmup + draws of one chain, at most, where no worker's limits are given: the settings' default cap.
+MAX_DRAWS_PER_CHAIN = DataLimits.model_fields["max_draws_per_chain"].default
 #: More draws for low ESS: the shortfall times this margin, at most MAX_DRAW_GROWTH times as many.
 ESS_MARGIN = 1.25
 MAX_DRAW_GROWTH = 4
@@ -96,7 +99,7 @@ def attempt_seed(seed: int, number: int) -> int:
 
 
 def first_plan(
-    *, seed: int, warmup: int, samples: int, max_draws: int = 2 * MAX_RUN_LENGTH, target_accept_prob: float = TARGET_ACCEPT
+    *, seed: int, warmup: int, samples: int, max_draws: int = MAX_DRAWS_PER_CHAIN, target_accept_prob: float = TARGET_ACCEPT
 ) -> RunPlan:
     """The job's own settings, as attempt 1; ``max_draws`` caps warmup + samples of any later run."""
     job = JobRuns(seed=seed, warmup=warmup, samples=samples, max_draws=max(max_draws, warmup + samples))
@@ -163,6 +166,7 @@ def _longest(length: int, *, room: int) -> int:
 
 
 __all__ = [
+    "MAX_DRAWS_PER_CHAIN",
     "TARGET_ACCEPT",
     "TARGET_LADDER",
     "JobRuns",
