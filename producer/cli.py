@@ -314,17 +314,21 @@ def submit(
     as_of: AsOf = None,
     window_days: WindowDays = None,
     queue: Annotated[Optional[str], typer.Option(help="gpu or cpu (default: CALQ_DEFAULT_QUEUE, now {default_queue}).")] = None,
+    lane: Annotated[str, typer.Option(
+        help="interactive: workers take it first; batch: it waits its turn among every owner's batch jobs."
+    )] = "interactive",
     as_json: JsonFlag = False,
 ) -> None:
     """Submit a job and print its id (embedded mode: run it now; Ctrl-C cancels it cleanly, exit 4)."""
     usage.archetype(archetype)
+    usage.lane(lane)
     usage.events(events)
     as_of_date = _date(as_of)
     client = _client()
     with _ctrl_c_cancels(client):
         job_id = client.submit(
             dataset, archetype, events=events, warmup=warmup, samples=samples, chains=chains, seed=seed,
-            as_of=as_of_date, window_days=window_days, queue=queue,
+            as_of=as_of_date, window_days=window_days, queue=queue, lane=lane,
         )
     if as_json:
         _print_json({"job_id": job_id})

@@ -53,6 +53,15 @@ def archetype(value: str, *, allow_all: bool = True, hint: str = "--archetype") 
     raise typer.BadParameter(unknown("archetype", value, choices), param_hint=hint)
 
 
+def lane(value: str, *, hint: str = "--lane") -> str:
+    """``value`` if it is a lane (:data:`shared.jobs.celery_app.LANES`), else a usage error naming the nearest."""
+    from shared.jobs.celery_app import LANES
+
+    if value in LANES:
+        return value
+    raise typer.BadParameter(unknown("lane", value, LANES), param_hint=hint)
+
+
 def archetypes(value: str | None, *, allow_all: bool = True, hint: str = "--archetype") -> list[str] | None:
     """A comma-separated list of archetypes, each checked; None when ``value`` is None."""
     if value is None:

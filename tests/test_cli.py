@@ -101,6 +101,22 @@ def test_submitting_the_same_job_again_runs_nothing(env, dataset, calibrated):
     assert json.loads(out.stdout) == {"job_id": calibrated.job_id}
 
 
+@pytest.mark.integration
+def test_submit_on_the_batch_lane_waits_in_the_batch_queue(env, dataset, redis_url):
+    import redis
+
+    environ, root = env
+    fleet = ({**environ, "CALQ_BROKER_URL": redis_url, "CALQ_DEFAULT_QUEUE": "calq.cpu"}, root)
+    batch = json.loads(calq(fleet, "submit", str(dataset), "--archetype", "intermediate", *TINY, "--seed", "11",
+                            "--lane", "batch", "--json").stdout)["job_id"]
+    interactive = json.loads(calq(fleet, "submit", str(dataset), "--archetype", "intermediate", *TINY, "--seed", "12",
+                                  "--json").stdout)["job_id"]
+    queued = redis.Redis.from_url(redis_url)
+    in_queue = lambda name: [json.loads(m)["headers"]["id"] for m in queued.lrange(name, 0, -1)]  # noqa: E731
+    assert in_queue("calq.cpu.batch") == [batch]
+    assert in_queue("calq.cpu") == [interactive]
+
+
 def test_a_broken_dataset_is_refused_with_its_reasons(env, dataset):
     import numpy as np
 

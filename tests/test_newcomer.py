@@ -57,6 +57,12 @@ def test_a_misspelt_archetype_is_one_line_with_did_you_mean_and_uploads_nothing(
     assert list(tmp_path.iterdir()) == []  # no calq-store/: the typo is caught before the upload
 
 
+def test_a_misspelt_lane_is_one_line_with_did_you_mean_and_uploads_nothing(tmp_path, season):
+    one_line_usage(calq(tmp_path, "submit", str(season), "--archetype", "intermediate", "--lane", "bach"),
+                   "unknown lane 'bach'", "did you mean batch?", "--lane")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_latest_of_a_misspelt_archetype_says_unknown_archetype_not_no_calibration_yet(tmp_path):
     line = one_line_usage(calq(tmp_path, "latest", "superspeedwy"), "unknown archetype", "did you mean superspeedway?")
     assert "no converged calibration" not in line
