@@ -35,6 +35,7 @@ import xarray as xr
 from shared.contract.control import JobControl
 from shared.contract.errors import CalqError, NotFound, RetryableError
 from shared.contract.job import CalibrationJob, JobState, JobStatus, SamplerSettings
+from shared.contract.retry import retry_transient
 from shared.contract.settings import Settings, get_settings
 from shared.contract.summary import CalibrationSummary
 from shared.data.dataset import save_dataset
@@ -346,20 +347,21 @@ class CalibrationClient:
 
     @staticmethod
     def _riding_through(call: Callable[[float], T], deadline: float, on_outage: OutageCallback | None) -> T:
-        delay = OUTAGE_BACKOFF_S[0]
-        while True:
-            try:
-                return call(max(0.0, deadline - time.monotonic()))
-            except RetryableError as exc:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise
-                if on_outage is not None:
-                    on_outage(exc, left)
-                else:
-                    log.warning("%s; retrying for up to %.0f s more", exc, left)
-                time.sleep(min(delay, left))
-                delay = min(delay * 2, OUTAGE_BACKOFF_S[1])
+        """``call(seconds_left)``, tried again through a RetryableError until ``deadline`` (all of its time).
+
+        Only calq's RetryableError counts as an outage here: a WaitTimeout is
+        a TimeoutError, which :func:`~shared.contract.errors.classify` would retry.
+        """
+        def waiting(fault: BaseException, left: float) -> None:
+            if on_outage is not None:
+                on_outage(fault, left)
+            else:
+                log.warning("%s; retrying for up to %.0f s more", fault, left)
+
+        first, most = OUTAGE_BACKOFF_S
+        return retry_transient(lambda: call(max(0.0, deadline - time.monotonic())),
+                               budget_s=deadline - time.monotonic(), first_s=first, max_s=most, on_wait=waiting,
+                               transient=lambda fault: isinstance(fault, RetryableError), to_the_end=True)
 
     def result(self, job_id: str) -> CalibrationSummary:
         """The summary of a succeeded job, read from the store."""

@@ -332,7 +332,8 @@ def test_calq_invalid_is_capped_exactly_after_a_worker_write(fleet):
 def test_the_eta_bound_lets_calqs_own_retries_through_and_nothing_far_ahead():
     import datetime as dt
 
-    from worker.tasks import RETRY_BACKOFF_MAX_S, eta_refusal
+    from shared.contract.retry import TASK_RETRY_BACKOFF_MAX_S as RETRY_BACKOFF_MAX_S
+    from worker.tasks import eta_refusal
 
     bound = Settings().max_eta_s
     assert bound >= RETRY_BACKOFF_MAX_S  # a retry's countdown is never refused

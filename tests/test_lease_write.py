@@ -1,4 +1,4 @@
-"""The patient write (shared.jobs.spool) and the patient registry (worker.tasks): outages cost waiting, not fits."""
+"""The patient write (shared.jobs.spool) and the patient registry (shared.jobs.registry.patient): outages cost waiting, not fits."""
 
 from __future__ import annotations
 
@@ -9,35 +9,9 @@ import pytest
 from shared.contract.errors import BrokerUnavailable, JobFailed, StorageUnavailable
 from shared.contract.settings import RecoverySettings, Settings
 from shared.jobs.spool import patiently
+from tests.test_retry import Clock, flaky
 
 RECOVERY = RecoverySettings(write_budget_s=10, permission_budget_s=3, retry_first_s=1, retry_max_s=4)
-
-
-class Clock:
-    """A fake clock that sleeping advances."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.pauses: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.pauses.append(seconds)
-        self.now += seconds
-
-
-def flaky(fault: BaseException, times: int):
-    calls = {"n": 0}
-
-    def action():
-        calls["n"] += 1
-        if calls["n"] <= times:
-            raise fault
-        return "written"
-
-    return action, calls
 
 
 def test_a_transient_fault_is_retried_with_doubling_pauses():
@@ -77,7 +51,7 @@ def test_a_permanent_error_is_not_retried():
 
 
 def test_the_final_record_change_waits_for_redis():
-    from worker.tasks import PatientRegistry
+    from shared.jobs.registry.patient import PatientRegistry
 
     class Registry:
         def __init__(self):

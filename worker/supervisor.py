@@ -61,6 +61,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from shared.contract.retry import backoff
 from shared.fit.device import HOST_DEVICES, with_host_devices, without_host_devices
 from shared.jobs import metrics
 from shared.jobs.celery_app import ALL_QUEUES, CPU_QUEUE, GPU_QUEUE, consumed_queues, queue_for
@@ -467,6 +468,11 @@ class Supervisor:
                 return 1
             time.sleep(self._poll)
 
+    def _restart_delay(self, child: _Child) -> float:
+        """The pause before restarting ``child``: the shared backoff after its quick failures in a row."""
+        first, most = self._backoff
+        return backoff(child.quick_failures, first=first, most=most)
+
     def _check(self, child: _Child, now: float, *, stopping: bool) -> None:
         proc = child.proc
         if proc is not None and proc.poll() is not None:
@@ -489,8 +495,7 @@ class Supervisor:
                 )
                 return
             child.quick_failures = 0 if uptime >= self._stable_after else child.quick_failures + 1
-            first, most = self._backoff
-            delay = min(most, first * 2 ** max(0, child.quick_failures - 1))
+            delay = self._restart_delay(child)
             child.restart_at = now + delay
             log.warning(
                 "%s %s after %.1f s; restarting in %.1f s", child.spec.name, how, uptime, delay
@@ -564,7 +569,7 @@ class Supervisor:
         except OSError as exc:
             child.proc = None
             child.quick_failures += 1
-            delay = min(self._backoff[1], self._backoff[0] * 2 ** (child.quick_failures - 1))
+            delay = self._restart_delay(child)
             child.restart_at = time.monotonic() + delay
             log.error("could not start %s (%s); trying again in %.1f s", spec.name, exc, delay)
             return

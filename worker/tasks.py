@@ -28,27 +28,26 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from celery import Celery, Task, signals
 from celery.worker.consumer import Consumer
 
-from shared.contract.errors import Outcome, RetryableError, classify, transient_as_retryable
+from shared.contract.errors import RetryableError, transient_as_retryable
 from shared.contract.job import JobState, Progress
+from shared.contract.retry import TASK_MAX_RETRIES, TASK_RETRY_BACKOFF_MAX_S
 from shared.contract.settings import Settings, get_settings
 from shared.jobs import handle, metrics
 from shared.jobs.celery_app import TASK_NAME, get_app
 from shared.jobs.lease import Fence, HandBack, Heartbeat, Leases, celery_publisher, hand_back
+from shared.jobs.registry.patient import PatientRegistry
 from worker import observe
 
 log = logging.getLogger(__name__)
 
 #: Exit status of a worker whose device is not the one it was started for (EX_CONFIG).
 EXIT_DEVICE_ERROR = 78
-MAX_RETRIES = 5
-RETRY_BACKOFF_MAX_S = 600
 LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s [%(job_id)s] %(message)s"
 #: The supervisor's cold shutdown: stop the running job at its next progress report and hand it back.
 HAND_BACK_SIGNAL = signal.SIGUSR2
@@ -116,50 +115,6 @@ class CalibrateTask(Task):
                 context().registry.fail(job_id, reason[: handle.MAX_REASON_CHARS])
             except Exception:  # the registry may be what is down; the log keeps the reason
                 log.exception("could not record the failure")
-
-
-class PatientRegistry:
-    """The registry, with a job's final record change retried through Redis outages.
-
-    ``succeed`` comes after the summary is in the store: if Redis is out at
-    that moment the finished result must not be orphaned, so the final
-    changes (``succeed``, ``fail``, ``reject``, ``finish_cancelled``) are
-    retried with backoff for up to ``recovery.write_budget_s``. Everything
-    else is the registry's own.
-    """
-
-    FINAL = frozenset({"succeed", "fail", "reject", "finish_cancelled"})
-
-    def __init__(self, registry: Any, settings: Settings, *, sleep: Any = time.sleep) -> None:
-        self._registry, self._recovery, self._sleep = registry, settings.recovery, sleep
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._registry, name)
-        if name not in self.FINAL:
-            return method
-
-        @functools.wraps(method)
-        def patient(*args: Any, **kwargs: Any) -> Any:
-            r = self._recovery
-            deadline, pause, warned = time.monotonic() + r.write_budget_s, r.retry_first_s, False
-            while True:
-                try:
-                    result = method(*args, **kwargs)
-                except Exception as exc:
-                    if classify(exc) is not Outcome.RETRY or time.monotonic() + pause > deadline:
-                        raise
-                    if not warned:
-                        log.warning("waiting for Redis to record %s (%s: %s); retrying for up to %g s",
-                                    name, type(exc).__name__, exc, r.write_budget_s)
-                        warned = True
-                    self._sleep(pause)
-                    pause = min(r.retry_max_s, pause * 2)
-                    continue
-                if warned:
-                    log.info("Redis is back: %s recorded", name)
-                return result
-
-        return patient
 
 
 _hand_back_reason: str | None = None
@@ -311,7 +266,7 @@ def _repair_redelivery(ctx: WorkerContext, job_id: str) -> dict[str, Any] | None
 def eta_refusal(eta: dt.datetime | str | None, *, max_eta_s: int, now: dt.datetime | None = None) -> str | None:
     """Why a message asking to run at ``eta`` is refused, or None (no ETA, or one within ``max_eta_s``).
 
-    calq's own retries wait at most :data:`RETRY_BACKOFF_MAX_S`, within the
+    calq's own retries wait at most :data:`~shared.contract.retry.TASK_RETRY_BACKOFF_MAX_S`, within the
     default ``max_eta_s``; a producer has no reason to send an ETA at all. An
     ETA that is not a date is refused too. Naive times count as UTC.
     """
@@ -384,9 +339,9 @@ def register(app: Celery) -> Task:
         base=CalibrateTask,
         autoretry_for=(RetryableError,),
         retry_backoff=True,
-        retry_backoff_max=RETRY_BACKOFF_MAX_S,
+        retry_backoff_max=TASK_RETRY_BACKOFF_MAX_S,
         retry_jitter=True,
-        max_retries=MAX_RETRIES,
+        max_retries=TASK_MAX_RETRIES,
         acks_late=True,
         reject_on_worker_lost=True,
         shared=False,
