@@ -44,8 +44,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from shared.contract.errors import JobFailed, Outcome, classify
+from shared.contract.errors import JobFailed
 from shared.contract.job import CalibrationJob, Progress
+from shared.contract.retry import is_transient, retry_transient
 from shared.contract.settings import RecoverySettings, Settings
 from shared.contract.summary import CalibrationSummary
 from shared.jobs import metrics
@@ -80,34 +81,30 @@ def patiently(
     retried for up to ``recovery.write_budget_s``, a ``PermissionError`` for
     up to ``recovery.permission_budget_s`` (a folder being fixed, a
     credential being rotated); pauses start at ``retry_first_s`` and double
-    up to ``retry_max_s``. ``on_wait`` hears each fault before the pause.
-    Past its budget the fault becomes :class:`JobFailed` naming ``what`` and
-    how long it was tried; any other error is raised at once.
+    up to ``retry_max_s`` (:func:`shared.contract.retry.retry_transient`).
+    ``on_wait`` hears each fault before the pause. Past its budget the
+    fault becomes :class:`JobFailed` naming ``what`` and how long it was
+    tried; any other error is raised at once.
     """
     start = clock()
-    pause = recovery.retry_first_s
-    while True:
-        try:
-            return action()
-        except PermissionError as exc:
-            budget = recovery.permission_budget_s
-            if clock() + pause - start > budget:
-                raise JobFailed(f"permission denied writing {what}, still after {clock() - start:.0f} s "
-                                f"(retried for up to {budget:g} s): {exc}") from exc
-            fault: BaseException = exc
-        except Exception as exc:
-            if classify(exc) is not Outcome.RETRY:
-                raise
-            budget = recovery.write_budget_s
-            if clock() + pause - start > budget:
-                raise JobFailed(f"could not write {what}: storage unavailable for {clock() - start:.0f} s "
-                                f"(recovery.write_budget_s = {budget:g}): {exc}") from exc
-            fault = exc
+
+    def waiting(fault: BaseException, _left: float) -> None:
         if on_wait is not None:
             on_wait(fault)
         metrics.store_write_retried()
-        sleep(pause)
-        pause = min(recovery.retry_max_s, pause * 2)
+
+    try:
+        return retry_transient(action, budget_s=recovery.write_budget_s, first_s=recovery.retry_first_s,
+                               max_s=recovery.retry_max_s, on_wait=waiting,
+                               budgets={PermissionError: recovery.permission_budget_s}, sleep=sleep, clock=clock)
+    except PermissionError as exc:
+        raise JobFailed(f"permission denied writing {what}, still after {clock() - start:.0f} s "
+                        f"(retried for up to {recovery.permission_budget_s:g} s): {exc}") from exc
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        raise JobFailed(f"could not write {what}: storage unavailable for {clock() - start:.0f} s "
+                        f"(recovery.write_budget_s = {recovery.write_budget_s:g}): {exc}") from exc
 
 
 def write_results(
