@@ -184,3 +184,13 @@ def test_sigint_while_waiting_exits_4_without_a_traceback(own_redis, tmp_path):
     _, stderr = waiting.communicate(timeout=30)
     assert waiting.returncode == ExitCode.CANCELLED and "Traceback" not in stderr
     assert registry.get(job.job_id).state is JobState.QUEUED  # waiting stopped; the fleet's job did not
+
+
+def test_the_worker_table_is_its_enum_and_each_code_means_one_thing():
+    import worker.exit_codes as module
+    from worker.exit_codes import MEANING, WorkerExit
+
+    rows = re.findall(r"^(\d+)\s+``(\w+)``", module.__doc__, flags=re.MULTILINE)
+    assert {int(code): name for code, name in rows} == {code.value: code.name for code in WorkerExit}
+    assert set(MEANING) <= set(WorkerExit) and WorkerExit.DEVICE_UNAVAILABLE != WorkerExit.CREDENTIALS
+    assert "78" in (ROOT / "README.md").read_text() and "exits 69" in (ROOT / "README.md").read_text()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from shared.fit.device import HOST_DEVICES
+from worker.exit_codes import WorkerExit
 from worker.supervisor import (
     Supervisor,
     WorkerSpec,
@@ -22,7 +23,7 @@ from worker.supervisor import (
     oom_kills,
     plan_workers,
 )
-from worker.tasks import EXIT_DEVICE_ERROR, SUPERVISOR_PID_ENV, stop_reason
+from worker.tasks import SUPERVISOR_PID_ENV, stop_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST_FLAG = "--xla_force_host_platform_device_count"
@@ -264,6 +265,7 @@ def test_only_the_kernel_makes_a_kill_out_of_memory(tmp_path):
     assert "OOM killer" in _exit_text(-9, oom_killed=True)
     assert _exit_text(-15) == "was killed by SIGTERM"
     assert _exit_text(3) == "exited with status 3"
+    assert _exit_text(69) == "exited with status 69 (its device is not the one it was started for)"
     events = tmp_path / "memory.events"
     events.write_text("low 0\nhigh 0\nmax 0\noom 2\noom_kill 2\n")
     assert oom_kills([str(tmp_path / "missing"), str(events)]) == 2
@@ -273,7 +275,8 @@ def test_only_the_kernel_makes_a_kill_out_of_memory(tmp_path):
 def test_device_error_is_not_restarted(tmp_path):
     log = tmp_path / "gpu.log"
     sup = Supervisor(
-        [fake_spec("w0", log, "device-error", str(EXIT_DEVICE_ERROR))], restart_backoff_s=(0.01, 0.05), poll_s=0.02
+        [fake_spec("w0", log, "device-error", str(int(WorkerExit.DEVICE_UNAVAILABLE)))],
+        restart_backoff_s=(0.01, 0.05), poll_s=0.02,
     )
     thread, result = start(sup)
     thread.join(10)

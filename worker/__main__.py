@@ -1,6 +1,7 @@
 """``python -m worker --gpus auto|none|0,1 [--queues gpu,cpu]``: the fleet entry point without the CLI.
 
 The same as ``calq worker``; useful in containers that only have the worker package.
+Its exit codes are :mod:`worker.exit_codes`'s.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from worker.exit_codes import WorkerExit
 from worker.supervisor import run
 
 
@@ -24,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     refused = credentials_refused()
     if refused is not None:  # permanent: say so once and stop, instead of Celery's reconnect loop
         logging.getLogger("worker").error("%s", refused)
-        return EXIT_CREDENTIALS
+        return WorkerExit.CREDENTIALS
     try:
         return run(
             args.gpus,
@@ -36,10 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
         return 2  # unreachable: parser.error exits
-
-
-#: Exit status when Redis or the store refuses the configured credentials (sysexits' EX_CONFIG).
-EXIT_CREDENTIALS = 78
 
 
 def credentials_refused() -> str | None:

@@ -11,8 +11,8 @@ so chains run in parallel.
 
 :class:`Supervisor` runs them: a child that exits on its own is restarted
 with exponential backoff (reset once it has stayed up a while), except one
-that exits with :data:`~worker.tasks.EXIT_DEVICE_ERROR` (wrong device: a
-restart cannot help). The first SIGTERM or SIGINT is forwarded to every
+that exits with :attr:`~worker.exit_codes.WorkerExit.DEVICE_UNAVAILABLE`
+(wrong device: a restart cannot help). The first SIGTERM or SIGINT is forwarded to every
 child as SIGTERM, Celery's warm shutdown (finish the current job, then
 exit); a second one is a cold shutdown: each child gets
 :data:`~worker.tasks.HAND_BACK_SIGNAL` and hands its running job back at the
@@ -65,7 +65,8 @@ from shared.contract.retry import backoff
 from shared.fit.device import HOST_DEVICES, with_host_devices, without_host_devices
 from shared.jobs import metrics
 from shared.jobs.celery_app import ALL_QUEUES, CPU_QUEUE, GPU_QUEUE, consumed_queues, queue_for
-from worker.tasks import BEAT_FILE_ENV, EXIT_DEVICE_ERROR, HAND_BACK_SIGNAL, SUPERVISOR_PID_ENV, lease_holder
+from worker.exit_codes import MEANING, WorkerExit
+from worker.tasks import BEAT_FILE_ENV, HAND_BACK_SIGNAL, SUPERVISOR_PID_ENV, lease_holder
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,8 @@ def _exit_text(code: int, *, oom_killed: bool = False) -> str:
         if -code == signal.SIGKILL:
             return "was killed by the kernel's OOM killer (out of memory)" if oom_killed else f"was killed by {name} (signal 9)"
         return f"was killed by {name}"
+    if code in MEANING:
+        return f"exited with status {code} ({MEANING[code]})"
     return f"exited with status {code}"
 
 
@@ -487,7 +490,7 @@ class Supervisor:
             if stopping:
                 log.info("%s %s", child.spec.name, how)
                 return
-            if code == EXIT_DEVICE_ERROR:
+            if code == WorkerExit.DEVICE_UNAVAILABLE:
                 child.given_up = True
                 log.error(
                     "%s %s: its device is not usable (see its log); not restarting it",

@@ -7,7 +7,7 @@ and the task (``worker.tasks.calibrate``) are built on first use.
 
 Process start (``worker_process_init``, sent by the solo pool too) is where
 the device is checked: a worker started with ``JAX_PLATFORMS=cuda`` that sees
-no GPU logs an error and exits with :data:`EXIT_DEVICE_ERROR`, which the
+no GPU logs an error and exits with :attr:`~worker.exit_codes.WorkerExit.DEVICE_UNAVAILABLE`, which the
 supervisor does not restart, rather than quietly running jobs on the CPU.
 
 Every job runs under a lease (:mod:`shared.jobs.lease`) renewed by a
@@ -43,11 +43,10 @@ from shared.jobs.celery_app import TASK_NAME, get_app
 from shared.jobs.lease import Fence, HandBack, Heartbeat, Leases, celery_publisher, hand_back
 from shared.jobs.registry.patient import PatientRegistry
 from worker import observe
+from worker.exit_codes import WorkerExit
 
 log = logging.getLogger(__name__)
 
-#: Exit status of a worker whose device is not the one it was started for (EX_CONFIG).
-EXIT_DEVICE_ERROR = 78
 LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s [%(job_id)s] %(message)s"
 #: The supervisor's cold shutdown: stop the running job at its next progress report and hand it back.
 HAND_BACK_SIGNAL = signal.SIGUSR2
@@ -401,7 +400,7 @@ def _on_process_init(**_: Any) -> None:
         )
         logging.shutdown()
         sys.stderr.flush()
-        os._exit(EXIT_DEVICE_ERROR)
+        os._exit(WorkerExit.DEVICE_UNAVAILABLE)
     try:
         from shared.jobs.run import prepare_process
 
