@@ -279,6 +279,7 @@ def test_a_posterior_is_read_back_only_from_inside_its_file(posterior, tmp_path)
         with pytest.raises(InvalidDataset) as caught:
             read_inference_data(path, label="the posterior")
         assert caught.value.problems == [POSTERIOR_LINE]
+        assert str(caught.value).startswith("invalid posterior (the posterior):")  # not "calibration dataset"
 
 
 def test_a_posterior_planted_in_the_store_is_refused_where_it_is_read(posterior, tmp_path, env):  # noqa: F811
@@ -318,6 +319,7 @@ def test_calq_apply_and_report_refuse_a_posterior_that_reads_outside(posterior, 
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert "HDF5 external raw storage" in result.stderr and "alpha_track" in result.stderr, result.stderr[-2000:]
+    assert "invalid posterior" in result.stderr and "calibration dataset" not in result.stderr
     assert not (tmp_path / "r.html").exists()
     said = result.stderr.replace(str(path), "<posterior>")
     assert "root" not in said and "/bin/" not in said and "passwd" not in said

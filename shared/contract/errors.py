@@ -116,16 +116,21 @@ class InvalidDataset(RejectedError):
     ``intrinsic`` is True only when the file's own bytes are at fault
     (unreadable, over a limit, breaking the contract), never for a problem
     of one job's choice (an archetype or window without races): only then
-    may a worker delete the stored copy.
+    may a worker delete the stored copy. ``kind`` names what the file was
+    meant to be in the message's first line: a calibration dataset, or a
+    posterior (the same checks guard both).
     """
 
-    def __init__(self, problems: Sequence[str], *, source: str | None = None, intrinsic: bool = False) -> None:
+    def __init__(
+        self, problems: Sequence[str], *, source: str | None = None, intrinsic: bool = False,
+        kind: str = "calibration dataset",
+    ) -> None:
         self.problems = list(problems)
         self.source = source
         self.intrinsic = intrinsic
         where = f" ({source})" if source else ""
         lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"invalid calibration dataset{where}:\n{lines}")
+        super().__init__(f"invalid {kind}{where}:\n{lines}")
 
 
 class JobOverLimit(RejectedError):

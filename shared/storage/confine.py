@@ -85,15 +85,17 @@ def confinement_problems(source: str | os.PathLike[str] | bytes) -> list[str]:
     return problems
 
 
-def check_confined(source: str | os.PathLike[str] | bytes, *, label: str | None = None) -> None:
+def check_confined(
+    source: str | os.PathLike[str] | bytes, *, label: str | None = None, kind: str = "calibration dataset"
+) -> None:
     """Raise :class:`InvalidDataset` (intrinsic: the file's own bytes) if the file leaves itself.
 
-    ``label`` names the file in the message. ``OSError`` passes through as in
-    :func:`confinement_problems`.
+    ``label`` names the file in the message and ``kind`` what it was meant to
+    be. ``OSError`` passes through as in :func:`confinement_problems`.
     """
     problems = confinement_problems(source)
     if problems:
-        raise InvalidDataset(problems, source=label, intrinsic=True)
+        raise InvalidDataset(problems, source=label, intrinsic=True, kind=kind)
 
 
 def _object_problems(obj: object, path: str, pending: list, seen: set[int]) -> list[str]:

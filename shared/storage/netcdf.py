@@ -26,6 +26,9 @@ from shared.storage.confine import check_confined
 if TYPE_CHECKING:
     import arviz as az
 
+#: How a refused posterior file is named in the refusal (:class:`InvalidDataset`'s ``kind``).
+POSTERIOR = "posterior"
+
 
 def encode_attr(value: Any) -> Any:
     """``value`` if NetCDF can store it as an attribute, else its JSON encoding."""
@@ -97,7 +100,8 @@ def read_inference_data(
     outside it (:func:`~shared.storage.confine.check_confined`), and the
     variables to be read take at most ``max_bytes`` once decoded, counted
     from the header (:func:`decoded_bytes`). A refusal raises
-    :class:`~shared.contract.errors.InvalidDataset` naming ``label`` (default: the path).
+    :class:`~shared.contract.errors.InvalidDataset` naming ``label`` (default: the path)
+    and headed "invalid posterior".
     """
     import arviz as az
     import netCDF4
@@ -108,15 +112,15 @@ def read_inference_data(
     limit = max_bytes if max_bytes is not None else get_settings().limits.max_decoded_bytes
     size = os.stat(path).st_size
     if size > limit:
-        raise InvalidDataset([_over(f"the file holds {size:,} bytes", limit)], source=label)
-    check_confined(path, label=label)
+        raise InvalidDataset([_over(f"the file holds {size:,} bytes", limit)], source=label, kind=POSTERIOR)
+    check_confined(path, label=label, kind=POSTERIOR)
     with netCDF4.Dataset(str(path), mode="r") as handle:
         group_names = [g for g in handle.groups if groups is None or g in groups]
         read = [handle, *(handle.groups[g] for g in group_names)]
         total = sum(decoded_bytes(var) for part in read for var in part.variables.values())
     if total > limit:
         problem = _over(f"the variables to read take {total:,} bytes once decoded", limit)
-        raise InvalidDataset([problem], source=label)
+        raise InvalidDataset([problem], source=label, kind=POSTERIOR)
     loaded = {}
     for group in group_names:
         with xr.open_dataset(path, group=group, engine="netcdf4") as ds:
