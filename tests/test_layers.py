@@ -104,3 +104,15 @@ def test_no_producer_module_imports_the_cli_back():
         if module == "producer.cli" or module.startswith("producer.cli.")
     ]
     assert not offences, "\n".join(offences)
+
+
+def test_the_supervisor_imports_no_celery():
+    """The supervisor speaks to its children through :mod:`worker.protocol`; Celery is its children's alone."""
+    code = (
+        "import sys\n"
+        "import worker.supervisor, worker.protocol, worker.exit_codes\n"
+        "print(','.join(sorted(m for m in ('celery', 'kombu', 'jax') if m in sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"imported by worker.supervisor: {result.stdout.strip()}"

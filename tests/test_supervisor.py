@@ -15,6 +15,7 @@ import pytest
 
 from shared.fit.device import HOST_DEVICES
 from worker.exit_codes import WorkerExit
+from worker.protocol import SUPERVISOR_PID_ENV, stop_reason
 from worker.supervisor import (
     Supervisor,
     WorkerSpec,
@@ -23,7 +24,6 @@ from worker.supervisor import (
     oom_kills,
     plan_workers,
 )
-from worker.tasks import SUPERVISOR_PID_ENV, stop_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST_FLAG = "--xla_force_host_platform_device_count"

@@ -15,11 +15,11 @@ that exits with :attr:`~worker.exit_codes.WorkerExit.DEVICE_UNAVAILABLE`
 (wrong device: a restart cannot help). The first SIGTERM or SIGINT is forwarded to every
 child as SIGTERM, Celery's warm shutdown (finish the current job, then
 exit); a second one is a cold shutdown: each child gets
-:data:`~worker.tasks.HAND_BACK_SIGNAL` and hands its running job back at the
+:data:`~worker.protocol.HAND_BACK_SIGNAL` and hands its running job back at the
 next sampling chunk (Celery's own SIGQUIT would fail the job under the solo
 pool), and a child still alive ``kill_after_s`` later is killed.
 
-Each child beats (:func:`worker.tasks.beat`: a file the supervisor names,
+Each child beats (:func:`worker.protocol.beat`: a file the supervisor names,
 touched by Celery's loop while idle and by the lease heartbeat while a job
 runs); a child silent for ``recovery.silent_child_s`` (a loop hung on a dead
 connection) gets SIGTERM, then SIGKILL ``kill_after_s`` later, and is
@@ -66,7 +66,7 @@ from shared.fit.device import HOST_DEVICES, with_host_devices, without_host_devi
 from shared.jobs import metrics
 from shared.jobs.celery_app import ALL_QUEUES, CPU_QUEUE, GPU_QUEUE, consumed_queues, queue_for
 from worker.exit_codes import MEANING, WorkerExit
-from worker.tasks import BEAT_FILE_ENV, HAND_BACK_SIGNAL, SUPERVISOR_PID_ENV, lease_holder
+from worker.protocol import BEAT_FILE_ENV, HAND_BACK_SIGNAL, SUPERVISOR_PID_ENV, lease_holder
 
 log = logging.getLogger(__name__)
 
@@ -509,7 +509,7 @@ class Supervisor:
             self._start(child)
 
     def _watch(self, child: _Child, now: float) -> None:
-        """Restart a child that stopped beating (:func:`worker.tasks.beat`): SIGTERM, then SIGKILL ``kill_after_s`` later.
+        """Restart a child that stopped beating (:func:`worker.protocol.beat`): SIGTERM, then SIGKILL ``kill_after_s`` later.
 
         A child whose loop hangs (a connection that went dead without an
         error) takes no job again and may ignore SIGTERM; once it exits it is

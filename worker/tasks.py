@@ -15,7 +15,7 @@ heartbeat thread: a delivery whose job holds a lease elsewhere is dropped,
 and a job whose worker dies is handed back by its supervisor or the reaper.
 A running job stops at its next progress report and hands itself back
 (without counting the delivery) when this process is asked to stop cold
-(:data:`HAND_BACK_SIGNAL`, sent by the supervisor instead of Celery's
+(:data:`~worker.protocol.HAND_BACK_SIGNAL`, sent by the supervisor instead of Celery's
 SIGQUIT, whose solo pool would fail the job) or its supervisor is gone.
 """
 
@@ -26,7 +26,6 @@ import datetime as dt
 import functools
 import logging
 import os
-import signal
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -44,18 +43,18 @@ from shared.jobs.lease import Fence, HandBack, Heartbeat, Leases, celery_publish
 from shared.jobs.registry.patient import PatientRegistry
 from worker import observe
 from worker.exit_codes import WorkerExit
+from worker.protocol import (
+    BEAT_FILE_ENV,
+    LOG_FORMAT,
+    SAMPLING_PHASES,
+    beat,
+    lease_holder,
+    listen_for_hand_back,
+    stop_reason,
+)
 
 log = logging.getLogger(__name__)
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s [%(job_id)s] %(message)s"
-#: The supervisor's cold shutdown: stop the running job at its next progress report and hand it back.
-HAND_BACK_SIGNAL = signal.SIGUSR2
-#: The supervisor's pid, in each child's environment: when it changes, the supervisor is gone.
-SUPERVISOR_PID_ENV = "CALQ_SUPERVISOR_PID"
-#: The file this process touches to tell its supervisor it is alive (set by the supervisor; see :func:`beat`).
-BEAT_FILE_ENV = "CALQ_BEAT_FILE"
-#: Phases that mean the sampler is running (counted once per delivery).
-SAMPLING_PHASES = frozenset({"compile", "warmup", "sampling"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,30 +113,6 @@ class CalibrateTask(Task):
                 context().registry.fail(job_id, reason[: handle.MAX_REASON_CHARS])
             except Exception:  # the registry may be what is down; the log keeps the reason
                 log.exception("could not record the failure")
-
-
-_hand_back_reason: str | None = None
-
-
-def _on_hand_back_signal(signum: int, _frame: Any) -> None:
-    global _hand_back_reason
-    _hand_back_reason = "the worker is shutting down (cold shutdown)"
-
-
-def stop_reason(environ: Mapping[str, str] | None = None) -> str | None:
-    """Why this process must hand its job back now, or None: a cold shutdown, or its supervisor is gone."""
-    if _hand_back_reason is not None:
-        return _hand_back_reason
-    environ = os.environ if environ is None else environ
-    supervisor = environ.get(SUPERVISOR_PID_ENV, "").strip()
-    if supervisor.isdigit() and os.getppid() != int(supervisor):
-        return "its supervisor is gone (the worker was killed)"
-    return None
-
-
-def lease_holder(worker: str, pid: int | None = None) -> str:
-    """Who holds a lease: the Celery node name and the process id (two supervisors on one host share names)."""
-    return f"{worker}#{os.getpid() if pid is None else pid}"
 
 
 def calibrate_message(task: Task, message: Mapping[str, Any]) -> dict[str, Any]:
@@ -391,7 +366,7 @@ def device_problem(environ: Mapping[str, str] | None = None) -> str | None:
 
 @signals.worker_process_init.connect
 def _on_process_init(**_: Any) -> None:
-    signal.signal(HAND_BACK_SIGNAL, _on_hand_back_signal)
+    listen_for_hand_back()
     problem = device_problem()
     if problem is not None:
         log.error(
@@ -407,22 +382,6 @@ def _on_process_init(**_: Any) -> None:
         prepare_process(get_settings())
     except Exception:  # each job prepares again and fails with the reason if this is fatal
         log.exception("could not prepare the process (compile cache); carrying on")
-
-
-def beat(environ: Mapping[str, str] | None = None) -> None:
-    """Tell the supervisor this process is alive: touch the file it named in :data:`BEAT_FILE_ENV` (if any).
-
-    Beats come from Celery's event loop while the process waits for a job
-    (:func:`_beat_while_idle`) and from the lease's heartbeat thread while a
-    job runs: a process whose loop hangs (a dead connection with no timeout)
-    stops beating, and its supervisor restarts it (``recovery.silent_child_s``).
-    """
-    path = (os.environ if environ is None else environ).get(BEAT_FILE_ENV)
-    if path:
-        try:
-            os.utime(path) if os.path.exists(path) else open(path, "a").close()
-        except OSError as exc:  # the supervisor restarts a silent child: say why, once per failure
-            log.warning("could not beat (%s)", type(exc).__name__)
 
 
 @signals.worker_ready.connect

@@ -1,6 +1,8 @@
 """The Celery app and all of its configuration, in one module (producers send with it, workers consume).
 
-Nothing here imports JAX: the app is built in processes that may fork.
+Nothing here imports JAX: the app is built in processes that may fork. Celery
+and kombu are imported only when an app is built, so the queue names serve
+processes that never send (the supervisor).
 :func:`make_app` builds an app from explicit :class:`~shared.contract.settings.Settings`
 (tests use it); the module attribute ``app`` is built from the process's
 settings on first use, so importing this module without ``CALQ_BROKER_URL``
@@ -47,12 +49,12 @@ Why each setting (see FIELD-NOTES, "Celery on Redis"):
 from __future__ import annotations
 
 import functools
-from typing import Any
-
-from celery import Celery
-from kombu import Exchange, Queue
+from typing import TYPE_CHECKING, Any
 
 from shared.contract.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 TASK_NAME = "calq.calibrate"
 GPU_QUEUE = "calq.gpu"
@@ -107,6 +109,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
     Raises ``ValueError`` when no broker is configured (embedded mode).
     """
+    from kombu import Exchange, Queue
+
     visibility = {"visibility_timeout": settings.visibility_timeout_s}
     # Dead connections noticed in seconds, as on every Redis client calq opens (settings.redis_client).
     connection = settings.recovery.redis_options()
@@ -164,6 +168,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 def make_app(settings: Settings) -> Celery:
     """A Celery app configured from ``settings`` (the worker's tasks are added by worker.tasks)."""
+    from celery import Celery
+
     app = Celery("calq", set_as_current=False)
     app.conf.update(celery_config(settings))
     return app

@@ -394,7 +394,7 @@ class Heartbeat:
     lease lasts ``lease_s``, several beats. When the job is no longer this
     worker's (:meth:`Leases.renew` says so), :attr:`lost` is set and the
     beats stop. ``on_beat`` is called at every beat (the worker tells its
-    supervisor it is alive: :func:`worker.tasks.beat`).
+    supervisor it is alive: :func:`worker.protocol.beat`).
     """
 
     def __init__(self, leases: Leases, lease: Lease, *, interval_s: float,
