@@ -44,7 +44,8 @@ CHILD = textwrap.dedent(
     import shared.jobs.run  # what a worker has imported before its first job (JAX, NumPyro, ArviZ)
     from shared.contract.job import CalibrationJob, SamplerSettings
     from shared.contract.settings import Settings
-    from shared.jobs.handle import process
+    from shared.jobs.handle import Delivery, process
+    from shared.jobs.services import Services
     from shared.jobs.registry import StoreRegistry
     from shared.storage.store import Store, dataset_key
 
@@ -72,7 +73,7 @@ CHILD = textwrap.dedent(
                          sampler=SamplerSettings(warmup=10, samples=10, chains=1))
     registry.claim(job)
     start = time.perf_counter()
-    result = process(job.to_message(), registry=registry, store=store, settings=settings, worker="bench")
+    result = process(Services(settings, store, registry), Delivery(job.to_message(), worker="bench"))
     took = time.perf_counter() - start
     reason = (result.get("reason") or "").splitlines()
     detail = next((line.strip(" -") for line in reason[1:] if line.strip()), reason[0] if reason else "")

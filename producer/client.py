@@ -40,9 +40,10 @@ from shared.contract.settings import Settings, get_settings
 from shared.contract.summary import CalibrationSummary
 from shared.data.dataset import save_dataset
 from shared.jobs.celery_app import BATCH, INTERACTIVE, lane_queue
-from shared.jobs.registry import JobRegistry, RedisRegistry, StoreRegistry
+from shared.jobs.registry import JobRegistry
+from shared.jobs.services import Services
 from shared.jobs.submissions import lost, record_submission
-from shared.storage.catalog import Catalog, LatestPointer, newest
+from shared.storage.catalog import LatestPointer, newest
 from shared.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,9 @@ class CalibrationClient:
         registry: JobRegistry | None = None,
     ) -> None:
         self.settings = settings or get_settings()
-        self.store = store or Store.from_settings(self.settings)
-        self.registry = registry or self._default_registry()
-        self.catalog = Catalog(self.store)
+        # the one wiring (connect/read time out: an outage is an error, not a hang)
+        self.services = Services.from_settings(self.settings, store=store, registry=registry)
+        self.store, self.registry, self.catalog = self.services.store, self.services.registry, self.services.catalog
         self._celery = None
         self._interrupted: str | None = None
         self._control: JobControl | None = None
@@ -94,12 +95,6 @@ class CalibrationClient:
     @property
     def embedded(self) -> bool:
         return self.settings.embedded
-
-    def _default_registry(self) -> JobRegistry:
-        if self.settings.embedded:
-            return StoreRegistry(self.store, holds=self.store.holds)
-        # connect/read time out: an outage is an error, not a hang
-        return RedisRegistry.from_url(self.settings.backend(), holds=self.store.holds)
 
     # -- jobs --------------------------------------------------------------
 
@@ -245,17 +240,13 @@ class CalibrationClient:
         if self._interrupted is not None:
             self._control.cancel(self._interrupted)
         try:
-            from shared.jobs.handle import process  # imports JAX (seconds): only when a job runs here
-
-            process(
-                job.to_message(),
-                registry=self.registry,
-                store=self.store,
-                settings=self.settings,
-                worker="embedded",
-                control=self._control,
-                on_progress=forward,
+            from shared.jobs.handle import (
+                Delivery,
+                process,  # imports JAX (seconds): only when a job runs here
             )
+
+            process(self.services, Delivery(job.to_message(), worker="embedded", control=self._control,
+                                            on_progress=forward))
         except BaseException:
             self._stopped_at_once(job.job_id)
             raise

@@ -36,8 +36,9 @@ from shared.contract.job import CalibrationJob, JobState, JobStatus, Progress, S
 from shared.contract.settings import Settings
 from shared.data.dataset import save_dataset
 from shared.data.synth import synthesize
-from shared.jobs.handle import process
+from shared.jobs.handle import Delivery, process
 from shared.jobs.registry import StoreRegistry
+from shared.jobs.services import Services
 from shared.storage.store import Store, dataset_key, sha256_file
 
 MARKUP = "r[/red][link=x]x[/link][/]"
@@ -75,8 +76,8 @@ def env(tmp_path: Path):
 def run(env, job: CalibrationJob) -> Outcome8:
     settings, store, registry = env
     registry.claim(job)
-    result = within(30, lambda: process(job.to_message(), registry=registry, store=store, settings=settings,
-                                        worker="hostile@test"))
+    result = within(30, lambda: process(Services(settings, store, registry),
+                                        Delivery(job.to_message(), worker="hostile@test")))
     record = registry.get(job.job_id)
     assert result["state"] == record.state.value
     key = dataset_key(job.dataset_sha256)

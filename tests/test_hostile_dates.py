@@ -22,7 +22,8 @@ from shared.contract.domain import EARLIEST_DATE, LATEST_DATE, MAX_FIELD, MAX_WI
 from shared.contract.errors import InvalidDataset
 from shared.contract.settings import DataLimits
 from shared.data.dataset import select_window, validate
-from shared.jobs.handle import process
+from shared.jobs.handle import Delivery, process
+from shared.jobs.services import Services
 from tests.test_hostile import base, env, job_for, rejected, save, submit_file  # noqa: F401  (fixtures, harness)
 
 NOW = datetime(2026, 6, 1, 12, tzinfo=UTC)
@@ -126,8 +127,8 @@ def test_a_job_message_out_of_bounds_is_rejected_and_changes_no_record(env, over
     settings, store, registry = env
     message = _message(**over)
     message.pop("job_id")  # its id would not match the new content: the schema speaks first either way
-    result = process({**message, "job_id": "cj-" + "0" * 24}, registry=registry, store=store, settings=settings,
-                     worker="hostile@test")
+    result = process(Services(settings, store, registry),
+                     Delivery({**message, "job_id": "cj-" + "0" * 24}, worker="hostile@test"))
     assert result["state"] == "rejected"
     assert needle in result["reason"], result["reason"]
     assert "Traceback" not in result["reason"] and "OverflowError" not in result["reason"]

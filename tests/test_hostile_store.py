@@ -36,9 +36,10 @@ from shared.contract.errors import NotFound, Unverified
 from shared.contract.job import CalibrationJob, JobState, JobStatus, SamplerSettings
 from shared.contract.settings import Settings
 from shared.contract.summary import CalibrationSummary
-from shared.jobs.handle import process
+from shared.jobs.handle import Delivery, process
 from shared.jobs.lease import repair_from_store
 from shared.jobs.registry import StoreRegistry
+from shared.jobs.services import Services
 from shared.jobs.warm_source import find_warm_source
 from shared.storage.catalog import Catalog
 from shared.storage.provenance import key_bytes, seal
@@ -59,7 +60,7 @@ def fitted(env, job: CalibrationJob) -> JobStatus:
     """Claim ``job`` and run it to the end on the harness's worker (a real fit: some seconds); its record."""
     settings, store, registry = env
     registry.claim(job)
-    process(job.to_message(), registry=registry, store=store, settings=settings, worker="store@test")
+    process(Services(settings, store, registry), Delivery(job.to_message(), worker="store@test"))
     return registry.get(job.job_id)
 
 
@@ -117,7 +118,7 @@ def test_a_job_rejected_for_planted_bytes_runs_when_submitted_again(env, base, t
     store.upload_dataset(path)  # the owner uploads again and resubmits the same job (the same id)
     record, enqueue = registry.claim(job)
     assert enqueue and record.state is JobState.QUEUED and record.reason is None
-    process(job.to_message(), registry=registry, store=store, settings=settings, worker="store@test")
+    process(Services(settings, store, registry), Delivery(job.to_message(), worker="store@test"))
     assert registry.get(job.job_id).state is JobState.SUCCEEDED
 
 

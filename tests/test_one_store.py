@@ -20,7 +20,8 @@ from shared.contract.summary import ConvergenceCriteria
 from shared.data.dataset import save_dataset
 from shared.data.synth import synthesize
 from shared.jobs.celery_app import CPU_QUEUE
-from shared.jobs.handle import process
+from shared.jobs.handle import Delivery, process
+from shared.jobs.services import Services
 from shared.storage.store import summary_key
 
 pytestmark = pytest.mark.integration
@@ -82,8 +83,8 @@ def test_a_message_that_reaches_a_worker_anyway_is_answered_from_the_store(fitte
     assert job.job_id == job_id
     before = _stored_summary_bytes(fleet, job_id)
     heard = []
-    result = process(job.to_message(), registry=fleet.registry, store=fleet.store, settings=settings, worker="w@test",
-                     on_progress=heard.append)
+    result = process(Services(settings, fleet.store, fleet.registry),
+                     Delivery(job.to_message(), worker="w@test", on_progress=heard.append))
     assert result["job_id"] == job_id and "diagnostics" in result  # the stored summary, as a finished job returns it
     assert heard == []  # no phase began: nothing was loaded, compiled or sampled
     assert fleet.status(job_id).state is JobState.SUCCEEDED

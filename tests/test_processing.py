@@ -31,8 +31,9 @@ from shared.contract.job import CalibrationJob, JobState, JobStatus, Progress, S
 from shared.contract.settings import Settings
 from shared.contract.summary import CalibrationSummary, Diagnostics, Timings
 from shared.jobs import celery_app as app_module
-from shared.jobs.handle import JobIdFilter, ProgressThrottle, process, status_dict
+from shared.jobs.handle import Delivery, JobIdFilter, ProgressThrottle, process, status_dict
 from shared.jobs.registry import RedisRegistry
+from shared.jobs.services import Services
 from shared.storage.store import Store, posterior_key, summary_key
 from tests.services import free_port
 
@@ -177,7 +178,7 @@ def install(monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> FakeRunJob:
 
 
 def run(message: Any, registry: RecordingRegistry, store: Store, settings: Settings, **kw: Any) -> dict[str, Any]:
-    return process(message, registry=registry, store=store, settings=settings, worker="calq-cpu0@test", **kw)
+    return process(Services(settings, store, registry), Delivery(message, worker="calq-cpu0@test", **kw))
 
 
 # -- process ---------------------------------------------------------------------
@@ -576,7 +577,7 @@ def task_env(monkeypatch, registry, store, settings):
     app = app_module.make_app(broker_settings())
     app.conf.task_always_eager = True
     task = tasks.register(app)
-    ctx = tasks.WorkerContext(settings=settings, registry=registry, store=store)
+    ctx = Services(settings=settings, store=store, registry=registry)
     monkeypatch.setattr(tasks, "context", lambda: ctx)
     return task
 

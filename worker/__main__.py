@@ -54,11 +54,15 @@ def credentials_refused() -> str | None:
     if settings.embedded:
         return None
     from shared.jobs.registry import RedisRegistry
+    from shared.jobs.services import Services
     from shared.storage.store import Store, dataset_key
 
-    checks = [lambda url=url: RedisRegistry.from_url(url).find("cj-credentials-check")
-              for url in dict.fromkeys((settings.broker(), settings.backend()))]
-    checks.append(lambda: Store.from_settings(settings, max_attempts=1).exists(dataset_key("0" * 64)))
+    services = Services.from_settings(settings, store=Store.from_settings(settings, max_attempts=1))
+    checks = [lambda: services.registry.find("cj-credentials-check"),
+              lambda: services.store.exists(dataset_key("0" * 64))]
+    if settings.broker() != settings.backend():  # the broker first, as the workers meet it
+        checks.insert(0, lambda: RedisRegistry.from_url(settings.broker(), recovery=settings.recovery)
+                      .find("cj-credentials-check"))
     for check in checks:
         try:
             check()

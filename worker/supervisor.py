@@ -292,15 +292,11 @@ class Fleet:
 
     @classmethod
     def from_settings(cls, settings: Any) -> Fleet:
-        from shared.jobs.celery_app import make_app
-        from shared.jobs.lease import Leases, celery_publisher
-        from shared.jobs.registry import RedisRegistry
-        from shared.storage.store import Store
+        """The fleet's services (:meth:`shared.jobs.services.Services.from_settings`; Celery only at a first hand-back)."""
+        from shared.jobs.services import Services
 
-        registry = RedisRegistry.from_url(settings.backend())
-        leases = Leases(registry.redis, prefix=registry.prefix, lease_s=settings.recovery.lease_s,
-                        record_ttl_s=registry.record_ttl_s)
-        return cls(leases, registry, Store.from_settings(settings), celery_publisher(make_app(settings)),
+        services = Services.from_settings(settings)
+        return cls(services.leases, services.registry, services.store, services.publish,
                    settings.recovery.reaper_interval_s)
 
     def hand_back_held(self, worker: str, *, why: str, count_delivery: bool) -> str | None:

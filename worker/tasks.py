@@ -21,7 +21,6 @@ SIGQUIT, whose solo pool would fail the job) or its supervisor is gone.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -36,11 +35,12 @@ from celery.worker.consumer import Consumer
 from shared.contract.errors import RetryableError, transient_as_retryable
 from shared.contract.job import JobState, Progress
 from shared.contract.retry import TASK_MAX_RETRIES, TASK_RETRY_BACKOFF_MAX_S
-from shared.contract.settings import Settings, get_settings
+from shared.contract.settings import get_settings
 from shared.jobs import handle, metrics
 from shared.jobs.celery_app import TASK_NAME, get_app
-from shared.jobs.lease import Fence, HandBack, Heartbeat, Leases, celery_publisher, hand_back
+from shared.jobs.lease import Fence, HandBack, Heartbeat, hand_back
 from shared.jobs.registry.patient import PatientRegistry
+from shared.jobs.services import Services
 from worker import observe
 from worker.exit_codes import WorkerExit
 from worker.protocol import (
@@ -57,37 +57,18 @@ log = logging.getLogger(__name__)
 
 
 
-@dataclasses.dataclass(frozen=True)
-class WorkerContext:
-    """What every job in this process shares: settings, the job registry, the store."""
-
-    settings: Settings
-    registry: Any
-    store: Any
-    leases: Leases | None = None
+_services_cache: dict[int, Services] = {}
 
 
-_context_cache: dict[int, WorkerContext] = {}
-
-
-def context() -> WorkerContext:
-    """This process's :class:`WorkerContext`, built once (per pid: it must not cross a fork)."""
+def context() -> Services:
+    """This process's :class:`~shared.jobs.services.Services`, built once (per pid: they must not cross a fork)."""
     pid = os.getpid()
-    ctx = _context_cache.get(pid)
-    if ctx is None:
-        from shared.jobs.registry import RedisRegistry
-        from shared.storage.store import Store
-
-        settings = get_settings()
-        # The registry lives beside the results (a client with connect/read timeouts).
-        store = Store.from_settings(settings)
-        registry = RedisRegistry.from_url(settings.backend(), recovery=settings.recovery, holds=store.holds)
-        leases = Leases(registry.redis, prefix=registry.prefix, lease_s=settings.recovery.lease_s,
-                        record_ttl_s=registry.record_ttl_s)
-        ctx = WorkerContext(settings=settings, registry=registry, store=store, leases=leases)
-        _context_cache.clear()
-        _context_cache[pid] = ctx
-    return ctx
+    services = _services_cache.get(pid)
+    if services is None:
+        services = Services.from_settings(get_settings())
+        _services_cache.clear()
+        _services_cache[pid] = services
+    return services
 
 
 def _message_job_id(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str | None:
@@ -141,8 +122,8 @@ def _calibrate_leased(task: Task, message: Mapping[str, Any], job_id: str | None
         # Under a lease, every record change and store write is fenced by it (shared.jobs.lease.Fence).
         fenced = ctx.registry if fence is None else ctx.registry.fenced(fence)
         registry = observe.observed(PatientRegistry(fenced, ctx.settings), message)
-        return handle.process(message, registry=registry, store=ctx.store, settings=ctx.settings,
-                              worker=worker, attempt=attempt, on_progress=on_progress, fence=fence)
+        delivery = handle.Delivery(message, worker=worker, attempt=attempt, fence=fence, on_progress=on_progress)
+        return handle.process(ctx.with_registry(registry), delivery)
 
     if job_id is None or ctx.leases is None:
         return run()  # the handler refuses a message without a job id
@@ -182,7 +163,7 @@ def _calibrate_leased(task: Task, message: Mapping[str, Any], job_id: str | None
                 return run(check, fence)
             except HandBack as stop:
                 released = True
-                _give_back(task, ctx, lease, stop)
+                _give_back(ctx, lease, stop)
                 return handle.status_dict(job_id, JobState.QUEUED, stop.reason)
     finally:
         if not released:
@@ -194,13 +175,13 @@ def _calibrate_leased(task: Task, message: Mapping[str, Any], job_id: str | None
 
 
 
-def _give_back(task: Task, ctx: WorkerContext, lease: Any, stop: HandBack) -> None:
+def _give_back(ctx: Services, lease: Any, stop: HandBack) -> None:
     """Hand the job back after a :class:`HandBack`: re-queued without counting the delivery, unless no longer ours."""
     worker = lease.worker
     try:
         if stop.requeue and ctx.leases.release(lease):
             done = hand_back(lease.job_id, registry=ctx.registry, leases=ctx.leases, store=ctx.store,
-                             publish=celery_publisher(task.app), reason=f"{worker} stopped: {stop.reason}",
+                             publish=ctx.publish, reason=f"{worker} stopped: {stop.reason}",
                              count_delivery=False)
             metrics.handed_back("stopped", done=done)
         else:
@@ -210,7 +191,7 @@ def _give_back(task: Task, ctx: WorkerContext, lease: Any, stop: HandBack) -> No
                    stop.reason, type(exc).__name__, exc)
 
 
-def _repair_redelivery(ctx: WorkerContext, job_id: str) -> dict[str, Any] | None:
+def _repair_redelivery(ctx: Services, job_id: str) -> dict[str, Any] | None:
     """The stored summary of a redelivered job that finished (record repaired), or None to run it."""
     from shared.storage.catalog import Catalog
 

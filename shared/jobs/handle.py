@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -45,12 +46,12 @@ import pydantic
 from shared.contract.control import JobControl
 from shared.contract.errors import JobCancelled, JobFailed, NotFound, Outcome, classify, transient_as_retryable
 from shared.contract.job import CalibrationJob, JobState, JobStatus, Progress
-from shared.contract.settings import Settings
 from shared.storage.catalog import Catalog
 
 if TYPE_CHECKING:
     from shared.contract.summary import CalibrationSummary
     from shared.jobs.lease import Fence
+    from shared.jobs.services import Services
     from shared.storage.store import Store
 
 # shared.jobs.run (and through it JAX, NumPyro, ArviZ) is imported inside the
@@ -164,19 +165,27 @@ def cancel_source(registry: Registry, job_id: str) -> Callable[[], str | None]:
     return reason
 
 
-def process(
-    message: Mapping[str, Any],
-    *,
-    registry: Registry,
-    store: Store,
-    settings: Settings,
-    worker: str,
-    attempt: int = 0,
-    control: JobControl | None = None,
-    on_progress: Callable[[Progress], Any] | None = None,
-    fence: Fence | None = None,
-) -> dict[str, Any]:
-    """Run the job in ``message`` once, record its outcome, return the task result.
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """One delivery of a job message to a worker: what differs from one run of the handler to the next.
+
+    ``worker`` is the name in the record and the logs; ``attempt`` the
+    task's retry count; ``fence`` a fleet worker's lease (every store write
+    is checked against it); ``on_progress`` hears each progress report;
+    ``control`` is a :class:`JobControl` the caller keeps (embedded mode
+    cancels the job from a signal handler through it).
+    """
+
+    message: Mapping[str, Any]
+    worker: str
+    attempt: int = 0
+    fence: Fence | None = None
+    on_progress: Callable[[Progress], Any] | None = None
+    control: JobControl | None = None
+
+
+def process(services: Services, delivery: Delivery) -> dict[str, Any]:
+    """Run the job in ``delivery.message`` once, record its outcome, return the task result.
 
     Returns the summary as a JSON-ready dict on success (also for a duplicate
     delivery of a job that already succeeded), or :func:`status_dict` for a
@@ -185,32 +194,20 @@ def process(
     nothing else for bad input.
 
     The handler gives the job one :class:`JobControl`: it records progress
-    (throttled) in the registry, then passes it to ``on_progress``, and polls
-    the record's cancel flag. A caller that passes ``control`` (embedded
-    mode, to cancel the job from a signal handler) gets it wired the same way.
-    A fleet worker passes its lease's ``fence`` (and a registry fenced by it):
-    every store write is checked against it, and a worker that lost its lease
-    stops with :class:`~shared.jobs.lease.LeaseLost`, having written nothing.
+    (throttled) in ``services.registry``, then passes it to
+    ``delivery.on_progress``, and polls the record's cancel flag. A caller
+    that passes ``delivery.control`` gets it wired the same way. A fleet
+    worker passes its lease's ``fence`` (and services whose registry is
+    fenced by it): every store write is checked against it, and a worker that
+    lost its lease stops with :class:`~shared.jobs.lease.LeaseLost`, having
+    written nothing.
     """
     with transient_as_retryable():  # e.g. redis.ConnectionError from the registry: the task's autoretry_for catches it
-        return _process(
-            message, registry=registry, store=store, settings=settings,
-            worker=worker, attempt=attempt, control=control, on_progress=on_progress, fence=fence,
-        )
+        return _process(services, delivery)
 
 
-def _process(
-    message: Mapping[str, Any],
-    *,
-    registry: Registry,
-    store: Store,
-    settings: Settings,
-    worker: str,
-    attempt: int,
-    control: JobControl | None,
-    on_progress: Callable[[Progress], Any] | None,
-    fence: Fence | None = None,
-) -> dict[str, Any]:
+def _process(services: Services, delivery: Delivery) -> dict[str, Any]:
+    registry, store, message = services.registry, services.store, delivery.message
     claimed_id = message.get("job_id") if isinstance(message, Mapping) else None
     claimed_id = claimed_id if isinstance(claimed_id, str) and claimed_id else None
     try:
@@ -247,8 +244,8 @@ def _process(
         if done is not None:
             return done
 
-        deliveries = registry.record_delivery(job_id, attempt)
-        if deliveries > settings.max_deliveries:
+        deliveries = registry.record_delivery(job_id, delivery.attempt)
+        if deliveries > services.settings.max_deliveries:
             reason = (
                 f"dead-lettered after {deliveries - 1} deliveries: the worker was lost while "
                 "running it (killed or out of memory)"
@@ -257,26 +254,13 @@ def _process(
             registry.fail(job_id, reason)
             return status_dict(job_id, JobState.FAILED, reason)
 
-        return _run(job, registry=registry, store=store, settings=settings, worker=worker,
-                    attempt=attempt, deliveries=deliveries, control=control,
-                    on_progress=on_progress, fence=fence)
+        return _run(job, services, delivery, deliveries=deliveries)
 
 
-def _run(
-    job: CalibrationJob,
-    *,
-    registry: Registry,
-    store: Store,
-    settings: Settings,
-    worker: str,
-    attempt: int,
-    deliveries: int,
-    control: JobControl | None,
-    on_progress: Callable[[Progress], Any] | None,
-    fence: Fence | None = None,
-) -> dict[str, Any]:
+def _run(job: CalibrationJob, services: Services, delivery: Delivery, *, deliveries: int) -> dict[str, Any]:
     from shared.jobs import run as runner
 
+    registry, worker, on_progress = services.registry, delivery.worker, delivery.on_progress
     job_id = job.job_id
     if registry.mark_running(job_id, worker=worker) is None:
         # Cancelled (or finished) between the read and now: the table refused the start.
@@ -286,7 +270,7 @@ def _run(
         return status_dict(job_id, state, record.reason if record is not None else None)
     try:
         log.info(
-            "running %s on %s (attempt %d, delivery %d)", job.archetype, worker, attempt + 1, deliveries
+            "running %s on %s (attempt %d, delivery %d)", job.archetype, worker, delivery.attempt + 1, deliveries
         )
 
         def record(progress: Progress) -> None:
@@ -295,8 +279,11 @@ def _run(
                 on_progress(progress)
 
         throttle = ProgressThrottle(record, logger=log)
-        control = (control or JobControl()).attach(on_progress=throttle, cancel_source=cancel_source(registry, job_id))
-        summary = runner.run_job(job, store=store, settings=settings, control=control, fence=fence)
+        control = (delivery.control or JobControl()).attach(
+            on_progress=throttle, cancel_source=cancel_source(registry, job_id)
+        )
+        summary = runner.run_job(job, store=services.store, settings=services.settings, control=control,
+                                 fence=delivery.fence)
         registry.succeed(job_id, summary)
     except JobCancelled as exc:
         reason = _clip(str(exc))
