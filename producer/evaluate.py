@@ -9,8 +9,9 @@ or on the fleet), then scores every race of the range with the newest
 - each (race, driver, event) row gets the raw forecast p, the outcome y, and
   the calibrated probability q — the posterior mean of
   ``expit(α + β·logit(p))`` over the fit's draws for the race's track (a
-  track the fit has not seen borrows its archetype, as
-  :func:`shared.fit.apply.parameter_draws` does), with its 94 % band;
+  track the fit has not seen borrows its archetype), with its 94 % band,
+  both as ``calq apply`` gives them (:func:`shared.fit.apply.parameter_draws`
+  and :func:`~shared.fit.apply.calibrate_with_draws`);
 - a race with no such fit (no earlier race of its archetype in the window,
   or no earlier fit that converged) is counted and reported, never scored.
 
@@ -38,7 +39,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-from producer.backfill import DEFAULT_WINDOW_DAYS, Backfill, Outcome, RaceCalendar, Window, counting_bar
+from producer.backfill import Backfill, Outcome, RaceCalendar, Window, counting_bar
 from producer.render import fitted_tables
 from producer.sanitize import for_markup
 from shared.contract.domain import ARCHETYPES, DEFAULT_EVENTS
@@ -46,12 +47,13 @@ from shared.contract.errors import CalqError
 from shared.contract.job import JobState
 from shared.contract.summary import CalibrationSummary
 from shared.data.dataset import event_rows, open_dataset
+from shared.fit import apply
 from shared.stats import oos
 
 log = logging.getLogger(__name__)
 
-#: Credible level of the calibrated band reported beside the posterior mean.
-BAND = 0.94
+#: Credible level of the calibrated band reported beside the posterior mean: calq apply's.
+BAND = apply.BAND
 
 
 class FleetUnavailable(CalqError):
@@ -107,26 +109,12 @@ def _no_nan(value: Any) -> Any:
 class Evaluation:
     """The rolling-origin evaluation of one dataset over a date range (see the module docstring)."""
 
-    def __init__(
-        self,
-        client,
-        dataset: Path,
-        *,
-        start: date,
-        end: date,
-        archetypes: list[str] | None = None,
-        events: str | None = None,
-        window_days: int | None = DEFAULT_WINDOW_DAYS,
-        sampler: dict[str, Any] | None = None,
-        n_boot: int = oos.N_BOOT,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, client, dataset: Path, *, n_boot: int = oos.N_BOOT, seed: int = 0, **plan: Any) -> None:
+        """``plan``: the keyword options of the :class:`~producer.backfill.Backfill` whose jobs it scores
+        (``start``, ``end``, ``archetypes``, ``events``, ``window_days``, ``sampler``)."""
         self.client = client
         self.dataset = Path(dataset)
-        self.backfill = Backfill(
-            client, self.dataset, start=start, end=end, archetypes=archetypes,
-            window_days=window_days, events=events, sampler=sampler,
-        )
+        self.backfill = Backfill(client, self.dataset, **plan)
         self.n_boot, self.seed = n_boot, seed
         self._idata: dict[str, Any] = {}
 
@@ -185,14 +173,12 @@ class Evaluation:
 
     def _score(self, ds, archetype: str, events: Sequence[str], scored: dict[int, Fit], *, on_race) -> dict[str, dict]:
         """Rows of the scored races, per event: race, date, track, fit, p, q (mean, low, high), y."""
-        from shared.fit.apply import parameter_draws
-        from shared.fit.idata import expit, logit
+        from shared.fit.apply import calibrate_with_draws, parameter_draws
 
         if not scored:
             return {}
         index = sorted(scored)
         rows = event_rows(ds.isel(race=index), events=events, archetypes=[archetype])
-        tail = (1.0 - BAND) / 2.0
         out: dict[str, dict[str, list]] = {e: defaultdict(list) for e in events}
         draws_cache: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
         race_dates = ds["race_date"].values.astype("datetime64[D]")
@@ -210,8 +196,7 @@ class Evaluation:
                     draws_cache[key] = (alpha, beta)
                 alpha, beta = draws_cache[key]
                 p = rows.p[sel]
-                q = expit(alpha[:, None] + beta[:, None] * logit(p)[None, :])
-                low, high = np.quantile(q, [tail, 1.0 - tail], axis=0)
+                q, low, high = calibrate_with_draws(alpha, beta, p, band=BAND)
                 block = out[event]
                 n = int(sel.sum())
                 block["race"] += [rows.races[r]] * n
@@ -219,7 +204,7 @@ class Evaluation:
                 block["track"] += [track] * n
                 block["job"] += [fit.job_id] * n
                 block["p"].append(p)
-                block["q"].append(q.mean(axis=0))
+                block["q"].append(q)
                 block["low"].append(low)
                 block["high"].append(high)
                 block["y"].append(rows.y[sel].astype(np.float64))

@@ -12,6 +12,7 @@ from shared.contract.job import CalibrationJob
 from shared.contract.summary import CalibrationSummary, ConvergenceCriteria
 from shared.data.synth import synthesize
 from shared.fit.calibrate import calibrate, prepare
+from shared.jobs.summary import summarize
 from shared.fit.sampler import COMPILES, bucket_rows, bucket_tracks, chunk_length
 from shared.storage.store import Store
 
@@ -40,7 +41,7 @@ def make_job(archetype="road_course", **over) -> CalibrationJob:
 def fitted(season):
     phases = []
     idata, fit = calibrate(season, make_job(), control=JobControl(on_progress=phases.append), criteria=ONE_RUN)
-    summary = fit.summary(load_s=0.25)
+    summary = summarize(fit, load_s=0.25)
     return idata, summary, phases
 
 
@@ -234,7 +235,7 @@ def test_a_failed_run_is_remedied_with_more_draws_on_the_same_compiled_sampler(s
     before = COMPILES.count
     job = make_job()
     criteria = ConvergenceCriteria(max_rhat=2.0, min_ess_bulk=300, max_divergences=10_000, max_attempts=2)  # ESS only
-    summary = calibrate(season, job, criteria=criteria)[1].summary()
+    summary = summarize(calibrate(season, job, criteria=criteria)[1])
     assert COMPILES.count == before
     first, second = summary.attempts
     assert first.min_ess_bulk < 300 and any("ESS" in i for i in first.issues)
@@ -268,7 +269,7 @@ def test_a_remedy_that_would_not_fit_in_the_time_limit_is_not_run(season, fitted
 
     # the clock stands still: exactly the reserve kept for diagnostics and writing is always left
     control = JobControl(clock=lambda: 0.0).start(REMEDY_RESERVE_S)
-    summary = calibrate(season, make_job(), control=control)[1].summary()
+    summary = summarize(calibrate(season, make_job(), control=control)[1])
     assert len(summary.attempts) == 1 and not summary.converged
     assert any("remedy not run" in issue and "time limit" in issue for issue in summary.convergence_issues)
 

@@ -24,6 +24,7 @@ from shared.contract.job import CalibrationJob
 from shared.data.regimes import REGIMES, synthesize_regime
 from shared.data.synth import truth
 from shared.fit.calibrate import calibrate
+from shared.jobs.summary import summarize
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,7 @@ def test_default_job_converges_and_recovers_the_truth(name):
         archetype=r.archetype, dataset_uri=f"file:///data/{name}.nc", dataset_sha256="0" * 64, events=r.events
     )
     idata, fit = calibrate(ds, job)
-    summary = fit.summary()
+    summary = summarize(fit)
     attempts = [(a.target_accept_prob, a.warmup, a.samples, a.divergences, round(a.max_rhat, 4)) for a in summary.attempts]
     assert summary.converged, (summary.convergence_issues, attempts)
     assert summary.attempts[-1].issues == []

@@ -11,6 +11,7 @@ from scipy import stats
 from shared.contract.job import CalibrationJob
 from shared.data.synth import synthesize, truth
 from shared.fit.calibrate import calibrate
+from shared.jobs.summary import summarize
 from shared.fit.model import ModelShape, calibration_model, model_data
 from shared.fit.sampler import Bucket, chain_devices, chunk_length, sampler_for
 
@@ -29,7 +30,7 @@ def fit_all(five_seasons):
         events=("top_1", "top_5", "top_10"),
     )  # default sampler settings: 4 chains × (500 warmup + 1000 draws)
     idata, fit = calibrate(five_seasons, job)
-    return idata, fit.summary()
+    return idata, summarize(fit)
 
 
 def test_posterior_recovers_each_archetypes_pseudo_true_calibration(five_seasons, fit_all):

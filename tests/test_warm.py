@@ -18,13 +18,16 @@ from shared.contract.job import CalibrationJob
 from shared.contract.summary import CalibrationSummary, ConvergenceCriteria
 from shared.data.synth import synthesize
 from shared.fit.calibrate import calibrate, prepare, track_labels
+from shared.jobs.summary import summarize
 from shared.fit.idata import build_inference_data
 from shared.fit.model import ModelShape
 from shared.fit.sampler import COMPILES, sampler_for
 from shared.fit.warm import (
+    MIN_DRAWS_PER_COORDINATE,
     MIN_WARM_WARMUP,
     WarmSource,
     WarmStartUnusable,
+    regularised_covariance,
     starting_point,
     unconstrained_draws,
     warm_warmup,
@@ -91,12 +94,22 @@ def test_tracks_events_and_archetypes_are_matched_by_name(previous):
         np.testing.assert_allclose(start.positions["log_beta_arch"][c, 0, 0], prev["log_beta_arch"][d, 1, 0], rtol=1e-5)
         np.testing.assert_allclose(start.positions["alpha_track_z"][c, 0, [0, 2]], prev["alpha_track_z"][d, 1, [2, 0]], rtol=1e-4)
     assert len({float(v) for v in start.positions["alpha_arch"][:, 0, 0]}) == 4  # chains start apart
-    # the mass matrix: flattened by sorted site name; an unseen or padding track has unit variance
+    # the mass matrix: dense, flattened by sorted site name; an unseen or padding track has unit variance and
+    # no correlation, a matched one the previous draws' covariance
     sizes = {"alpha_arch": 1, "alpha_track_z": 16, "log_beta_arch": 1, "log_beta_track_z": 16, "sigma_alpha": 1, "sigma_log_beta": 1}
-    assert start.inverse_mass_matrix.shape == (sum(sizes.values()),)
-    z_block = start.inverse_mass_matrix[1:17]
+    size = sum(sizes.values())
+    inverse_mass = start.inverse_mass_matrix
+    assert inverse_mass.shape == (size, size)
+    np.testing.assert_allclose(inverse_mass, inverse_mass.T)
+    assert np.linalg.eigvalsh(inverse_mass.astype(np.float64)).min() > 0
+    z_block = np.diag(inverse_mass)[1:17]
     assert z_block[1] == 1.0 and np.all(z_block[3:] == 1.0)
     assert z_block[0] == pytest.approx(prev["alpha_track_z"][:, 1, 2].var(ddof=1), rel=0.05)
+    unseen = [1 + 1, *range(1 + 3, 1 + 16)]  # alpha_track_z of "Nowhere Speedway" and the padding tracks
+    off_diagonal = inverse_mass[unseen] - np.eye(size)[unseen]
+    assert not off_diagonal.any()
+    prev_pair = np.cov(prev["alpha_arch"][:, 1, 0], prev["alpha_track_z"][:, 1, 2])[0, 1]
+    assert inverse_mass[0, 1] == pytest.approx(prev_pair, rel=0.05)  # alpha_arch with the first track's z
     assert start.step_size == pytest.approx(float(np.median(idata.sample_stats["step_size"].values[:, -1])))
 
     with pytest.raises(WarmStartUnusable, match="top_1"):
@@ -124,8 +137,19 @@ def test_a_track_of_another_archetype_with_the_same_name_starts_from_its_prior(p
     kwargs = dict(events=["top_5"], tracks=[name], track_archetype=[0], shape=shape, chains=2, seed=0)
     same = starting_point(two, archetypes=["road_course"], **kwargs)
     other = starting_point(two, archetypes=["intermediate"], **kwargs)
-    assert same.inverse_mass_matrix[1] != 1.0  # alpha_arch, then the track's z: matched
-    assert other.inverse_mass_matrix[1] == 1.0  # the same name under another archetype: a new track
+    assert same.inverse_mass_matrix[1, 1] != 1.0  # alpha_arch, then the track's z: matched
+    assert other.inverse_mass_matrix[1, 1] == 1.0  # the same name under another archetype: a new track
+    assert not other.inverse_mass_matrix[1, [0, *range(2, 36)]].any()
+
+
+def test_the_mass_matrix_is_the_draws_covariance_shrunk_as_stan_shrinks_it():
+    rng = np.random.default_rng(0)
+    draws = rng.multivariate_normal([0.0, 1.0], [[1.0, 0.8], [0.8, 2.0]], size=400)
+    n = 400
+    expected = n / (n + 5) * np.cov(draws, rowvar=False) + 1e-3 * 5 / (n + 5) * np.eye(2)
+    np.testing.assert_allclose(regularised_covariance(draws), expected)
+    few = draws[: 2 * MIN_DRAWS_PER_COORDINATE - 1]  # too few draws a coordinate: the variances alone
+    assert regularised_covariance(few)[0, 1] == 0.0 and regularised_covariance(few)[1, 1] > 0.5
 
 
 def test_warm_warmup_is_a_fifth_and_never_below_the_minimum():
@@ -148,7 +172,7 @@ def test_a_warm_run_is_shorter_and_recorded(season, source):
     assert fit.warm_start.job_id == source.job_id and fit.warm_start.data_through == source.data_through
     assert fit.warm_start.posterior_uri == "file:///store/prev.nc" and fit.warm_start.warmup == first.warmup
     assert idata.posterior.attrs["warm_start_from"] == source.job_id
-    summary = fit.summary()
+    summary = summarize(fit)
     assert CalibrationSummary.model_validate_json(summary.model_dump_json()).warm_start == summary.warm_start
     assert summary.diagnostics.draws == SMALL["samples"]
 

@@ -168,7 +168,8 @@ class Timings(_Frozen):
     load_s: float = Field(0.0, description="seconds: reading and checking the dataset")
     compile_s: float = Field(0.0, description="seconds: compiling the sampler")
     sample_s: float = Field(0.0, description="seconds: warmup and sampling, every run")
-    diagnostics_s: float = Field(0.0, description="seconds: diagnostics and scores")
+    diagnostics_s: float = Field(0.0, description="seconds: diagnostics and the in-sample calibration scores")
+    score_s: float = Field(0.0, description="seconds: scoring the raw forecasts (points ensemble, joint events)")
     write_s: float = Field(0.0, description="seconds: writing the posterior and summary")
     total_s: float = Field(0.0, description="seconds: the whole job")
 

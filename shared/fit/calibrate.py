@@ -1,9 +1,11 @@
 """The calibration run: ``calibrate(dataset, job) -> (InferenceData, Fit)``.
 
 A pure function of its inputs: no Celery, no Redis, no storage. The worker
-and the embedded mode both call it; it is tested directly. The job's
-summary is built once, by :meth:`Fit.summary`, when the caller knows what
-only it measured (loading, writing, where the posterior went).
+and the embedded mode both call it; it is tested directly. It fits and
+judges the fit (diagnostics, the in-sample calibration scores); the raw
+forecasts' scores and the job's summary are the jobs layer's
+(:func:`shared.jobs.summary.summarize`, once per job, when the caller knows
+what only it measured: loading, writing, where the posterior went).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import date
-from typing import Any
 
 import arviz as az
 import numpy as np
@@ -23,16 +24,13 @@ import shared
 from shared.contract.control import JobControl
 from shared.contract.domain import archetypes_of
 from shared.contract.errors import InvalidDataset
-from shared.contract.job import CalibrationJob, Progress, utcnow
+from shared.contract.job import CalibrationJob, Progress
 from shared.contract.summary import (
     Attempt,
-    CalibrationSummary,
     ConvergenceCriteria,
     Diagnostics,
-    EnsembleScores,
     EventCalibration,
     ParameterSummary,
-    Timings,
     WarmStart,
 )
 from shared.data.dataset import EventRows, event_rows, select_archetypes, select_window, validate
@@ -52,7 +50,7 @@ from shared.fit.sampler import (
 )
 from shared.fit.warm import WarmSource, WarmStartUnusable, starting_point, warm_warmup
 from shared.stats import diagnostics
-from shared.stats.evaluation import ensemble_scores, event_calibration, joint_events
+from shared.stats.evaluation import event_calibration
 
 log = logging.getLogger(__name__)
 
@@ -128,76 +126,29 @@ def track_labels(rows: EventRows) -> list[str]:
 
 @dataclass(frozen=True)
 class Fit:
-    """What a calibration measured: the summary's content, less what only the caller knows."""
+    """What a calibration measured: the summary's fields of the same names, and the races it fitted."""
 
     job: CalibrationJob
+    window: xr.Dataset  # the job's races (its window and archetypes), as fitted
     archetypes: list[str]
     data_through: date
     centered: bool
     n_rows: int
     n_races: int
     tracks: dict[str, list[str]]
-    issues: list[str]
+    convergence_issues: list[str]
     diagnostics: Diagnostics
     attempts: list[Attempt]
     warm_start: WarmStart | None
     parameters: list[ParameterSummary]
     calibration: list[EventCalibration]
-    ensemble: list[EnsembleScores]
-    joint_events: list[dict[str, Any]]
     compile_s: float
     sample_s: float
     diagnostics_s: float
 
     @property
     def converged(self) -> bool:
-        return not self.issues
-
-    def summary(
-        self,
-        *,
-        load_s: float = 0.0,
-        write_s: float = 0.0,
-        total_s: float = 0.0,
-        posterior_uri: str | None = None,
-        summary_uri: str | None = None,
-    ) -> CalibrationSummary:
-        """The job's summary (the one place it is built), with the caller's timings and URIs."""
-        job = self.job
-        return CalibrationSummary(
-            job_id=job.job_id,
-            archetype=job.archetype,
-            archetypes=self.archetypes,
-            events=list(job.events),
-            model_version=job.model_version,
-            dataset_uri=job.dataset_uri,
-            dataset_sha256=job.dataset_sha256,
-            as_of=job.as_of,
-            window_days=job.window_days,
-            data_through=self.data_through,
-            sampler=job.sampler,
-            centered=self.centered,
-            n_rows=self.n_rows,
-            n_races=self.n_races,
-            tracks=self.tracks,
-            converged=self.converged,
-            convergence_issues=self.issues,
-            diagnostics=self.diagnostics,
-            attempts=self.attempts,
-            warm_start=self.warm_start,
-            parameters=self.parameters,
-            calibration=self.calibration,
-            ensemble=self.ensemble,
-            joint_events=self.joint_events,
-            timings=Timings(
-                load_s=load_s, compile_s=self.compile_s, sample_s=self.sample_s,
-                diagnostics_s=self.diagnostics_s, write_s=write_s, total_s=total_s,
-            ),
-            posterior_uri=posterior_uri,
-            summary_uri=summary_uri,
-            created_at=utcnow(),
-            calq_version=shared.__version__,
-        )
+        return not self.convergence_issues
 
 
 def calibrate(
@@ -219,7 +170,7 @@ def calibrate(
     and time are left, no run longer than ``max_draws_per_chain`` (warmup +
     draws: the worker's cap); the fit lists every attempt, and the last one is
     judged and reported. Non-convergence after the remedies is a result
-    (``Fit.issues``, the summary's ``converged`` and ``convergence_issues``),
+    (``Fit.convergence_issues``, the summary's ``converged`` and ``convergence_issues``),
     never raised.
 
     With ``warm``, a previous fit of the same archetype, the first run starts
@@ -275,6 +226,7 @@ def calibrate(
     archetypes = list(rows.archetypes)
     fit = Fit(
         job=job,
+        window=prepared.window,
         archetypes=archetypes,
         data_through=_last_race_date(prepared.window),
         centered=prepared.bucket.shape.centered,
@@ -284,14 +236,12 @@ def calibrate(
             a: [t for t, ta in zip(labelled.tracks, rows.track_archetype) if ta == i]
             for i, a in enumerate(archetypes)
         },
-        issues=issues,
+        convergence_issues=issues,
         diagnostics=diag,
         attempts=attempts,
         warm_start=warm_start,
         parameters=parameters,
         calibration=event_calibration(rows, q_mean),
-        ensemble=ensemble_scores(prepared.window, archetypes),
-        joint_events=joint_events(prepared.window, job.events),
         compile_s=sum(a.compile_s for a in attempts),
         sample_s=sum(a.sample_s for a in attempts),
         diagnostics_s=time.perf_counter() - t0,

@@ -20,6 +20,7 @@ from shared.data.limits import check_job
 from shared.fit.calibrate import calibrate
 from shared.jobs.lease import Fence
 from shared.jobs.spool import resume_spooled, write_results
+from shared.jobs.summary import summarize
 from shared.jobs.warm_source import find_warm_source
 from shared.storage.store import Store
 
@@ -96,12 +97,12 @@ def run_job(
         _discard_if_its_own_fault(exc, job, store)
         raise
 
+    summary = summarize(fit, load_s=load_s)  # built once; write_results adds where it is stored
     control.check("write")  # the last check: once the posterior is written, the job finishes
     control.progress(Progress(phase="write"))
     # The draws are in hand: from here on an outage costs waiting, never the fit (shared.jobs.spool).
     summary = write_results(
-        idata, fit, job, store=store, settings=settings, notify=control.progress, started=started, load_s=load_s,
-        fence=fence,
+        idata, summary, job, store=store, settings=settings, notify=control.progress, started=started, fence=fence,
     )
     log.info(
         "job %s finished in %.1f s (converged=%s): %s",

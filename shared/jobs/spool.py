@@ -42,7 +42,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from shared.contract.errors import JobFailed
 from shared.contract.job import CalibrationJob, Progress
@@ -51,12 +51,10 @@ from shared.contract.settings import RecoverySettings, Settings
 from shared.contract.summary import CalibrationSummary
 from shared.jobs import metrics
 from shared.jobs.lease import Fence, HandBack, LeaseLost
+from shared.jobs.summary import completed
 from shared.storage.netcdf import write_netcdf
 from shared.storage.provenance import seal
 from shared.storage.store import Store, no_space, posterior_key, sha256_file, summary_key
-
-if TYPE_CHECKING:
-    from shared.fit.calibrate import Fit
 
 log = logging.getLogger(__name__)
 
@@ -109,22 +107,21 @@ def patiently(
 
 def write_results(
     idata: Any,
-    fit: Fit,
+    summary: CalibrationSummary,
     job: CalibrationJob,
     *,
     store: Store,
     settings: Settings,
     notify: Callable[[Progress], Any],
     started: float,
-    load_s: float = 0.0,
     fence: Fence | None = None,
 ) -> CalibrationSummary:
     """Spool, upload and record the results of a finished fit; the summary as stored.
 
-    ``started`` is the ``time.perf_counter()`` instant the job began and
-    ``load_s`` the time spent loading its dataset (for the summary's
-    timings, which :meth:`Fit.summary` builds once the posterior's URI is
-    known); ``notify`` hears the ``write`` and ``waiting for storage`` phases.
+    ``summary`` is the job's, built once (:func:`shared.jobs.summary.summarize`);
+    this fills in where the posterior and summary are stored and the write and
+    total times (``started``: the ``time.perf_counter()`` instant the job
+    began); ``notify`` hears the ``write`` and ``waiting for storage`` phases.
     ``fence`` (a fleet worker's lease) is checked before each store write,
     names the posterior's key, and makes the summary's write conditional
     (:func:`_store_summary`).
@@ -153,8 +150,8 @@ def write_results(
     def spool() -> None:
         _spooling(spooled, lambda path: write_netcdf(idata, path), fence=fence)
         # the summary as it will be stored (the posterior's URI is known before the upload)
-        early = fit.summary(
-            load_s=load_s, write_s=time.perf_counter() - t0, total_s=time.perf_counter() - started,
+        early = completed(
+            summary, write_s=time.perf_counter() - t0, total_s=time.perf_counter() - started,
             posterior_uri=store.uri(posterior_key(archetype, job_id, _token(fence))),
             summary_uri=store.uri(summary_key(archetype, job_id)),
         )
@@ -165,11 +162,11 @@ def write_results(
         patiently(spool, what=f"the local spool file {spooled}", recovery=recovery, on_wait=wait)
         resumed()
         posterior_uri = _upload(spooled, job, store=store, recovery=recovery, on_wait=wait, resumed=resumed, fence=fence)
-        summary = fit.summary(
-            load_s=load_s, write_s=time.perf_counter() - t0, total_s=time.perf_counter() - started,
+        stored = completed(
+            summary, write_s=time.perf_counter() - t0, total_s=time.perf_counter() - started,
             posterior_uri=posterior_uri, summary_uri=store.uri(summary_key(archetype, job_id)),
         )
-        summary = _store_summary(summary, spooled, job, store=store, recovery=recovery, on_wait=wait, resumed=resumed,
+        stored = _store_summary(stored, spooled, job, store=store, recovery=recovery, on_wait=wait, resumed=resumed,
                                  fence=fence)
     except JobFailed:
         kept = spooled.is_file() and spooled_summary.is_file()
@@ -179,7 +176,7 @@ def write_results(
     finally:
         if not kept:
             _discard(spooled, spooled_summary)
-    return summary
+    return stored
 
 
 def resume_spooled(

@@ -1,12 +1,18 @@
 """The forecast-quality sections of a summary: events, points ensemble, joint events.
 
 Each function takes the data a job fitted and returns the summary's records;
-the scoring kernels live in :mod:`shared.stats.metrics`.
+the scoring kernels live in :mod:`shared.stats.metrics`. :func:`forecast_scores`
+is the one scoring of a set of event probabilities (Brier, log loss, ECE,
+reliability), in-sample here and out-of-sample in :mod:`shared.stats.oos`.
+:func:`raw_forecast_scores` scores what the fit never touches, the raw
+ensemble and the joint events: the jobs layer calls it, not the fit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -19,7 +25,8 @@ from shared.stats import metrics
 COVERAGE_LEVELS = (0.5, 0.8, 0.95)
 
 
-def _scores(p: np.ndarray, y: np.ndarray) -> ForecastScores:
+def forecast_scores(p: np.ndarray, y: np.ndarray) -> ForecastScores:
+    """Brier score, log loss, ECE and the 10-bin reliability curve of probabilities ``p`` against outcomes ``y``."""
     curve = metrics.reliability_curve(p, y)
     return ForecastScores(
         brier=metrics.brier_score(p, y),
@@ -50,8 +57,8 @@ def event_calibration(rows: EventRows, q_mean: np.ndarray) -> list[EventCalibrat
                     archetype=archetype,
                     n=int(sel.sum()),
                     base_rate=float(y.mean()),
-                    raw=_scores(rows.p[sel], y),
-                    calibrated=_scores(q_mean[sel], y),
+                    raw=forecast_scores(rows.p[sel], y),
+                    calibrated=forecast_scores(q_mean[sel], y),
                 )
             )
     return records
@@ -95,3 +102,16 @@ def joint_events(ds: xr.Dataset, events: Sequence[str]) -> list[dict]:
         groups=ds["archetype"].values.astype(str),
     )
     return [r.to_dict() for r in results]
+
+
+@dataclass(frozen=True)
+class RawForecastScores:
+    """The summary's sections on the raw forecasts alone: the points ensemble and the joint events."""
+
+    ensemble: list[EnsembleScores]
+    joint_events: list[dict[str, Any]]
+
+
+def raw_forecast_scores(ds: xr.Dataset, *, archetypes: Sequence[str], events: Sequence[str]) -> RawForecastScores:
+    """:func:`ensemble_scores` and :func:`joint_events` of the races ``ds`` holds (a job's window)."""
+    return RawForecastScores(ensemble=ensemble_scores(ds, archetypes), joint_events=joint_events(ds, events))

@@ -27,6 +27,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from shared.stats import metrics
+from shared.stats.evaluation import forecast_scores
 
 #: Central level of the bootstrap interval (5th to 95th percentile).
 LEVEL = 0.9
@@ -88,29 +89,6 @@ def race_bootstrap(
     return Interval(mean, float(low), float(high))
 
 
-@dataclass(frozen=True)
-class Scores:
-    """Brier, log loss, ECE and the reliability curve of one set of probabilities."""
-
-    brier: float
-    log_loss: float
-    ece: float
-    reliability: dict[str, Any]
-
-    @classmethod
-    def of(cls, p: np.ndarray, y: np.ndarray) -> Scores:
-        curve = metrics.reliability_curve(p, y)
-        return cls(
-            brier=metrics.brier_score(p, y),
-            log_loss=metrics.log_loss(p, y),
-            ece=curve.expected_calibration_error,
-            reliability=curve.to_dict(),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def per_race_sums(p: np.ndarray, q: np.ndarray, y: np.ndarray, race: np.ndarray) -> dict[str, np.ndarray]:
     """Per race (in order of first appearance): rows, and the raw and calibrated Brier and log-loss sums.
 
@@ -144,8 +122,8 @@ def compare(
 ) -> dict[str, Any]:
     """Raw ``p`` against calibrated ``q`` on outcomes ``y``, rows grouped by ``race``.
 
-    Returns ``races``, ``rows``, ``raw`` and ``calibrated`` (:class:`Scores`
-    as dicts), and ``log_loss_improvement`` and ``brier_improvement``
+    Returns ``races``, ``rows``, ``raw`` and ``calibrated``
+    (:func:`~shared.stats.evaluation.forecast_scores` as dicts), and ``log_loss_improvement`` and ``brier_improvement``
     (:class:`Interval` dicts: raw minus calibrated per row, with the
     bootstrap over races of :func:`race_bootstrap`).
     """
@@ -158,8 +136,8 @@ def compare(
     return {
         "races": int(sums["race"].size),
         "rows": int(p_arr.size),
-        "raw": Scores.of(p_arr, y_arr).to_dict(),
-        "calibrated": Scores.of(q_arr, y_arr).to_dict(),
+        "raw": forecast_scores(p_arr, y_arr).model_dump(),
+        "calibrated": forecast_scores(q_arr, y_arr).model_dump(),
         "log_loss_improvement": race_bootstrap(
             sums["raw_log_loss"] - sums["cal_log_loss"], sums["rows"], level=level, n_boot=n_boot, seed=seed
         ).to_dict(),
@@ -169,4 +147,4 @@ def compare(
     }
 
 
-__all__ = ["LEVEL", "N_BOOT", "Interval", "Scores", "compare", "per_race_sums", "race_bootstrap"]
+__all__ = ["LEVEL", "N_BOOT", "Interval", "compare", "per_race_sums", "race_bootstrap"]
