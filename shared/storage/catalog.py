@@ -25,7 +25,7 @@ its key, as if absent.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
@@ -88,6 +88,7 @@ class LatestPointer(BaseModel):
 
 
 D = TypeVar("D", bound=_Dated)
+T = TypeVar("T")
 
 
 def _utc(moment: datetime) -> datetime:
@@ -137,6 +138,22 @@ def newest_pointers(pointers: Iterable[LatestPointer]) -> dict[tuple[str, str], 
     return best
 
 
+def skipping_unreadable(uri: str, read: Callable[[], T]) -> T | None:
+    """``read()``, what is made of the summary at ``uri``; None where it cannot be read or is refused.
+
+    The one rule for a bad summary among many: skipped with a warning naming
+    its key (and, for a refused one, why: :class:`Unverified` names no content
+    of the file), so that it hides none of the others.
+    """
+    try:
+        return read()
+    except Unverified as exc:
+        log.warning("skipping summary %s: %s", uri, exc)
+    except Exception as exc:
+        log.warning("skipping unreadable summary %s: %s: %s", uri, type(exc).__name__, exc)
+    return None
+
+
 class Catalog:
     """Read access to the summaries in a store (``posteriors/*/*.json``)."""
 
@@ -157,15 +174,9 @@ class Catalog:
         for uri in self.store.list(POSTERIORS_PREFIX):
             if not uri.endswith(".json"):
                 continue
-            try:
-                summary = self.read(uri)
-            except Unverified as exc:
-                log.warning("skipping summary %s: %s", uri, exc)
-                continue
-            except Exception as exc:
-                log.warning("skipping unreadable summary %s: %s: %s", uri, type(exc).__name__, exc)
-                continue
-            yield summary
+            summary = skipping_unreadable(uri, lambda: self.read(uri))  # noqa: B023 (called at once)
+            if summary is not None:
+                yield summary
 
     def summary(self, job_id: str) -> CalibrationSummary:
         """The summary of ``job_id``; NotFound if the store holds none."""
@@ -259,4 +270,4 @@ class Catalog:
         return summary.posterior_uri == self.store.uri(key) and is_posterior_key(key, summary.archetype, summary.job_id)
 
 
-__all__ = ["Catalog", "LatestPointer", "is_newer", "newest", "newest_pointers", "pointers_for"]
+__all__ = ["Catalog", "LatestPointer", "is_newer", "newest", "newest_pointers", "pointers_for", "skipping_unreadable"]
