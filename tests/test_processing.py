@@ -609,7 +609,7 @@ def test_task_exhausting_retries_fails_the_job(monkeypatch, task_env, job, regis
 
 
 def test_device_check_catches_a_cpu_run_that_wanted_a_gpu():
-    from worker.tasks import device_problem
+    from worker.device import device_problem
 
     # Tests run JAX on the CPU (conftest): fine for a CPU worker, wrong for a GPU one.
     assert device_problem({"JAX_PLATFORMS": "cpu"}) is None
@@ -620,7 +620,7 @@ def test_device_check_catches_a_cpu_run_that_wanted_a_gpu():
 def test_device_check_reports_a_backend_that_cannot_start(monkeypatch):
     import jax
 
-    from worker.tasks import device_problem
+    from worker.device import device_problem
 
     def broken() -> list:
         raise AssertionError()  # what JAX 0.10 raises for JAX_PLATFORMS=cuda without a CUDA plugin

@@ -3,7 +3,8 @@
 Three pieces, each wired by one line elsewhere:
 
 - :func:`observed` wraps the registry a job runs with
-  (:func:`worker.tasks.calibrate_message`). The registry is where a job's
+  (:func:`worker.tasks.calibrate_message`, through
+  :func:`shared.jobs.delivery.run_leased`'s ``view``). The registry is where a job's
   outcome is decided, so the wrapper sees every start, phase and final state
   the worker itself records, and counts them: ``calq_jobs_finished_total``
   and the rest (:mod:`shared.jobs.metrics`), and one entry in the fleet's
@@ -369,6 +370,21 @@ def log_formatter(text_format: str, settings: Settings | None = None) -> logging
     return JsonFormatter() if settings.log.format == "json" else logging.Formatter(text_format)
 
 
+def configure_logging(level: int | str = "INFO") -> None:
+    """Log to stderr with the running job's id on every line (:data:`worker.protocol.LOG_FORMAT`; worker children only)."""
+    from shared.jobs.handle import JobIdFilter
+    from worker.protocol import LOG_FORMAT
+
+    stream = logging.StreamHandler()
+    stream.setFormatter(log_formatter(LOG_FORMAT))
+    stream.addFilter(JobIdFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(stream)
+    root.setLevel(level if isinstance(level, int) else str(level).upper())
+
+
 def apply_log_format(settings: Settings | None = None) -> None:
     """With ``log.format=json``, every handler of the root logger writes JSON lines (the supervisor's own logs)."""
     settings = get_settings() if settings is None else settings
@@ -378,4 +394,4 @@ def apply_log_format(settings: Settings | None = None) -> None:
 
 
 __all__ = ["Activity", "Beacon", "JsonFormatter", "ObservedRegistry", "activity", "apply_log_format",
-           "device_name", "lane_of", "log_formatter", "observed", "remedies_of"]
+           "configure_logging", "device_name", "lane_of", "log_formatter", "observed", "remedies_of"]

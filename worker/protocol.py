@@ -14,8 +14,9 @@ variables in its environment and talks to it by one signal; the child
 - :func:`lease_holder`: the name a child's lease carries, by which the
   supervisor finds the job a dead child held.
 
-:data:`SAMPLING_PHASES` (the progress phases that mean the sampler runs) and
-:data:`LOG_FORMAT` (every worker process's log line) are shared the same way.
+:data:`LOG_FORMAT` (every worker process's log line) is shared the same way.
+(The sampling phases, counted once per delivery, are the jobs layer's:
+:data:`shared.jobs.delivery.SAMPLING_PHASES`.)
 ``tests/test_layers.py`` checks that importing this module, or the
 supervisor, imports no Celery.
 """
@@ -36,8 +37,6 @@ HAND_BACK_SIGNAL = signal.SIGUSR2
 SUPERVISOR_PID_ENV = "CALQ_SUPERVISOR_PID"
 #: The file a child touches to tell its supervisor it is alive (set by the supervisor; see :func:`beat`).
 BEAT_FILE_ENV = "CALQ_BEAT_FILE"
-#: Phases that mean the sampler is running (counted once per delivery).
-SAMPLING_PHASES = frozenset({"compile", "warmup", "sampling"})
 #: Every worker process's log line: the running job's id on each.
 LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s [%(job_id)s] %(message)s"
 

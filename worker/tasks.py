@@ -1,22 +1,24 @@
-"""The Celery task: a few lines over :func:`shared.jobs.handle.process`.
+"""The Celery task, its consumer and its signal hooks: a thin shell over the jobs layer.
 
 Start a worker with ``celery -A worker.tasks worker --pool solo ...`` (the
 supervisor, :mod:`worker.supervisor`, does this once per GPU). Importing this
 module needs no broker and never imports JAX; the app (``worker.tasks.app``)
 and the task (``worker.tasks.calibrate``) are built on first use.
 
-Process start (``worker_process_init``, sent by the solo pool too) is where
-the device is checked: a worker started with ``JAX_PLATFORMS=cuda`` that sees
-no GPU logs an error and exits with :attr:`~worker.exit_codes.WorkerExit.DEVICE_UNAVAILABLE`, which the
-supervisor does not restart, rather than quietly running jobs on the CPU.
-
-Every job runs under a lease (:mod:`shared.jobs.lease`) renewed by a
-heartbeat thread: a delivery whose job holds a lease elsewhere is dropped,
-and a job whose worker dies is handed back by its supervisor or the reaper.
-A running job stops at its next progress report and hands itself back
-(without counting the delivery) when this process is asked to stop cold
-(:data:`~worker.protocol.HAND_BACK_SIGNAL`, sent by the supervisor instead of Celery's
-SIGQUIT, whose solo pool would fail the job) or its supervisor is gone.
+- The task, ``calq.calibrate``: refuses a message whose ETA lies too far
+  ahead (:func:`eta_refusal`), then runs it under its job's lease
+  (:func:`shared.jobs.delivery.run_leased` over
+  :func:`shared.jobs.handle.process`, with this process's
+  :class:`~shared.jobs.services.Services`); Celery retries a
+  RetryableError (:data:`~shared.contract.retry.TASK_MAX_RETRIES` times), and
+  a task that finally fails leaves a failed record (:class:`CalibrateTask`).
+- The consumer (:class:`CountingConsumer`): a message Celery cannot decode
+  or accept is counted in ``calq:invalid`` and dropped.
+- The signal hooks: at process start the device is checked
+  (:mod:`worker.device`), the supervisor's cold shutdown is listened for
+  (:mod:`worker.protocol`) and the compile cache prepared; an idle worker
+  beats from Celery's loop; logging is configured once
+  (:func:`worker.observe.configure_logging`); an ETA is never parked.
 """
 
 from __future__ import annotations
@@ -25,28 +27,23 @@ import datetime as dt
 import functools
 import logging
 import os
-import sys
 from collections.abc import Mapping
 from typing import Any
 
 from celery import Celery, Task, signals
 from celery.worker.consumer import Consumer
 
-from shared.contract.errors import RetryableError, transient_as_retryable
-from shared.contract.job import JobState, Progress
+from shared.contract.errors import RetryableError
 from shared.contract.retry import TASK_MAX_RETRIES, TASK_RETRY_BACKOFF_MAX_S
 from shared.contract.settings import get_settings
-from shared.jobs import handle, metrics
+from shared.jobs import handle
 from shared.jobs.celery_app import TASK_NAME, get_app
-from shared.jobs.lease import Fence, HandBack, Heartbeat, hand_back
-from shared.jobs.registry.patient import PatientRegistry
+from shared.jobs.delivery import run_leased
 from shared.jobs.services import Services
 from worker import observe
-from worker.exit_codes import WorkerExit
+from worker.device import exit_unless_device_fits
 from worker.protocol import (
     BEAT_FILE_ENV,
-    LOG_FORMAT,
-    SAMPLING_PHASES,
     beat,
     lease_holder,
     listen_for_hand_back,
@@ -72,9 +69,7 @@ def context() -> Services:
 
 
 def _message_job_id(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str | None:
-    message = args[0] if args else kwargs.get("message")
-    job_id = message.get("job_id") if isinstance(message, Mapping) else None
-    return job_id if isinstance(job_id, str) and job_id else None
+    return handle.claimed_job_id(args[0] if args else kwargs.get("message"))
 
 
 class CalibrateTask(Task):
@@ -97,114 +92,22 @@ class CalibrateTask(Task):
 
 
 def calibrate_message(task: Task, message: Mapping[str, Any]) -> dict[str, Any]:
-    """The task body: run ``message`` through the handler, under the job's lease.
+    """The task body: ``message`` run under its job's lease (:func:`shared.jobs.delivery.run_leased`).
 
-    A delivery whose job holds a lease elsewhere is dropped (Celery's own
-    late redelivery of a job another worker took over); a redelivery of a job
-    whose summary is already in the store repairs the record instead of
-    fitting again. Every log line inside names the job.
+    A message whose ETA lies too far ahead is refused first
+    (:func:`eta_refusal`). Every log line inside names the job.
     """
-    job_id = _message_job_id((message,), {})
-    refused = eta_refusal(getattr(task.request, "eta", None), max_eta_s=context().settings.max_eta_s)
+    services = context()
+    refused = eta_refusal(getattr(task.request, "eta", None), max_eta_s=services.settings.max_eta_s)
     if refused is not None:
         return _refuse(refused)
-    with handle.bound_job_id(job_id):
-        return _calibrate_leased(task, message, job_id)
-
-
-def _calibrate_leased(task: Task, message: Mapping[str, Any], job_id: str | None) -> dict[str, Any]:
-    ctx = context()
     # The name in the record, the logs and the lease: node name and pid (two supervisors on one host share node names).
-    worker = lease_holder(task.request.hostname or "calq")
-    attempt = task.request.retries or 0
-
-    def run(on_progress: Any = None, fence: Fence | None = None) -> dict[str, Any]:
-        # Under a lease, every record change and store write is fenced by it (shared.jobs.lease.Fence).
-        fenced = ctx.registry if fence is None else ctx.registry.fenced(fence)
-        registry = observe.observed(PatientRegistry(fenced, ctx.settings), message)
-        delivery = handle.Delivery(message, worker=worker, attempt=attempt, fence=fence, on_progress=on_progress)
-        return handle.process(ctx.with_registry(registry), delivery)
-
-    if job_id is None or ctx.leases is None:
-        return run()  # the handler refuses a message without a job id
-    leases = ctx.leases
-    queue = (task.request.delivery_info or {}).get("routing_key")
-    with transient_as_retryable():
-        lease = leases.acquire(job_id, worker, message=message, attempt=attempt, queue=queue)
-        if lease is None:
-            holder = leases.holder(job_id)
-            log.info("already running on %s; this delivery is dropped", holder)
-            return handle.status_dict(job_id, JobState.RUNNING, f"running on {holder}")
-    released = False
-    try:
-        with transient_as_retryable():
-            repaired = _repair_redelivery(ctx, job_id)
-        if repaired is not None:
-            return repaired
-        fence = Fence(leases, lease)
-        with Heartbeat(leases, lease, interval_s=ctx.settings.recovery.heartbeat_s, on_beat=beat) as lease_beat:
-            sampling = False
-
-            def check(progress: Progress) -> None:
-                nonlocal sampling
-                if not sampling and progress.phase in SAMPLING_PHASES:
-                    sampling = True
-                    try:
-                        ctx.registry.fenced(fence).count_sampler_run(job_id)
-                    except Exception as exc:  # a counter for people and tests; never a reason to stop
-                        log.warning("could not count this sampler run (%s: %s)", type(exc).__name__, exc)
-                if lease_beat.lost.is_set():
-                    raise HandBack("its lease was taken: another worker runs it", requeue=False)
-                reason = stop_reason()
-                if reason is not None:
-                    raise HandBack(reason)
-
-            try:
-                return run(check, fence)
-            except HandBack as stop:
-                released = True
-                _give_back(ctx, lease, stop)
-                return handle.status_dict(job_id, JobState.QUEUED, stop.reason)
-    finally:
-        if not released:
-            try:
-                leases.release(lease)
-            except Exception as exc:  # the lease lapses on its own; the reaper finds the job finished
-                log.warning("could not release the lease (%s: %s)", type(exc).__name__, exc)
-
-
-
-
-def _give_back(ctx: Services, lease: Any, stop: HandBack) -> None:
-    """Hand the job back after a :class:`HandBack`: re-queued without counting the delivery, unless no longer ours."""
-    worker = lease.worker
-    try:
-        if stop.requeue and ctx.leases.release(lease):
-            done = hand_back(lease.job_id, registry=ctx.registry, leases=ctx.leases, store=ctx.store,
-                             publish=ctx.publish, reason=f"{worker} stopped: {stop.reason}",
-                             count_delivery=False)
-            metrics.handed_back("stopped", done=done)
-        else:
-            log.warning("stopped: %s", stop.reason)
-    except Exception as exc:  # Redis out: the lease lapses, or the claim went back, and the reaper hands it back
-        log.error("stopped (%s) but could not hand the job back (%s: %s); the reaper will",
-                   stop.reason, type(exc).__name__, exc)
-
-
-def _repair_redelivery(ctx: Services, job_id: str) -> dict[str, Any] | None:
-    """The stored summary of a redelivered job that finished (record repaired), or None to run it."""
-    from shared.storage.catalog import Catalog
-
-    record = ctx.registry.find(job_id)
-    if record is None or record.state is JobState.SUCCEEDED or record.state.finished:
-        return None  # the handler deals with these
-    if record.deliveries == 0 and record.state is JobState.QUEUED:
-        return None  # a first delivery: nothing can be in the store yet
-    repaired = ctx.registry.repair(job_id, Catalog(ctx.store))
-    if repaired is None:
-        return None
-    log.info("redelivered, but its summary is in the store: record repaired, the fit not run again")
-    return Catalog(ctx.store).read(repaired.summary_uri).model_dump(mode="json")
+    delivery = handle.Delivery(message, worker=lease_holder(task.request.hostname or "calq"),
+                               attempt=task.request.retries or 0)
+    with handle.bound_job_id(handle.claimed_job_id(message)):
+        return run_leased(services, delivery, queue=(task.request.delivery_info or {}).get("routing_key"),
+                          view=lambda registry: observe.observed(registry, message), stop_reason=stop_reason,
+                          on_beat=beat)
 
 
 # -- messages refused before they run -------------------------------------------------
@@ -322,41 +225,10 @@ def __getattr__(name: str) -> Any:
 # -- process start ---------------------------------------------------------------
 
 
-def device_problem(environ: Mapping[str, str] | None = None) -> str | None:
-    """Why this process's JAX device is not the one it was started for, or None if it is.
-
-    Only ``JAX_PLATFORMS=cuda`` is checked: such a worker must see a GPU.
-    Imports JAX: call it in the process that runs jobs, never in one that forks.
-    """
-    environ = os.environ if environ is None else environ
-    wanted = environ.get("JAX_PLATFORMS", "").strip().lower()
-    try:
-        import jax
-
-        devices = jax.devices()
-    except Exception as exc:
-        return (
-            f"JAX could not initialise the {wanted or 'default'} backend "
-            f"({type(exc).__name__}: {str(exc) or 'no details'}); is jax[cuda12] installed and a GPU visible?"
-        )
-    log.info("JAX devices: %s", ", ".join(f"{d.platform}:{d.id}" for d in devices))
-    if wanted == "cuda" and (not devices or devices[0].platform != "gpu"):
-        return f"started with JAX_PLATFORMS=cuda but JAX runs on {devices[0].platform if devices else 'nothing'}"
-    return None
-
-
 @signals.worker_process_init.connect
 def _on_process_init(**_: Any) -> None:
     listen_for_hand_back()
-    problem = device_problem()
-    if problem is not None:
-        log.error(
-            "%s (CUDA_VISIBLE_DEVICES=%r); exiting rather than running GPU jobs on the CPU",
-            problem, os.environ.get("CUDA_VISIBLE_DEVICES"),
-        )
-        logging.shutdown()
-        sys.stderr.flush()
-        os._exit(WorkerExit.DEVICE_UNAVAILABLE)
+    exit_unless_device_fits()
     try:
         from shared.jobs.run import prepare_process
 
@@ -378,16 +250,4 @@ def _beat_while_idle(sender: Any = None, **_: Any) -> None:
 @signals.setup_logging.connect
 def _setup_logging(loglevel: Any = None, **_: Any) -> None:
     # Connected, so Celery leaves logging alone: one root handler, job id on every line.
-    configure_logging(loglevel or get_settings().log_level)
-
-
-def configure_logging(level: int | str = "INFO") -> None:
-    """Log to stderr with the running job's id on every line (worker entry points only)."""
-    stream = logging.StreamHandler()
-    stream.setFormatter(observe.log_formatter(LOG_FORMAT))
-    stream.addFilter(handle.JobIdFilter())
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(stream)
-    root.setLevel(level if isinstance(level, int) else str(level).upper())
+    observe.configure_logging(loglevel or get_settings().log_level)

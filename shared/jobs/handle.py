@@ -208,8 +208,7 @@ def process(services: Services, delivery: Delivery) -> dict[str, Any]:
 
 def _process(services: Services, delivery: Delivery) -> dict[str, Any]:
     registry, store, message = services.registry, services.store, delivery.message
-    claimed_id = message.get("job_id") if isinstance(message, Mapping) else None
-    claimed_id = claimed_id if isinstance(claimed_id, str) and claimed_id else None
+    claimed_id = claimed_job_id(message)
     try:
         job = CalibrationJob.model_validate(message)
     except pydantic.ValidationError as exc:
@@ -240,7 +239,7 @@ def _process(services: Services, delivery: Delivery) -> dict[str, Any]:
             reason = f"cancelled: {record.cancel_reason or 'cancelled by request'}"
             registry.finish_cancelled(job_id, reason)
             return status_dict(job_id, JobState.CANCELLED, reason)
-        done = _finished_in_store(registry, store, job_id)
+        done = finished_in_store(registry, store, job_id)
         if done is not None:
             return done
 
@@ -309,6 +308,12 @@ def _run(job: CalibrationJob, services: Services, delivery: Delivery, *, deliver
     return summary.model_dump(mode="json")
 
 
+def claimed_job_id(message: Any) -> str | None:
+    """The job id a message says it carries (a non-empty string), or None; not yet checked against its content."""
+    job_id = message.get("job_id") if isinstance(message, Mapping) else None
+    return job_id if isinstance(job_id, str) and job_id else None
+
+
 def refuse_message(registry: Registry, job_id: str | None, reason: str) -> dict[str, Any]:
     """A message that is not a valid job changes no record: it is logged, counted in ``calq:invalid``, and dropped.
 
@@ -323,7 +328,7 @@ def refuse_message(registry: Registry, job_id: str | None, reason: str) -> dict[
     return status_dict(job_id, JobState.REJECTED, reason)
 
 
-def _finished_in_store(registry: Registry, store: Store, job_id: str) -> dict[str, Any] | None:
+def finished_in_store(registry: Registry, store: Store, job_id: str) -> dict[str, Any] | None:
     """The summary of a job the store says finished, its record repaired; None when it must run.
 
     One store, one truth: a job fitted in embedded mode on the same store, or
