@@ -37,9 +37,9 @@ from shared.contract.job import CalibrationJob, JobState, JobStatus, SamplerSett
 from shared.contract.settings import Settings
 from shared.contract.summary import CalibrationSummary
 from shared.jobs.handle import Delivery, process
-from shared.jobs.lease import repair_from_store
 from shared.jobs.registry import StoreRegistry
 from shared.jobs.services import Services
+from shared.jobs.submissions import repair_from_store
 from shared.jobs.warm_source import find_warm_source
 from shared.storage.catalog import Catalog
 from shared.storage.provenance import key_bytes, seal

@@ -185,7 +185,7 @@ def test_a_failed_record_keeps_no_stale_progress(fleet):
 
 def test_reindex_repairs_every_record_the_store_proves_finished(fleet):
     from shared.contract.job import JobState
-    from shared.jobs.lease import repair_from_store
+    from shared.jobs.submissions import repair_from_store
     from shared.storage.catalog import Catalog
     from tests.test_catalog import make_summary
     from tests.test_registry import make_job

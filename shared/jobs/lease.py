@@ -478,25 +478,6 @@ def hand_back(job_id: str, *, registry: Any, leases: Leases, store: Any, publish
         raise
 
 
-def repair_from_store(registry: Any, catalog: Any) -> list[str]:
-    """Mark succeeded every job whose summary is in the store but whose record says otherwise; their ids.
-
-    A summary in the store means the job finished (the posterior is written
-    first). Records that are missing (Redis flushed), queued, running or
-    failed are repaired through the registry's ``repair``; succeeded,
-    rejected and cancelled ones are left alone. What ``calq reindex`` runs.
-    """
-    from shared.contract.job import JobState
-
-    repairable = {JobState.QUEUED, JobState.RUNNING, JobState.FAILED}
-    repaired = []
-    for summary in catalog.summaries():
-        record = registry.find(summary.job_id)
-        if (record is None or record.state in repairable) and registry.repair(summary.job_id, catalog) is not None:
-            repaired.append(summary.job_id)
-    return repaired
-
-
 def celery_publisher(app: Any) -> Publisher:
     """A :data:`Publisher` sending the calibrate task on ``app``, with the job id as task id."""
     from shared.jobs.celery_app import TASK_NAME

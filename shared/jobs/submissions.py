@@ -114,15 +114,23 @@ def lost(store: Store, job_id: str, missing: NotFound) -> NotFound:
     )
 
 
+def repair_from_store(registry: Any, catalog: Any) -> list[str]:
+    """Repair every job whose summary is in the store (the registry's one rule, :meth:`JobRegistry.repair`); their ids.
+
+    Records that are missing (Redis flushed), queued, running or failed are
+    marked succeeded; succeeded, rejected and cancelled ones are left alone.
+    """
+    return [summary.job_id for summary in catalog.summaries() if registry.repair(summary.job_id, catalog) is not None]
+
+
 def reindex(*, registry: Any, store: Store, publish: Callable[[dict[str, Any], str], Any]) -> dict[str, int]:
     """What ``calq reindex`` (and the API's) does: rebuild ``latest``, repair records, queue lost submissions.
 
     ``{"pointers", "repaired", "requeued"}``: the latest pointers rebuilt
     from the store, the records the store proves finished
-    (:func:`shared.jobs.lease.repair_from_store`), and the submitted jobs the
+    (:func:`repair_from_store`), and the submitted jobs the
     registry had lost, queued again (:func:`requeue_lost`).
     """
-    from shared.jobs.lease import repair_from_store
     from shared.storage.catalog import Catalog
 
     catalog = Catalog(store)

@@ -408,7 +408,20 @@ class JobRegistry(ABC):
         return after
 
     def repair(self, job_id: str, catalog: Catalog) -> JobStatus | None:
-        """Mark the job succeeded if its summary is in the store; None (nothing written) otherwise."""
+        """The repair rule, applied here only: a summary in the store means the job succeeded.
+
+        A record the table lets the repairer move (none, queued, running,
+        failed) whose summary is in ``catalog`` is marked succeeded with the
+        summary's URIs, and ``latest`` moves as for a worker's ``succeed``;
+        the record after. A final record (succeeded, rejected, cancelled) is
+        left alone without reading the store. None when nothing was written.
+        Every repair goes through here: the handler (a delivery of a finished
+        job), the lease guard (a redelivery), ``hand_back``, ``calq reindex``
+        (:func:`shared.jobs.submissions.repair_from_store`) and the client's submit.
+        """
+        record = self.find(job_id)
+        if record is not None and not allowed(Actor.REPAIR, record.state, JobState.SUCCEEDED):
+            return None
         try:
             summary = catalog.summary(job_id)
         except NotFound:
