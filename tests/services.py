@@ -6,6 +6,23 @@
   port; ``s3_bucket`` (function) creates a fresh bucket on it; ``s3_settings``
   (function) is a :class:`~shared.contract.settings.Settings` whose store is that bucket.
 
+And the one harness for the calq processes a test (or a bench/ script) starts:
+
+- the session's JAX compile cache (:func:`share_compile_cache`, opened by
+  ``tests/conftest.py``; :func:`session_compile_cache`), which every process
+  started from :func:`calq_environ` compiles through;
+- :func:`calq_environ`: this process's environment without ``CALQ_*``, on the
+  CPU, importing this checkout, plus the variables a test names
+  (:func:`convergence_environ` for lenient criteria);
+- :func:`run_calq` (``calq ...`` to its end), :func:`start_calq` (in the
+  background), :func:`calq_worker` (``calq worker``, stopped warm) and
+  :class:`Worker` (``python -m worker``: a supervisor and its children, killed
+  or stopped at will);
+- :func:`start_redis` / :func:`stop_process` (a redis-server of its own, AOF or
+  not, on a port of its choosing), :func:`local_fleet` (one with a ``calq
+  worker`` on a local store) and :func:`until` (the one wait loop);
+- :func:`season_file`: a synthetic dataset on disk.
+
 A missing service binary or package skips the test on a laptop and fails it
 in CI (when ``CI`` is set), so CI can never go green by skipping. Nothing
 here is marked: test modules that use these fixtures mark themselves
@@ -36,6 +53,9 @@ S3_KEY = "testing"
 S3_SECRET = "testing"
 S3_REGION = "us-east-1"
 _START_TIMEOUT_S = 10.0
+ROOT = Path(__file__).resolve().parents[1]
+#: Convergence criteria that tiny test runs (far short of 400 effective draws) can meet.
+LENIENT = {"min_ess_bulk": 10, "max_rhat": 1.2, "max_divergences": 5}
 
 
 def _unavailable(reason: str) -> None:
@@ -52,6 +72,62 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+# -- the session's compile cache and a calq process's environment ------------------
+
+#: JAX reads these at import: a process started with them compiles through the session's cache.
+_JAX_CACHE_VARIABLES = {
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    # A size limit turns on JAX's file lock around each read and write of an entry (the filelock
+    # package), so the test process and its workers never read an entry while another writes it.
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(16 << 30),
+}
+
+
+def share_compile_cache(folder: Path) -> None:
+    """Compile through ``folder`` in this process and in every process started from here.
+
+    Sets JAX's variables in ``os.environ`` (JAX reads them at import; if JAX
+    is already imported, its config is updated too), so workers and CLI
+    processes inherit the cache, and :func:`calq_environ` names it to calq's
+    settings as well.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ.update(_JAX_CACHE_VARIABLES, JAX_COMPILATION_CACHE_DIR=str(folder))
+    if "jax" in sys.modules:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str(folder))
+        for name, value in _JAX_CACHE_VARIABLES.items():
+            jax.config.update(name.lower(), type(getattr(jax.config, name.lower()))(value))
+
+
+def session_compile_cache() -> str | None:
+    """The compile cache folder :func:`share_compile_cache` opened (None outside a test session)."""
+    return os.environ.get("JAX_COMPILATION_CACHE_DIR")
+
+
+def convergence_environ(criteria: dict[str, float] = LENIENT) -> dict[str, str]:
+    """``CALQ_CONVERGENCE__*`` variables for ``criteria`` (``{"min_ess_bulk": 10, ...}``)."""
+    return {f"CALQ_CONVERGENCE__{name.upper()}": str(value) for name, value in criteria.items()}
+
+
+def calq_environ(**variables: str) -> dict[str, str]:
+    """The environment of a calq process a test starts.
+
+    This process's variables without ``CALQ_*`` (a developer's never reach a
+    test), ``PYTHONPATH`` on this checkout, ``JAX_PLATFORMS=cpu``, the
+    session's compile cache as ``CALQ_COMPILE_CACHE_DIR`` (when there is one),
+    then ``variables`` (which may override any of these).
+    """
+    environ = {name: value for name, value in os.environ.items() if not name.startswith("CALQ_")}
+    environ.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    if (cache := session_compile_cache()) is not None:
+        environ["CALQ_COMPILE_CACHE_DIR"] = cache
+    environ.update(variables)
+    return environ
+
+
 # -- Redis ---------------------------------------------------------------------
 
 
@@ -65,60 +141,75 @@ class RedisServer:
         return f"redis://{self.host}:{self.port}/0"
 
 
-def _start_redis(binary: str, workdir: Path) -> tuple[subprocess.Popen[bytes], RedisServer]:
+def start_redis(workdir: Path, *, port: int | None = None, args: tuple[str, ...] = (),
+                binary: str | None = None) -> tuple[subprocess.Popen[bytes], RedisServer]:
+    """A redis-server on 127.0.0.1 (``port``, or a free one), persistence off unless ``args`` say otherwise.
+
+    It answers PING before this returns; it logs to ``workdir/redis-PORT.log``
+    (appended to, so a restart on the same port keeps the earlier lines).
+    ``args`` are more options (``"--appendonly", "yes"``, ``"--requirepass", ...``).
+    RuntimeError if it exits or does not answer within 10 s.
+    """
     import redis
 
+    binary = binary or shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not on PATH")
     host = "127.0.0.1"
-    port = free_port(host)
+    port = port or free_port(host)
     log_path = workdir / f"redis-{port}.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port", str(port),
-            "--bind", host,
-            "--save", "",
-            "--appendonly", "no",
-            "--maxmemory-policy", "noeviction",
-            "--dir", str(workdir),
-            "--daemonize", "no",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    log.close()
-    client = redis.Redis(host=host, port=port, socket_connect_timeout=0.5, socket_timeout=0.5)
-    deadline = time.monotonic() + _START_TIMEOUT_S
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", host, "--save", "", "--appendonly", "no",
+             "--maxmemory-policy", "noeviction", "--dir", str(workdir), "--daemonize", "no", *args],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    password = args[args.index("--requirepass") + 1] if "--requirepass" in args else None
+    client = redis.Redis(host=host, port=port, password=password, socket_connect_timeout=0.5, socket_timeout=0.5)
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"redis-server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}"
-                )
-            try:
-                if client.ping():
-                    return proc, RedisServer(host, port)
-            except redis.exceptions.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                _stop(proc)
-                raise RuntimeError(
-                    f"redis-server did not answer PING within {_START_TIMEOUT_S:.0f} s:\n"
-                    f"{log_path.read_text(errors='replace')}"
-                )
-            time.sleep(0.05)
+        until(lambda: _answers(proc, client, log_path), timeout=_START_TIMEOUT_S, what="redis-server to answer PING",
+              every=0.05)
+    except AssertionError as exc:
+        stop_process(proc)
+        raise RuntimeError(f"{exc}:\n{log_path.read_text(errors='replace')}") from None
     finally:
         client.close()
+    return proc, RedisServer(host, port)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def _answers(proc: subprocess.Popen[bytes], client: Any, log_path: Path) -> bool:
+    import redis
+
+    if proc.poll() is not None:
+        raise RuntimeError(f"redis-server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
+    try:
+        return bool(client.ping())
+    except redis.exceptions.ConnectionError:
+        return False
+
+
+def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = 5) -> None:
+    """SIGTERM ``proc`` and wait ``timeout`` s for it, then SIGKILL it."""
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(timeout=5)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
+
+
+_stop = stop_process  # the name tests/test_hostile_worker.py imports
+
+
+@contextlib.contextmanager
+def redis_running(workdir: Path, **options: Any) -> Iterator[RedisServer]:
+    """:func:`start_redis` (same options) for the ``with`` block, stopped at its end."""
+    proc, server = start_redis(workdir, **options)
+    try:
+        yield server
+    finally:
+        stop_process(proc)
 
 
 @pytest.fixture(scope="session")
@@ -135,7 +226,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     # Another process may grab the free port between probe and bind: retry.
     for attempt in range(3):
         try:
-            proc, server = _start_redis(binary, workdir)
+            proc, server = start_redis(workdir, binary=binary)
             break
         except RuntimeError:
             if attempt == 2:
@@ -143,7 +234,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     try:
         yield server
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @pytest.fixture
@@ -220,25 +311,149 @@ def s3_settings(s3_bucket: S3Bucket) -> Settings:
     )
 
 
-# -- a calq worker ---------------------------------------------------------------
+# -- calq processes ----------------------------------------------------------------
+
+
+def run_calq(environ: dict[str, str], cwd: Path, *args: str, check: bool = True, timeout: float = 600,
+             explain: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``calq *args`` run to its end (output captured as text).
+
+    With ``check``, an exit status other than 0 is an AssertionError that
+    quotes its stderr (and the tail of the log ``explain``, a worker's, if given).
+    """
+    result = subprocess.run([sys.executable, "-m", "producer.cli", *args], env=environ, cwd=cwd,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        log = f"\n{explain.read_text(errors='replace')[-2000:]}" if explain is not None else ""
+        raise AssertionError(f"calq {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}{log}")
+    return result
+
+
+def start_calq(environ: dict[str, str], cwd: Path, *args: str, log: Path | None = None,
+               text: bool = False) -> subprocess.Popen:
+    """``calq *args`` in the background: its output to ``log`` (appended) if given, else to pipes."""
+    if log is None:
+        return subprocess.Popen([sys.executable, "-m", "producer.cli", *args], env=environ, cwd=cwd,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=text)
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "producer.cli", *args], env=environ, cwd=cwd,
+                                stdout=out, stderr=subprocess.STDOUT)
 
 
 @contextlib.contextmanager
-def calq_worker(environ: dict[str, str], cwd: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
-    """A ``calq worker --gpus none`` process (logging to ``cwd/worker.log``), stopped warm (SIGTERM) at the end."""
-    log = open(cwd / "worker.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--gpus", "none", *args],
-                            env=environ, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+def calq_worker(environ: dict[str, str], cwd: Path, *args: str, log: Path | None = None,
+                ) -> Iterator[subprocess.Popen[bytes]]:
+    """A ``calq worker --gpus none`` process, stopped warm (SIGTERM) at the end.
+
+    It logs to ``log`` (by default ``cwd/worker.log``), emptied first.
+    """
+    log = log or cwd / "worker.log"
+    log.write_bytes(b"")
+    proc = start_calq(environ, cwd, "worker", "--gpus", "none", *args, log=log)
     try:
         yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            log.close()
+        stop_process(proc, timeout=60)
+
+
+class LocalFleet(NamedTuple):
+    """What :func:`local_fleet` started: Redis's URL, the worker's environment and settings for a client."""
+
+    url: str
+    environ: dict[str, str]
+    settings: Settings
+
+
+@contextlib.contextmanager
+def local_fleet(workdir: Path, **variables: str) -> Iterator[LocalFleet]:
+    """A redis-server of its own and one ``calq worker --gpus none`` on the store ``workdir/store``.
+
+    The worker's environment is :func:`calq_environ` with the broker, the
+    store and ``variables``; it logs to ``workdir/worker.log``. Both are
+    stopped at the end of the ``with`` block (the worker warm).
+    """
+    with redis_running(workdir) as redis:
+        store = str(workdir / "store")
+        environ = calq_environ(CALQ_BROKER_URL=redis.url, CALQ_STORAGE_URL=store, **variables)
+        with calq_worker(environ, workdir):
+            yield LocalFleet(redis.url, environ, Settings(broker_url=redis.url, storage_url=store, compile_cache_dir=None))
+
+
+def children_of(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class Worker:
+    """``python -m worker --gpus none`` (a supervisor and its Celery children), logging to a file."""
+
+    def __init__(self, env: dict[str, str], log: Path, *, children: int = 1) -> None:
+        self.log = log
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "worker", "--gpus", "none", "--cpu-workers", str(children)],
+                env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            )
+        self.n = children
+
+    def children(self) -> list[int]:
+        return children_of(self.proc.pid)
+
+    def child_named(self, name: str) -> int | None:
+        """The pid of the child a record's ``worker`` names (``{hostname}#{pid}``, or a Celery hostname)."""
+        held = name.partition("#")[2]
+        if held.isdigit():
+            return int(held) if int(held) in self.children() else None
+        for pid in self.children():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if name.encode() in argv:
+                return pid
+        return None
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        until(lambda: self.log.read_text(errors="replace").count(" ready.") >= self.n, timeout=timeout,
+              what=f"{self.n} Celery worker(s) ready in {self.log}", every=0.25)
+
+    def kill_all(self) -> None:
+        """SIGKILL the supervisor and its children: the whole worker is gone at once."""
+        kids = self.children()
+        self.proc.kill()
+        for pid in kids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 60) -> None:
+        """SIGTERM (a warm stop), then :meth:`kill_all` after ``timeout`` s."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill_all()
 
 
 def until(predicate: Any, *, timeout: float, what: str, every: float = 0.2) -> Any:
@@ -250,6 +465,17 @@ def until(predicate: Any, *, timeout: float, what: str, every: float = 0.2) -> A
             return value
         time.sleep(every)
     raise AssertionError(f"{what}: not within {timeout:.0f} s")
+
+
+# -- factories -------------------------------------------------------------------
+
+
+def season_file(folder: Path, *, name: str = "season.nc", **synth: Any) -> Path:
+    """A synthetic dataset, ``synthesize(seasons=1, **synth)`` (seasons may be overridden), saved as ``folder/name``."""
+    from shared.data.dataset import save_dataset
+    from shared.data.synth import synthesize
+
+    return save_dataset(synthesize(**{"seasons": 1, **synth}), folder / name)
 
 
 # -- a network between a client and a server -------------------------------------
