@@ -249,14 +249,7 @@ def test_a_wrong_s3_secret_is_authentication_failed(fleet, tmp_path):
     with pytest.raises(AuthenticationFailed, match="authentication failed at s3://b/k"):
         with storage_errors("s3://b/k"):
             raise PermissionError("denied") from refused
-    from shared.contract.errors import Outcome, classify
-
-    assert classify(AuthenticationFailed("authentication failed")) is Outcome.FAIL
-    import redis
-
-    assert classify(redis.AuthenticationError("invalid password")) is Outcome.FAIL
-    assert classify(redis.ConnectionError("refused")) is Outcome.RETRY
-    assert Path(tmp_path).exists()
+    assert Path(tmp_path).exists()  # (classify's answer to a refused key: tests/test_errors.py)
 
 
 # -- bodies Celery cannot decode, messages asking to wait, the exact cap on calq:invalid (issue 16, part C) --------

@@ -1,17 +1,15 @@
-"""shared.jobs.handle.process without Celery, the Celery app's configuration, and the task shell.
+"""shared.jobs.handle.process without Celery: every outcome of a delivery, cancellation, progress.
 
 The registry is the real RedisRegistry over fakeredis, noting the calls the
 handler makes; the store is a real local Store in a tmp folder; ``shared.jobs.run.run_job`` is
 replaced by a fake that writes a prepared summary (or raises), so no JAX runs.
+These fakes serve tests/test_tasks.py too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import subprocess
-import sys
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -30,18 +28,25 @@ from shared.contract.errors import (
 from shared.contract.job import CalibrationJob, JobState, JobStatus, Progress, SamplerSettings
 from shared.contract.settings import Settings
 from shared.contract.summary import CalibrationSummary, Diagnostics, Timings
-from shared.jobs import celery_app as app_module
 from shared.jobs.handle import Delivery, JobIdFilter, ProgressThrottle, process, status_dict
 from shared.jobs.registry import RedisRegistry
 from shared.jobs.services import Services
 from shared.storage.store import Store, posterior_key, summary_key
-from tests.services import free_port
 
 SHA = "ab" * 32
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- fakes -----------------------------------------------------------------------
+
+
+def _noted(name: str, job_id_of: Any = lambda first, _: first) -> Any:
+    """A registry method that notes ``(name, job id)`` in ``self.calls``, then does what RedisRegistry does."""
+
+    def method(self: RecordingRegistry, first: Any, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append((name, job_id_of(first, kwargs)))
+        return getattr(super(RecordingRegistry, self), name)(first, *args, **kwargs)
+
+    return method
 
 
 class RecordingRegistry(RedisRegistry):
@@ -54,37 +59,17 @@ class RecordingRegistry(RedisRegistry):
         self.progress_seen: list[Progress] = []
         self.calls: list[tuple[str, str]] = []
 
-    def claim(self, job: CalibrationJob) -> tuple[JobStatus, bool]:
-        self.calls.append(("claim", job.job_id))
-        return super().claim(job)
-
-    def mark_running(self, job_id: str, *, worker: str) -> JobStatus | None:
-        self.calls.append(("mark_running", job_id))
-        return super().mark_running(job_id, worker=worker)
+    claim = _noted("claim", lambda job, _: job.job_id)
+    mark_running = _noted("mark_running")
+    succeed = _noted("succeed")
+    fail = _noted("fail")
+    reject = _noted("reject")
+    finish_cancelled = _noted("finish_cancelled")
+    record_invalid = _noted("record_invalid", lambda _reason, kwargs: kwargs.get("job_id") or "")
 
     def progress(self, job_id: str, progress: Progress) -> JobStatus | None:
         self.progress_seen.append(progress)
         return super().progress(job_id, progress)
-
-    def succeed(self, job_id: str, summary: CalibrationSummary) -> JobStatus | None:
-        self.calls.append(("succeed", job_id))
-        return super().succeed(job_id, summary)
-
-    def fail(self, job_id: str, reason: str) -> JobStatus | None:
-        self.calls.append(("fail", job_id))
-        return super().fail(job_id, reason)
-
-    def reject(self, job_id: str, reason: str) -> JobStatus | None:
-        self.calls.append(("reject", job_id))
-        return super().reject(job_id, reason)
-
-    def finish_cancelled(self, job_id: str, reason: str) -> JobStatus | None:
-        self.calls.append(("finish_cancelled", job_id))
-        return super().finish_cancelled(job_id, reason)
-
-    def record_invalid(self, reason: str, *, job_id: str | None = None) -> None:
-        self.calls.append(("record_invalid", job_id or ""))
-        super().record_invalid(reason, job_id=job_id)
 
 
 def make_job(**over: Any) -> CalibrationJob:
@@ -485,146 +470,3 @@ def test_progress_errors_never_stop_the_job():
     assert calls == ["load", "write"]  # every phase was still tried
     warned = [r for r in records if "could not record progress" in r.getMessage()]
     assert len(warned) == 1  # logged once, not on every call
-
-
-# -- the Celery app --------------------------------------------------------------
-
-
-#: A broker address nothing listens on: building the app connects to nothing, and if it ever did, it fails here.
-NOBODY = f"redis://127.0.0.1:{free_port()}/15"
-
-
-def broker_settings(**over: Any) -> Settings:
-    return Settings(broker_url=NOBODY, **over)
-
-
-def test_app_config_is_safe_for_long_jobs_on_redis():
-    settings = broker_settings(visibility_timeout_s=7200, job_time_limit_s=1800)
-    conf = app_module.make_app(settings).conf
-
-    assert conf.accept_content == ["json"]
-    assert conf.task_serializer == "json" and conf.result_serializer == "json"
-    assert conf.task_acks_late is True
-    assert conf.task_reject_on_worker_lost is True
-    assert conf.worker_prefetch_multiplier == 1
-    assert conf.broker_transport_options["visibility_timeout"] == 7200
-    assert conf.result_backend_transport_options["visibility_timeout"] == 7200
-    assert conf.visibility_timeout == 7200
-    assert conf.worker_cancel_long_running_tasks_on_connection_loss is True
-    assert conf.task_time_limit == 1800
-    assert 0 < conf.task_soft_time_limit < conf.task_time_limit
-    assert [q.name for q in conf.task_queues] == list(app_module.ALL_QUEUES)
-    assert conf.broker_transport_options["queue_order_strategy"] == "priority"  # interactive before batch
-    assert conf.task_default_queue == "calq.cpu"
-    assert conf.result_expires == 7 * 24 * 3600
-    assert conf.task_track_started is True
-    assert conf.worker_hijack_root_logger is False
-    assert conf.broker_url == NOBODY
-    assert conf.result_backend == NOBODY
-
-
-def test_app_uses_separate_result_backend_and_default_queue():
-    conf = app_module.make_app(broker_settings(result_backend="redis://cache:6379/2", default_queue="calq.gpu")).conf
-    assert conf.result_backend == "redis://cache:6379/2"
-    assert conf.task_default_queue == "calq.gpu"
-
-
-@pytest.mark.parametrize(
-    ("name", "queue"),
-    [("gpu", "calq.gpu"), ("cpu", "calq.cpu"), ("calq.gpu", "calq.gpu"), (" CPU ", "calq.cpu")],
-)
-def test_queue_for(name, queue):
-    assert app_module.queue_for(name) == queue
-
-
-@pytest.mark.parametrize("name", ["tpu", "", "calq.tpu"])
-def test_queue_for_rejects_unknown(name):
-    with pytest.raises(ValueError, match="unknown queue"):
-        app_module.queue_for(name)
-
-
-def test_app_without_broker_fails_clearly_only_when_used(monkeypatch):
-    monkeypatch.setattr(app_module, "get_settings", lambda: Settings(broker_url=None))
-    app_module.get_app.cache_clear()
-    try:
-        with pytest.raises(RuntimeError, match="CALQ_BROKER_URL"):
-            app_module.app  # noqa: B018
-    finally:
-        app_module.get_app.cache_clear()
-
-
-def test_worker_modules_import_without_broker_or_jax(tmp_path):
-    # A process that forks (prefork, the supervisor) must not have initialised JAX.
-    code = (
-        "import sys, shared.jobs.celery_app, worker.tasks, shared.jobs.handle, worker.supervisor; "
-        "assert 'jax' not in sys.modules, 'jax imported'; print('ok')"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
-
-
-# -- the task shell --------------------------------------------------------------
-
-
-@pytest.fixture
-def task_env(monkeypatch, registry, store, settings):
-    from worker import tasks
-
-    app = app_module.make_app(broker_settings())
-    app.conf.task_always_eager = True
-    task = tasks.register(app)
-    ctx = Services(settings=settings, store=store, registry=registry)
-    monkeypatch.setattr(tasks, "context", lambda: ctx)
-    return task
-
-
-def test_task_options(task_env):
-    task = task_env
-    assert task.name == app_module.TASK_NAME == "calq.calibrate"
-    assert task.max_retries == 5
-    assert task.acks_late is True and task.reject_on_worker_lost is True
-    assert task.autoretry_for == (RetryableError,)
-    assert task.retry_backoff is True and task.retry_backoff_max == 600 and task.retry_jitter is True
-
-
-def test_task_runs_the_handler(monkeypatch, task_env, job, registry):
-    install(monkeypatch)
-    result = task_env.apply(args=[job.to_message()]).get()
-    assert result["job_id"] == job.job_id
-    assert registry.get(job.job_id).state is JobState.SUCCEEDED
-
-
-def test_task_exhausting_retries_fails_the_job(monkeypatch, task_env, job, registry):
-    fake = install(monkeypatch, raises=StorageUnavailable("s3 down"))
-    outcome = task_env.apply(args=[job.to_message()])
-    assert outcome.failed()
-    assert len(fake.calls) == 1 + task_env.max_retries
-    record = registry.get(job.job_id)
-    assert record.state is JobState.FAILED
-    assert record.reason == "gave up after 5 retries: StorageUnavailable: s3 down"
-
-
-def test_device_check_catches_a_cpu_run_that_wanted_a_gpu():
-    from worker.device import device_problem
-
-    # Tests run JAX on the CPU (conftest): fine for a CPU worker, wrong for a GPU one.
-    assert device_problem({"JAX_PLATFORMS": "cpu"}) is None
-    problem = device_problem({"JAX_PLATFORMS": "cuda"})
-    assert problem is not None and "cuda" in problem
-
-
-def test_device_check_reports_a_backend_that_cannot_start(monkeypatch):
-    import jax
-
-    from worker.device import device_problem
-
-    def broken() -> list:
-        raise AssertionError()  # what JAX 0.10 raises for JAX_PLATFORMS=cuda without a CUDA plugin
-
-    monkeypatch.setattr(jax, "devices", broken)
-    problem = device_problem({"JAX_PLATFORMS": "cuda"})
-    assert problem is not None and "could not initialise the cuda backend" in problem
