@@ -34,6 +34,7 @@ from shared.contract.summary import (
     WarmStart,
 )
 from shared.data.dataset import EventRows, event_rows, select_archetypes, select_window, validate
+from shared.fit.batch import batched_draws, first_run_of
 from shared.fit.idata import build_inference_data, calibrated_probability_mean, convergence_data, logit
 from shared.fit.model import ModelData, ModelShape, distinct_rows, model_data
 from shared.fit.remedy import MAX_DRAWS_PER_CHAIN, TARGET_ACCEPT, RunOutcome, RunPlan, first_plan, next_plan
@@ -177,6 +178,10 @@ def calibrate(
     where that posterior is (:mod:`shared.fit.warm`) with a shorter warmup;
     the fit records it (``Fit.warm_start``). A previous fit that cannot seed
     this job is logged and ignored: the run starts cold.
+
+    A job whose first run was sampled in a batch (:func:`shared.fit.batch.first_runs`)
+    starts where that run started, and its first attempt is judged from
+    those draws; remedies are sampled here, alone.
     """
     control = control or JobControl()
     validate(dataset, archetype=job.archetype, events=job.events, source=job.dataset_uri)
@@ -187,7 +192,8 @@ def calibrate(
         job.job_id, rows.n_rows, len(rows.races), len(rows.tracks), prepared.bucket,
     )
 
-    seeded = _warm_start(prepared, job, warm)
+    first = first_run_of(job.job_id)  # sampled in a batch (shared.fit.batch): it started where it started
+    seeded = warm_start_of(prepared, job, warm) if first is None else first.seeded
     warm_start = seeded[1] if seeded else None
     draws, attempts, stopped = _sample_with_remedies(
         prepared, job, control=control, criteria=criteria, warm=seeded, max_draws=max_draws_per_chain
@@ -255,10 +261,10 @@ def calibrate(
 REMEDY_RESERVE_S = 15.0
 
 
-def _warm_start(
+def warm_start_of(
     prepared: Prepared, job: CalibrationJob, warm: WarmSource | None
 ) -> tuple[StartingPoint, WarmStart] | None:
-    """Where the first run starts, from ``warm``, and its record; None for a cold start."""
+    """Where the first run starts, from ``warm``, and its record; None for a cold start (also for a batch)."""
     if warm is None:
         return None
     rows = prepared.rows
@@ -312,7 +318,7 @@ def _sample_with_remedies(
         t_build = time.perf_counter()
         sampler = sampler_for(bucket)  # traced once per bucket and process
         build_s = time.perf_counter() - t_build
-        draws = sampler.run(
+        draws = batched_draws(job.job_id, plan, bucket) or sampler.run(
             prepared.data, seed=plan.seed, samples=plan.samples, control=control,
             target_accept_prob=plan.target_accept_prob,
             start=start if plan.warm else None, warmup=plan.warmup if plan.warm else None,

@@ -233,7 +233,14 @@ class CompiledSampler:
             n_events=b.shape.n_events,
         )
 
-    def _build(self):
+    def per_chain_functions(self):
+        """``(init_one, chunk_one)``: one chain's initial state and one chunk of its transitions, unmapped.
+
+        ``init_one(key, data, params, step_size, inverse_mass_matrix, warm)``
+        and ``chunk_one(state, data, target_accept_prob, warm, warm_warmup)``;
+        this sampler maps them over chains (:meth:`_build`), a batch over
+        jobs as well (:mod:`shared.fit.batch`).
+        """
         warmup, length = self.bucket.warmup, self.bucket.chunk
         template = self._param_template
 
@@ -275,33 +282,19 @@ class CompiledSampler:
 
             return jax.lax.scan(step, state, None, length=length)
 
-        # per chain: the key and the starting positions; shared: the rest
-        init_axes, chunk_axes = (0, None, 0, None, None, None), (0, None, None, None, None)
-        b = self.bucket
-        if b.devices == b.chains:  # one chain per device
-            return jax.pmap(init_one, in_axes=init_axes), jax.pmap(chunk_one, in_axes=chunk_axes)
-        init_many = jax.vmap(init_one, in_axes=init_axes)
-        chunk_many = jax.vmap(chunk_one, in_axes=chunk_axes)
-        if b.devices > 1:  # several chains per device
-            return jax.pmap(init_many, in_axes=init_axes), jax.pmap(chunk_many, in_axes=chunk_axes)
-        return jax.jit(init_many), jax.jit(chunk_many)
+        return init_one, chunk_one
 
-    def _split_over_devices(self) -> bool:
-        return 1 < self.bucket.devices < self.bucket.chains
+    def _build(self):
+        return over_chains(self.bucket, *self.per_chain_functions())
 
     def _per_chain(self, values: jnp.ndarray) -> jnp.ndarray:
-        """An array with a leading chain axis, laid out (devices, chains per device, ...) when chains share a device."""
-        b = self.bucket
-        if self._split_over_devices():
-            return values.reshape(b.devices, b.chains // b.devices, *values.shape[1:])
-        return values
+        return per_chain_layout(self.bucket, values)
 
-    def _chain_keys(self, seed: int) -> jnp.ndarray:
-        """One key per chain, laid out for the devices."""
-        return self._per_chain(jax.random.split(jax.random.PRNGKey(seed), self.bucket.chains))
+    def start_args(self, seed: int, start: StartingPoint | None) -> tuple:
+        """``(keys, positions, step_size, inverse_mass_matrix, warm)`` of one run, chains along the leading axis.
 
-    def _init_args(self, seed: int, data: ModelData, start: StartingPoint | None) -> tuple:
-        """The initial kernel's arguments: keys, data, and where the chains start (a cold run's are placeholders)."""
+        A cold run's positions, step size and mass matrix are placeholders (its chains draw their own starts).
+        """
         warm = start is not None
         start = start if warm else self._template_start()
         positions = {}
@@ -309,11 +302,18 @@ class CompiledSampler:
             value = jnp.asarray(start.positions[name], jnp.float32)
             if value.shape != (self.bucket.chains, *template.shape):
                 raise ValueError(f"starting point of {name}: shape {value.shape}, expected {(self.bucket.chains, *template.shape)}")
-            positions[name] = self._per_chain(value)
+            positions[name] = value
         inverse_mass = jnp.asarray(start.inverse_mass_matrix, jnp.float32)
         if inverse_mass.shape != (self._size,):
             raise ValueError(f"inverse mass matrix of shape {inverse_mass.shape}, expected ({self._size},)")
-        return (self._chain_keys(seed), data, positions, jnp.float32(start.step_size), inverse_mass, jnp.bool_(warm))
+        keys = jax.random.split(jax.random.PRNGKey(seed), self.bucket.chains)
+        return keys, positions, jnp.float32(start.step_size), inverse_mass, jnp.bool_(warm)
+
+    def _init_args(self, seed: int, data: ModelData, start: StartingPoint | None) -> tuple:
+        """The initial kernel's arguments: keys, data, and where the chains start, laid out for the devices."""
+        keys, positions, step_size, inverse_mass, warm = self.start_args(seed, start)
+        positions = {name: self._per_chain(value) for name, value in positions.items()}
+        return (self._per_chain(keys), data, positions, step_size, inverse_mass, warm)
 
     @property
     def _size(self) -> int:
@@ -341,21 +341,8 @@ class CompiledSampler:
         if control is None or self._compiled is not None:
             compiled = self.compile(data)
         else:
-            done: Future[tuple] = Future()
-
-            def work() -> None:
-                try:
-                    done.set_result(self.compile(data))
-                except BaseException as exc:  # handed to the job's thread
-                    done.set_exception(exc)
-
-            threading.Thread(target=work, name=f"calq-compile-{self.bucket.n_rows}", daemon=True).start()
-            while True:
-                try:
-                    compiled = done.result(timeout=COMPILE_CHECK_S)
-                    break
-                except FutureTimeout:
-                    control.check("compile")
+            compiled = compile_checked(lambda: self.compile(data), lambda: control.check("compile"),
+                                       name=f"calq-compile-{self.bucket.n_rows}")
         if control is not None:
             control.check("compile")  # cancelled while it compiled: stop before the first draw
         return compiled
@@ -420,24 +407,79 @@ class CompiledSampler:
                 params_parts.append(self._by_chain(params))
                 stats_parts.append(self._by_chain(stats))
             if control is not None:
-                control.progress(_progress(done, steps, samples))
-        first = (math.floor(steps / b.chunk)) * b.chunk  # step index of the first kept chunk
-        skip = steps - first
-        params = {k: np.concatenate([p[k] for p in params_parts], axis=1)[:, skip : skip + samples] for k in params_parts[0]}
-        stats = {k: np.concatenate([s[k] for s in stats_parts], axis=1)[:, skip : skip + samples] for k in stats_parts[0]}
+                control.progress(run_progress(done, steps, samples))
+        params, stats = kept_draws(params_parts, steps, samples, b.chunk), kept_draws(stats_parts, steps, samples, b.chunk)
         return Draws(params=params, stats=stats, compile_s=compile_s, sample_s=time.perf_counter() - t1)
 
 
     def _by_chain(self, tree) -> dict[str, np.ndarray]:
-        """Host copies with one leading chain axis, whatever the device layout."""
-        b = self.bucket
-        host = jax.device_get(tree)
-        if self._split_over_devices():
-            return {k: v.reshape((b.chains, *v.shape[2:])) for k, v in host.items()}
-        return host
+        return by_chain(self.bucket, tree)
 
 
-def _progress(done: int, warmup: int, samples: int) -> Progress:
+def over_chains(bucket: Bucket, init_one, chunk_one) -> tuple:
+    """``init_one`` and ``chunk_one`` mapped over the bucket's chains: per chain the key, the starting
+    positions (init) or the state (chunk); the other arguments shared. One chain per device (pmap), several
+    per device (pmap of vmap), or all vectorised on one device (jit of vmap)."""
+    init_axes, chunk_axes = (0, None, 0, None, None, None), (0, None, None, None, None)
+    if bucket.devices == bucket.chains:  # one chain per device
+        return jax.pmap(init_one, in_axes=init_axes), jax.pmap(chunk_one, in_axes=chunk_axes)
+    init_many = jax.vmap(init_one, in_axes=init_axes)
+    chunk_many = jax.vmap(chunk_one, in_axes=chunk_axes)
+    if bucket.devices > 1:  # several chains per device
+        return jax.pmap(init_many, in_axes=init_axes), jax.pmap(chunk_many, in_axes=chunk_axes)
+    return jax.jit(init_many), jax.jit(chunk_many)
+
+
+def _split_over_devices(bucket: Bucket) -> bool:
+    return 1 < bucket.devices < bucket.chains
+
+
+def per_chain_layout(bucket: Bucket, values: jnp.ndarray) -> jnp.ndarray:
+    """An array with a leading chain axis, laid out (devices, chains per device, ...) when chains share a device."""
+    if _split_over_devices(bucket):
+        return values.reshape(bucket.devices, bucket.chains // bucket.devices, *values.shape[1:])
+    return values
+
+
+def by_chain(bucket: Bucket, tree) -> dict[str, np.ndarray]:
+    """Host copies with one leading chain axis, whatever the device layout of :func:`over_chains`."""
+    host = jax.device_get(tree)
+    if _split_over_devices(bucket):
+        return {k: v.reshape((bucket.chains, *v.shape[2:])) for k, v in host.items()}
+    return host
+
+
+def kept_draws(parts: list[dict[str, np.ndarray]], steps: int, samples: int, chunk: int) -> dict[str, np.ndarray]:
+    """The post-warmup ``samples`` of each site, from the chunks kept (each (chain, step, ...)) from the one
+    holding step ``steps`` on."""
+    skip = steps - math.floor(steps / chunk) * chunk  # steps of the first kept chunk that are warmup
+    return {k: np.concatenate([p[k] for p in parts], axis=1)[:, skip : skip + samples] for k in parts[0]}
+
+
+def compile_checked(compile_fn, check, *, name: str):
+    """``compile_fn()`` in a daemon thread, ``check()`` called every :data:`COMPILE_CHECK_S` until it returns.
+
+    An exception from ``check`` (a job cancelled or past its limit) leaves
+    the compile running there (its result is kept for the next run of its
+    bucket) and propagates at once.
+    """
+    done: Future = Future()
+
+    def work() -> None:
+        try:
+            done.set_result(compile_fn())
+        except BaseException as exc:  # handed to the caller's thread
+            done.set_exception(exc)
+
+    threading.Thread(target=work, name=name, daemon=True).start()
+    while True:
+        try:
+            return done.result(timeout=COMPILE_CHECK_S)
+        except FutureTimeout:
+            check()
+
+
+def run_progress(done: int, warmup: int, samples: int) -> Progress:
     if done <= warmup:
         return Progress(phase="warmup", fraction=done / warmup, draws_done=0, draws_total=samples)
     drawn = min(done - warmup, samples)
