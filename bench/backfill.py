@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -106,12 +107,64 @@ def timed_backfill(client, dataset, *, label, start, end, sampler, dedup, consol
         },
         "sample_s": sum(s.timings.sample_s for s in summaries),
         "compile_s": sum(s.timings.compile_s for s in summaries),
+        "per_job_s": per_job_split(summaries, wall),
         "as_of_dates_answered": answered,
         "wall_s": wall,
         "jobs_per_min": 60 * len(windows) / wall,
         "as_of_dates_per_min": 60 * answered / wall,
         "windows": windows,
     }
+
+
+#: The per-job split: (column, what it counts), each a mean over the succeeded jobs, in seconds.
+SPLIT = (
+    ("load", "reading and checking the dataset, finding the warm start (timings.load_s)"),
+    ("sampler", "compiling and sampling, every attempt (timings.compile_s + sample_s)"),
+    ("diagnostics", "R-hat/ESS, parameter summaries, the InferenceData, in-sample scores (timings.diagnostics_s)"),
+    ("scoring", "the raw forecasts' ensemble and joint-event scores (timings.score_s)"),
+    ("write", "the posterior's NetCDF and the summary, spooled and stored (timings.write_s)"),
+    ("rest", "the rest of the job's own time: R-hat/ESS between attempts, selecting rows (total_s − the above)"),
+    ("registry", "outside the job: records, queue, client, the backfill loop (wall ÷ jobs − total_s)"),
+    ("overhead", "everything but the sampler (wall ÷ jobs − sampler)"),
+)
+
+
+def per_job_split(summaries, wall: float) -> dict:
+    """Mean seconds per job in each part of :data:`SPLIT` (the summaries' timings, and the wall clock)."""
+    if not summaries:
+        return {}
+    t = [s.timings for s in summaries]
+
+    def mean(values) -> float:
+        return float(np.mean(list(values)))
+
+    split = {
+        "load": mean(x.load_s for x in t),
+        "sampler": mean(x.compile_s + x.sample_s for x in t),
+        "diagnostics": mean(x.diagnostics_s for x in t),
+        "scoring": mean(x.score_s for x in t),
+        "write": mean(x.write_s for x in t),
+    }
+    split["rest"] = mean(x.total_s for x in t) - sum(split.values())
+    split["registry"] = wall / len(summaries) - mean(x.total_s for x in t)
+    split["overhead"] = wall / len(summaries) - split["sampler"]
+    return split
+
+
+def split_table(rows: list[dict]) -> Table:
+    """The per-job split of each plan (:data:`SPLIT`), with the load average it was measured under."""
+    table = Table(title=f"per job, seconds (mean over succeeded jobs; load average {_loadavg()})")
+    table.add_column("plan")
+    for column, _ in SPLIT:
+        table.add_column(column, justify="right")
+    for r in rows:
+        split = r["per_job_s"]
+        table.add_row(r["plan"], *(f"{split.get(column, float('nan')):.3f}" for column, _ in SPLIT))
+    return table
+
+
+def _loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def z_summary(z: list[float]) -> dict:
@@ -235,6 +288,9 @@ def main() -> None:
                 per.add_row(r["plan"], archetype, str(a["jobs"]), str(a["attempts"]), f"{a['sample_s']:.1f}",
                             f"{a['mean_leapfrog_kept']:.1f}", ", ".join(map(str, a["targets_kept"])), f"{a['min_ess_bulk']:.0f}")
         Console(width=200).print(per)
+        Console(width=200).print(split_table(rows))
+        results["split_columns"] = dict(SPLIT)
+        results["load_average"] = _loadavg()
         results["throughput"] = [{k: v for k, v in r.items() if k != "windows"} for r in rows]
         a = results["agreement_warm_cold"]
         Console(width=200).print(f"agreement (the same window job warm and cold, every parameter): {a['comparisons']} "

@@ -6,7 +6,7 @@ import arviz as az
 import numpy as np
 
 from shared.contract.summary import ConvergenceCriteria
-from shared.stats.diagnostics import parameter_summaries, sampler_diagnostics
+from shared.stats.diagnostics import convergence, parameter_summaries, sampler_diagnostics
 
 EVENTS, ARCHS, TRACKS = ["top_5", "top_10"], ["intermediate"], ["Kansas", "Texas", "Michigan"]
 
@@ -42,6 +42,21 @@ def fake_posterior(*, chains=4, draws=1000, offset=0.0, diverging=0, seed=0) -> 
             **{n: ["event", "track"] for n in ("alpha_track", "beta_track")},
         },
     )
+
+
+def test_a_runs_convergence_serves_any_inference_data_of_its_draws():
+    """R-hat and bulk ESS computed once per run (on unnamed dimensions, between attempts) are the summary's."""
+    idata = fake_posterior(offset=0.05)
+    unnamed = az.from_dict(
+        posterior={name: idata.posterior[name].values for name in idata.posterior.data_vars},
+        sample_stats={"diverging": idata.sample_stats["diverging"].values},
+    )
+    known = convergence(unnamed)
+    assert parameter_summaries(idata, known=known) == parameter_summaries(idata)
+    max_rhat, min_ess, divergences = known.worst()
+    records = parameter_summaries(idata)
+    assert max_rhat == max(r.r_hat for r in records) and min_ess == min(r.ess_bulk for r in records)
+    assert divergences == 0
 
 
 def test_parameter_summaries_match_direct_computation():

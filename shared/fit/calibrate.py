@@ -195,7 +195,7 @@ def calibrate(
     first = first_run_of(job.job_id)  # sampled in a batch (shared.fit.batch): it started where it started
     seeded = warm_start_of(prepared, job, warm) if first is None else first.seeded
     warm_start = seeded[1] if seeded else None
-    draws, attempts, stopped = _sample_with_remedies(
+    draws, known, attempts, stopped = _sample_with_remedies(
         prepared, job, control=control, criteria=criteria, warm=seeded, max_draws=max_draws_per_chain
     )
 
@@ -219,7 +219,7 @@ def calibrate(
             "warm_start_from": warm_start.job_id if warm_start else None,
         },
     )
-    parameters = diagnostics.parameter_summaries(idata)
+    parameters = diagnostics.parameter_summaries(idata, known=known)  # the last run's R-hat and ESS, reused
     diag = diagnostics.sampler_diagnostics(
         idata, parameters, sample_seconds=draws.sample_s, max_tree_depth=MAX_TREE_DEPTH
     )
@@ -294,12 +294,12 @@ def _sample_with_remedies(
     criteria: ConvergenceCriteria,
     warm: tuple[StartingPoint, WarmStart] | None = None,
     max_draws: int,
-) -> tuple[Draws, list[Attempt], str | None]:
-    """Run the sampler, then remedies while the run fails ``criteria``; the last run's draws.
+) -> tuple[Draws, diagnostics.Convergence, list[Attempt], str | None]:
+    """Run the sampler, then remedies while the run fails ``criteria``; the last run's draws and convergence.
 
     With ``warm`` (a starting point and its record) the first run is warm:
     it begins there, with the warmup and target acceptance the record holds.
-    Returns the last draws, every attempt, and why remedies stopped early
+    Returns the last draws and their R-hat and ESS, every attempt, and why remedies stopped early
     (None when they did not: the run passed, or no attempt or remedy was left).
     """
     plan = first_plan(
@@ -323,9 +323,8 @@ def _sample_with_remedies(
             target_accept_prob=plan.target_accept_prob,
             start=start if plan.warm else None, warmup=plan.warmup if plan.warm else None,
         )
-        max_rhat, min_ess, divergences = diagnostics.worst_convergence(
-            convergence_data(draws, n_tracks=len(prepared.rows.tracks))
-        )
+        known = diagnostics.convergence(convergence_data(draws, n_tracks=len(prepared.rows.tracks)))
+        max_rhat, min_ess, divergences = known.worst()
         attempt = Attempt(
             number=plan.number, seed=plan.seed, target_accept_prob=plan.target_accept_prob,
             warmup=plan.warmup, samples=plan.samples, divergences=divergences, max_rhat=max_rhat,
@@ -336,16 +335,16 @@ def _sample_with_remedies(
         )
         attempts.append(attempt)
         if not attempt.issues:
-            return draws, attempts, None
+            return draws, known, attempts, None
         following = next_plan(plan, RunOutcome(max_rhat=max_rhat, min_ess_bulk=min_ess, divergences=divergences), criteria)
         if following is None:
-            return draws, attempts, None
+            return draws, known, attempts, None
         log.info("job %s attempt %d: %s; remedy: %s", job.job_id, plan.number, "; ".join(attempt.issues), following.remedy)
         control.check("remedy")  # a cancellation is seen between attempts
         needed = _estimate_s(attempt, following)
         left = control.remaining_s()
         if left is not None and needed * 1.2 + REMEDY_RESERVE_S > left:
-            return draws, attempts, (
+            return draws, known, attempts, (
                 f"remedy not run ({following.remedy}): it needs about {needed:.0f} s and {max(left, 0):.0f} s "
                 "are left before the job's time limit"
             )

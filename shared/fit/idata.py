@@ -117,19 +117,30 @@ def _sample_stats(draws: Draws) -> dict[str, np.ndarray]:
 
 def calibrated_probability_draws(params: dict[str, np.ndarray], rows: EventRows, *, draws: slice) -> np.ndarray:
     """q = expit(α[e, k] + β[e, k]·logit(p)) per selected draw and row: (chain, draw, row)."""
-    alpha = params["alpha_track"][:, draws][..., rows.event, rows.track]
-    beta = params["beta_track"][:, draws][..., rows.event, rows.track]
-    return calibrated_probability(alpha, beta, rows.p)
+    return _q_draws(params, event=rows.event, track=rows.track, p=rows.p, draws=draws)
+
+
+def _q_draws(params: dict[str, np.ndarray], *, event: np.ndarray, track: np.ndarray, p: np.ndarray, draws: slice):
+    alpha = params["alpha_track"][:, draws][..., event, track]
+    beta = params["beta_track"][:, draws][..., event, track]
+    return calibrated_probability(alpha, beta, p)
 
 
 def calibrated_probability_mean(params: dict[str, np.ndarray], rows: EventRows, *, block: int = 100) -> np.ndarray:
-    """Posterior mean of the calibrated probability of every row, in blocks of draws."""
+    """Posterior mean of the calibrated probability of every row, in blocks of draws.
+
+    Rows of equal (event, track, p) have one q: each distinct triple is computed
+    once (a forecast from M scenarios takes at most M + 1 values, so rows repeat).
+    """
+    triples = np.column_stack([rows.event, rows.track, rows.p]).astype(np.float64)
+    distinct, inverse = np.unique(triples, axis=0, return_inverse=True)
+    event, track, p = distinct[:, 0].astype(np.intp), distinct[:, 1].astype(np.intp), distinct[:, 2]
     n_draws = params["alpha_track"].shape[1]
-    total = np.zeros(rows.n_rows)
+    total = np.zeros(len(distinct))
     for start in range(0, n_draws, block):
-        q = calibrated_probability_draws(params, rows, draws=slice(start, start + block))
+        q = _q_draws(params, event=event, track=track, p=p, draws=slice(start, start + block))
         total += q.sum(axis=(0, 1))
-    return total / (n_draws * params["alpha_track"].shape[0])
+    return (total / (n_draws * params["alpha_track"].shape[0]))[inverse.reshape(-1)]
 
 
 def _replicate(draws: Draws, rows: EventRows, *, seed: int) -> np.ndarray:

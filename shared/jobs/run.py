@@ -15,9 +15,9 @@ from shared.contract.errors import DatasetHashMismatch, InvalidDataset
 from shared.contract.job import CalibrationJob, Progress
 from shared.contract.settings import Settings
 from shared.contract.summary import CalibrationSummary, ConvergenceCriteria
-from shared.data.dataset import open_dataset
 from shared.data.limits import check_job
 from shared.fit.calibrate import calibrate
+from shared.jobs.datasets import decoded
 from shared.jobs.lease import Fence
 from shared.jobs.spool import resume_spooled, write_results
 from shared.jobs.summary import summarize
@@ -87,7 +87,7 @@ def run_job(
         path = store.fetch_dataset(job.dataset_uri, job.dataset_sha256, max_bytes=limits.max_decoded_bytes)
         control.check("load")
         # Limits from the header before anything is decoded; calibrate() validates the contract, once.
-        dataset = open_dataset(path, check=False, limits=limits, label=job.dataset_uri)
+        dataset = decoded(path, sha256=job.dataset_sha256, limits=limits, label=job.dataset_uri)
         warm = find_warm_source(job, store) if settings.warm_start else None
         load_s = time.perf_counter() - started
 

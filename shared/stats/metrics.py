@@ -569,11 +569,15 @@ def _race_co_hits(
     the simulated indicator, the forecast for pair (i, j) is
     ``(HᵀH)_ij / (VᵀV)_ij``: the share of the scenarios simulating both in
     which both finish ≤ t. Upper triangle only.
+
+    The counts are integer products: exact, and NumPy computes them without
+    BLAS, whose thread pool costs more than these small products (measured on
+    2 busy cores: 40 ms a race in float64 through OpenBLAS, 2 ms in int32).
     """
-    simulated = ~np.isnan(sim)
-    hit = (sim <= threshold).astype(np.float64)
+    simulated = (~np.isnan(sim)).astype(np.int32)
+    hit = (sim <= threshold).astype(np.int32)
     both_hit = hit.T @ hit
-    both_simulated = simulated.astype(np.float64).T @ simulated.astype(np.float64)
+    both_simulated = simulated.T @ simulated
     i, j = np.triu_indices(finish.size, k=1)
     keep = both_simulated[i, j] > 0
     i, j = i[keep], j[keep]
