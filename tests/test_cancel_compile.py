@@ -18,7 +18,7 @@ from shared.contract.errors import JobCancelled, JobTimeLimitExceeded
 from shared.data.synth import synthesize
 from shared.fit.calibrate import prepare
 from shared.fit.sampler import CompiledSampler
-from tests.test_engine import make_job
+from tests.test_calibrate import make_job
 
 #: How long the stretched compile takes (as a cold compile of a large bucket would, only shorter).
 SLOW_COMPILE_S = 6.0

@@ -11,9 +11,9 @@ from scipy import stats
 from shared.contract.job import CalibrationJob
 from shared.data.synth import synthesize, truth
 from shared.fit.calibrate import calibrate
-from shared.jobs.summary import summarize
 from shared.fit.model import ModelShape, calibration_model, model_data
 from shared.fit.sampler import Bucket, chain_devices, chunk_length, sampler_for
+from shared.jobs.summary import summarize
 
 pytestmark = pytest.mark.slow
 

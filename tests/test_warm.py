@@ -18,7 +18,6 @@ from shared.contract.job import CalibrationJob
 from shared.contract.summary import CalibrationSummary, ConvergenceCriteria
 from shared.data.synth import synthesize
 from shared.fit.calibrate import calibrate, prepare, track_labels
-from shared.jobs.summary import summarize
 from shared.fit.idata import build_inference_data
 from shared.fit.model import ModelShape
 from shared.fit.sampler import COMPILES, sampler_for
@@ -32,6 +31,7 @@ from shared.fit.warm import (
     unconstrained_draws,
     warm_warmup,
 )
+from shared.jobs.summary import summarize
 
 SMALL = {"warmup": 100, "samples": 100, "chains": 2, "seed": 7}
 ONE_RUN = ConvergenceCriteria(max_attempts=1)
