@@ -44,8 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.faults import CONVERGENCE, Worker, wait_until  # noqa: E402
-from bench.fleet import free_port, start_redis  # noqa: E402
+from tests.services import Worker, calq_environ, convergence_environ, free_port, start_redis, stop_process, until  # noqa: E402
 
 #: The fit behind ``latest``: the default sampler's 4 × 1,000 draws, so calibrate works on a posterior of real size.
 LATEST = {"warmup": 200, "samples": 1000, "chains": 4}
@@ -104,7 +103,7 @@ def serve(env: dict[str, str], port: int, log: Path, *, workers: int) -> subproc
         finally:
             conn.close()
 
-    wait_until(healthy, 120, "the API to answer /healthz", poll=0.25)
+    until(healthy, timeout=120, what="the API to answer /healthz", every=0.25)
     return proc
 
 
@@ -118,14 +117,15 @@ def lane_bench(client, dataset, ref, *, batch: int) -> dict[str, float]:
 
     running = job(50_000, RUNNING)
     client.submit_job(running, lane=BATCH)
-    wait_until(lambda: client.status(running.job_id).state is JobState.RUNNING, 300, "the running job to start")
+    until(lambda: client.status(running.job_id).state is JobState.RUNNING, timeout=300, what="the running job to start", every=0.05)
     queued = [job(60_000 + i, SMALL) for i in range(batch)]
     for j in queued:
         client.submit_job(j, lane=BATCH)
     interactive = job(70_000, SMALL)
     submitted = time.time()
     client.submit_job(interactive)
-    record = wait_until(lambda: (r := client.status(interactive.job_id)).started_at and r, 900, "the interactive job to start")
+    record = until(lambda: (r := client.status(interactive.job_id)).started_at and r,
+                   timeout=900, what="the interactive job to start", every=0.05)
     ran = client.wait(running.job_id, timeout=900)
     first = client.status(running.job_id)
     started_before = sum(1 for j in queued if (r := client.registry.find(j.job_id)) and r.started_at
@@ -156,12 +156,10 @@ def main() -> None:
     from shared.data.synth import synthesize
 
     tmp = Path(tempfile.mkdtemp(prefix="calq-bench-api-"))
-    port = free_port()
-    redis_proc = start_redis(port, tmp)
-    url = f"redis://127.0.0.1:{port}/0"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-    env.update(CALQ_BROKER_URL=url, CALQ_STORAGE_URL=str(tmp / "store"), CALQ_COMPILE_CACHE_DIR=str(tmp / "jax"),
-               CALQ_WARM_START="false", PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **CONVERGENCE)
+    redis_proc, redis_server = start_redis(tmp)
+    url = redis_server.url
+    env = calq_environ(CALQ_BROKER_URL=url, CALQ_STORAGE_URL=str(tmp / "store"), CALQ_COMPILE_CACHE_DIR=str(tmp / "jax"),
+                       CALQ_WARM_START="false", **convergence_environ())
     settings = Settings(broker_url=url, storage_url=str(tmp / "store"), compile_cache_dir=None)
     client = CalibrationClient(settings)
     dataset = save_dataset(synthesize(seasons=1, scenarios=200, seed=5), tmp / "season.nc")
@@ -170,7 +168,7 @@ def main() -> None:
     api_port = free_port()
     api = serve(env, api_port, tmp / "api.log", workers=args.workers)
     try:
-        worker.wait_ready()
+        worker.wait_ready(180)
         fitted = client.submit(dataset, "intermediate", events="top_5", dataset_ref=ref, **LATEST)
         client.wait(fitted, timeout=900)
         secret, _ = RedisTokens(client.registry.redis).create("bench", role="producer")
@@ -200,9 +198,8 @@ def main() -> None:
     finally:
         api.terminate()
         api.wait(30)
-        worker.stop()
-        redis_proc.terminate()
-        redis_proc.wait(10)
+        worker.stop(120)
+        stop_process(redis_proc, timeout=10)
 
     draws = LATEST["chains"] * LATEST["samples"]
     print(f"\nAPI on loopback, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), load average "

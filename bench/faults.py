@@ -66,76 +66,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.fleet import free_port, start_redis  # noqa: E402
+from tests.services import Worker, calq_environ, convergence_environ, start_redis, stop_process, until  # noqa: E402
 
 SAMPLER = {"warmup": 100, "samples": 3000, "chains": 2}
-CONVERGENCE = {"CALQ_CONVERGENCE__MIN_ESS_BULK": "10", "CALQ_CONVERGENCE__MAX_RHAT": "1.2",
-               "CALQ_CONVERGENCE__MAX_DIVERGENCES": "5"}
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-def child_named(supervisor: int, name: str) -> int | None:
-    for pid in children_of(supervisor):
-        try:
-            if name.encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
-                return pid
-        except OSError:
-            continue
-    return None
-
-
-def wait_until(predicate, timeout: float, what: str, poll: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(poll)
-
-
-class Worker:
-    def __init__(self, env: dict[str, str], log: Path, children: int) -> None:
-        self.log, self.children = log, children
-        out = open(log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker", "--gpus", "none", "--cpu-workers", str(children)],
-                                     env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        out.close()
-
-    def wait_ready(self) -> None:
-        wait_until(lambda: self.log.read_text(errors="replace").count(" ready.") >= self.children, 180,
-                   "the worker to be ready", poll=0.25)
-
-    def kill_all(self) -> None:
-        kids = children_of(self.proc.pid)
-        self.proc.kill()
-        for pid in kids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(120)
-            except subprocess.TimeoutExpired:
-                self.kill_all()
+CONVERGENCE = convergence_environ()
 
 
 def main() -> None:
@@ -159,13 +93,11 @@ def main() -> None:
     if args.mode == "disk-full":
         (tmp / "store").mkdir()
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(tmp / "store")], check=True)
-    port = free_port()
-    redis_proc = start_redis(port, tmp, appendonly=True)
-    url = f"redis://127.0.0.1:{port}/0"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-    env.update(CALQ_BROKER_URL=url, CALQ_STORAGE_URL=str(tmp / "store"), CALQ_COMPILE_CACHE_DIR=str(tmp / "jax"),
-               CALQ_RECOVERY__SPOOL_DIR=str(tmp / "spool"), PYTHONPATH=str(ROOT), **CONVERGENCE,
-               CALQ_WARM_START="false")  # faults strike mid-sampling: job lengths must not depend on earlier fits
+    redis_proc, redis_server = start_redis(tmp, args=("--appendonly", "yes"))
+    port, url = redis_server.port, redis_server.url
+    env = calq_environ(CALQ_BROKER_URL=url, CALQ_STORAGE_URL=str(tmp / "store"), CALQ_COMPILE_CACHE_DIR=str(tmp / "jax"),
+                       CALQ_RECOVERY__SPOOL_DIR=str(tmp / "spool"), **CONVERGENCE,
+                       CALQ_WARM_START="false")  # faults strike mid-sampling: job lengths must not depend on earlier fits
     if args.lease is not None:
         env.update(CALQ_RECOVERY__LEASE_S=str(args.lease), CALQ_RECOVERY__HEARTBEAT_S=str(args.lease / 6),
                    CALQ_RECOVERY__REAPER_INTERVAL_S=str(args.lease / 4))
@@ -181,16 +113,16 @@ def main() -> None:
 
         proxy = TcpProxy("127.0.0.1", port)
         workers = [Worker({**env, "CALQ_BROKER_URL": proxy.url_for(url), "CALQ_RECOVERY__SPOOL_DIR": str(tmp / "spool-a")},
-                          tmp / "worker-a.log", 1)]
+                          tmp / "worker-a.log")]
     elif args.mode in PARTITION_MODES:
-        workers = [Worker({**env, "CALQ_RECOVERY__SPOOL_DIR": str(tmp / f"spool-{host}")}, tmp / f"worker-{host}.log", 1)
+        workers = [Worker({**env, "CALQ_RECOVERY__SPOOL_DIR": str(tmp / f"spool-{host}")}, tmp / f"worker-{host}.log")
                    for host in "ab"]
     else:
-        workers = [Worker(env, tmp / "worker0.log", args.children)]
+        workers = [Worker(env, tmp / "worker0.log", children=args.children)]
     rows = []
     try:
         for worker in workers:
-            worker.wait_ready()
+            worker.wait_ready(180)
         for i in range(args.kills if args.mode not in PARTITION_MODES else 0):
             job_id = client.submit(dataset, "intermediate", events="top_5,top_10", seed=1000 + i, dataset_ref=ref,
                                    **SAMPLER)
@@ -200,10 +132,10 @@ def main() -> None:
                 return r is not None and r.state is JobState.RUNNING and r.progress is not None and \
                     r.progress.phase == "sampling" and r.progress.fraction >= 0.1 and r
 
-            first = wait_until(sampling, 300, f"job {i} to sample")
+            first = until(sampling, timeout=300, what=f"job {i} to sample", every=0.05)
             live = workers[-1]
             if args.mode == "child":
-                pid = child_named(live.proc.pid, first.worker)
+                pid = live.child_named(first.worker)
                 if pid is None:
                     raise SystemExit(f"no child named {first.worker}")
                 os.kill(pid, signal.SIGKILL)
@@ -211,16 +143,16 @@ def main() -> None:
             else:
                 live.kill_all()
                 killed = time.monotonic()
-                workers.append(Worker(env, tmp / f"worker{len(workers)}.log", args.children))
+                workers.append(Worker(env, tmp / f"worker{len(workers)}.log", children=args.children))
 
             def again(job_id=job_id, first=first):
                 r = client.registry.find(job_id)
                 return r is not None and r.state is JobState.RUNNING and r.started_at != first.started_at and r
 
-            wait_until(again, 600, f"job {i} to run again")
+            until(again, timeout=600, what=f"job {i} to run again", every=0.05)
             recovery = time.monotonic() - killed
-            wait_until(lambda job_id=job_id: (r := client.registry.find(job_id)) and r.state.finished, 600,
-                       f"job {i} to finish")
+            until(lambda job_id=job_id: (r := client.registry.find(job_id)) and r.state.finished,
+                  timeout=600, what=f"job {i} to finish", every=0.05)
             finish = time.monotonic() - killed
             record = client.registry.get(job_id)
             runs = record.sampler_runs
@@ -229,18 +161,17 @@ def main() -> None:
             print(f"kill {i + 1}/{args.kills}: running again after {recovery:.1f} s, {record.state.value} after "
                   f"{finish:.1f} s, sampler runs {runs}", flush=True)
             if args.mode == "worker":
-                workers[-1].wait_ready()
+                workers[-1].wait_ready(180)
         for i in range(args.kills if args.mode in PARTITION_MODES else 0):
             rows.append(PARTITION_MODES[args.mode](client, dataset, ref, workers, url=url, tmp=tmp, seed=2000 + 10 * i,
                                                    proxy=proxy))
             print(f"{args.mode} {i + 1}/{args.kills}: {rows[-1]}", flush=True)
     finally:
         for worker in workers:
-            worker.stop()
+            worker.stop(120)
         if proxy is not None:
             proxy.close()
-        redis_proc.terminate()
-        redis_proc.wait(10)
+        stop_process(redis_proc, timeout=10)
         if args.mode == "disk-full":
             subprocess.run(["umount", str(tmp / "store")], check=False)
 
@@ -309,15 +240,15 @@ def partition(client, dataset, ref, workers, *, url, tmp, seed, **_):
     """Freeze the child running a job as it finishes; the other host runs it; thaw it after."""
     job_id = client.submit(dataset, "intermediate", events="top_5,top_10", seed=seed, dataset_ref=ref,
                            warmup=100, samples=600, chains=2)
-    first = wait_until(lambda: _finishing(client, job_id), 300, "the job to finish")
+    first = until(lambda: _finishing(client, job_id), timeout=300, what="the job to finish", every=0.05)
     pid = int(first.worker.partition("#")[2])  # a record's worker is "{node}#{pid}"
     os.kill(pid, signal.SIGSTOP)
     frozen = time.monotonic()
     try:
-        wait_until(lambda: (r := _record(client, job_id)) and r.worker not in (None, first.worker), 300,
-                   "the job to run on the other host")
+        until(lambda: (r := _record(client, job_id)) and r.worker not in (None, first.worker),
+              timeout=300, what="the job to run on the other host", every=0.05)
         recovery = time.monotonic() - frozen
-        wait_until(lambda: _done(client, job_id), 300, "the job to finish")
+        until(lambda: _done(client, job_id), timeout=300, what="the job to finish", every=0.05)
         finish = time.monotonic() - frozen
     finally:
         os.kill(pid, signal.SIGCONT)
@@ -333,18 +264,18 @@ def flush(client, dataset, ref, workers, *, url, tmp, seed, **_):
     from shared.jobs.submissions import reindex
 
     running = client.submit(dataset, "intermediate", events="top_5,top_10", seed=seed, dataset_ref=ref, **SAMPLER)
-    wait_until(lambda: (r := _record(client, running)) and r.progress is not None and r.progress.phase == "sampling", 300,
-               "the job to sample")
+    until(lambda: (r := _record(client, running)) and r.progress is not None and r.progress.phase == "sampling",
+          timeout=300, what="the job to sample", every=0.05)
     queued = [client.submit(dataset, "intermediate", events="top_5", seed=seed + 1 + k, dataset_ref=ref,
                             warmup=100, samples=200, chains=2) for k in range(3)]
     redis.Redis.from_url(url).flushall()
     flushed = time.monotonic()
     fresh = CalibrationClient(client.settings)
     reindex(registry=fresh.registry, store=fresh.store, publish=fresh.send)
-    wait_until(lambda: _done(client, running), 600, "the running job to finish")
+    until(lambda: _done(client, running), timeout=600, what="the running job to finish", every=0.05)
     recovery = time.monotonic() - flushed
     for job_id in queued:
-        wait_until(lambda job_id=job_id: _done(client, job_id), 600, "a queued job to finish")
+        until(lambda job_id=job_id: _done(client, job_id), timeout=600, what="a queued job to finish", every=0.05)
     finish = time.monotonic() - flushed
     row = _row(client, running, recovery, finish)
     row["queued_lost"] = sum(client.registry.get(j).state.value != "succeeded" for j in queued)
@@ -356,7 +287,7 @@ def disk_full(client, dataset, ref, workers, *, url, tmp, seed, **_):
     """Fill the store's disk as a job finishes; free it 5 s after the write starts waiting."""
     job_id = client.submit(dataset, "intermediate", events="top_5,top_10", seed=seed, dataset_ref=ref,
                            warmup=100, samples=600, chains=2)
-    wait_until(lambda: _finishing(client, job_id), 300, "the job to finish")
+    until(lambda: _finishing(client, job_id), timeout=300, what="the job to finish", every=0.05)
     filler = tmp / "store" / "filler"
     with open(filler, "wb") as out:
         try:
@@ -365,12 +296,12 @@ def disk_full(client, dataset, ref, workers, *, url, tmp, seed, **_):
                 out.flush()
         except OSError:
             pass
-    wait_until(lambda: (r := _record(client, job_id)) and r.progress is not None
-               and r.progress.phase == "waiting for storage", 120, "the write to wait for space")
+    until(lambda: (r := _record(client, job_id)) and r.progress is not None
+               and r.progress.phase == "waiting for storage", timeout=120, what="the write to wait for space", every=0.05)
     time.sleep(5)
     filler.unlink()
     freed = time.monotonic()
-    wait_until(lambda: _done(client, job_id), 300, "the job to finish")
+    until(lambda: _done(client, job_id), timeout=300, what="the job to finish", every=0.05)
     took = time.monotonic() - freed
     return _row(client, job_id, took, took)
 
@@ -386,9 +317,10 @@ def half_open(client, dataset, ref, workers, *, url, tmp, seed, proxy, **_):
         time.sleep(2)  # past the 1 s a BRPOP already waiting on the dead connection holds a message
         job_id = client.submit(dataset, "intermediate", events="top_5,top_10", seed=seed, dataset_ref=ref,
                                warmup=100, samples=200, chains=2)
-        wait_until(lambda: (r := _record(client, job_id)) and r.state is not JobState.QUEUED, 600, "the job to be taken")
+        until(lambda: (r := _record(client, job_id)) and r.state is not JobState.QUEUED,
+              timeout=600, what="the job to be taken", every=0.05)
         recovery = time.monotonic() - frozen
-        wait_until(lambda: _done(client, job_id), 600, "the job to finish")
+        until(lambda: _done(client, job_id), timeout=600, what="the job to finish", every=0.05)
         finish = time.monotonic() - frozen
     finally:
         proxy.thaw()

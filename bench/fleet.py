@@ -19,49 +19,38 @@ Usage: ``python bench/fleet.py [--latency-jobs 20] [--jobs 50] [--json bench/res
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
+import contextlib
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.report import print_measures, save_json  # noqa: E402
+from tests.services import LocalFleet, local_fleet, season_file  # noqa: E402
+
 SAMPLER = {"warmup": 100, "samples": 100, "chains": 2}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@contextlib.contextmanager
+def season_on_a_fleet(prefix: str) -> Iterator[tuple[LocalFleet, Any, Path, str]]:
+    """In a new temporary folder, ``tests.services.local_fleet`` (its own compile cache) and a season uploaded to it.
 
+    Yields the fleet, a client on it, the season's file (200 scenarios, seed 9) and its ``dataset_ref``.
+    """
+    from producer.client import CalibrationClient
 
-def start_redis(port: int, workdir: Path, *, appendonly: bool = False) -> subprocess.Popen:
-    """A redis-server on 127.0.0.1:``port``, answering before this returns (AOF on with ``appendonly``)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("redis-server is not on PATH (apt-get install redis-server)")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes" if appendonly else "no",
-         "--maxmemory-policy", "noeviction", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-    )
-    import redis
-
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            return proc
-        except redis.ConnectionError:
-            time.sleep(0.1)
-    sys.exit("redis-server did not start")
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp, \
+            local_fleet(Path(tmp), CALQ_COMPILE_CACHE_DIR=str(Path(tmp) / "jax")) as fleet:
+        client = CalibrationClient(fleet.settings)
+        dataset = season_file(Path(tmp), scenarios=200, seed=9)
+        yield fleet, client, dataset, client.upload(dataset)
 
 
 def commands(client) -> int:
@@ -77,59 +66,33 @@ def main() -> None:
 
     import redis
 
-    from producer.client import CalibrationClient
-    from shared.contract.settings import Settings
-    from shared.data.dataset import save_dataset
-    from shared.data.synth import synthesize
+    with season_on_a_fleet("calq-bench-fleet-") as (fleet, client, dataset, ref):
+        def job(seed: int):
+            return client.make_job(dataset, "short_track", events="top_5,top_10", seed=seed,
+                                   dataset_ref=ref, **SAMPLER)
 
-    with tempfile.TemporaryDirectory(prefix="calq-bench-fleet-") as tmp:
-        tmp = Path(tmp)
-        port = free_port()
-        url = f"redis://127.0.0.1:{port}/0"
-        redis_proc = start_redis(port, tmp)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-        env.update(CALQ_BROKER_URL=url, CALQ_STORAGE_URL=str(tmp / "store"), CALQ_COMPILE_CACHE_DIR=str(tmp / "jax"))
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "worker", "--gpus", "none"],
-            env=env, cwd=ROOT, stdout=open(tmp / "worker.log", "w"), stderr=subprocess.STDOUT,
-        )
-        try:
-            client = CalibrationClient(Settings(broker_url=url, storage_url=str(tmp / "store"), compile_cache_dir=None))
-            dataset = tmp / "season.nc"
-            save_dataset(synthesize(seasons=1, scenarios=200, seed=9), dataset)
-            ref = client.upload(dataset)
+        t = time.perf_counter()
+        client.wait(client.submit_job(job(0)), timeout=600)
+        warmup_s = time.perf_counter() - t
 
-            def job(seed: int):
-                return client.make_job(dataset, "short_track", events="top_5,top_10", seed=seed,
-                                       dataset_ref=ref, **SAMPLER)
+        latencies = []
+        for seed in range(1, args.latency_jobs + 1):
+            job_id = client.submit_job(job(seed))
+            client.wait(job_id, timeout=600)
+            record = client.status(job_id)
+            latencies.append((record.started_at - record.submitted_at).total_seconds())
 
-            t = time.perf_counter()
-            client.wait(client.submit_job(job(0)), timeout=600)
-            warmup_s = time.perf_counter() - t
-
-            latencies = []
-            for seed in range(1, args.latency_jobs + 1):
-                job_id = client.submit_job(job(seed))
-                client.wait(job_id, timeout=600)
-                record = client.status(job_id)
-                latencies.append((record.started_at - record.submitted_at).total_seconds())
-
-            r = redis.Redis.from_url(url)
-            before = commands(r)
-            t0 = time.perf_counter()
-            ids = [client.submit_job(job(1000 + i)) for i in range(args.jobs)]
-            submit_s = time.perf_counter() - t0
-            for job_id in ids:
-                client.wait(job_id, timeout=1800)
-            elapsed = time.perf_counter() - t0
-            round_trips = (commands(r) - before) / args.jobs
-            records = [client.status(j) for j in ids]
-            run_s = [(rec.finished_at - rec.started_at).total_seconds() for rec in records]
-        finally:
-            worker.send_signal(signal.SIGTERM)
-            worker.wait(timeout=120)
-            redis_proc.terminate()
-            redis_proc.wait()
+        r = redis.Redis.from_url(fleet.url)
+        before = commands(r)
+        t0 = time.perf_counter()
+        ids = [client.submit_job(job(1000 + i)) for i in range(args.jobs)]
+        submit_s = time.perf_counter() - t0
+        for job_id in ids:
+            client.wait(job_id, timeout=1800)
+        elapsed = time.perf_counter() - t0
+        round_trips = (commands(r) - before) / args.jobs
+        records = [client.status(j) for j in ids]
+        run_s = [(rec.finished_at - rec.started_at).total_seconds() for rec in records]
 
     result = {
         "warmup_job_s": warmup_s,
@@ -152,14 +115,8 @@ def main() -> None:
         (f"submitting {args.jobs} jobs", f"{submit_s:.2f} s"),
         ("Redis commands per job (producer + worker)", f"{round_trips:.0f}"),
     ]
-    width = max(len(k) for k, _ in rows)
-    print(f"{'measure':<{width}} | value")
-    print(f"{'-' * width} | -----")
-    for k, v in rows:
-        print(f"{k:<{width}} | {v}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.json}")
+    print_measures(rows)
+    save_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.fleet import free_port, start_redis  # noqa: E402
 from bench.metrics import time_call  # noqa: E402
+from tests.services import calq_environ, start_redis, stop_process  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "metrics_scrape.json"
 ARCHETYPES = ("superspeedway", "intermediate", "short_track", "road_course")
@@ -109,15 +109,14 @@ def main() -> None:
     from shared.jobs import metrics
 
     metrics.prepare_multiprocess(workdir / "metrics")  # before any metric exists, as the supervisor does
-    port = free_port()
-    redis_proc = start_redis(port, workdir)
+    redis_proc, redis_server = start_redis(workdir)
     try:
         import redis
 
         from shared.jobs.celery_app import ALL_QUEUES
         from shared.jobs.telemetry import read_fleet
 
-        client = redis.Redis(port=port)
+        client = redis.Redis(port=redis_server.port)
         fill_redis(client, jobs=args.jobs, queued=args.queued, workers=args.workers)
         spawn = multiprocessing.get_context("spawn")
         children = [spawn.Process(target=record_as_child, args=(args.jobs // args.children, seed))
@@ -134,8 +133,7 @@ def main() -> None:
         view = read_fleet(client, PREFIX, ALL_QUEUES)
         assert len(view.workers) == args.workers and view.queues["calq.cpu"] == args.queued
         in_process = time_call(lambda: read_fleet(client, PREFIX, ALL_QUEUES), args.repeats)
-        environ = {k: v for k, v in os.environ.items() if not k.startswith(("CALQ_", "PROMETHEUS_"))}
-        environ.update(CALQ_BROKER_URL=f"redis://127.0.0.1:{port}/0", PYTHONPATH=str(ROOT))
+        environ = {k: v for k, v in calq_environ(CALQ_BROKER_URL=redis_server.url).items() if not k.startswith("PROMETHEUS_")}
 
         def command() -> None:
             done = subprocess.run([sys.executable, "-m", "producer.cli", "fleet", "--json"], env=environ, cwd=ROOT,
@@ -145,8 +143,7 @@ def main() -> None:
         cli = time_call(command, max(3, args.repeats // 4))
         server.shutdown()
     finally:
-        redis_proc.terminate()
-        redis_proc.wait(timeout=10)
+        stop_process(redis_proc, timeout=10)
 
     rows = [
         ("GET /metrics", scrape, f"{size / 1024:.0f} KiB, {args.children} child files merged"),
