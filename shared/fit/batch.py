@@ -80,6 +80,24 @@ log = logging.getLogger(__name__)
 JOB_LADDER: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
+def batching_pays() -> bool:
+    """Whether one program over a job axis beats fitting the jobs one at a time on this process's device.
+
+    Not on a CPU. Measured on the 2-core machine (4 host devices, one chain
+    each; intermediate, 3 seasons, 2,304 padded rows, 4 chains, chunks of 80
+    steps, load average 20 from other work): a chunk of one job took
+    0.34–0.46 s, the same chunk of a batch of 8 took 4.0–4.8 s, 0.50–0.60 s a
+    job (0.67–0.77× the throughput), with trees no longer than alone (15.1
+    leapfrog steps a transition, 15.4–15.9 for the longest of the 8): the
+    vectorised arithmetic costs more per job than the per-step overhead it
+    saves. On a GPU, where a small job's transition is bound by kernel
+    launches (issue 21: a season sampled in 5.7 s on an H200 against 1.5 s
+    on its CPU), the job axis fills the device; the GPU figures are owed
+    (bench/gpu.py).
+    """
+    return jax.default_backend() != "cpu"
+
+
 def batch_size(n: int) -> int:
     """The ladder size a batch of ``n`` jobs is padded to (ValueError past the ladder's top)."""
     for size in JOB_LADDER:
@@ -329,6 +347,7 @@ __all__ = [
     "BatchedSampler",
     "FirstRun",
     "batch_size",
+    "batching_pays",
     "batched_draws",
     "batched_sampler_for",
     "first_run_of",
