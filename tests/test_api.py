@@ -22,9 +22,7 @@ from producer.client import CalibrationClient
 from shared.contract.errors import AuthenticationFailed, InvalidJob, OverQuota
 from shared.contract.job import JobState
 from shared.contract.settings import ApiSettings, DataLimits, Settings
-from shared.data.dataset import save_dataset
-from shared.data.synth import synthesize
-from tests.services import free_port
+from tests.services import calq_environ, free_port, run_calq, season_file
 
 pytestmark = pytest.mark.integration
 
@@ -33,9 +31,7 @@ SAMPLER = {"warmup": 50, "samples": 50, "chains": 2}
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    path = tmp_path_factory.mktemp("api-data") / "season.nc"
-    save_dataset(synthesize(seasons=1, scenarios=40, seed=2), path)
-    return path
+    return season_file(tmp_path_factory.mktemp("api-data"), scenarios=40, seed=2)
 
 
 @pytest.fixture
@@ -446,19 +442,13 @@ def test_the_api_user_cannot_write_leases_or_unacked_jobs_and_the_worker_cannot_
 
 
 def test_calq_acl_writes_hashes_never_passwords_and_names_a_missing_one(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-    run = [sys.executable, "-m", "producer.cli", "acl", "--out", str(tmp_path / "users.acl")]
-    missing = subprocess.run(run, env={**environ, "CALQ_REDIS_ACL__API_PASSWORD": "a-secret"}, capture_output=True,
-                             text=True, timeout=120)
+    run = ["acl", "--out", str(tmp_path / "users.acl")]
+    missing = run_calq(calq_environ(CALQ_REDIS_ACL__API_PASSWORD="a-secret"), tmp_path, *run, check=False, timeout=120)
     assert missing.returncode == 2 and "CALQ_REDIS_ACL__OPERATOR_PASSWORD" in missing.stderr
     assert "CALQ_REDIS_ACL__WORKER_PASSWORD" in missing.stderr and not (tmp_path / "users.acl").exists()
     passwords = {"API": "a-secret", "WORKER": "w-secret", "OPERATOR": "o-secret"}
-    written = subprocess.run(run, env={**environ, **{f"CALQ_REDIS_ACL__{k}_PASSWORD": v for k, v in passwords.items()}},
-                             capture_output=True, text=True, timeout=120)
+    written = run_calq(calq_environ(**{f"CALQ_REDIS_ACL__{k}_PASSWORD": v for k, v in passwords.items()}), tmp_path, *run,
+                       check=False, timeout=120)
     text = (tmp_path / "users.acl").read_text()
     assert written.returncode == 0 and text.splitlines()[0] == "user default off"
     assert [line.split()[1] for line in text.splitlines()[1:]] == ["worker", "api", "operator"]

@@ -12,17 +12,15 @@ from producer.backfill import NOT_RUN, Backfill, Outcome, RaceCalendar, counts_t
 from producer.client import CalibrationClient
 from shared.contract.job import JobState
 from shared.contract.settings import Settings
-from shared.data.dataset import open_dataset, save_dataset, select_archetypes, select_window
-from shared.data.synth import synthesize
+from shared.data.dataset import open_dataset, select_archetypes, select_window
+from tests.services import season_file
 
 SAMPLER = {"warmup": 60, "samples": 60, "chains": 2, "seed": 0}
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    path = tmp_path_factory.mktemp("backfill") / "season.nc"
-    save_dataset(synthesize(seasons=1, scenarios=100, seed=4), path)
-    return path
+    return season_file(tmp_path_factory.mktemp("backfill"), scenarios=100, seed=4)
 
 
 @pytest.fixture

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import arviz as az
 import pytest
 
 from shared.contract.summary import CalibrationSummary
+from tests.services import calq_environ, convergence_environ, run_calq
 
 TINY = ["--warmup", "60", "--samples", "60", "--chains", "2"]
 
@@ -18,28 +17,13 @@ TINY = ["--warmup", "60", "--samples", "60", "--chains", "2"]
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-    environ.update(
-        CALQ_STORAGE_URL=str(root / "store"),
-        CALQ_COMPILE_CACHE_DIR=str(root / "jax-cache"),
-        # tiny runs cannot reach 400 effective draws; let them count as converged
-        CALQ_CONVERGENCE__MIN_ESS_BULK="10",
-        CALQ_CONVERGENCE__MAX_RHAT="1.2",
-        CALQ_CONVERGENCE__MAX_DIVERGENCES="5",
-        JAX_PLATFORMS="cpu",
-    )
-    environ.pop("CALQ_BROKER_URL", None)
-    return environ, root
+    # tiny runs cannot reach 400 effective draws; lenient criteria let them count as converged
+    return calq_environ(CALQ_STORAGE_URL=str(root / "store"), **convergence_environ()), root
 
 
 def calq(env, *args, check=True) -> subprocess.CompletedProcess:
     environ, root = env
-    result = subprocess.run(
-        [sys.executable, "-m", "producer.cli", *args], env=environ, cwd=root, capture_output=True, text=True, timeout=600
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"calq {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
-    return result
+    return run_calq(environ, root, *args, check=check)
 
 
 @pytest.fixture(scope="module")

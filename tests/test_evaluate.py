@@ -7,9 +7,7 @@ what it prints is checked against the store it leaves behind.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from datetime import date
 
 import numpy as np
@@ -23,6 +21,7 @@ from shared.data.dataset import event_rows, open_dataset, save_dataset
 from shared.data.synth import synthesize
 from shared.fit.apply import calibrate_probabilities
 from shared.stats import metrics
+from tests.services import calq_environ, convergence_environ, run_calq
 
 TINY = ["--warmup", "80", "--samples", "80", "--chains", "2"]
 #: tiny runs cannot reach 400 effective draws: these criteria let them count as converged
@@ -37,25 +36,12 @@ INTERVAL_KEYS = {"mean", "low", "high"}
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-    environ.update(
-        CALQ_STORAGE_URL=str(root / "store"),
-        CALQ_COMPILE_CACHE_DIR=str(root / "jax-cache"),
-        **{f"CALQ_CONVERGENCE__{k.upper()}": str(v) for k, v in LENIENT.items()},
-        JAX_PLATFORMS="cpu",
-    )
-    return environ, root
+    return calq_environ(CALQ_STORAGE_URL=str(root / "store"), **convergence_environ(LENIENT)), root
 
 
 def calq(env, *args, check=True, columns: int = 80) -> subprocess.CompletedProcess:
     environ, root = env
-    result = subprocess.run(
-        [sys.executable, "-m", "producer.cli", *args], env={**environ, "COLUMNS": str(columns)}, cwd=root,
-        capture_output=True, text=True, timeout=900,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"calq {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
-    return result
+    return run_calq({**environ, "COLUMNS": str(columns)}, root, *args, check=check, timeout=900)
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,7 @@ the producer and the worker.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 
 import pytest
 
@@ -19,6 +16,7 @@ from shared.contract.settings import Settings
 from shared.contract.summary import ConvergenceCriteria
 from shared.data.dataset import save_dataset
 from shared.data.synth import synthesize
+from tests.services import calq_environ, calq_worker, convergence_environ, run_calq
 
 pytestmark = pytest.mark.integration
 
@@ -30,37 +28,17 @@ ARGS = ["--from", "2024-01-01", "--to", "2024-04-21", "--archetypes", "superspee
 @pytest.fixture(scope="module")
 def fleet(redis_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate-fleet")
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-    environ.update(
-        CALQ_BROKER_URL=redis_server.url,
-        CALQ_STORAGE_URL=str(root / "store"),
-        CALQ_COMPILE_CACHE_DIR=str(root / "jax-cache"),
-        JAX_PLATFORMS="cpu",
-        **{f"CALQ_CONVERGENCE__{k.upper()}": str(v) for k, v in LENIENT.items()},
-    )
-    log = open(root / "worker.log", "w")
-    worker = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--gpus", "none"],
-                              env=environ, cwd=root, stdout=log, stderr=subprocess.STDOUT)
+    environ = calq_environ(CALQ_BROKER_URL=redis_server.url, CALQ_STORAGE_URL=str(root / "store"),
+                           **convergence_environ(LENIENT))
     settings = Settings(broker_url=redis_server.url, storage_url=str(root / "store"), compile_cache_dir=None,
                         convergence=ConvergenceCriteria(**LENIENT))
-    yield environ, root, settings
-    worker.send_signal(signal.SIGTERM)
-    try:
-        worker.wait(timeout=60)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-        log.close()
+    with calq_worker(environ, root):
+        yield environ, root, settings
 
 
 def calq(fleet, *args) -> subprocess.CompletedProcess:
     environ, root, _ = fleet
-    result = subprocess.run([sys.executable, "-m", "producer.cli", *args], env=environ, cwd=root,
-                            capture_output=True, text=True, timeout=600)
-    if result.returncode != 0:
-        worker_log = (root / "worker.log").read_text()[-2000:]
-        raise AssertionError(f"calq {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}\n{worker_log}")
-    return result
+    return run_calq(environ, root, *args, explain=root / "worker.log")
 
 
 def test_evaluate_on_the_fleet_runs_the_jobs_on_the_worker_and_scores_the_races(fleet):
