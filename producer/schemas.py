@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 
 from shared.contract.job import JobStatus
-from shared.contract.summary import CalibrationSummary
+from shared.contract.summary import CalibrationSummary, ForecastScores
 from shared.fit.apply import CalibratedProbability
 
 
@@ -40,19 +40,20 @@ class Interval(_Output):
     high: float | None = Field(description="upper end of the 90% interval")
 
 
-class Scores(_Output):
-    """Scores of one set of probabilities against the outcomes.
+def _nullable(model: type[BaseModel], name: str, doc: str) -> type[BaseModel]:
+    """An output model with ``model``'s fields and descriptions, a float field also null (a score over nothing)."""
+    fields = {
+        key: (field.annotation | None if field.annotation is float else field.annotation, Field(description=field.description))
+        for key, field in model.model_fields.items()
+    }
+    return create_model(name, __base__=_Output, __doc__=doc, **fields)
 
-    The fields of :class:`~shared.contract.summary.ForecastScores`, but each
-    may be null: an archetype × event with no scored row has no score.
-    """
 
-    brier: float | None = Field(description="Brier score: mean squared error of the probabilities (lower is better)")
-    log_loss: float | None = Field(description="mean negative log likelihood of the outcomes, in nats (lower is better)")
-    ece: float | None = Field(description="expected calibration error over 10 equal bins, in probability")
-    reliability: dict[str, Any] = Field(
-        description="reliability curve: bin_lower, bin_upper, mean_forecast, observed_frequency (null: empty bin), count"
-    )
+Scores = _nullable(
+    ForecastScores, "Scores",
+    "Scores of one set of probabilities against the outcomes: the summary's ForecastScores, each score also null "
+    "(an archetype × event with no scored row has no score).",
+)
 
 
 class Comparison(_Output):
@@ -73,21 +74,21 @@ class Band(_Output):
     mean_width: float | None = Field(description="mean width of the band over the rows, in probability")
 
 
-class UnscoredRace(_Output):
-    """A race of the range that no earlier converged fit could score."""
-
+class _Race(_Output):
     race: str = Field(description="the race id")
     date: str = Field(description="the race date, YYYY-MM-DD")
     track: str = Field(description="the race's track")
+
+
+class UnscoredRace(_Race):
+    """A race of the range that no earlier converged fit could score."""
+
     reason: str = Field(description="why it was not scored")
 
 
-class RaceScores(_Output):
+class RaceScores(_Race):
     """One scored race: its rows and score sums, and the fit that scored it."""
 
-    race: str = Field(description="the race id")
-    date: str = Field(description="the race date, YYYY-MM-DD")
-    track: str = Field(description="the race's track")
     job_id: str = Field(description="the fit (job) that scored it: the newest converged one on earlier races")
     rows: int = Field(description="driver rows scored in the race")
     raw_log_loss: float = Field(description="sum of the raw log losses over its rows, in nats")

@@ -93,9 +93,10 @@ class ForecastScores(_Frozen):
 
     brier: float = Field(description="Brier score: mean squared error of the probabilities (lower is better)")
     log_loss: float = Field(description="mean negative log likelihood of the outcomes, in nats (lower is better)")
-    ece: float = Field(description="expected calibration error over 10 bins")
+    ece: float = Field(description="expected calibration error over 10 equal bins, in probability")
     reliability: dict[str, Any] = Field(
-        description="reliability curve over 10 equal bins: bin_lower, bin_upper, mean_forecast, observed_frequency, count"
+        description="reliability curve over 10 equal bins: bin_lower, bin_upper, mean_forecast, "
+        "observed_frequency (null: an empty bin), count"
     )
 
 
