@@ -1,1 +1,1 @@
-"""One job's life: the runner (fetch → calibrate → write), the handler's state machine, the registry, Celery config."""
+"""One job's life: the runner (fetch → calibrate → summarize → write), the handler's state machine, the registry, Celery config."""
