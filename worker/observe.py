@@ -147,9 +147,9 @@ def _fleet(settings: Settings) -> tuple[Any, str]:
     """This process's Redis client and key prefix for fleet records (the registry's)."""
     global _fleet_redis
     if _fleet_redis is None:
-        from shared.jobs.registry import RedisRegistry
+        from shared.jobs.services import Services
 
-        registry = RedisRegistry.from_url(settings.backend())
+        registry = Services.from_settings(settings).registry  # a RedisRegistry: workers have a broker
         _fleet_redis = (registry.redis, registry.prefix)
     return _fleet_redis
 
