@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 
 import netCDF4
@@ -19,7 +18,7 @@ import pytest
 
 from shared.data.dataset import save_dataset
 from shared.data.synth import synthesize
-from tests.services import free_port
+from tests.services import calq_environ, free_port, run_calq
 
 MARKUP = "r[/red][link=x]x[/link][/]"
 
@@ -27,15 +26,12 @@ MARKUP = "r[/red][link=x]x[/link][/]"
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile-cli")
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-    environ.update(CALQ_STORAGE_URL=str(root / "store"), CALQ_COMPILE_CACHE_DIR="", JAX_PLATFORMS="cpu")
-    return environ, root
+    return calq_environ(CALQ_STORAGE_URL=str(root / "store")), root
 
 
 def calq(env, *args: str, timeout: float = 120, extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     environ, root = env
-    return subprocess.run([sys.executable, "-m", "producer.cli", *args], env={**environ, **(extra or {})}, cwd=root,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_calq({**environ, **(extra or {})}, root, *args, check=False, timeout=timeout)
 
 
 def clean_failure(result: subprocess.CompletedProcess, *needles: str) -> None:

@@ -10,9 +10,7 @@ raw control character, and the well-formed records beside it are intact.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import redis
 
 from shared.jobs import metrics, telemetry
 from shared.jobs.celery_app import CPU_QUEUE, GPU_QUEUE, QUEUES
+from tests.services import calq_environ, run_calq
 
 pytestmark = pytest.mark.integration
 
@@ -50,10 +49,8 @@ def r(redis_url):
 
 
 def calq_fleet(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-    environ.update(CALQ_BROKER_URL=redis_url, PYTHONPATH=str(ROOT), COLUMNS="400")
-    return subprocess.run([sys.executable, "-m", "producer.cli", "fleet", *args], env=environ, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return run_calq(calq_environ(CALQ_BROKER_URL=redis_url, COLUMNS="400"), ROOT, "fleet", *args, check=False,
+                    timeout=120)
 
 
 # -- the view, from well-formed records --------------------------------------------
@@ -191,10 +188,7 @@ def test_escape_sequences_in_a_record_are_shown_visibly_in_calq_fleet(r):
 
 
 def test_calq_fleet_without_a_broker_is_a_usage_error():
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-    environ["PYTHONPATH"] = str(ROOT)
-    shown = subprocess.run([sys.executable, "-m", "producer.cli", "fleet"], env=environ, cwd=ROOT,
-                           capture_output=True, text=True, timeout=120)
+    shown = run_calq(calq_environ(), ROOT, "fleet", check=False, timeout=120)
     assert shown.returncode == 2 and "needs a broker" in shown.stderr and "Traceback" not in shown.stderr
 
 

@@ -11,11 +11,10 @@ replaces it.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from datetime import date
+from pathlib import Path
 
 import pytest
 import redis
@@ -26,6 +25,7 @@ from shared.contract.job import JobState
 from shared.contract.settings import Settings
 from shared.jobs.registry import RedisRegistry, StoreRegistry
 from shared.storage.store import Store, summary_key
+from tests.services import calq_environ, run_calq
 from tests.test_catalog import make_summary
 from tests.test_registry import make_job
 
@@ -42,15 +42,13 @@ def fleet(redis_url, tmp_path):
     store = Store(str(tmp_path / "store"), cache_dir=tmp_path / "cache")
     client = redis.Redis.from_url(redis_url)
     registry = RedisRegistry(client, holds=store.holds)
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-    environ.update(CALQ_BROKER_URL=redis_url, CALQ_STORAGE_URL=str(tmp_path / "store"), JAX_PLATFORMS="cpu", COLUMNS="400")
+    environ = calq_environ(CALQ_BROKER_URL=redis_url, CALQ_STORAGE_URL=str(tmp_path / "store"), COLUMNS="400")
     yield registry, client, store, environ
     client.close()
 
 
 def calq(environ, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "producer.cli", *args], env=environ, capture_output=True, text=True,
-                          timeout=120)
+    return run_calq(environ, Path.cwd(), *args, check=False, timeout=120)
 
 
 def no_leak(result: subprocess.CompletedProcess) -> None:

@@ -23,11 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from datetime import date, timedelta
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -45,6 +44,7 @@ from shared.storage.catalog import Catalog
 from shared.storage.provenance import key_bytes, seal
 from shared.storage.store import Store, dataset_key, posterior_key, sha256_file, summary_key
 from tests import test_hostile as hostile
+from tests.services import calq_environ, run_calq
 from tests.test_hostile import job_for, rejected, run, save
 
 # The harness's fixtures: a real local store with its registry, and a small synthetic dataset.
@@ -346,12 +346,10 @@ def test_without_a_key_a_posterior_outside_the_store_is_still_refused(tmp_path, 
 def test_calq_reindex_latest_and_result_skip_a_planted_summary(fleet):
     fleet.write(LEGIT, data_through=D0 - timedelta(days=10))
     fleet.write(FORGED, data_through=D0, key=None, calq_version=MARK)  # what a producer holding the store's key can write
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-    environ.update(CALQ_STORAGE_URL=fleet.store.url, CALQ_SIGNING_KEY=KEY, CALQ_COMPILE_CACHE_DIR="", JAX_PLATFORMS="cpu")
+    environ = calq_environ(CALQ_STORAGE_URL=fleet.store.url, CALQ_SIGNING_KEY=KEY)
 
     def calq(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "producer.cli", *args], env=environ, capture_output=True,
-                              text=True, timeout=120)
+        return run_calq(environ, Path.cwd(), *args, check=False, timeout=120)
 
     reindexed = calq("reindex", "--json")
     assert reindexed.returncode == 0, reindexed.stderr[-2000:]

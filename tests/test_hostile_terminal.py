@@ -12,9 +12,8 @@ as a visible escape, and markup as text.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -25,6 +24,7 @@ from shared.contract.job import CalibrationJob, JobState, Progress, SamplerSetti
 from shared.contract.settings import Settings
 from shared.jobs.registry import StoreRegistry
 from shared.storage.store import Store
+from tests.services import calq_environ, run_calq
 
 CLEAR = "\x1b[2J\x1b[H"
 OSC8 = "\x1b]8;;https://evil.example/\x1b\\click me\x1b]8;;\x1b\\"
@@ -96,15 +96,12 @@ def planted(tmp_path):
         registry.progress(job_id, Progress(phase="sampling" + CLEAR + BIDI, fraction=0.5))
     registry.mark_running(rejected, worker="w" + C1_CSI)
     registry.reject(rejected, "invalid calibration dataset: duplicated race ids: " + CLEAR + OSC8 + MARKUP + BIDI)
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-    environ.update(CALQ_STORAGE_URL=str(tmp_path / "store"), CALQ_COMPILE_CACHE_DIR="", JAX_PLATFORMS="cpu",
-                   COLUMNS="200", TERM="xterm-256color")
+    environ = calq_environ(CALQ_STORAGE_URL=str(tmp_path / "store"), COLUMNS="200", TERM="xterm-256color")
     return environ, {"running": running, "rejected": rejected, "cancellable": cancellable}, registry
 
 
 def calq(environ, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "producer.cli", *args], env=environ, capture_output=True,
-                          text=True, timeout=120)
+    return run_calq(environ, Path.cwd(), *args, check=False, timeout=120)
 
 
 @pytest.mark.parametrize(

@@ -5,16 +5,14 @@ The backfill's outcome table at 80 columns is in tests/test_ctrl_c.py, beside th
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 from producer.client import CalibrationClient
 from shared.contract.job import Progress
 from shared.contract.settings import Settings
 from shared.data.synth import synthesize
+from tests.services import calq_environ, run_calq
 
 ROOT = Path(__file__).resolve().parents[1]
 #: As long as a fleet worker's name gets: its queue, process and pid at a long host name.
@@ -35,10 +33,8 @@ def test_calq_jobs_at_80_columns_keeps_whole_ids_and_one_line_per_job(tmp_path):
     client.registry.mark_running(ids[1], worker=WORKER)
     client.registry.fail(ids[1], "made to fail by the test")
 
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-    environ.update(PYTHONPATH=str(ROOT), COLUMNS="80", CALQ_STORAGE_URL=str(tmp_path / "calq-store"))
-    shown = subprocess.run([sys.executable, "-m", "producer.cli", "jobs"], env=environ, cwd=tmp_path,
-                           capture_output=True, text=True, timeout=120)
+    environ = calq_environ(COLUMNS="80", CALQ_STORAGE_URL=str(tmp_path / "calq-store"))
+    shown = run_calq(environ, tmp_path, "jobs", check=False, timeout=120)
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
     assert max(len(line) for line in lines) <= 80, shown.stdout
@@ -52,7 +48,6 @@ def test_calq_jobs_at_80_columns_keeps_whole_ids_and_one_line_per_job(tmp_path):
         assert whole in shown.stdout, whole  # each value whole, on one line
     # the worker is too long to stand beside the id in 80 columns: below the tables, whole, under its job's id
     assert f"{ids[0]} on\n  {WORKER}\n" in shown.stdout and f"{ids[1]} on\n  {WORKER}\n" in shown.stdout
-    wide = subprocess.run([sys.executable, "-m", "producer.cli", "jobs"], env={**environ, "COLUMNS": "200"},
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    wide = run_calq({**environ, "COLUMNS": "200"}, tmp_path, "jobs", check=False, timeout=120)
     assert wide.returncode == 0 and " on\n" not in wide.stdout and wide.stdout.count("jobs (newest first)") == 1
     assert sum(WORKER in line and ids[0] in line for line in wide.stdout.splitlines()) == 1  # one table, one row

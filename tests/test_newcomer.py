@@ -7,7 +7,6 @@ left nothing behind.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -18,16 +17,14 @@ import pytest
 from producer.exit_codes import ExitCode
 from shared.data.dataset import save_dataset
 from shared.data.synth import synthesize
+from tests.services import calq_environ, run_calq, start_calq
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def calq(folder: Path, *args: str, extra: dict[str, str] | None = None, timeout: float = 120):
     """``calq *args`` in ``folder``, with only the CALQ_ variables in ``extra``."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-    environ.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", CALQ_COMPILE_CACHE_DIR="", **(extra or {}))
-    return subprocess.run([sys.executable, "-m", "producer.cli", *args], env=environ, cwd=folder,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_calq(calq_environ(**(extra or {})), folder, *args, check=False, timeout=timeout)
 
 
 def one_line_usage(result: subprocess.CompletedProcess, *needles: str) -> str:
@@ -510,13 +507,8 @@ def test_calq_apply_says_an_unseen_track_and_refuses_a_case_typo(tmp_path):
 def test_ctrl_c_twice_exits_4_never_130(tmp_path, season):
     from tests.test_ctrl_c import interrupt
 
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-    environ.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", CALQ_COMPILE_CACHE_DIR="")
-    running = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "calibrate", str(season), "--archetype", "intermediate",
-         "--warmup", "2000", "--samples", "2000", "--chains", "1"],
-        env=environ, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    running = start_calq(calq_environ(), tmp_path, "calibrate", str(season), "--archetype", "intermediate",
+                         "--warmup", "2000", "--samples", "2000", "--chains", "1", text=True)
     # calq is running once it has uploaded the dataset (the store exists); interrupt() also asserts no traceback
     code, _, stderr = interrupt(running, when=(tmp_path / "calq-store").exists, what="calq to upload the dataset",
                                 times=2, timeout=120)
