@@ -96,15 +96,18 @@ def test_the_reaper_lock_has_one_holder_per_period(leases):
 
 @pytest.fixture
 def fleet(redis_url, tmp_path):
+    from shared.contract.settings import Settings
     from shared.jobs.registry import RedisRegistry
+    from shared.jobs.services import Services
     from shared.storage.store import Store
 
     client = redis.Redis.from_url(redis_url)
     sent: list[tuple[dict, int, str | None]] = []
-    yield {
-        "registry": RedisRegistry(client), "leases": Leases(client, lease_s=0.6), "store": Store(f"file://{tmp_path}"),
-        "sent": sent, "publish": lambda message, *, attempt=0, queue=None: sent.append((message, attempt, queue)),
-    }
+    services = Services(Settings(storage_url=f"file://{tmp_path}"), Store(f"file://{tmp_path}"), RedisRegistry(client),
+                        Leases(client, lease_s=0.6),
+                        lambda message, *, attempt=0, queue=None: sent.append((message, attempt, queue)))
+    yield {"registry": services.registry, "leases": services.leases, "store": services.store, "sent": sent,
+           "services": services}
     client.close()
 
 
@@ -125,8 +128,7 @@ def running_job(fleet, seed: int = 0):
 def back(fleet, job_id, *, count_delivery):
     from shared.jobs.lease import hand_back
 
-    return hand_back(job_id, registry=fleet["registry"], leases=fleet["leases"], store=fleet["store"],
-                     publish=fleet["publish"], reason="test", count_delivery=count_delivery)
+    return hand_back(job_id, services=fleet["services"], reason="test", count_delivery=count_delivery)
 
 
 @pytest.mark.parametrize("count_delivery", [True, False])
@@ -162,8 +164,7 @@ def test_the_reaper_hands_back_lapsed_leases_once_and_counts_the_delivery(fleet)
 
     job, _ = running_job(fleet)
     other, lease = running_job(fleet, seed=1)
-    reaper = Reaper(registry=fleet["registry"], leases=fleet["leases"], store=fleet["store"],
-                    publish=fleet["publish"], interval_s=0.2)
+    reaper = Reaper(fleet["services"], interval_s=0.2)
     assert reaper.run_once() == {}  # leases still live
     time.sleep(0.8)
     fleet["leases"].renew(lease)  # the other job's worker is alive: it took its lapsed lease again
@@ -263,8 +264,7 @@ def test_a_lease_not_renewed_is_reaped_whatever_its_ttl(fleet):
     client.set(leases.lease_key(job.job_id), stale, ex=TEN_YEARS_S)
     garbage, _ = running_job(fleet, seed=1)
     client.set(leases.lease_key(garbage.job_id), b"\x1b[2J not a lease", ex=TEN_YEARS_S)
-    reaper = Reaper(registry=fleet["registry"], leases=leases, store=fleet["store"], publish=fleet["publish"],
-                    interval_s=0.2)
+    reaper = Reaper(fleet["services"], interval_s=0.2)
     assert reaper.run_once() == {job.job_id: "requeued", garbage.job_id: "requeued"}
     for job_id in (job.job_id, garbage.job_id):
         assert fleet["registry"].get(job_id).state is JobState.QUEUED
@@ -280,8 +280,7 @@ def test_a_renewed_lease_is_never_reaped_or_taken(fleet):
 
     leases = fleet["leases"]
     job, lease = running_job(fleet)
-    reaper = Reaper(registry=fleet["registry"], leases=leases, store=fleet["store"], publish=fleet["publish"],
-                    interval_s=0.1)
+    reaper = Reaper(fleet["services"], interval_s=0.1)
     with Heartbeat(leases, lease, interval_s=0.1) as beat:
         for _ in range(8):  # 1.6 s: well past the 0.6 s lease
             time.sleep(0.2)
@@ -299,8 +298,7 @@ def test_a_reaper_that_lost_redis_gives_every_holder_a_lease_to_renew_before_jud
     leases, client = fleet["leases"], fleet["registry"].redis
     job, lease = running_job(fleet)
     client.set(leases.lease_key(job.job_id), f"w0|{lease.token}|{server_ms(client) - 5_000}")  # 5 s without renewal
-    reaper = Reaper(registry=fleet["registry"], leases=leases, store=fleet["store"], publish=fleet["publish"],
-                    interval_s=0.1)
+    reaper = Reaper(fleet["services"], interval_s=0.1)
     real_try_lock = leases.try_lock
     leases.try_lock = lambda *a, **k: (_ for _ in ()).throw(redis.ConnectionError("Redis is restarting"))
     with pytest.raises(redis.ConnectionError):

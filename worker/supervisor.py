@@ -59,7 +59,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.contract.retry import backoff
 from shared.fit.device import HOST_DEVICES, with_host_devices, without_host_devices
@@ -67,6 +67,9 @@ from shared.jobs import metrics
 from shared.jobs.celery_app import ALL_QUEUES, CPU_QUEUE, GPU_QUEUE, consumed_queues, queue_for
 from worker.exit_codes import MEANING, WorkerExit
 from worker.protocol import BEAT_FILE_ENV, HAND_BACK_SIGNAL, SUPERVISOR_PID_ENV, lease_holder
+
+if TYPE_CHECKING:
+    from shared.jobs.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -282,12 +285,9 @@ def oom_kills(paths: Sequence[str] = _OOM_EVENTS) -> int | None:
 
 @dataclasses.dataclass
 class Fleet:
-    """What a supervisor needs to hand jobs back: leases, registry, store, a publisher, the reaper's interval."""
+    """What a supervisor needs to hand jobs back: the fleet's services and the reaper's interval."""
 
-    leases: Any
-    registry: Any
-    store: Any
-    publish: Callable[..., Any]
+    services: Services
     reaper_interval_s: float = 15.0
 
     @classmethod
@@ -295,25 +295,21 @@ class Fleet:
         """The fleet's services (:meth:`shared.jobs.services.Services.from_settings`; Celery only at a first hand-back)."""
         from shared.jobs.services import Services
 
-        services = Services.from_settings(settings)
-        return cls(services.leases, services.registry, services.store, services.publish,
-                   settings.recovery.reaper_interval_s)
+        return cls(Services.from_settings(settings), settings.recovery.reaper_interval_s)
 
     def hand_back_held(self, worker: str, *, why: str, count_delivery: bool) -> str | None:
         """Hand back the job the dead process ``worker`` held; what was done, or None if it held none."""
         from shared.jobs.lease import hand_back
 
-        job_id = self.leases.claim_held(worker)
+        job_id = self.services.leases.claim_held(worker)
         if job_id is None:
             return None
-        return hand_back(job_id, registry=self.registry, leases=self.leases, store=self.store, publish=self.publish,
-                         reason=f"{worker} {why}", count_delivery=count_delivery)
+        return hand_back(job_id, services=self.services, reason=f"{worker} {why}", count_delivery=count_delivery)
 
     def reaper(self) -> Any:
         from shared.jobs.lease import Reaper
 
-        return Reaper(registry=self.registry, leases=self.leases, store=self.store, publish=self.publish,
-                      interval_s=self.reaper_interval_s)
+        return Reaper(self.services, interval_s=self.reaper_interval_s)
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -588,7 +584,7 @@ class Supervisor:
         metrics.prepare_multiprocess(Path(folder))
         self._metrics_env = {metrics.MULTIPROC_ENV: folder}
         try:
-            server = metrics.serve(port, host=host, redis_client=self._fleet.registry.redis, queues=ALL_QUEUES)
+            server = metrics.serve(port, host=host, redis_client=self._fleet.services.registry.redis, queues=ALL_QUEUES)
         except OSError as exc:
             log.error("no metrics: cannot listen on %s:%d (%s); set CALQ_METRICS__PORT", host, port, exc)
             return None, folder if own else None

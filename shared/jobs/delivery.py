@@ -119,8 +119,7 @@ def _give_back(services: Services, lease: Lease, stop: HandBack) -> None:
     """Hand the job back after a :class:`HandBack`: re-queued without counting the delivery, unless no longer ours."""
     try:
         if stop.requeue and services.leases.release(lease):
-            done = hand_back(lease.job_id, registry=services.registry, leases=services.leases, store=services.store,
-                             publish=services.publish, reason=f"{lease.worker} stopped: {stop.reason}",
+            done = hand_back(lease.job_id, services=services, reason=f"{lease.worker} stopped: {stop.reason}",
                              count_delivery=False)
             metrics.handed_back("stopped", done=done)
         else:

@@ -68,9 +68,12 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.jobs import metrics
+
+if TYPE_CHECKING:
+    from shared.jobs.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -439,25 +442,24 @@ class Heartbeat:
 # -- handing back ------------------------------------------------------------------
 
 
-def hand_back(job_id: str, *, registry: Any, leases: Leases, store: Any, publish: Publisher,
-              reason: str, count_delivery: bool) -> str:
+def hand_back(job_id: str, *, services: Services, reason: str, count_delivery: bool) -> str:
     """Give a job nobody runs any more back to the fleet; returns what was done.
 
-    The caller has claimed the job (out of the leased set). If its summary
-    is in the store the record is repaired to succeeded (``"repaired"``:
-    finished work is never redone); if the record is already final nothing
-    happens (``"finished"``); otherwise the record goes back to queued — the
-    delivery counted or not, per ``count_delivery`` — and its message is
-    published again (``"requeued"``). On any error the claim is returned (the
-    reaper tries again) and the error raised.
+    The caller has claimed the job (out of the leased set of
+    ``services.leases``). If its summary is in the store the record is
+    repaired to succeeded (``"repaired"``: finished work is never redone); if
+    the record is already final nothing happens (``"finished"``); otherwise
+    the record goes back to queued — the delivery counted or not, per
+    ``count_delivery`` — and its message is published again with
+    ``services.publish`` (``"requeued"``). On any error the claim is returned
+    (the reaper tries again) and the error raised.
     """
-    from shared.storage.catalog import Catalog
-
+    registry, leases = services.registry, services.leases
     try:
         record = registry.find(job_id)
         if record is not None and record.state.finished:
             return "finished"
-        if registry.repair(job_id, Catalog(store)) is not None:
+        if registry.repair(job_id, services.catalog) is not None:
             log.info("job %s: its summary is in the store; record repaired to succeeded (%s)", job_id, reason)
             return "repaired"
         resend = leases.resend_info(job_id)
@@ -466,7 +468,7 @@ def hand_back(job_id: str, *, registry: Any, leases: Leases, store: Any, publish
                       "record" if record is None else "message to publish")
             return "lost"
         registry.requeue_abandoned(job_id, reason=reason, count_delivery=count_delivery)
-        publish(resend["message"], attempt=resend.get("attempt", 0), queue=resend.get("queue"))
+        services.publish(resend["message"], attempt=resend.get("attempt", 0), queue=resend.get("queue"))
         log.warning("job %s handed back to the queue: %s", job_id, reason)
         return "requeued"
     except Exception:
@@ -492,7 +494,7 @@ def celery_publisher(app: Any) -> Publisher:
 
 
 class Reaper:
-    """Hands back every job whose lease lapsed; run by every supervisor, one at a time.
+    """Hands back every job whose lease lapsed (:func:`hand_back`); run by every supervisor, one at a time.
 
     :meth:`run_once` takes the fleet-wide lock ``reaper`` for one interval
     (so fleets of any size reap once per interval) and hands back what it
@@ -507,8 +509,8 @@ class Reaper:
     lease would be reaped, its finished draws refused by the fence, and fitted again.
     """
 
-    def __init__(self, *, registry: Any, leases: Leases, store: Any, publish: Publisher, interval_s: float) -> None:
-        self.registry, self.leases, self.store, self.publish = registry, leases, store, publish
+    def __init__(self, services: Services, *, interval_s: float) -> None:
+        self.services, self.leases = services, services.leases
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -531,7 +533,7 @@ class Reaper:
         done = {}
         for job_id in self.leases.lapsed():
             done[job_id] = hand_back(
-                job_id, registry=self.registry, leases=self.leases, store=self.store, publish=self.publish,
+                job_id, services=self.services,
                 reason=f"its lease lapsed (no heartbeat for {self.leases.lease_ms / 1000:g} s): worker lost",
                 count_delivery=True,
             )
