@@ -208,6 +208,12 @@ class Backfill:
     ) -> list[Outcome]:
         """Submit every planned job, at most ``max_in_flight`` unfinished at once; wait for all.
 
+        On the fleet, jobs are sent as batch messages of up to the client's
+        ``batch_jobs`` (``settings.batch.max_jobs``): a batch is sent while
+        fewer than ``max_in_flight`` jobs are unfinished, so up to a batch
+        more may be in flight. A backfill's jobs share the dataset, events,
+        sampler and model, so any of them may share a batch.
+
         Embedded, a submission runs its job here and now, so each job is
         counted (and the bar advanced) as soon as it ends, before the next
         starts. A job the store already holds a summary for is ``reused``: not
@@ -236,11 +242,14 @@ class Backfill:
 
             while (pending or in_flight) and not self.client.interrupted:
                 while pending and len(in_flight) < limit and not self.client.interrupted:
-                    job = pending.pop(0)
-                    record, sent = self.client.admit(job, lane=BATCH)  # backfills never hold up interactive jobs
-                    if not sent and record.state is JobState.SUCCEEDED:
-                        reused.add(job.job_id)
-                    in_flight[job.job_id] = (job, time.monotonic())
+                    # backfills never hold up interactive jobs; on the fleet, up to batch_jobs go as one message
+                    group, pending = pending[: self.client.batch_jobs], pending[self.client.batch_jobs :]
+                    admitted = (self.client.admit_batch(group, lane=BATCH) if len(group) > 1
+                                else [self.client.admit(group[0], lane=BATCH)])
+                    for job, (record, sent) in zip(group, admitted):
+                        if not sent and record.state is JobState.SUCCEEDED:
+                            reused.add(job.job_id)
+                        in_flight[job.job_id] = (job, time.monotonic())
                 for job_id, (job, since) in list(in_flight.items()):
                     record = self.client.registry.find(job_id)
                     if record is not None and record.state.finished:

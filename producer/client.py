@@ -187,7 +187,18 @@ class CalibrationClient:
         batch job with an ``owner`` (the API's token name) waits for its turn
         among other owners' batch jobs (:class:`shared.jobs.lanes.BatchLanes`).
         """
-        lane_queue(queue or self.settings.default_queue, lane)  # an unknown queue or lane, before anything is recorded
+        status, send = self._claimed(job, queue=queue, lane=lane)
+        if not send:
+            return status, False
+        if self.embedded:
+            self._run_here(job, on_update)
+        else:
+            self._enqueue(job, lane_queue(queue or self.settings.default_queue, lane), owner if lane == BATCH else None)
+        return status, True
+
+    def _claimed(self, job: CalibrationJob, *, queue: str | None, lane: str) -> tuple[JobStatus, bool]:
+        """Claim ``job``: ``(record, whether it must be run)``; a fleet job to run is recorded as submitted."""
+        target = lane_queue(queue or self.settings.default_queue, lane)  # an unknown queue or lane, before any record
         status, created = self.registry.claim(job)
         interrupted = self.embedded and not status.state.finished and not created
         if not created and not interrupted:
@@ -201,13 +212,33 @@ class CalibrationClient:
             # Embedded jobs run inside the submitting call: an unfinished record
             # means the process that ran it was stopped. Run it again.
             log.info("job %s was interrupted while %s: running it again", job.job_id, status.state.value)
-        if self.embedded:
-            self._run_here(job, on_update)
-        else:
-            target = lane_queue(queue or self.settings.default_queue, lane)
+        if not self.embedded:
             record_submission(self.store, job, queue=target)  # where a Redis flush cannot reach (shared.jobs.submissions)
-            self._enqueue(job, target, owner if lane == BATCH else None)
         return status, True
+
+    @property
+    def batch_jobs(self) -> int:
+        """The most jobs :meth:`admit_batch` sends in one message: ``settings.batch.max_jobs`` on the fleet, else 1."""
+        return 1 if self.embedded else self.settings.batch.max_jobs
+
+    def admit_batch(
+        self, jobs: Sequence[CalibrationJob], *, queue: str | None = None, lane: str = BATCH,
+    ) -> list[tuple[JobStatus, bool]]:
+        """Claim each of ``jobs`` as :meth:`admit` does; send those to run as one batch message (the fleet).
+
+        Each job keeps its own record (queued), so status, cancel and wait
+        work per job; the worker runs them through :mod:`shared.jobs.batch`.
+        At most :attr:`batch_jobs` jobs; embedded, each is admitted (run) in turn.
+        """
+        if len(jobs) > self.batch_jobs:
+            raise ValueError(f"{len(jobs)} jobs in one batch; at most {self.batch_jobs}")
+        if self.embedded:
+            return [self.admit(job, queue=queue, lane=lane) for job in jobs]
+        admitted = [self._claimed(job, queue=queue, lane=lane) for job in jobs]
+        messages = [job.to_message() for job, (_, send) in zip(jobs, admitted) if send]
+        if messages:
+            self.send_batch(messages, lane_queue(queue or self.settings.default_queue, lane))
+        return admitted
 
     def _enqueue(self, job: CalibrationJob, queue: str, owner: str | None) -> None:
         if owner is not None:
@@ -224,6 +255,15 @@ class CalibrationClient:
             self._celery = make_app(self.settings)
         self._celery.send_task(TASK_NAME, args=[message], task_id=message["job_id"], queue=queue)
         log.info("job %s enqueued on %s", message["job_id"], queue)
+
+    def send_batch(self, messages: list[dict[str, Any]], queue: str) -> None:
+        """Put several job messages on a worker queue as one batch task (:data:`~shared.jobs.celery_app.BATCH_TASK_NAME`)."""
+        from shared.jobs.celery_app import BATCH_TASK_NAME, make_app
+
+        if self._celery is None:
+            self._celery = make_app(self.settings)
+        self._celery.send_task(BATCH_TASK_NAME, args=[messages], queue=queue)
+        log.info("%d jobs enqueued on %s as one batch", len(messages), queue)
 
     def lanes(self):
         """The fleet's batch lanes (:class:`shared.jobs.lanes.BatchLanes`) on the registry's Redis."""

@@ -41,6 +41,7 @@ from shared.jobs.celery_app import TASK_NAME, get_app
 from shared.jobs.delivery import run_leased
 from shared.jobs.services import Services
 from worker import observe
+from worker.batch import register_batch
 from worker.device import exit_unless_device_fits
 from worker.protocol import (
     BEAT_FILE_ENV,
@@ -187,26 +188,29 @@ class CountingConsumer(Consumer):
             message.reject_log_error(log, self.connection_errors)
 
 
+#: How calq's tasks are delivered and retried (the calibrate task and the batch task, worker.batch).
+TASK_OPTIONS: dict[str, Any] = {
+    "bind": True,
+    "autoretry_for": (RetryableError,),
+    "retry_backoff": True,
+    "retry_backoff_max": TASK_RETRY_BACKOFF_MAX_S,
+    "retry_jitter": True,
+    "max_retries": TASK_MAX_RETRIES,
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "shared": False,
+}
+
+
 @functools.cache
 def register(app: Celery) -> Task:
-    """Add the calibrate task to ``app`` (once) and return it."""
+    """Add the calibrate task (and the batch task) to ``app`` (once); return the calibrate task."""
 
-    @app.task(
-        name=TASK_NAME,
-        bind=True,
-        base=CalibrateTask,
-        autoretry_for=(RetryableError,),
-        retry_backoff=True,
-        retry_backoff_max=TASK_RETRY_BACKOFF_MAX_S,
-        retry_jitter=True,
-        max_retries=TASK_MAX_RETRIES,
-        acks_late=True,
-        reject_on_worker_lost=True,
-        shared=False,
-    )
+    @app.task(name=TASK_NAME, base=CalibrateTask, **TASK_OPTIONS)
     def calibrate(self: Task, message: dict[str, Any]) -> dict[str, Any]:
         return calibrate_message(self, message)
 
+    register_batch(app)  # calq.calibrate_batch: a backfill's jobs in one delivery (worker.batch)
     return calibrate
 
 

@@ -85,6 +85,9 @@ class RemoteClient(CalibrationClient):
     def embedded(self) -> bool:
         return False
 
+    #: The API admits one job at a time (batch lanes per owner): no batch messages from here.
+    batch_jobs = 1
+
     @property
     def store(self):  # type: ignore[override]
         raise NoDirectAccess("this client speaks to the calibration API: the store is not reachable from here")

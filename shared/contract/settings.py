@@ -211,6 +211,18 @@ class ApiSettings(BaseModel):
         return bool(self.url) and self.token is not None
 
 
+class BatchSettings(BaseModel):
+    """Batch deliveries: a backfill's compatible jobs sent as one message (:mod:`shared.jobs.batch`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_jobs: int = Field(
+        32, ge=1, le=128,
+        description="CALQ_BATCH__MAX_JOBS: the most jobs one batch message carries (a backfill sends no larger "
+        "batches; a worker handed more runs them in batches of this size).",
+    )
+
+
 class RedisAclSettings(BaseModel):
     """Passwords of the Redis ACL users ``calq acl`` writes (:mod:`shared.jobs.acl`); each is written as its sha256."""
 
@@ -298,6 +310,7 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
     api: ApiSettings = ApiSettings()
+    batch: BatchSettings = BatchSettings()
     redis_acl: RedisAclSettings = RedisAclSettings()
 
     @field_validator("storage_url")

@@ -57,6 +57,8 @@ if TYPE_CHECKING:
     from celery import Celery
 
 TASK_NAME = "calq.calibrate"
+#: A batch of job messages in one delivery (worker.batch, shared.jobs.batch).
+BATCH_TASK_NAME = "calq.calibrate_batch"
 GPU_QUEUE = "calq.gpu"
 CPU_QUEUE = "calq.cpu"
 QUEUES = (GPU_QUEUE, CPU_QUEUE)
