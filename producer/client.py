@@ -40,6 +40,7 @@ from shared.contract.settings import Settings, get_settings
 from shared.contract.summary import CalibrationSummary
 from shared.data.dataset import save_dataset
 from shared.jobs.celery_app import BATCH, INTERACTIVE, lane_queue
+from shared.jobs.lanes import routed_queue
 from shared.jobs.registry import JobRegistry
 from shared.jobs.services import Services
 from shared.jobs.submissions import lost, record_submission
@@ -62,6 +63,17 @@ class JobDidNotSucceed(CalqError):
     def __init__(self, status: JobStatus) -> None:
         super().__init__(f"job {status.job_id} {status.state.value}: {status.reason or 'no reason recorded'}")
         self.status = status
+
+
+def job_rows(dataset: str | os.PathLike | xr.Dataset, job: CalibrationJob) -> int:
+    """The likelihood rows of ``job``: its events × the entered race-driver pairs of its archetypes and window."""
+    from shared.contract.domain import archetypes_of
+    from shared.data.dataset import open_dataset, select_archetypes, select_window
+
+    ds = dataset if isinstance(dataset, xr.Dataset) else open_dataset(Path(dataset))
+    window = select_archetypes(select_window(ds, as_of=job.as_of, window_days=job.window_days),
+                               archetypes_of(job.archetype))
+    return len(job.events) * int(window["finish_position"].notnull().sum())
 
 
 class CalibrationClient:
@@ -159,7 +171,10 @@ class CalibrationClient:
         (``on_update`` hears its progress); a rejected or failed job is then
         in its record, as on the fleet.
         """
-        return self.submit_job(self.make_job(dataset, archetype, **options), queue=queue, lane=lane, on_update=on_update)
+        job = self.make_job(dataset, archetype, **options)
+        if queue is None and lane == INTERACTIVE and not self.embedded:  # a small job is not worth a GPU
+            queue = routed_queue(self.settings.default_queue, lambda: job_rows(dataset, job))
+        return self.submit_job(job, queue=queue, lane=lane, on_update=on_update)
 
     def submit_job(
         self,
