@@ -15,6 +15,13 @@ synthetic dataset of ``--seasons`` seasons:
    A cold pass over the same windows (its own store) compiles every sampler
    first: warm and cold runs share one compiled sampler per bucket, so the
    measured runs compare a long-running worker's throughput.
+   **Batched** (``--batch-cap``, default 32; 0 skips it): the warm plan again,
+   as batch deliveries of up to that many jobs in as-of order
+   (:func:`shared.jobs.batch.run_batch`, batching forced even on a CPU,
+   where :func:`shared.fit.batch.batching_pays` says it does not), on its
+   own store after its own compile pass; printed beside the single warm run
+   with the speed-up and, for every parameter of every job, |z| of the
+   batched answer against the single one (Monte Carlo error units, as below).
 2. **Agreement.** The same window job, warm and cold (same races, same
    seed): every parameter's posterior mean, z = Δmean / √(se₁² + se₂²),
    se = sd / √ESS_bulk (Monte Carlo error). And each (archetype, race date)
@@ -29,6 +36,7 @@ Usage::
 
     python bench/backfill.py [--seasons 3] [--scenarios 400] [--warmup 500] [--samples 1000] [--chains 4]
                              [--min-ess 400] [--json bench/results/backfill.json] [--skip-per-date] [--skip-evaluate]
+                             [--skip-cold] [--batch-cap 32]
 
 The defaults are a production job's sampler and convergence criteria
 (R-hat ≤ 1.01 as in production unless ``--max-rhat``); shorter chains need
@@ -83,7 +91,35 @@ def timed_backfill(client, dataset, *, label, start, end, sampler, dedup, consol
     windows = plan.windows()
     began = time.perf_counter()
     outcomes = plan.run(windows=windows, max_in_flight=1, console=console)
-    wall = time.perf_counter() - began
+    return throughput_row(client, label, windows, outcomes, time.perf_counter() - began)
+
+
+def batched_backfill(client, dataset, *, label, start, end, sampler, cap, console) -> dict:
+    """The same backfill as one batch delivery per ``cap`` jobs (shared.jobs.batch.run_batch, batching forced).
+
+    Jobs go in as-of order, so each batch after the first starts warm from the fits of the one before it.
+    """
+    from producer.backfill import Outcome
+    from shared.jobs.batch import run_batch
+
+    plan = Backfill(client, dataset, start=start, end=end, archetypes=ARCHETYPES, events=EVENTS, sampler=sampler)
+    windows = sorted(plan.windows(), key=lambda w: (w.as_of, w.archetype))
+    services = client.services
+    began = time.perf_counter()
+    for job in (w.job for w in windows):
+        client.registry.claim(job)
+    results = []
+    for first in range(0, len(windows), cap):
+        wave = [w.job.to_message() for w in windows[first : first + cap]]
+        results.extend(run_batch(services, wave, worker="bench", batch=True))
+        console.print(f"{label}: {len(results)}/{len(windows)} jobs", highlight=False)
+    outcomes = [Outcome(w.archetype, w.as_of, w.job.job_id, client.registry.get(w.job.job_id).state.value)
+                for w in windows]
+    return throughput_row(client, label, windows, outcomes, time.perf_counter() - began)
+
+
+def throughput_row(client, label, windows, outcomes, wall: float) -> dict:
+    """A backfill's row of the throughput table: its jobs, their summaries' figures, and the wall time."""
     answered = sum(len(w.days) for w in windows)
     summaries = [client.result(o.job_id) for o in outcomes if o.state == "succeeded"]
     return {
@@ -173,16 +209,17 @@ def z_summary(z: list[float]) -> dict:
             "median_abs_z": float(np.median(z))}
 
 
-def warm_cold_agreement(warm_client, warm_windows, cold_client, cold_windows) -> dict:
+def warm_cold_agreement(warm_client, warm_windows, cold_client, cold_windows, *, warm_only: bool = True) -> dict:
     """The same window job warm and cold: z of every parameter's posterior mean (both runs' Monte Carlo error).
 
     The jobs are matched by archetype and as-of date (their ids differ: each store holds its own copy of the dataset).
+    ``warm_only=False`` compares every job (the batched run against the single one).
     """
     cold_job = {(w.archetype, w.as_of): w.job.job_id for w in cold_windows}
     z = []
     for w in warm_windows:
         warm, cold = warm_client.result(w.job.job_id), cold_client.result(cold_job[(w.archetype, w.as_of)])
-        if warm.warm_start is None:
+        if warm_only and warm.warm_start is None:
             continue  # the first job of an archetype ran cold in both
         by_name = {p.name: p for p in cold.parameters}
         for p in warm.parameters:
@@ -231,6 +268,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "backfill.json")
     parser.add_argument("--skip-per-date", action="store_true", help="no per-date run (the old plan)")
     parser.add_argument("--skip-evaluate", action="store_true")
+    parser.add_argument("--skip-cold", action="store_true", help="no cold by-window run")
+    parser.add_argument("--batch-cap", type=int, default=32,
+                        help="jobs per batch delivery of the batched run (0: no batched run)")
     args = parser.parse_args()
     console = Console(stderr=True)
     sampler = {"warmup": args.warmup, "samples": args.samples, "chains": args.chains, "seed": 0}
@@ -252,10 +292,15 @@ def main() -> None:
         began = time.perf_counter()
         Backfill(client_for(tmp / "store-first", cache, args, warm_start=False), dataset, start=start, end=end,
                  archetypes=ARCHETYPES, events=EVENTS, sampler=sampler).run(max_in_flight=1, console=console)
+        if args.batch_cap:  # the batched programs (one per bucket, warm or cold, and ladder size) compiled too
+            batched_backfill(client_for(tmp / "store-first-batched", cache, args, warm_start=True), dataset,
+                             label="compile pass, batched", start=start, end=end, sampler=sampler,
+                             cap=args.batch_cap, console=console)
         results["compile_pass_s"] = time.perf_counter() - began
 
-        runs = [("by data window, warm starts", "store-window", True, True, sampler),
-                ("by data window, cold", "store-cold", False, True, sampler)]
+        runs = [("by data window, warm starts", "store-window", True, True, sampler)]
+        if not args.skip_cold:
+            runs.append(("by data window, cold", "store-cold", False, True, sampler))
         if not args.skip_per_date:
             runs.append(("by race date, cold (old plan)", "store-date", False, False, {**sampler, "seed": 1}))
         clients, rows = [], []
@@ -264,8 +309,18 @@ def main() -> None:
             rows.append(timed_backfill(clients[-1], dataset, label=label, start=start, end=end, sampler=settings,
                                        dedup=dedup, console=console))
         by_window = clients[0]
-        results["agreement_warm_cold"] = warm_cold_agreement(clients[0], rows[0]["windows"], clients[1], rows[1]["windows"])
-        if not args.skip_per_date:
+        if args.batch_cap:
+            label = f"by data window, warm starts, batched (≤ {args.batch_cap} jobs a batch)"
+            batched = client_for(tmp / "store-batched", cache, args, warm_start=True)
+            rows.append(batched_backfill(batched, dataset, label=label, start=start, end=end, sampler=sampler,
+                                         cap=args.batch_cap, console=console))
+            results["agreement_batched_single"] = warm_cold_agreement(batched, rows[-1]["windows"], clients[0],
+                                                                      rows[0]["windows"], warm_only=False)
+            results["batched_speedup"] = rows[-1]["jobs_per_min"] / rows[0]["jobs_per_min"]
+        if not args.skip_cold:
+            results["agreement_warm_cold"] = warm_cold_agreement(clients[0], rows[0]["windows"], clients[1],
+                                                                 rows[1]["windows"])
+        if not (args.skip_per_date or args.skip_cold):
             results["agreement"] = agreement(clients[1], rows[1]["windows"], clients[2], rows[2]["windows"])
         dates = len(calendar.race_days(start, end))
         table = Table(title=f"backfill {', '.join(ARCHETYPES)} over {start.year}–{last} ({dates} race dates), "
@@ -292,10 +347,17 @@ def main() -> None:
         results["split_columns"] = dict(SPLIT)
         results["load_average"] = _loadavg()
         results["throughput"] = [{k: v for k, v in r.items() if k != "windows"} for r in rows]
-        a = results["agreement_warm_cold"]
-        Console(width=200).print(f"agreement (the same window job warm and cold, every parameter): {a['comparisons']} "
-                                 f"comparisons, median |z| {a['median_abs_z']:.2f}, max |z| {a['max_abs_z']:.2f}, "
-                                 f"share |z| > 2: {a['share_abs_z_over_2']:.1%}")
+        if "agreement_batched_single" in results:
+            a = results["agreement_batched_single"]
+            Console(width=200).print(f"batched against single ({results['batched_speedup']:.2f}× the jobs/min; the same "
+                                     f"window job, every parameter): {a['comparisons']} comparisons, median |z| "
+                                     f"{a['median_abs_z']:.2f}, max |z| {a['max_abs_z']:.2f}, share |z| > 2: "
+                                     f"{a['share_abs_z_over_2']:.1%}; load average {_loadavg()}")
+        if "agreement_warm_cold" in results:
+            a = results["agreement_warm_cold"]
+            Console(width=200).print(f"agreement (the same window job warm and cold, every parameter): {a['comparisons']} "
+                                     f"comparisons, median |z| {a['median_abs_z']:.2f}, max |z| {a['max_abs_z']:.2f}, "
+                                     f"share |z| > 2: {a['share_abs_z_over_2']:.1%}")
         if "agreement" in results:
             a = results["agreement"]
             Console(width=200).print(f"agreement (window job vs per-date job, seed 0 vs 1, α and β per event): "
