@@ -4,7 +4,9 @@
   with persistence off; ``redis_url`` (function) flushes it and gives its URL.
 - ``s3_server`` (session): moto's S3-compatible HTTP server on a free local
   port; ``s3_bucket`` (function) creates a fresh bucket on it; ``s3_settings``
-  (function) is a :class:`~shared.contract.settings.Settings` whose store is that bucket.
+  (function) is a :class:`~shared.contract.settings.Settings` whose store is that bucket
+  (:func:`s3_store_settings`; :func:`new_s3_store` makes a named bucket and gives
+  its store's settings and, :func:`s3_environ`, its ``CALQ_*`` variables).
 
 And the one harness for the calq processes a test (or a bench/ script) starts:
 
@@ -20,7 +22,8 @@ And the one harness for the calq processes a test (or a bench/ script) starts:
   or stopped at will);
 - :func:`start_redis` / :func:`stop_process` (a redis-server of its own, AOF or
   not, on a port of its choosing), :func:`local_fleet` (one with a ``calq
-  worker`` on a local store) and :func:`until` (the one wait loop);
+  worker`` on a local store), :func:`children_of` / :func:`alive` (processes, from
+  /proc) and :func:`until` (the one wait loop);
 - :func:`season_file`: a synthetic dataset on disk.
 
 A missing service binary or package skips the test on a laptop and fails it
@@ -299,16 +302,25 @@ def s3_bucket(s3_server: str) -> S3Bucket:
 @pytest.fixture
 def s3_settings(s3_bucket: S3Bucket) -> Settings:
     """Settings whose store is ``s3://<s3_bucket>/calq`` on the moto endpoint."""
-    return Settings(
-        storage_url=f"s3://{s3_bucket.bucket}/calq",
-        s3=S3Settings(
-            endpoint_url=s3_bucket.endpoint_url,
-            access_key_id=S3_KEY,
-            secret_access_key=S3_SECRET,
-            region=S3_REGION,
-        ),
-        compile_cache_dir=None,
-    )
+    return s3_store_settings(s3_bucket.endpoint_url, s3_bucket.bucket)
+
+
+def s3_store_settings(endpoint_url: str, bucket: str, **fields: Any) -> Settings:
+    """Settings whose store is ``s3://bucket/calq`` on ``endpoint_url`` with the test credentials, plus ``fields``."""
+    s3 = S3Settings(endpoint_url=endpoint_url, access_key_id=S3_KEY, secret_access_key=S3_SECRET, region=S3_REGION)
+    return Settings(**{"storage_url": f"s3://{bucket}/calq", "s3": s3, "compile_cache_dir": None, **fields})
+
+
+def new_s3_store(endpoint_url: str, bucket: str, **fields: Any) -> tuple[dict[str, str], Settings]:
+    """Create ``bucket`` on ``endpoint_url``; its store's ``CALQ_*`` variables (:func:`s3_environ`) and settings (plus ``fields``)."""
+    s3_client(endpoint_url).create_bucket(Bucket=bucket)
+    return s3_environ(endpoint_url, bucket), s3_store_settings(endpoint_url, bucket, **fields)
+
+
+def s3_environ(endpoint_url: str, bucket: str) -> dict[str, str]:
+    """The ``CALQ_*`` variables of :func:`s3_store_settings`' store, for a calq process."""
+    return {"CALQ_STORAGE_URL": f"s3://{bucket}/calq", "CALQ_S3__ENDPOINT_URL": endpoint_url,
+            "CALQ_S3__ACCESS_KEY_ID": S3_KEY, "CALQ_S3__SECRET_ACCESS_KEY": S3_SECRET, "CALQ_S3__REGION": S3_REGION}
 
 
 # -- calq processes ----------------------------------------------------------------

@@ -9,59 +9,35 @@ atomic uploads run against a real endpoint.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from producer.client import CalibrationClient, JobDidNotSucceed
 from shared.contract.job import JobState
-from shared.contract.settings import S3Settings, Settings
+from shared.contract.settings import Settings
 from shared.contract.summary import CalibrationSummary
 from shared.data.dataset import open_dataset, save_dataset
+from tests.services import LENIENT, calq_environ, calq_worker, convergence_environ, new_s3_store, run_calq, season_file
 
 pytestmark = pytest.mark.integration
 
 SAMPLER = {"warmup": 100, "samples": 150, "chains": 2}
 EVENTS = "top_5,top_10"
 #: tiny runs cannot reach 400 effective draws: these criteria let them count as converged
-CONVERGENCE = {"CALQ_CONVERGENCE__MIN_ESS_BULK": "10", "CALQ_CONVERGENCE__MAX_RHAT": "1.2",
-               "CALQ_CONVERGENCE__MAX_DIVERGENCES": "5"}
+CONVERGENCE = convergence_environ()
 
 
 @pytest.fixture(scope="module")
 def fleet_env(redis_server, s3_server, tmp_path_factory):
-    from tests.services import S3_KEY, S3_REGION, S3_SECRET, s3_client
-
     bucket = "calq-fleet"
-    s3_client(s3_server).create_bucket(Bucket=bucket)
     root = tmp_path_factory.mktemp("fleet")
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-    environ.update(
-        CALQ_BROKER_URL=redis_server.url,
-        CALQ_STORAGE_URL=f"s3://{bucket}/calq",
-        CALQ_S3__ENDPOINT_URL=s3_server,
-        CALQ_S3__ACCESS_KEY_ID=S3_KEY,
-        CALQ_S3__SECRET_ACCESS_KEY=S3_SECRET,
-        CALQ_S3__REGION=S3_REGION,
-        CALQ_COMPILE_CACHE_DIR=str(root / "jax-cache"),
-        **CONVERGENCE,
-    )
-    settings = Settings(
-        broker_url=redis_server.url,
-        storage_url=f"s3://{bucket}/calq",
-        s3=S3Settings(endpoint_url=s3_server, access_key_id=S3_KEY, secret_access_key=S3_SECRET, region=S3_REGION),
-        compile_cache_dir=None,
-    )
-    return environ, settings, root
+    store, settings = new_s3_store(s3_server, bucket, broker_url=redis_server.url)
+    return calq_environ(CALQ_BROKER_URL=redis_server.url, **store, **CONVERGENCE), settings, root
 
 
 @pytest.fixture(scope="module")
 def worker(fleet_env):
-    from tests.services import calq_worker
-
     environ, _, root = fleet_env
     with calq_worker(environ, root) as proc:
         yield proc
@@ -75,20 +51,12 @@ def client(fleet_env, worker):
 
 @pytest.fixture(scope="module")
 def dataset(fleet_env):
-    from shared.data.synth import synthesize
-
-    path = fleet_env[2] / "season.nc"
-    save_dataset(synthesize(seasons=1, scenarios=200, seed=5), path)
-    return path
+    return season_file(fleet_env[2], scenarios=200, seed=5)
 
 
 def calq(fleet_env, *args, check=True):
     environ, _, root = fleet_env
-    result = subprocess.run([sys.executable, "-m", "producer.cli", *args], env=environ, cwd=root,
-                            capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"calq {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
-    return result
+    return run_calq(environ, root, *args, check=check)
 
 
 def sampler_args():
@@ -158,8 +126,7 @@ def test_latest_moves_only_for_newer_converged_jobs(client, dataset, first_summa
 
 def test_embedded_mode_gives_the_same_summary_as_the_fleet(first_summary, dataset, tmp_path):
 
-    settings = Settings(storage_url=str(tmp_path / "store"), compile_cache_dir=None,
-                        convergence={"min_ess_bulk": 10, "max_rhat": 1.2, "max_divergences": 5})
+    settings = Settings(storage_url=str(tmp_path / "store"), compile_cache_dir=None, convergence=LENIENT)
     here = CalibrationClient(settings)
     job = here.make_job(dataset, "intermediate", events=EVENTS, **SAMPLER)
     here.submit_job(job)

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -24,9 +22,8 @@ import pytest
 
 from producer.client import CalibrationClient
 from shared.contract.job import JobState
-from shared.contract.settings import S3Settings, Settings
 from shared.data.dataset import open_dataset, save_dataset
-from tests.services import calq_worker, free_port, until
+from tests.services import calq_environ, calq_worker, convergence_environ, free_port, new_s3_store, run_calq, until
 
 pytestmark = pytest.mark.integration
 
@@ -34,8 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {"warmup": 10, "samples": 10, "chains": 1}
 LONG = {"warmup": 10_000, "samples": 10_000, "chains": 1}
 EVENTS = "top_5"
-CONVERGENCE = {"CALQ_CONVERGENCE__MIN_ESS_BULK": "1", "CALQ_CONVERGENCE__MAX_RHAT": "10",
-               "CALQ_CONVERGENCE__MAX_DIVERGENCES": "1000", "CALQ_CONVERGENCE__MAX_ATTEMPTS": "1"}
+CONVERGENCE = convergence_environ({"min_ess_bulk": 1, "max_rhat": 10, "max_divergences": 1000, "max_attempts": 1})
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -54,8 +50,7 @@ def value(samples, name: str, **labels: str) -> float:
 
 
 def fleet_json(environ, cwd) -> dict:
-    result = subprocess.run([sys.executable, "-m", "producer.cli", "fleet", "--json"], env=environ, cwd=cwd,
-                            capture_output=True, text=True, timeout=120)
+    result = run_calq(environ, cwd, "fleet", "--json", check=False, timeout=120)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     return json.loads(result.stdout)
 
@@ -78,28 +73,21 @@ def datasets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fleet(redis_server, s3_server, tmp_path_factory):
-    from tests.services import S3_KEY, S3_REGION, S3_SECRET, s3_client
-
     bucket = "calq-metrics"
-    s3_client(s3_server).create_bucket(Bucket=bucket)
     root = tmp_path_factory.mktemp("metrics-fleet")
     url = redis_server.url.rsplit("/", 1)[0] + "/5"  # a database of its own
     import redis
 
     redis.Redis.from_url(url).flushdb()
     port = free_port()
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("CALQ_", "PROMETHEUS_"))}
-    environ.update(
-        CALQ_BROKER_URL=url, CALQ_STORAGE_URL=f"s3://{bucket}/calq", CALQ_S3__ENDPOINT_URL=s3_server,
-        CALQ_S3__ACCESS_KEY_ID=S3_KEY, CALQ_S3__SECRET_ACCESS_KEY=S3_SECRET, CALQ_S3__REGION=S3_REGION,
-        CALQ_COMPILE_CACHE_DIR=str(root / "jax-cache"), CALQ_WARM_START="false", PYTHONPATH=str(ROOT),
+    store, settings = new_s3_store(s3_server, bucket, broker_url=url, warm_start=False)
+    environ = calq_environ(
+        CALQ_BROKER_URL=url, **store, CALQ_WARM_START="false",
         CALQ_METRICS__PORT=str(port), CALQ_METRICS__HOST="127.0.0.1", CALQ_METRICS__HEARTBEAT_S="0.5",
         CALQ_LOG__FORMAT="json", **CONVERGENCE,
     )
-    settings = Settings(
-        broker_url=url, storage_url=f"s3://{bucket}/calq", compile_cache_dir=None, warm_start=False,
-        s3=S3Settings(endpoint_url=s3_server, access_key_id=S3_KEY, secret_access_key=S3_SECRET, region=S3_REGION),
-    )
+    for name in [name for name in environ if name.startswith("PROMETHEUS_")]:
+        del environ[name]
     with calq_worker(environ, root):
         yield environ, root, CalibrationClient(settings), port, settings
 
