@@ -7,17 +7,21 @@ Python number. calq's convergence remedies raise the target (0.8 → 0.9 →
 that adaptation inside the traced step from NumPyro's own parts
 (``warmup_adapter``, ``velocity_verlet``, ``build_tree``) with the target as
 an array argument. The transition is NumPyro's NUTS (multinomial sampling,
-diagonal mass matrix, windowed adaptation); only where the target comes
-from differs. The initial state still comes from NumPyro's ``init_kernel``,
+windowed adaptation); only where the target comes from, and the mass
+matrix's form (below), differ. The initial state still comes from NumPyro's ``init_kernel``,
 whose adaptation set-up does not use the target.
 
-A warm start (:mod:`shared.fit.warm`) begins with a mass matrix estimated
-from a previous posterior's draws, far more of them than a short warmup
-sees: a warm run keeps it and adapts only the step size, by dual averaging
-over its whole warmup in one window (NumPyro's windows would restart the
-step size at each window's end, for a mass matrix that does not change).
-Whether a run is warm, and its warmup length, are traced arguments too, so
-warm and cold runs share one compiled sampler.
+The mass matrix is held dense, (size, size), in every state
+(:func:`with_dense_mass`), so a warm and a cold run differ only in values:
+a warm start (:mod:`shared.fit.warm`) begins with the covariance of a
+previous posterior's draws over every unconstrained coordinate, far more
+draws than a short warmup sees, and keeps it, adapting only the step size
+by dual averaging over its whole warmup in one window (NumPyro's windows
+would restart the step size at each window's end, for a mass matrix that
+does not change); a cold run starts at the identity and adapts a diagonal
+in NumPyro's windows (:func:`_adapt_diagonal`), the estimate laid on the
+dense matrix's diagonal. Whether a run is warm, and its warmup length, are
+traced arguments too, so warm and cold runs share one compiled sampler.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from functools import partial
 
 import jax.numpy as jnp
 from jax import lax, random
+from jax.scipy.linalg import solve_triangular
 from numpyro.infer.hmc import HMCState, momentum_generator
 from numpyro.infer.hmc_util import (
     IntegratorState,
@@ -90,7 +95,7 @@ def nuts_step(
     adapt_state = cond(
         state.i < warmup,
         (state.i, accept_prob, proposal, adapt),
-        lambda args: lax.cond(warm, lambda a: step_size_only(*a), lambda a: wa_update(*a), args),
+        lambda args: lax.cond(warm, lambda a: step_size_only(*a), lambda a: _adapt_diagonal(wa_update, *a), args),
         adapt,
         identity,
     )
@@ -113,6 +118,46 @@ def nuts_step(
     )
 
 
+def with_dense_mass(
+    state: HMCState,
+    inverse_mass_matrix: jnp.ndarray,
+    potential_fn,
+    *,
+    find_step_size: jnp.ndarray | bool,
+    rng_key,
+) -> HMCState:
+    """``state`` (from NumPyro's ``init_kernel``, diagonal) with the dense ``inverse_mass_matrix`` (size × size).
+
+    The momentum's scale ``mass_matrix_sqrt`` is L⁻ᵀ for the Cholesky factor
+    L of the inverse mass matrix (M⁻¹ = L·Lᵀ, so L⁻ᵀ·L⁻¹ = M), and
+    ``mass_matrix_sqrt_inv`` is Lᵀ. With ``find_step_size`` (a traced bool)
+    the step size is searched again from the state's, by NumPyro's heuristic,
+    under the new metric.
+    """
+    lower = jnp.linalg.cholesky(inverse_mass_matrix)
+    sqrt = solve_triangular(lower.T, jnp.eye(inverse_mass_matrix.shape[0]), lower=False)
+    adapt = state.adapt_state._replace(
+        inverse_mass_matrix=inverse_mass_matrix, mass_matrix_sqrt=sqrt, mass_matrix_sqrt_inv=lower.T
+    )
+    found = find_reasonable_step_size(
+        potential_fn, euclidean_kinetic_energy, momentum_generator, adapt.step_size, inverse_mass_matrix,
+        IntegratorState(state.z, None, state.potential_energy, state.z_grad), rng_key,
+    )
+    return state._replace(adapt_state=adapt._replace(step_size=jnp.where(find_step_size, found, adapt.step_size)))
+
+
+def _adapt_diagonal(wa_update, t, accept_prob, proposal, adapt):
+    """NumPyro's windowed adaptation of a diagonal mass matrix, on a state that holds its matrix dense.
+
+    The adapter sees the diagonals; its estimate (and the momentum scales
+    derived from it) go back on the diagonal of dense matrices.
+    """
+    names = ("inverse_mass_matrix", "mass_matrix_sqrt", "mass_matrix_sqrt_inv")
+    diagonal = adapt._replace(**{name: jnp.diagonal(getattr(adapt, name)) for name in names})
+    adapted = wa_update(t, accept_prob, proposal, diagonal)
+    return adapted._replace(**{name: jnp.diag(getattr(adapted, name)) for name in names})
+
+
 def _adapt_step_size(t, accept_prob, _proposal, adapt, *, num_warmup: int, target_accept_prob):
     """One dual-averaging update of the step size (NumPyro's, in a single window); the mass matrix stays."""
     _, ss_update = dual_averaging()
@@ -124,4 +169,4 @@ def _adapt_step_size(t, accept_prob, _proposal, adapt, *, num_warmup: int, targe
     return adapt._replace(step_size=jnp.clip(step_size, finfo.tiny, finfo.max), ss_state=ss_state)
 
 
-__all__ = ["MAX_DELTA_ENERGY", "nuts_step"]
+__all__ = ["MAX_DELTA_ENERGY", "nuts_step", "with_dense_mass"]

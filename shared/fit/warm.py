@@ -8,9 +8,11 @@ posterior of the same archetype:
 
 - **positions**: one joint draw of the previous posterior per chain, picked
   at random (seeded), so chains start apart, inside the typical set;
-- **mass matrix**: the variance of every unconstrained coordinate over all
-  of the previous draws (thousands, where a cold warmup's windows see
-  hundreds), regularised as NumPyro regularises its own estimate;
+- **mass matrix**: the dense covariance of every unconstrained coordinate
+  over all of the previous draws (thousands, where a cold warmup's windows
+  see hundreds, too few for the 240 coordinates of a 24k-row job),
+  regularised as Stan and NumPyro regularise their estimates
+  (:func:`regularised_covariance`);
 - **step size**: the previous run's adapted one, the starting point (and
   the prox centre) of a dual-averaging warmup of :func:`warm_warmup` steps,
   which adapts the step size alone (:func:`shared.fit.nuts.nuts_step`);
@@ -47,8 +49,10 @@ from shared.fit.sampler import StartingPoint
 WARM_WARMUP_FRACTION = 0.2
 #: ... and never shorter than this, unless the job's own warmup is.
 MIN_WARM_WARMUP = 50
-#: NumPyro's regularisation of an estimated diagonal: shrink towards 1e-3 by 5 pseudo-draws.
+#: Stan's (and NumPyro's) regularisation of an estimated mass matrix: shrink towards 1e-3·I by 5 pseudo-draws.
 _SHRINK_DRAWS, _SHRINK_TO = 5, 1e-3
+#: The dense covariance needs at least this many previous draws per coordinate, else only its diagonal is used.
+MIN_DRAWS_PER_COORDINATE = 5
 
 
 class WarmStartUnusable(ValueError):
@@ -128,29 +132,34 @@ def starting_point(
     rng = np.random.default_rng(seed)
     picks = rng.choice(n, size=chains, replace=chains > n)
     positions: dict[str, np.ndarray] = {}
-    variances: dict[str, np.ndarray] = {}
+    columns: dict[str, np.ndarray] = {}  # site → (draw, its coordinates), NaN where the previous fit has none
     for name, values in draws.items():
         values = values[:, ei]  # (draw, event, archetype | track)
         if name.endswith("_z"):
             start = rng.standard_normal((chains, len(ei), shape.n_tracks))
             start[:, :, seen] = values[picks][:, :, matched[seen]]
-            variance = np.ones((len(ei), shape.n_tracks))
-            variance[:, seen] = _regularised_variance(values[:, :, matched[seen]])
+            known = np.full((n, len(ei), shape.n_tracks), np.nan)
+            known[:, :, seen] = values[:, :, matched[seen]]
         else:
             start = values[picks][:, :, ai]
-            variance = _regularised_variance(values[:, :, ai])
+            known = values[:, :, ai]
         positions[name] = start.astype(np.float32)
-        variances[name] = variance.astype(np.float32)
+        columns[name] = known.reshape(n, -1)
 
-    if not all(np.isfinite(v).all() for v in (*positions.values(), *variances.values())):
+    # the kernel's order (jax.flatten_util.ravel_pytree of a dict): sites sorted by name, each flattened
+    flat = np.concatenate([columns[name] for name in sorted(columns)], axis=1)
+    if not all(np.isfinite(v).all() for v in positions.values()) or np.isinf(flat).any():
+        raise WarmStartUnusable("the previous posterior holds non-finite draws")
+    seen_coordinates = ~np.isnan(flat).any(axis=0)
+    if np.isnan(flat[:, seen_coordinates]).any():
         raise WarmStartUnusable("the previous posterior holds non-finite draws")
     step_sizes = np.asarray(previous.sample_stats["step_size"].values)[:, -1]
     step_size = float(np.median(step_sizes))
     if not (np.isfinite(step_size) and step_size > 0):
         raise WarmStartUnusable(f"the previous step size {step_size} is not a positive number")
-    # the kernel's order (jax.flatten_util.ravel_pytree of a dict): sites sorted by name, each flattened
-    flat = np.concatenate([variances[name].ravel() for name in sorted(variances)])
-    return StartingPoint(positions=positions, step_size=step_size, inverse_mass_matrix=flat)
+    inverse_mass = np.eye(flat.shape[1])  # a coordinate the previous fit did not have: its prior's unit scale
+    inverse_mass[np.ix_(seen_coordinates, seen_coordinates)] = regularised_covariance(flat[:, seen_coordinates])
+    return StartingPoint(positions=positions, step_size=step_size, inverse_mass_matrix=inverse_mass.astype(np.float32))
 
 
 def unconstrained_draws(idata: az.InferenceData) -> dict[str, np.ndarray]:
@@ -179,10 +188,19 @@ def unconstrained_draws(idata: az.InferenceData) -> dict[str, np.ndarray]:
         }
 
 
-def _regularised_variance(values: np.ndarray) -> np.ndarray:
-    """The variance over draws (axis 0), shrunk as NumPyro's windowed estimate is."""
-    n = values.shape[0]
-    return (n / (n + _SHRINK_DRAWS)) * values.var(axis=0, ddof=1) + _SHRINK_TO * (_SHRINK_DRAWS / (n + _SHRINK_DRAWS))
+def regularised_covariance(draws: np.ndarray) -> np.ndarray:
+    """The covariance of ``draws`` (draw, coordinate), shrunk as Stan and NumPyro shrink their estimates.
+
+    ``(n/(n+5))·Σ + 1e-3·(5/(n+5))·I`` for n draws. With fewer than
+    :data:`MIN_DRAWS_PER_COORDINATE` draws a coordinate the correlations are
+    too noisy to trust (Σ is near-singular below one): only the variances
+    are kept.
+    """
+    n, size = draws.shape
+    covariance = np.atleast_2d(np.cov(draws, rowvar=False))
+    if n < MIN_DRAWS_PER_COORDINATE * size:
+        covariance = np.diag(np.diag(covariance))
+    return (n / (n + _SHRINK_DRAWS)) * covariance + _SHRINK_TO * (_SHRINK_DRAWS / (n + _SHRINK_DRAWS)) * np.eye(size)
 
 
 def _attr(idata: az.InferenceData, key: str):
@@ -190,10 +208,12 @@ def _attr(idata: az.InferenceData, key: str):
 
 
 __all__ = [
+    "MIN_DRAWS_PER_COORDINATE",
     "MIN_WARM_WARMUP",
     "WARM_WARMUP_FRACTION",
     "WarmSource",
     "WarmStartUnusable",
+    "regularised_covariance",
     "starting_point",
     "unconstrained_draws",
     "warm_warmup",
