@@ -414,16 +414,17 @@ def latest(
 
 @app.command()
 def reindex(as_json: JsonFlag = False) -> None:
-    """Rebuild the latest pointers from the store, repair job records it proves finished, queue again submitted jobs Redis lost."""
+    """Rebuild the latest pointers from the store, repair job records it proves finished, queue again jobs Redis lost."""
     from shared.jobs.submissions import reindex as rebuild
 
     client = _client()
-    done = rebuild(registry=client.registry, store=client.store, publish=client.send)
+    done = rebuild(registry=client.registry, store=client.store, publish=client.send, leases=client.services.leases)
     if as_json:
         _print_json(done)
     else:
-        say(out, f"rebuilt {done['pointers']} latest pointer(s), repaired {done['repaired']} job record(s) and queued "
-                 f"{done['requeued']} lost job(s) again from {client.store.url}")
+        say(out, f"rebuilt {done['pointers']} latest pointer(s), repaired {done['repaired']} job record(s), queued "
+                 f"{done['requeued']} lost job(s) again from {client.store.url} and sent {done['resent']} queued "
+                 "job(s) whose message was lost")
 
 
 @app.command()

@@ -105,7 +105,7 @@ def test_a_producer_token_gets_403_from_operator_endpoints(api):
         for method, path in (("POST", "/v1/reindex"), ("GET", "/v1/fleet")):
             answer = producer.request(method, path)
             assert answer.status_code == 403 and "operator token" in answer.json()["detail"]
-        assert operator.post("/v1/reindex").json() == {"pointers": 0, "repaired": 0, "requeued": 0}
+        assert operator.post("/v1/reindex").json() == {"pointers": 0, "repaired": 0, "requeued": 0, "resent": 0}
         fleet = operator.get("/v1/fleet").json()
     assert set(fleet["queues"]) == {"calq.gpu", "calq.cpu", "calq.gpu.batch", "calq.cpu.batch"}
 

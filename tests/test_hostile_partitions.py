@@ -337,7 +337,7 @@ def test_reindex_queues_again_every_submitted_job_the_registry_lost_and_only_tho
     sent = []
     done = reindex(registry=registry, store=store, publish=lambda message, queue: sent.append((message["job_id"], queue)))
     assert sent == [(lost_job.job_id, "calq.cpu")]
-    assert done == {"pointers": 1, "repaired": 1, "requeued": 1}
+    assert done == {"pointers": 1, "repaired": 1, "requeued": 1, "resent": 0}
     assert registry.get(lost_job.job_id).state.value == "queued"
     assert registry.get(finished.job_id).state.value == "succeeded"
     sent.clear()

@@ -224,7 +224,7 @@ def reindex(token: Token = Depends(operator), ctx: ApiContext = Depends(context)
     from shared.jobs.submissions import reindex as rebuild
 
     client = ctx.client
-    return rebuild(registry=client.registry, store=client.store, publish=client.send)
+    return rebuild(registry=client.registry, store=client.store, publish=client.send, leases=client.services.leases)
 
 
 @router.get("/v1/fleet", tags=["operator"])

@@ -318,6 +318,10 @@ class Leases:
 
     # -- the supervisor's and the reaper's side --
 
+    def leased(self, job_id: str) -> bool:
+        """Whether ``job_id`` is in the leased set: running under a lease, or lapsed and the reaper's to hand back."""
+        return bool(self.redis.sismember(self.leased_key, job_id))
+
     def claim_held(self, worker: str) -> str | None:
         """The job ``worker`` (a process that died) held, now to be handed back; None if none."""
         job = self._claim_held(keys=[self.holding_key(worker), self.leased_key],

@@ -10,7 +10,9 @@ store, before the message is enqueued::
 :func:`requeue_lost` (what ``calq reindex`` runs, after the records the store
 proves finished were repaired) sends again every recorded submission that
 has neither a summary in the store nor a record in the registry: nothing
-that was submitted is lost for good. ``calq wait`` on such a job says the
+that was submitted is lost for good. A record Redis kept while losing its
+message (queued, its message in no queue) is sent again with its
+submission's message and queue too (:mod:`shared.jobs.stranded`). ``calq wait`` on such a job says the
 registry lost it and what to run (:func:`lost`).
 
 A submission object is read back as untrusted input (anyone holding the
@@ -54,26 +56,43 @@ def record_submission(store: Store, job: CalibrationJob, *, queue: str) -> str:
     return store.put_json(submission_key(job.job_id), {"message": job.to_message(), "queue": queue})
 
 
-def submitted(store: Store) -> Iterator[tuple[CalibrationJob, str]]:
-    """Every readable submission in the store: ``(job, queue)``; bad ones skipped with a warning naming the key."""
+def _read(store: Store, uri: str) -> tuple[CalibrationJob, str]:
+    """The ``(job, queue)`` of the submission at ``uri``; raises on anything else (see the module docstring)."""
     from shared.jobs.celery_app import ALL_QUEUES
 
+    data = store.get_bytes(uri)
+    if len(data) > MAX_SUBMISSION_BYTES:
+        raise _NotASubmission(f"larger than {MAX_SUBMISSION_BYTES} bytes")
+    body = json.loads(data)
+    job = CalibrationJob.model_validate(body["message"])
+    queue = body["queue"]
+    if uri != store.uri(submission_key(job.job_id)) or queue not in ALL_QUEUES:
+        raise _NotASubmission("not at its own job's key, or not one of calq's queues")
+    return job, queue
+
+
+def _readable(store: Store, uri: str) -> tuple[CalibrationJob, str] | None:
+    """:func:`_read`, or None with a warning naming the key when what lies there is no submission."""
+    try:
+        return _read(store, uri)
+    except Exception as exc:  # any content at all may lie there: only calq's own words are logged
+        log.warning("skipping submission %s: %s", uri, exc if isinstance(exc, _NotASubmission) else type(exc).__name__)
+        return None
+
+
+def submitted(store: Store) -> Iterator[tuple[CalibrationJob, str]]:
+    """Every readable submission in the store: ``(job, queue)``; bad ones skipped with a warning naming the key."""
     for uri in store.list(SUBMISSIONS_PREFIX):
-        if not uri.endswith(".json"):
-            continue
-        try:
-            data = store.get_bytes(uri)
-            if len(data) > MAX_SUBMISSION_BYTES:
-                raise _NotASubmission(f"larger than {MAX_SUBMISSION_BYTES} bytes")
-            body = json.loads(data)
-            job = CalibrationJob.model_validate(body["message"])
-            queue = body["queue"]
-            if uri != store.uri(submission_key(job.job_id)) or queue not in ALL_QUEUES:
-                raise _NotASubmission("not at its own job's key, or not one of calq's queues")
-        except Exception as exc:  # any content at all may lie there: only calq's own words are logged
-            log.warning("skipping submission %s: %s", uri, exc if isinstance(exc, _NotASubmission) else type(exc).__name__)
-            continue
-        yield job, queue
+        if uri.endswith(".json") and (found := _readable(store, uri)) is not None:
+            yield found
+
+
+def submission(store: Store, job_id: str) -> tuple[CalibrationJob, str] | None:
+    """The submission of ``job_id``: ``(job, queue)``, or None when there is none (or a bad one, with a warning)."""
+    key = submission_key(job_id)
+    if not SAFE_ID.fullmatch(job_id) or not store.exists(key):
+        return None
+    return _readable(store, store.uri(key))
 
 
 def requeue_lost(registry: Any, store: Store, publish: Callable[[dict[str, Any], str], Any]) -> list[str]:
@@ -123,18 +142,25 @@ def repair_from_store(registry: Any, catalog: Any) -> list[str]:
     return [summary.job_id for summary in catalog.summaries() if registry.repair(summary.job_id, catalog) is not None]
 
 
-def reindex(*, registry: Any, store: Store, publish: Callable[[dict[str, Any], str], Any]) -> dict[str, int]:
-    """What ``calq reindex`` (and the API's) does: rebuild ``latest``, repair records, queue lost submissions.
+def reindex(*, registry: Any, store: Store, publish: Callable[[dict[str, Any], str], Any], leases: Any = None,
+            grace_s: float | None = None) -> dict[str, int]:
+    """What ``calq reindex`` (and the API's) does: rebuild ``latest``, repair records, queue lost jobs again.
 
-    ``{"pointers", "repaired", "requeued"}``: the latest pointers rebuilt
-    from the store, the records the store proves finished
-    (:func:`repair_from_store`), and the submitted jobs the
-    registry had lost, queued again (:func:`requeue_lost`).
+    ``{"pointers", "repaired", "requeued", "resent"}``: the latest pointers
+    rebuilt from the store, the records the store proves finished
+    (:func:`repair_from_store`), the submitted jobs the registry had lost,
+    queued again (:func:`requeue_lost`), and, given the fleet's ``leases``,
+    the queued jobs whose message was lost, older than ``grace_s``
+    (:data:`shared.jobs.stranded.GRACE_S` if None), sent again
+    (:func:`shared.jobs.stranded.resend_stranded`).
     """
+    from shared.jobs.stranded import GRACE_S, resend_stranded
     from shared.storage.catalog import Catalog
 
     catalog = Catalog(store)
     pointers = registry.rebuild_latest(catalog)
     repaired = repair_from_store(registry, catalog)
     requeued = requeue_lost(registry, store, publish)
-    return {"pointers": pointers, "repaired": len(repaired), "requeued": len(requeued)}
+    resent = [] if leases is None else resend_stranded(registry, store, leases, publish,
+                                                       grace_s=GRACE_S if grace_s is None else grace_s)
+    return {"pointers": pointers, "repaired": len(repaired), "requeued": len(requeued), "resent": len(resent)}
