@@ -11,16 +11,13 @@ connects to Redis as its own ACL user from ``calq acl`` (:mod:`shared.jobs.acl`)
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from bench.faults import CONVERGENCE, Worker
 from producer.api.app import ApiContext, create_app
 from producer.api.server import in_background
 from shared.contract.settings import Settings
@@ -28,7 +25,7 @@ from shared.contract.summary import CalibrationSummary
 from shared.data.dataset import save_dataset
 from shared.data.synth import synthesize
 from shared.jobs.acl import acl_rules, setuser_args
-from tests.services import free_port
+from tests.services import Worker, calq_environ, convergence_environ, free_port, run_calq
 
 pytestmark = pytest.mark.integration
 
@@ -64,10 +61,8 @@ def fleet(acl_users, tmp_path_factory):
     """A worker and the API, each as its ACL user, on one Redis and store: ``(url, ctx, producer_env, producer_dir)``."""
     root = tmp_path_factory.mktemp("api-fleet")
     store = root / "store"
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-    fleet_env = {**environ, "CALQ_BROKER_URL": acl_users["worker"], "CALQ_STORAGE_URL": str(store),
-                 "CALQ_COMPILE_CACHE_DIR": str(root / "jax-cache"), "CALQ_WARM_START": "false",
-                 "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), **CONVERGENCE}
+    fleet_env = calq_environ(CALQ_BROKER_URL=acl_users["worker"], CALQ_STORAGE_URL=str(store), CALQ_WARM_START="false",
+                             **convergence_environ())
     worker = Worker(fleet_env, root / "worker.log", children=1)
     settings = Settings(broker_url=acl_users["api"], storage_url=str(store), compile_cache_dir=None)
     ctx = ApiContext.from_settings(settings)
@@ -76,21 +71,16 @@ def fleet(acl_users, tmp_path_factory):
     try:
         with in_background(create_app(ctx=ctx), port=free_port()) as url:
             secret, _ = ctx.tokens.create("optimizer", role="producer")
-            producer_env = {**environ, "CALQ_API__URL": url, "CALQ_API__TOKEN": secret, "PYTHONPATH": str(ROOT),
-                            "CALQ_COMPILE_CACHE_DIR": ""}
-            worker.wait_ready()
+            producer_env = calq_environ(CALQ_API__URL=url, CALQ_API__TOKEN=secret)
+            worker.wait_ready(180)
             yield url, ctx, producer_env, producer_dir
     finally:
-        worker.stop()
+        worker.stop(120)
 
 
 def calq(fleet, *args, check=True) -> subprocess.CompletedProcess:
     _, _, environ, cwd = fleet
-    result = subprocess.run([sys.executable, "-m", "producer.cli", *args], env=environ, cwd=cwd,
-                            capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"calq {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
-    return result
+    return run_calq(environ, cwd, *args, check=check)
 
 
 @pytest.fixture(scope="module")

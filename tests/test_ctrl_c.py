@@ -15,7 +15,6 @@ Each runs ``calq`` as a person does, in a subprocess, and sends it SIGINT.
 from __future__ import annotations
 
 import io
-import os
 import re
 import signal
 import subprocess
@@ -33,39 +32,30 @@ from producer.client import CalibrationClient
 from producer.exit_codes import ExitCode
 from shared.contract.job import JobState
 from shared.contract.settings import Settings
-from shared.data.dataset import save_dataset
-from shared.data.synth import synthesize
 from shared.jobs.registry import RedisRegistry, StoreRegistry
 from shared.storage.store import Store
-from tests.services import until
+from tests.services import calq_environ, convergence_environ, season_file, start_calq, until
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--warmup", "30", "--samples", "30", "--chains", "1"]
 #: Long enough to be still sampling when the Ctrl-C comes (never run to its end).
 LONG = ["--warmup", "10000", "--samples", "10000", "--chains", "1"]
-CONVERGENCE = {"CALQ_CONVERGENCE__MIN_ESS_BULK": "5", "CALQ_CONVERGENCE__MAX_RHAT": "1.5",
-               "CALQ_CONVERGENCE__MAX_DIVERGENCES": "50"}
+CONVERGENCE = convergence_environ({"min_ess_bulk": 5, "max_rhat": 1.5, "max_divergences": 50})
 #: The season's intermediate races from 2024-03-03 to 2024-06-02: one data window each after the first.
 WIDER = ("--from", "2024-03-01", "--to", "2024-06-05")
 
 
 @pytest.fixture(scope="module")
 def season(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("ctrl-c-data")
-    return save_dataset(synthesize(seasons=1, scenarios=20, seed=3, drivers_per_race=8, pool_size=10),
-                        folder / "season.nc")
+    return season_file(tmp_path_factory.mktemp("ctrl-c-data"), scenarios=20, seed=3, drivers_per_race=8, pool_size=10)
 
 
 def environment(store: Path, **extra: str) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-    environ.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", CALQ_COMPILE_CACHE_DIR="", COLUMNS="80",
-                   CALQ_STORAGE_URL=str(store), **CONVERGENCE, **extra)
-    return environ
+    return calq_environ(COLUMNS="80", CALQ_STORAGE_URL=str(store), **CONVERGENCE, **extra)
 
 
 def start(environ: dict[str, str], cwd: Path, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "producer.cli", *args], env=environ, cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_calq(environ, cwd, *args, text=True)
 
 
 def interrupt(proc: subprocess.Popen[str], *, when, what: str, times: int = 1, timeout: float = 240):
