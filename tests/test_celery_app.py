@@ -63,6 +63,20 @@ def test_queue_for_rejects_unknown(name):
         app_module.queue_for(name)
 
 
+@pytest.mark.parametrize(("name", "queue"), [("gpu", "calq.gpu"), (" CPU ", "calq.cpu"), ("calq.gpu", "calq.gpu")])
+def test_the_default_queue_setting_reads_names_as_queue_for_does(name, queue, monkeypatch):
+    assert Settings(default_queue=name).default_queue == queue
+    monkeypatch.setenv("CALQ_DEFAULT_QUEUE", name)
+    assert Settings().default_queue == queue
+    assert app_module.make_app(broker_settings()).conf.task_default_queue == queue
+
+
+@pytest.mark.parametrize("name", ["tpu", "", "calq.tpu"])
+def test_the_default_queue_setting_rejects_what_queue_for_rejects(name):
+    with pytest.raises(ValueError, match="unknown queue"):
+        Settings(default_queue=name)
+
+
 def test_app_without_broker_fails_clearly_only_when_used(monkeypatch):
     monkeypatch.setattr(app_module, "get_settings", lambda: Settings(broker_url=None))
     app_module.get_app.cache_clear()

@@ -1,1 +1,1 @@
-"""The contract: domain names, the error tree, job and summary schemas, settings. Pure pydantic, no I/O."""
+"""The contract: domain names, the error tree, job and summary schemas, queue names, settings. Pure pydantic, no I/O."""

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.contract.job import SamplerSettings
+from shared.contract.queues import queue_for
 from shared.contract.summary import ConvergenceCriteria
 
 DEFAULT_STORE = "./calq-store"
@@ -279,7 +280,9 @@ class Settings(BaseSettings):
         "the result agrees with a cold start within Monte Carlo error.",
     )
     default_queue: Literal["calq.gpu", "calq.cpu"] = Field(
-        "calq.cpu", description="Queue of submitted jobs; GPU workers serve both queues, CPU workers calq.cpu."
+        "calq.cpu",
+        description="Queue of submitted jobs (gpu and cpu name them too); GPU workers serve both queues, CPU workers "
+        "calq.cpu.",
     )
 
     job_time_limit_s: int = Field(3600, ge=1, description="Hard wall-clock limit of one job.")
@@ -333,6 +336,12 @@ class Settings(BaseSettings):
             found = f"this one starts with {scheme}://" if scheme else "this one has no scheme"
             raise ValueError(f"a Redis URL starts with {', '.join(s + '://' for s in REDIS_SCHEMES)}; {found}")
         return value
+
+    @field_validator("default_queue", mode="before")
+    @classmethod
+    def _queue_name(cls, value: object) -> object:
+        """A queue's short or full name, in any case, read by the one rule (:func:`shared.contract.queues.queue_for`)."""
+        return queue_for(value) if isinstance(value, str) else value
 
     @field_validator("compile_cache_dir", mode="before")
     @classmethod

@@ -51,6 +51,11 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
+# The queue names and their one rule are the contract's (the settings read them too); re-exported here.
+from shared.contract.queues import CPU_QUEUE as CPU_QUEUE
+from shared.contract.queues import GPU_QUEUE as GPU_QUEUE
+from shared.contract.queues import QUEUES as QUEUES
+from shared.contract.queues import queue_for as queue_for
 from shared.contract.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -59,9 +64,6 @@ if TYPE_CHECKING:
 TASK_NAME = "calq.calibrate"
 #: A batch of job messages in one delivery (worker.batch, shared.jobs.batch).
 BATCH_TASK_NAME = "calq.calibrate_batch"
-GPU_QUEUE = "calq.gpu"
-CPU_QUEUE = "calq.cpu"
-QUEUES = (GPU_QUEUE, CPU_QUEUE)
 INTERACTIVE = "interactive"
 BATCH = "batch"
 #: A job's lane: interactive jobs (the default) always go before batch ones (backfills, evaluations).
@@ -73,18 +75,6 @@ SOFT_LIMIT_MARGIN_S = 60
 # A worker_process_init handler gets this long before a prefork child is killed;
 # the handler warms JAX, which takes longer than Celery's default 4 s.
 PROCESS_INIT_TIMEOUT_S = 120.0
-
-_QUEUE_ALIASES = {"gpu": GPU_QUEUE, "cpu": CPU_QUEUE, GPU_QUEUE: GPU_QUEUE, CPU_QUEUE: CPU_QUEUE}
-
-
-def queue_for(name: str) -> str:
-    """The queue a short or full name means: ``gpu``/``calq.gpu`` → ``calq.gpu``, same for cpu."""
-    key = name.strip().lower() if isinstance(name, str) else name
-    try:
-        return _QUEUE_ALIASES[key]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown queue {name!r}: use one of gpu, cpu, {', '.join(QUEUES)}") from None
-
 
 def lane_queue(queue: str, lane: str = INTERACTIVE) -> str:
     """The queue a job of ``lane`` waits in: ``queue`` itself, or its batch twin ``queue.batch``."""
