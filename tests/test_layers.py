@@ -10,6 +10,7 @@ interpreter, so the test sees real import side effects, lazy imports aside).
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,22 @@ def test_the_supervisor_imports_no_celery():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"imported by worker.supervisor: {result.stdout.strip()}"
+
+
+def test_calq_fleet_reads_no_dataset_so_imports_no_xarray():
+    """``calq fleet --json`` reads Redis only: the registry and the store it passes through import no xarray (~1 s)."""
+    code = (
+        "import sys\n"
+        "sys.argv = ['calq', 'fleet', '--json']\n"
+        "from producer.cli import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('heavy:' + ','.join(sorted(m for m in ('xarray', 'pandas', 'arviz') if m in sys.modules)))\n"
+    )
+    environ = {**os.environ, "CALQ_BROKER_URL": "redis://127.0.0.1:1/0"}  # nobody listens: it fails after importing
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env=environ)
+    assert "BrokerUnavailable" in result.stderr, result.stderr[-2000:]  # it got as far as reaching Redis
+    assert result.stdout.strip().splitlines()[-1] == "heavy:", f"imported by calq fleet: {result.stdout.strip()}"

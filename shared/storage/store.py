@@ -12,7 +12,9 @@ Contracts:
 - **NetCDF goes through a local file** (NetCDF4 cannot be written to an S3
   handle, pydata/xarray#4122), and is read back fully into memory with every
   file closed (a lazily opened file breaks a later overwrite,
-  arviz-devs/arviz#1734). Attributes that NetCDF cannot hold (dicts, lists of
+  arviz-devs/arviz#1734). :mod:`shared.storage.netcdf` (xarray, about a
+  second to import) is imported by those two methods only, so a process that
+  reads no dataset (``calq fleet``, ``status``) never pays for it. Attributes that NetCDF cannot hold (dicts, lists of
   mixed types, bools, ``None``) are stored JSON-encoded as strings.
 - **Claim check.** Datasets are content-addressed: ``datasets/<sha256>.nc``.
   A job carries the URI and the hash; :meth:`Store.fetch_dataset` returns a
@@ -69,7 +71,6 @@ from shared.contract.errors import (
     is_authentication_failure,
 )
 from shared.contract.settings import S3Settings, Settings, redact_url, storage_url_from
-from shared.storage.netcdf import read_inference_data, write_netcdf
 from shared.storage.provenance import key_bytes
 
 if TYPE_CHECKING:
@@ -491,6 +492,8 @@ class Store:
         uploaded with :meth:`put_file`. Attributes NetCDF cannot hold are
         stored JSON-encoded.
         """
+        from shared.storage.netcdf import write_netcdf
+
         with tempfile.TemporaryDirectory(prefix="calq-netcdf-") as tmp_dir:
             local = Path(tmp_dir) / "data.nc"
             write_netcdf(obj, local)
@@ -505,6 +508,8 @@ class Store:
         the bytes are copied to a local file and must hash to it before
         anything is decoded, else :class:`Unverified`.
         """
+        from shared.storage.netcdf import read_inference_data
+
         fs, path, uri = self._resolve(uri_or_key)
         if isinstance(fs, LocalFileSystem) and sha256 is None:
             with storage_errors(uri):
