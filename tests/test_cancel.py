@@ -11,10 +11,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,11 +21,10 @@ import pytest
 from producer.client import CalibrationClient, JobDidNotSucceed
 from producer.exit_codes import ExitCode
 from shared.contract.job import JobState, JobStatus
-from shared.contract.settings import S3Settings, Settings
-from shared.data.dataset import save_dataset
+from shared.contract.settings import Settings
 from shared.jobs.registry import StoreRegistry
 from shared.storage.store import Store
-from tests.services import calq_worker, until
+from tests.services import calq_environ, calq_worker, convergence_environ, new_s3_store, run_calq, season_file, start_calq, until
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"warmup": 30, "samples": 30, "chains": 1}
@@ -35,13 +32,11 @@ TINY = {"warmup": 30, "samples": 30, "chains": 1}
 #: default cap on draws per chain.
 LONG = {"warmup": 10_000, "samples": 10_000, "chains": 1}
 EVENTS = "top_5"
-CONVERGENCE = {"CALQ_CONVERGENCE__MIN_ESS_BULK": "5", "CALQ_CONVERGENCE__MAX_RHAT": "1.5",
-               "CALQ_CONVERGENCE__MAX_DIVERGENCES": "50"}
+CONVERGENCE = convergence_environ({"min_ess_bulk": 5, "max_rhat": 1.5, "max_divergences": 50})
 
 
 def calq(environ: dict[str, str], cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "producer.cli", *args], env=environ, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_calq(environ, cwd, *args, check=False, timeout=timeout)
 
 
 def sampling(status: JobStatus | None) -> bool:
@@ -53,11 +48,7 @@ def sampling(status: JobStatus | None) -> bool:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    from shared.data.synth import synthesize
-
-    path = tmp_path_factory.mktemp("cancel-data") / "season.nc"
-    save_dataset(synthesize(seasons=1, scenarios=100, seed=11), path)
-    return path
+    return season_file(tmp_path_factory.mktemp("cancel-data"), scenarios=100, seed=11)
 
 
 # -- embedded ----------------------------------------------------------------------
@@ -65,9 +56,7 @@ def dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def embedded(tmp_path) -> tuple[dict[str, str], Path, Settings]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-    environ.update(CALQ_STORAGE_URL=str(tmp_path / "store"), CALQ_COMPILE_CACHE_DIR=str(tmp_path / "jax-cache"),
-                   PYTHONPATH=str(ROOT), **CONVERGENCE)
+    environ = calq_environ(CALQ_STORAGE_URL=str(tmp_path / "store"), **CONVERGENCE)
     return environ, tmp_path, Settings(storage_url=str(tmp_path / "store"), compile_cache_dir=None)
 
 
@@ -110,8 +99,7 @@ def test_ctrl_c_cancels_an_embedded_calibrate_cleanly(embedded, dataset):
     registry = StoreRegistry(Store(settings.storage_url))
     args = ["calibrate", str(dataset), "--archetype", "intermediate", "--events", EVENTS,
             *(f"--{k}={v}" for k, v in LONG.items())]
-    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", *args], env=environ, cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_calq(environ, cwd, *args, text=True)
     try:
         running = until(lambda: next((r for r in registry.jobs() if sampling(r)), None), timeout=180,
                         what="the embedded job sampling")
@@ -141,22 +129,11 @@ def test_ctrl_c_cancels_an_embedded_calibrate_cleanly(embedded, dataset):
 @pytest.fixture(scope="module")
 def fleet(redis_server, s3_server, tmp_path_factory):
     """A `calq worker --gpus none` (one CPU worker process) on redis-server and a moto S3 bucket."""
-    from tests.services import S3_KEY, S3_REGION, S3_SECRET, s3_client
-
     bucket = "calq-cancel"
-    s3_client(s3_server).create_bucket(Bucket=bucket)
     root = tmp_path_factory.mktemp("cancel-fleet")
     url = redis_server.url.rsplit("/", 1)[0] + "/3"  # a database of its own: other fleet tests keep theirs
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-    environ.update(
-        CALQ_BROKER_URL=url, CALQ_STORAGE_URL=f"s3://{bucket}/calq", CALQ_S3__ENDPOINT_URL=s3_server,
-        CALQ_S3__ACCESS_KEY_ID=S3_KEY, CALQ_S3__SECRET_ACCESS_KEY=S3_SECRET, CALQ_S3__REGION=S3_REGION,
-        CALQ_COMPILE_CACHE_DIR=str(root / "jax-cache"), PYTHONPATH=str(ROOT), **CONVERGENCE,
-    )
-    settings = Settings(
-        broker_url=url, storage_url=f"s3://{bucket}/calq", compile_cache_dir=None,
-        s3=S3Settings(endpoint_url=s3_server, access_key_id=S3_KEY, secret_access_key=S3_SECRET, region=S3_REGION),
-    )
+    store, settings = new_s3_store(s3_server, bucket, broker_url=url)
+    environ = calq_environ(CALQ_BROKER_URL=url, **store, **CONVERGENCE)
     with calq_worker(environ, root):
         yield environ, root, CalibrationClient(settings)
 

@@ -21,17 +21,15 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from shared.contract.job import JobState
-from shared.contract.settings import S3Settings, Settings
-from tests.services import S3_KEY, S3_REGION, S3_SECRET, TcpProxy, free_port, s3_client
+from tests.services import TcpProxy, Worker, alive, calq_environ, convergence_environ, free_port, new_s3_store, start_redis, until
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -39,8 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "calq-faults"
 EVENTS = "top_5,top_10"
 #: Tiny runs cannot reach 400 effective draws: these criteria let them count as converged.
-CONVERGENCE = {"CALQ_CONVERGENCE__MIN_ESS_BULK": "10", "CALQ_CONVERGENCE__MAX_RHAT": "1.2",
-               "CALQ_CONVERGENCE__MAX_DIVERGENCES": "5"}
+CONVERGENCE = convergence_environ()
 #: Leases and backoff shortened, so a lapse or an outage costs seconds in the suite.
 FAST = {"CALQ_RECOVERY__LEASE_S": "4", "CALQ_RECOVERY__HEARTBEAT_S": "1", "CALQ_RECOVERY__REAPER_INTERVAL_S": "1",
         "CALQ_RECOVERY__RETRY_FIRST_S": "0.5", "CALQ_RECOVERY__RETRY_MAX_S": "2"}
@@ -69,31 +66,14 @@ class AofRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        import redis
-
-        log = open(self.workdir / "redis.log", "ab")
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--maxmemory-policy", "noeviction"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-        log.close()
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-        wait_until(lambda: _pings(client), 15, "redis-server to answer")
-        client.close()
+        self.proc, _ = start_redis(self.workdir, port=self.port, binary=self.binary,
+                                   args=("--appendonly", "yes", "--appendfsync", "always"))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
         self.proc = None
-
-
-def _pings(client) -> bool:
-    try:
-        return bool(client.ping())
-    except Exception:
-        return False
 
 
 class Moto:
@@ -128,96 +108,6 @@ class Moto:
             self.server = None
 
 
-def wait_until(predicate: Callable[[], object], timeout: float, what: str, poll: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(poll)
-
-
-# -- workers -------------------------------------------------------------------------
-
-
-def children_of(pid: int) -> list[int]:
-    """Pids whose parent is ``pid`` (from /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-class Worker:
-    """``python -m worker --gpus none`` (a supervisor and its Celery children), logging to a file."""
-
-    def __init__(self, env: dict[str, str], log: Path, *, children: int = 1) -> None:
-        self.log = log
-        out = open(log, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "--gpus", "none", "--cpu-workers", str(children)],
-            env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-        )
-        out.close()
-        self.n = children
-
-    def children(self) -> list[int]:
-        return children_of(self.proc.pid)
-
-    def child_named(self, name: str) -> int | None:
-        """The pid of the child a record's ``worker`` names (``{hostname}#{pid}``, or a Celery hostname)."""
-        held = name.partition("#")[2]
-        if held.isdigit():
-            return int(held) if int(held) in self.children() else None
-        for pid in self.children():
-            try:
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if name.encode() in argv:
-                return pid
-        return None
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        wait_until(lambda: self.log.read_text(errors="replace").count(" ready.") >= self.n, timeout,
-                   f"{self.n} Celery worker(s) ready in {self.log}", poll=0.25)
-
-    def kill_all(self) -> None:
-        """SIGKILL the supervisor and its children: the whole worker is gone at once."""
-        kids = self.children()
-        self.proc.kill()
-        for pid in kids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.kill_all()
-
-
 # -- the fleet under test --------------------------------------------------------------
 
 
@@ -238,22 +128,14 @@ class Faults:
 
         self.redis.start()
         self.s3.start()
-        s3_client(self.s3.url).create_bucket(Bucket=BUCKET)
-        self.settings = Settings(
-            broker_url=self.redis.url, storage_url=f"s3://{BUCKET}/calq", compile_cache_dir=None,
-            s3=S3Settings(endpoint_url=self.s3.url, access_key_id=S3_KEY, secret_access_key=S3_SECRET, region=S3_REGION),
-        )
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
-        self.env.update(
-            CALQ_BROKER_URL=self.redis.url, CALQ_STORAGE_URL=f"s3://{BUCKET}/calq",
-            CALQ_S3__ENDPOINT_URL=self.s3.url, CALQ_S3__ACCESS_KEY_ID=S3_KEY,
-            CALQ_S3__SECRET_ACCESS_KEY=S3_SECRET, CALQ_S3__REGION=S3_REGION,
-            CALQ_COMPILE_CACHE_DIR=str(self.tmp / "jax-cache"),
+        store, self.settings = new_s3_store(self.s3.url, BUCKET, broker_url=self.redis.url)
+        self.env = calq_environ(
+            CALQ_BROKER_URL=self.redis.url, **store,
             CALQ_RECOVERY__SPOOL_DIR=str(self.tmp / "spool"),
             # Each test needs its job still sampling when the fault strikes; a warm start (from the fits of
             # earlier tests) shortens jobs by how near a fit is. Warm starts have their own tests.
             CALQ_WARM_START="false",
-            PYTHONPATH=str(ROOT), **CONVERGENCE,
+            **CONVERGENCE,
         )
         self.dataset = self.tmp / "season.nc"
         save_dataset(synthesize(seasons=1, scenarios=200, seed=5), self.dataset)
@@ -296,15 +178,15 @@ class Faults:
             return None  # Redis may be the fault
 
     def wait_state(self, job_id: str, states: set[JobState], timeout: float):
-        return wait_until(lambda: (r := self.record(job_id)) is not None and r.state in states and r, timeout,
-                          f"{job_id} to be {', '.join(s.value for s in states)}")
+        return until(lambda: (r := self.record(job_id)) is not None and r.state in states and r,
+                     timeout=timeout, what=f"{job_id} to be {', '.join(s.value for s in states)}")
 
     def wait_sampling(self, job_id: str, fraction: float = 0.1, timeout: float = 120):
         def sampling():
             r = self.record(job_id)
             return r is not None and r.state is JobState.RUNNING and r.progress is not None and \
                 r.progress.phase == "sampling" and r.progress.fraction >= fraction and r
-        return wait_until(sampling, timeout, f"{job_id} to be sampling", poll=0.05)
+        return until(sampling, timeout=timeout, what=f"{job_id} to be sampling", every=0.05)
 
     def wait_finishing(self, job_id: str, timeout: float = 120):
         """Running and near its end: sampling past 90 %, or already in diagnostics or the write.
@@ -319,7 +201,7 @@ class Faults:
             phase = r.progress.phase
             near_end = (phase == "sampling" and r.progress.fraction >= 0.9) or phase in ("diagnostics", "write")
             return near_end and r
-        return wait_until(finishing, timeout, f"{job_id} to be finishing", poll=0.02)
+        return until(finishing, timeout=timeout, what=f"{job_id} to be finishing", every=0.02)
 
     def listen(self) -> None:
         """Collect every progress phase each job reports (the registry's pub/sub), across Redis restarts."""
@@ -398,8 +280,8 @@ def test_child_sigkilled_mid_sampling_runs_again_within_90_s_at_default_settings
     (child,) = worker.children()
     os.kill(child, signal.SIGKILL)
     killed = time.monotonic()
-    wait_until(lambda: (r := faults.record(job_id)) and r.state is JobState.RUNNING and
-               r.started_at != first.started_at and r, 90, "the job to run again")
+    until(lambda: (r := faults.record(job_id)) and r.state is JobState.RUNNING and
+               r.started_at != first.started_at and r, timeout=90, what="the job to run again")
     recovery = time.monotonic() - killed
     report("SIGKILL of the child → running again (default settings)", recovery)
     assert recovery < 90
@@ -457,7 +339,7 @@ def test_s3_stopped_mid_write_costs_waiting_not_the_fit(faults, pair, down_s):
     faults.wait_sampling(job_id, 0.1)  # sampling reads and writes nothing in S3: the write is the first to meet the outage
     faults.s3.stop()
     try:
-        wait_until(lambda: "waiting for storage" in faults.phases.get(job_id, []), 60, "the write to wait for S3")
+        until(lambda: "waiting for storage" in faults.phases.get(job_id, []), timeout=60, what="the write to wait for S3")
         assert faults.record(job_id).state is JobState.RUNNING
         time.sleep(down_s)
     finally:
@@ -473,7 +355,7 @@ def test_a_child_killed_while_its_draws_wait_for_storage_loses_nothing(faults, p
     faults.wait_sampling(job_id, 0.1)
     faults.s3.stop()
     try:
-        wait_until(lambda: "waiting for storage" in faults.phases.get(job_id, []), 60, "the write to wait for S3")
+        until(lambda: "waiting for storage" in faults.phases.get(job_id, []), timeout=60, what="the write to wait for S3")
         pid = pair.child_named(faults.record(job_id).worker)
         assert pid is not None
         os.kill(pid, signal.SIGKILL)  # the draws and the summary are in the spool, not yet in the store
@@ -517,8 +399,8 @@ def test_the_whole_worker_sigkilled_then_a_new_one_started(faults, pair):
     worker.kill_all()
     killed = time.monotonic()
     successor = faults.worker(children=1)
-    record = wait_until(lambda: (r := faults.record(job_id)) and r.state is JobState.RUNNING and
-                        r.started_at != first.started_at and r, 120, "the job to run again on the new worker")
+    record = until(lambda: (r := faults.record(job_id)) and r.state is JobState.RUNNING and
+                        r.started_at != first.started_at and r, timeout=120, what="the job to run again on the new worker")
     report("whole worker SIGKILLed → running on the new worker", time.monotonic() - killed)
     faults.wait_state(job_id, {JobState.SUCCEEDED}, 240)
     faults.assert_done_once(job_id, sampler_runs=2)
@@ -557,7 +439,7 @@ def test_children_of_a_dead_supervisor_stop_and_hand_their_jobs_back(faults):
     worker.proc.wait(10)
     killed = time.monotonic()
     faults.wait_state(job_id, {JobState.QUEUED}, 30)
-    wait_until(lambda: not alive(child), 30, "the orphaned child to exit")
+    until(lambda: not alive(child), timeout=30, what="the orphaned child to exit")
     report("supervisor SIGKILLed → its child handed the job back and exited", time.monotonic() - killed)
     assert faults.record(job_id).deliveries == 0
     faults.worker(children=1)
@@ -619,8 +501,8 @@ def test_a_worker_frozen_at_the_write_phase_writes_nothing_when_it_wakes(faults)
         assert winner.worker != record.worker
     finally:
         os.kill(pid, signal.SIGCONT)
-    wait_until(lambda: "stopped: its lease was" in stale.log.read_text(errors="replace"), 60,
-               "the woken worker to stop without writing")
+    until(lambda: "stopped: its lease was" in stale.log.read_text(errors="replace"),
+          timeout=60, what="the woken worker to stop without writing")
     time.sleep(2)  # anything it would still write, it has written by now
     faults.assert_done_once(job_id, sampler_runs=2)
     assert_one_publication(faults, job_id)
@@ -691,8 +573,8 @@ def test_a_spool_on_a_full_disk_hands_the_job_back_and_another_host_runs_it(faul
     try:
         (host,) = two_hosts(faults, a=full)
         job_id = faults.submit(seed=931, sampler=SHORT)
-        wait_until(lambda: f"no space in {full}" in host.log.read_text(errors="replace"), 240,
-                   "the worker with the full spool to say so")
+        until(lambda: f"no space in {full}" in host.log.read_text(errors="replace"),
+              timeout=240, what="the worker with the full spool to say so")
         handed = time.monotonic()
         assert faults.record(job_id).state is not JobState.FAILED
         healthy = faults.worker(children=1, CALQ_RECOVERY__SPOOL_DIR=str(faults.tmp / "spool-free"))
@@ -759,16 +641,16 @@ def test_a_host_partitioned_from_redis_writes_nothing_while_the_other_host_finis
         frozen = time.monotonic()
         assert faults.record(job_id).worker == first.worker
         try:
-            moved = wait_until(lambda: (r := faults.record(job_id)) and r.state is JobState.RUNNING and
-                               r.worker != first.worker and r, 120, "the job to run on host 2")
+            moved = until(lambda: (r := faults.record(job_id)) and r.state is JobState.RUNNING and
+                               r.worker != first.worker and r, timeout=120, what="the job to run on host 2")
             report("host 1 partitioned from Redis → running on host 2", time.monotonic() - frozen)
             assert far.child_named(moved.worker) is not None, moved.worker
             winner = faults.wait_state(job_id, {JobState.SUCCEEDED}, 240)
             report("host 1 partitioned from Redis → succeeded on host 2", time.monotonic() - frozen)
         finally:
             proxy.thaw()
-        wait_until(lambda: "stopped: its lease was lost" in near.log.read_text(errors="replace"), 120,
-                   "host 1 to stop without writing once it reaches Redis again")
+        until(lambda: "stopped: its lease was lost" in near.log.read_text(errors="replace"),
+              timeout=120, what="host 1 to stop without writing once it reaches Redis again")
         time.sleep(3)  # anything host 1 would still write, it has written by now
         near.stop()
     faults.assert_done_once(job_id)
@@ -816,8 +698,8 @@ def test_a_half_open_link_to_redis_does_not_stop_a_worker_taking_new_jobs(faults
         time.sleep(2)
         job_id = faults.submit(seed=951, sampler=SHORT)
         try:
-            taken = wait_until(lambda: (r := faults.record(job_id)) and r.state is not JobState.QUEUED and r,
-                               HALF_OPEN_BOUND_S, "the host behind the half-open link to take the new job")
+            taken = until(lambda: (r := faults.record(job_id)) and r.state is not JobState.QUEUED and r,
+                          timeout=HALF_OPEN_BOUND_S, what="the host behind the half-open link to take the new job")
         finally:
             report("half-open link to Redis (open connections dead) → new job taken after", time.monotonic() - frozen)
         assert host.child_named(taken.worker) is not None, taken.worker

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import calq_worker
+from tests.services import calq_environ, calq_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -67,12 +67,9 @@ def commands(text: str) -> list[str]:
 
 
 def environment(home: Path, **extra: str) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALQ_")}
     bin_dir = str(Path(sys.executable).parent)  # calq and python, as the README's install left them
-    environ.update(HOME=str(home), PATH=f"{bin_dir}{os.pathsep}{environ.get('PATH', '')}", PYTHONPATH=str(ROOT),
-                   JAX_PLATFORMS="cpu", COLUMNS="120", CALQ_COMPILE_CACHE_DIR=str(home / "jax-cache"),
-                   **TINY, **extra)
-    return environ
+    return calq_environ(HOME=str(home), PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", COLUMNS="120",
+                        **TINY, **extra)
 
 
 def run_in_order(script: list[str], *, environ: dict[str, str], cwd: Path, timeout: float) -> None:
