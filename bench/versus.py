@@ -151,14 +151,19 @@ def calq_child(dataset: str, archetype: str) -> dict:
         for name, seed, source in (("cold", 1, None), ("warm", 2, warm)):
             t = time.perf_counter()
             idata, fit = calibrate(ds, job(seed), warm=source)
+            t_fit = time.perf_counter()
             summarize(fit)
+            t_summary = time.perf_counter()
             write_netcdf(idata, Path(folder) / f"{name}.nc")
             wall = time.perf_counter() - t
             d = fit.diagnostics
             runs[name] = {
                 "job_s": wall, "sample_s": fit.sample_s, "compile_s": fit.compile_s,
+                "calibrate_s": t_fit - t, "diagnostics_s": fit.diagnostics_s, "summarize_s": t_summary - t_fit,
+                "write_s": wall - (t_summary - t),
                 "min_ess_bulk": d.min_ess_bulk, "divergences": d.divergences, "leapfrog": d.mean_leapfrog_steps,
                 "attempts": len(fit.attempts), "converged": fit.converged, "warm": fit.attempts[0].warm_start,
+                "attempt_issues": [a.issues for a in fit.attempts],
             }
     return {"rows": fit.n_rows, "runs": runs}
 
@@ -249,6 +254,10 @@ def main() -> None:
     for r in rows:
         print(table_row(r))
     print(f"\nmin bulk ESS over {', '.join(PARAMETERS)}; ESS/s per sampling second, compiles excluded")
+    for r in rows:
+        print(f"warm job at {r['rows']:,} rows: {r['warm_job_s']:.1f} s = sampling {r['warm_sample_s']:.1f} + the rest "
+              f"of calibrate {r['warm_calibrate_s'] - r['warm_sample_s']:.1f} (diagnostics {r['warm_diagnostics_s']:.1f}) "
+              f"+ summarize {r['warm_summarize_s']:.1f} + NetCDF write {r['warm_write_s']:.1f}")
     print(f"load average (1 min) before/after: {load_before[0]:.1f}/{load_after[0]:.1f} on {os.cpu_count()} cores")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
