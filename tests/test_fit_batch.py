@@ -101,7 +101,7 @@ def test_every_job_cancelled_stops_the_batch(three):
 
 def test_calibrate_takes_a_batched_first_run_and_judges_it(season, three, batched):
     """Handed over by first_runs, the batched draws are the job's first attempt: nothing is sampled again."""
-    jobs, prepared, key = three
+    jobs, _, key = three
     job, draws = jobs[0], batched[0]
     with first_runs({job.job_id: FirstRun(key=key, seed=job.sampler.seed, seeded=None, draws=draws)}):
         idata, fit = calibrate(season, job, criteria=ConvergenceCriteria(max_attempts=1))
@@ -122,7 +122,7 @@ def test_batch_sizes_follow_the_ladder():
 
 
 def test_a_batch_is_all_warm_or_all_cold(three):
-    jobs, prepared, key = three
+    _, prepared, key = three
     warm_key = BatchKey(bucket=key.bucket, warm=True, steps=50, samples=key.samples, target_accept_prob=TARGET_ACCEPT)
     with pytest.raises(ValueError, match="warm"):
         sample_batch([BatchRun(prepared[0].data, 1)], key=warm_key)

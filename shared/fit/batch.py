@@ -53,6 +53,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import jax
 import jax.numpy as jnp
@@ -301,7 +302,9 @@ class FirstRun:
     draws: Draws
 
 
-_first_runs: contextvars.ContextVar[Mapping[str, FirstRun]] = contextvars.ContextVar("calq_first_runs", default={})
+_first_runs: contextvars.ContextVar[Mapping[str, FirstRun]] = contextvars.ContextVar(
+    "calq_first_runs", default=MappingProxyType({})
+)
 
 
 @contextlib.contextmanager
@@ -349,9 +352,9 @@ __all__ = [
     "BatchedSampler",
     "FirstRun",
     "batch_size",
-    "batching_pays",
     "batched_draws",
     "batched_sampler_for",
+    "batching_pays",
     "first_run_of",
     "first_runs",
     "sample_batch",
