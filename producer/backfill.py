@@ -209,10 +209,11 @@ class Backfill:
         """Submit every planned job, at most ``max_in_flight`` unfinished at once; wait for all.
 
         On the fleet, jobs are sent as batch messages of up to the client's
-        ``batch_jobs`` (``settings.batch.max_jobs``): a batch is sent while
-        fewer than ``max_in_flight`` jobs are unfinished, so up to a batch
-        more may be in flight. A backfill's jobs share the dataset, events,
-        sampler and model, so any of them may share a batch.
+        ``batch_jobs`` (``settings.batch.max_jobs``) and never more than
+        ``max_in_flight`` leaves room for: the cap holds whatever the batch
+        size, so a batch of 32 needs ``max_in_flight`` of 32. A backfill's
+        jobs share the dataset, events, sampler and model, so any of them may
+        share a batch.
 
         Embedded, a submission runs its job here and now, so each job is
         counted (and the bar advanced) as soon as it ends, before the next
@@ -243,7 +244,8 @@ class Backfill:
             while (pending or in_flight) and not self.client.interrupted:
                 while pending and len(in_flight) < limit and not self.client.interrupted:
                     # backfills never hold up interactive jobs; on the fleet, up to batch_jobs go as one message
-                    group, pending = pending[: self.client.batch_jobs], pending[self.client.batch_jobs :]
+                    room = min(self.client.batch_jobs, limit - len(in_flight))
+                    group, pending = pending[:room], pending[room:]
                     admitted = (self.client.admit_batch(group, lane=BATCH) if len(group) > 1
                                 else [self.client.admit(group[0], lane=BATCH)])
                     for job, (record, sent) in zip(group, admitted):

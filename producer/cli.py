@@ -81,6 +81,9 @@ Samples = Annotated[
 Chains = Annotated[Optional[int], typer.Option(min=1, help="Chains (default: CALQ_SAMPLER__CHAINS, now {sampler.chains}).")]
 Seed = Annotated[int, typer.Option(help="Seed of the sampler.")]
 AsOf = Annotated[Optional[str], typer.Option(help="Use races before this date (YYYY-MM-DD).")]
+MaxInFlight = Annotated[int, typer.Option(
+    min=1, help="Jobs queued or running at once (on the fleet, up to CALQ_BATCH__MAX_JOBS of them go as one batch message).",
+)]
 WindowDays = Annotated[Optional[int], typer.Option(min=1, help="Only races in the last N days before --as-of.")]
 
 
@@ -455,7 +458,7 @@ def backfill(
     date_to: Annotated[str, typer.Option("--to", help="Last race date (YYYY-MM-DD).")],
     archetypes: Annotated[Optional[str], typer.Option(help="Comma-separated archetypes (default: all four).")] = None,
     window_days: Annotated[int, typer.Option(help="Rolling window of data before each date.")] = 3 * 365,
-    max_in_flight: Annotated[int, typer.Option(min=1, help="Jobs queued or running at once.")] = 4,
+    max_in_flight: MaxInFlight = 4,
     events: Events = None,
     warmup: Warmup = None,
     samples: Samples = None,
@@ -504,7 +507,7 @@ def evaluate(
     events: Events = None,
     window_days: Annotated[int, typer.Option(help="Rolling window of data before each race (as in backfill).")] = 3 * 365,
     fleet: Annotated[bool, typer.Option("--fleet", help="Run the fits on the fleet (needs CALQ_BROKER_URL) and wait.")] = False,
-    max_in_flight: Annotated[int, typer.Option(min=1, help="Jobs queued or running at once.")] = 4,
+    max_in_flight: MaxInFlight = 4,
     warmup: Warmup = None,
     samples: Samples = None,
     chains: Chains = None,

@@ -30,7 +30,7 @@ def test_a_backfill_goes_as_one_batch_and_each_job_gets_its_record_summary_and_p
                         events="top_5", sampler=TINY)
         windows = plan.windows()
         assert 3 <= len(windows) <= 8, len(windows)
-        outcomes = plan.run(windows=windows, max_in_flight=1, timeout=600)
+        outcomes = plan.run(windows=windows, max_in_flight=len(windows), timeout=600)  # room for them all: one batch
         log = (tmp_path / "worker.log").read_text()
         assert [o.state for o in outcomes] == ["succeeded"] * len(windows), (outcomes, log[-3000:])
         assert "calq.calibrate_batch" in log and "calq.calibrate[" not in log  # one batch message, no single ones
