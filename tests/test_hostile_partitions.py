@@ -294,8 +294,8 @@ def test_a_conditional_put_lets_exactly_one_writer_win(where, tmp_path, request)
 
 @pytest.mark.integration
 def test_the_final_record_change_waits_through_a_redis_out_of_memory(redis_url, tmp_path):
-    from tests.test_catalog import make_summary
     from shared.jobs.registry.patient import PatientRegistry
+    from tests.test_catalog import make_summary
 
     registry = RedisRegistry.from_url(redis_url)
     job = make_job(6)
