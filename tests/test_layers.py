@@ -84,15 +84,10 @@ def test_the_layers_below_fit_never_import_jax():
         for path in _modules(f"shared/{layer}")
     ]
     modules = [m.removesuffix(".__init__") for m in modules]
-    code = (
-        "import importlib, sys\n"
-        f"for m in {modules!r}: importlib.import_module(m)\n"
-        "heavy = sorted(m for m in ('jax', 'jaxlib', 'numpyro') if m in sys.modules)\n"
-        "print(','.join(heavy))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result, heavy = _loaded_after(f"import importlib\nfor m in {modules!r}: importlib.import_module(m)\n",
+                                  ("jax", "jaxlib", "numpyro"))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "", f"imported below the fit layer: {result.stdout.strip()}"
+    assert heavy == [], f"imported below the fit layer: {heavy}"
 
 
 def test_no_producer_module_imports_the_cli_back():
@@ -109,14 +104,9 @@ def test_no_producer_module_imports_the_cli_back():
 
 def test_the_supervisor_imports_no_celery():
     """The supervisor speaks to its children through :mod:`worker.protocol`; Celery is its children's alone."""
-    code = (
-        "import sys\n"
-        "import worker.supervisor, worker.protocol, worker.exit_codes\n"
-        "print(','.join(sorted(m for m in ('celery', 'kombu', 'jax') if m in sys.modules)))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result, heavy = _loaded_after("import worker.supervisor, worker.protocol, worker.exit_codes\n", ("celery", "kombu", "jax"))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "", f"imported by worker.supervisor: {result.stdout.strip()}"
+    assert heavy == [], f"imported by worker.supervisor: {heavy}"
 
 
 def test_calq_fleet_reads_no_dataset_so_imports_no_xarray():
@@ -129,10 +119,18 @@ def test_calq_fleet_reads_no_dataset_so_imports_no_xarray():
         "    main()\n"
         "except SystemExit:\n"
         "    pass\n"
-        "print('heavy:' + ','.join(sorted(m for m in ('xarray', 'pandas', 'arviz') if m in sys.modules)))\n"
     )
     environ = {**os.environ, "CALQ_BROKER_URL": "redis://127.0.0.1:1/0"}  # nobody listens: it fails after importing
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env=environ)
+    result, heavy = _loaded_after(code, ("xarray", "pandas", "arviz"), env=environ)
     assert "BrokerUnavailable" in result.stderr, result.stderr[-2000:]  # it got as far as reaching Redis
-    assert result.stdout.strip().splitlines()[-1] == "heavy:", f"imported by calq fleet: {result.stdout.strip()}"
+    assert heavy == [], f"imported by calq fleet: {heavy}"
+
+
+def _loaded_after(code: str, watched: tuple[str, ...], *, env: dict[str, str] | None = None):
+    """Run ``code`` in a fresh interpreter: its result, and which of ``watched`` it left imported (sorted)."""
+    report = f"import sys\nprint('loaded:' + ','.join(sorted(m for m in {watched!r} if m in sys.modules)))\n"
+    result = subprocess.run([sys.executable, "-c", code + report], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, env=env)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("loaded:")]
+    loaded = lines[-1].removeprefix("loaded:") if lines else "(the code did not finish)"
+    return result, [m for m in loaded.split(",") if m]
