@@ -3,6 +3,8 @@ equals the row-wise Bernoulli likelihood, in value and gradient (issue 21)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,7 @@ from shared.contract.domain import ARCHETYPES
 from shared.data.dataset import event_rows
 from shared.data.synth import synthesize
 from shared.fit.idata import logit
-from shared.fit.model import ModelShape, calibration_model, distinct_rows, model_data
+from shared.fit.model import ModelShape, block_slots, calibration_model, distinct_rows, model_data, row_slots
 from shared.fit.sampler import bucket_tracks
 
 
@@ -80,15 +82,16 @@ def test_merged_and_row_wise_data_give_one_log_density_and_gradient(rows, seed):
         event=jnp.asarray(rows.event), track=jnp.asarray(rows.track), weight=jnp.ones(rows.n_rows, jnp.float32),
     )
     assert int((merged.weight > 0).sum()) < rows.n_rows
+    row_wise_shape = dataclasses.replace(shape, row_block=1)  # rows in any order: (α, β) read per row
     params = _params(shape, seed)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(params))
     unconstrained = {name: 0.5 * jax.random.normal(key, jnp.shape(v)) for key, (name, v) in zip(keys, params.items())}
 
-    def energy(data):
+    def energy(data, shape):
         return lambda u: potential_energy(calibration_model, (data,), {"shape": shape}, u)
 
-    value_a, grad_a = jax.value_and_grad(energy(merged))(unconstrained)
-    value_b, grad_b = jax.value_and_grad(energy(row_wise))(unconstrained)
+    value_a, grad_a = jax.value_and_grad(energy(merged, shape))(unconstrained)
+    value_b, grad_b = jax.value_and_grad(energy(row_wise, row_wise_shape))(unconstrained)
     assert float(value_a) == pytest.approx(float(value_b), rel=1e-5)
     for name in grad_a:
         np.testing.assert_allclose(np.asarray(grad_a[name]), np.asarray(grad_b[name]), rtol=1e-4, atol=1e-3)
@@ -98,12 +101,34 @@ def test_merged_and_row_wise_data_give_one_log_density_and_gradient(rows, seed):
 
 def test_padding_rows_weigh_nothing(rows):
     small, shape = _data(rows)
-    n = int((np.asarray(small.weight) > 0).sum())
-    padded, _ = _data(rows, n_rows=n + 500)
+    n = small.x.shape[0]  # the slots the merged rows need, their blocks' padding included
+    assert n == row_slots(event=rows.event, track=rows.track, x=logit(rows.p))
+    padded, _ = _data(rows, n_rows=n + 512)
     assert float(padded.weight[n:].sum()) == 0.0
     params = _params(shape, 4)
     a, _ = log_density(calibration_model, (small,), {"shape": shape}, params)
     b, _ = log_density(calibration_model, (padded,), {"shape": shape}, params)
     assert float(a) == pytest.approx(float(b), rel=1e-6)
     with pytest.raises(ValueError, match="do not fit a bucket"):
-        _data(rows, n_rows=n - 1)
+        _data(rows, n_rows=n - 32)
+
+
+def test_each_block_holds_rows_of_one_event_and_track(rows):
+    data, shape = _data(rows)
+    L = shape.row_block
+    weight = np.asarray(data.weight).reshape(-1, L)
+    group = (np.asarray(data.event) * shape.n_tracks + np.asarray(data.track)).reshape(-1, L)
+    real = weight > 0
+    assert real[:, 0].all()  # a block starts with a real row: the model reads its (event, track) there
+    assert (np.where(real, group, group[:, :1]) == group[:, :1]).all()
+    groups_with_rows = {(int(e), int(t)) for e, t in zip(rows.event, rows.track)}
+    assert len(set(group[:, 0].tolist())) == len(groups_with_rows)
+
+
+def test_block_slots_fill_whole_blocks_per_group():
+    event = np.array([0, 0, 0, 1, 1, 2])
+    track = np.array([0, 0, 1, 1, 1, 0])
+    slots, n = block_slots(event=event, track=track, row_block=4)
+    assert slots.tolist() == [0, 1, 4, 8, 9, 12] and n == 16
+    with pytest.raises(ValueError, match="grouped"):
+        block_slots(event=np.array([0, 1, 0]), track=np.array([0, 0, 0]), row_block=4)

@@ -36,7 +36,7 @@ from shared.contract.summary import (
 from shared.data.dataset import EventRows, event_rows, select_archetypes, select_window, validate
 from shared.fit.batch import batched_draws, first_run_of
 from shared.fit.idata import build_inference_data, calibrated_probability_mean, convergence_data, logit
-from shared.fit.model import ModelData, ModelShape, distinct_rows, model_data
+from shared.fit.model import ModelData, ModelShape, model_data, row_slots
 from shared.fit.remedy import MAX_DRAWS_PER_CHAIN, TARGET_ACCEPT, RunOutcome, RunPlan, first_plan, next_plan
 from shared.fit.sampler import (
     MAX_TREE_DEPTH,
@@ -89,7 +89,7 @@ def prepare(ds: xr.Dataset, job: CalibrationJob) -> Prepared:
     )
     bucket = Bucket(
         shape=shape,
-        n_rows=bucket_rows(distinct_rows(event=rows.event, track=rows.track, x=logit(rows.p))[0].size),
+        n_rows=bucket_rows(row_slots(event=rows.event, track=rows.track, x=logit(rows.p), row_block=shape.row_block)),
         chains=job.sampler.chains,
         warmup=job.sampler.warmup,
         chunk=chunk_length(job.sampler.warmup, job.sampler.samples),
@@ -113,6 +113,7 @@ def pad(rows: EventRows, bucket: Bucket) -> ModelData:
         track_real=np.arange(K) < len(rows.tracks),
         n_events=bucket.shape.n_events,
         n_rows=bucket.n_rows,
+        row_block=bucket.shape.row_block,
     )
 
 

@@ -77,6 +77,20 @@ other work, so both sides slow alike); ten seasons, 41,040 rows, are 10,484
 distinct. A season alone (4,104 rows) goes from 4,224 to 2,944 padded rows
 and 175 → 118 µs.
 
+The distinct rows are then laid out in **blocks** (:func:`block_slots`):
+each block of ``ModelShape.row_block`` (32) slots holds rows of one (event,
+track), a group's last block padded with rows of weight 0. The model reads
+(α, β) once per block and broadcasts them over its slots, where it had
+gathered them per row: the gather's gradient, a scatter-add over every row,
+had cost more than the softplus itself. Value and gradient of four chains
+at 24,624 rows of all archetypes (8,598 distinct rows), interleaved, best
+of 15 × 100 calls, load average 3–4 on the 2 cores: 490 µs per row (9,216
+padded) → 176 µs in blocks of 32 (10,368 padded), of which the softplus
+written as ``max(η, 0) + log1p(e^−|η|)`` gives 285 → 240 µs and the blocks
+the rest; blocks of 16 and 64 measured 201 and 187 µs. One intermediate
+season (1,200 distinct rows): 176 → 123 µs. Exact: gradients agree with
+the row-wise layout's to 4e-6 relative (tests/test_model_rows.py).
+
 Tried and dropped: moving the archetype intercept at the information-weighted
 centre m of logit(p) (``α_arch + β_arch·m``, prior ``Normal(β·m, 1)``, exact).
 It lowered the α–β posterior correlation (−0.73 → about −0.3 for top_1) but
@@ -160,7 +174,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -181,6 +194,8 @@ class ModelShape:
     n_archetypes: int
     n_tracks: int
     centered: bool
+    #: Slots per block of the likelihood's rows (:func:`block_slots`); 1 is the plain row-wise layout.
+    row_block: int = 32
 
 
 class ModelData(NamedTuple):
@@ -192,8 +207,11 @@ class ModelData(NamedTuple):
     and padding rows weigh 0. ``y`` is the number of successes per row.
     ``track_real`` is False on padding tracks. ``sum_y[e, k]`` and
     ``sum_yx[e, k]`` are Σy and Σy·x over the rows of event e at track k.
-    Build them with :func:`model_data`. ``y`` None means: simulate the
-    outcomes from the prior (one per row of weight 1).
+    Build them with :func:`model_data`. With outcomes, the rows are laid out
+    in blocks (:func:`block_slots`): each block of ``ModelShape.row_block``
+    slots holds rows of one (event, track) only, so the model reads (α, β)
+    once per block. ``y`` None means: simulate the outcomes from the prior
+    (one per row of weight 1, any order).
     """
 
     x: jnp.ndarray
@@ -218,24 +236,26 @@ def model_data(
     track_real: np.ndarray,
     n_events: int,
     n_rows: int | None = None,
+    row_block: int = ModelShape.row_block,
 ) -> ModelData:
     """The model's arrays from the job's rows, with their sufficient statistics, padded to ``n_rows``.
 
     Rows where ``mask`` is False count nowhere. With outcomes ``y``, rows of
     equal (event, track, x) are merged into one whose ``weight`` is their
     count (:func:`distinct_rows`): exact, and the gradient's cost falls with
-    the number of distinct forecasts, not of rows. ``n_rows`` (default: the
-    number of rows given) must hold the merged rows; the rest is padding.
+    the number of distinct forecasts, not of rows. The merged rows are laid
+    out in blocks of ``row_block`` slots (:func:`block_slots`). ``n_rows``
+    (default: the slots the rows need) must hold them; the rest is padding.
     """
     x = np.asarray(x, np.float32)
     event, track, mask = np.asarray(event, np.int32), np.asarray(track, np.int32), np.asarray(mask, bool)
     track_archetype = np.asarray(track_archetype, np.int32)
     K = track_archetype.shape[0]
-    n_rows = x.shape[0] if n_rows is None else n_rows
     sum_y = np.zeros((n_events, K))
     sum_yx = np.zeros((n_events, K))
     if y is None:
         weight = mask.astype(np.float32)
+        slots, n_slots = np.arange(x.shape[0]), x.shape[0]
     else:
         y = np.asarray(y, np.float64)[mask]
         x, event, track = x[mask], event[mask], track[mask]
@@ -244,12 +264,16 @@ def model_data(
         first, inverse, weight = distinct_rows(event=event, track=track, x=x)
         x, event, track = x[first], event[first], track[first]
         y = np.bincount(inverse, weights=y, minlength=first.size)
-    if x.shape[0] > n_rows:
-        raise ValueError(f"{x.shape[0]:,} distinct rows do not fit a bucket of {n_rows:,}")
+        slots, n_slots = block_slots(event=event, track=track, row_block=row_block)
+    n_rows = n_slots if n_rows is None else n_rows
+    if n_slots > n_rows:
+        raise ValueError(f"{x.shape[0]:,} distinct rows in {n_slots:,} slots do not fit a bucket of {n_rows:,}")
+    if y is not None and n_rows % row_block:
+        raise ValueError(f"a bucket of {n_rows:,} rows is not whole blocks of {row_block}")
 
     def padded(values: np.ndarray, dtype) -> jnp.ndarray:
         out = np.zeros(n_rows, dtype)
-        out[: values.shape[0]] = values
+        out[slots] = values
         return jnp.asarray(out)
 
     return ModelData(
@@ -278,6 +302,44 @@ def distinct_rows(*, event: np.ndarray, track: np.ndarray, x: np.ndarray) -> tup
         | np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
     _, first, inverse, count = np.unique(key, return_index=True, return_inverse=True, return_counts=True)
     return first, inverse.reshape(-1), count.astype(np.float32)
+
+
+def block_slots(*, event: np.ndarray, track: np.ndarray, row_block: int) -> tuple[np.ndarray, int]:
+    """Each row's slot, and the slots in all, when each (event, track)'s rows fill whole blocks.
+
+    The rows must come grouped by (event, track), as :func:`distinct_rows`
+    orders them. A group's rows take consecutive slots from the start of a
+    block, and its last block is padded (weight 0) to ``row_block`` slots,
+    so every block holds one (event, track) and its first slot is a real row.
+    """
+    event, track = np.asarray(event), np.asarray(track)
+    n = event.shape[0]
+    if n == 0:
+        return np.zeros(0, np.intp), 0
+    starts = np.flatnonzero(np.r_[True, (event[1:] != event[:-1]) | (track[1:] != track[:-1])])
+    sizes = np.diff(np.r_[starts, n])
+    if len(set(zip(event[starts].tolist(), track[starts].tolist()))) != starts.size:
+        raise ValueError("rows must come grouped by (event, track)")
+    blocks = -(-sizes // row_block)
+    first_slot = row_block * np.r_[0, np.cumsum(blocks)[:-1]]
+    group = np.repeat(np.arange(starts.size), sizes)
+    return first_slot[group] + np.arange(n) - starts[group], int(row_block * blocks.sum())
+
+
+def row_slots(*, event: np.ndarray, track: np.ndarray, x: np.ndarray, row_block: int = ModelShape.row_block) -> int:
+    """How many slots the job's rows take once merged (:func:`distinct_rows`) and laid out in blocks."""
+    first = distinct_rows(event=event, track=track, x=x)[0]
+    return block_slots(event=np.asarray(event)[first], track=np.asarray(track)[first], row_block=row_block)[1]
+
+
+def _softplus(eta: jnp.ndarray) -> jnp.ndarray:
+    """log(1 + e^η), stably: max(η, 0) + log1p(e^−|η|).
+
+    The same function as ``jax.nn.softplus`` (``logaddexp(η, 0)``), whose
+    value and gradient cost twice as much on the CPU: 40,000 values and
+    gradients (four chains at 24k rows) 236 → 125 µs.
+    """
+    return jnp.maximum(eta, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(eta)))
 
 
 def _track_level(name: str, loc, scale, real, centered: bool):
@@ -320,22 +382,28 @@ def calibration_model(data: ModelData, *, shape: ModelShape) -> None:
     numpyro.deterministic("alpha_track", alpha_track)
     beta_track = numpyro.deterministic("beta_track", jnp.exp(log_beta_track))
 
-    # one gather of (α, β) per row through a flat (event, track) index: cheaper than two 2-D gathers
-    per_row = jnp.stack([alpha_track.reshape(-1), beta_track.reshape(-1)], axis=-1)[data.event * K + data.track]
-    logits = per_row[:, 0] + per_row[:, 1] * data.x
+    # (α, β) gathered once per block of rows of one (event, track), through a flat index (block_slots);
+    # simulated rows (y None) come in any order, a block of one each
+    block = 1 if data.y is None else shape.row_block
+    per_block = jnp.stack([alpha_track.reshape(-1), beta_track.reshape(-1)], axis=-1)[
+        (data.event * K + data.track)[::block]
+    ]
+    logits = per_block[:, :1] + per_block[:, 1:] * data.x.reshape(-1, block)
     if data.y is None:
         with numpyro.plate("row", data.x.shape[0]), numpyro.handlers.mask(mask=data.weight > 0):
-            numpyro.sample("y", dist.Bernoulli(logits=logits))
+            numpyro.sample("y", dist.Bernoulli(logits=logits.reshape(-1)))
         return
     # Σ_rows y·η − softplus(η): Σ y·η from the sufficient statistics, softplus once per distinct row × its weight
     linear = jnp.sum(alpha_track * data.sum_y + beta_track * data.sum_yx)
-    numpyro.factor("y", linear - jnp.sum(data.weight * jax.nn.softplus(logits)))
+    numpyro.factor("y", linear - jnp.sum(data.weight.reshape(-1, block) * _softplus(logits)))
 
 
 __all__ = [
     "ModelData",
     "ModelShape",
+    "block_slots",
     "calibration_model",
     "distinct_rows",
     "model_data",
+    "row_slots",
 ]

@@ -231,7 +231,7 @@ class CompiledSampler:
             x=np.zeros(b.n_rows, np.float32), y=zeros, event=zeros, track=zeros, mask=np.zeros(b.n_rows, bool),
             n_rows=b.n_rows,
             track_archetype=np.zeros(K, np.int32), track_real=np.zeros(K, bool),
-            n_events=b.shape.n_events,
+            n_events=b.shape.n_events, row_block=b.shape.row_block,
         )
 
     def per_chain_functions(self):
