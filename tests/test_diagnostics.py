@@ -6,6 +6,7 @@ import arviz as az
 import numpy as np
 
 from shared.contract.summary import ConvergenceCriteria
+from shared.stats import diagnostics
 from shared.stats.diagnostics import convergence, parameter_summaries, sampler_diagnostics
 
 EVENTS, ARCHS, TRACKS = ["top_5", "top_10"], ["intermediate"], ["Kansas", "Texas", "Michigan"]
@@ -96,3 +97,50 @@ def test_few_draws_fail_on_ess():
     idata = fake_posterior(draws=60)
     diag = sampler_diagnostics(idata, parameter_summaries(idata), sample_seconds=1.0, max_tree_depth=10)
     assert any(i.startswith("min bulk ESS") for i in ConvergenceCriteria().issues(diag))
+
+
+def _hard_posteriors():
+    """Draws that exercise every branch: autocorrelated and independent chains, chains stuck apart, float32
+    and float64, ties (rounded draws), a constant parameter and one holding a NaN."""
+    rng = np.random.default_rng(7)
+    for dtype in (np.float32, np.float64):
+        for case in range(5):
+            draws = rng.normal(size=(4, 400, 12))
+            if case == 1:  # a random walk: long autocorrelation, Geyer's sequence runs far
+                draws = draws.cumsum(axis=1) * 0.05
+            if case == 2:  # chains stuck apart
+                draws += np.arange(4)[:, None, None] * 0.3
+            if case == 3:  # ties
+                draws = np.round(draws, 1)
+            if case == 4:
+                draws[:, :, 3] = 1.5
+                draws[2, 9, 7] = np.nan
+            yield draws.astype(dtype)
+
+
+def test_rhat_ess_and_hdi_equal_arviz_parameter_by_parameter():
+    """The kernels computed for all parameters at once are ArviZ's, each computed alone, to float tolerance."""
+    for draws in _hard_posteriors():
+        idata = az.from_dict(posterior={"x": draws})
+        rows, unstack = diagnostics._rows({"x": draws})
+        rhat, ess = (unstack(v)["x"] for v in diagnostics.rank_normalised(rows))
+        low, high = (unstack(v)["x"] for v in diagnostics.hdi(rows))
+        tail = unstack(diagnostics.ess_tail(rows))["x"]
+        expected = {
+            "rhat": (rhat, az.rhat(idata, method="rank")["x"].values),
+            "ess_bulk": (ess, az.ess(idata, method="bulk")["x"].values),
+            "ess_tail": (tail, az.ess(idata, method="tail")["x"].values),
+        }
+        for what, (got, want) in expected.items():
+            np.testing.assert_allclose(got, want, rtol=1e-12, equal_nan=True, err_msg=what)
+        interval = az.hdi(idata, hdi_prob=diagnostics.HDI_PROB)["x"].values
+        usable = ~np.isnan(draws).any(axis=(0, 1))
+        np.testing.assert_array_equal(low[usable], interval[usable, 0])
+        np.testing.assert_array_equal(high[usable], interval[usable, 1])
+
+
+def test_average_ranks_are_scipys():
+    from scipy import stats
+
+    a = np.random.default_rng(3).integers(0, 6, size=(5, 40)).astype(float)
+    np.testing.assert_array_equal(diagnostics._average_ranks(a), stats.rankdata(a, method="average", axis=1))

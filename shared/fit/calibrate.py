@@ -35,7 +35,7 @@ from shared.contract.summary import (
 )
 from shared.data.dataset import EventRows, event_rows, select_archetypes, select_window, validate
 from shared.fit.batch import batched_draws, first_run_of
-from shared.fit.idata import build_inference_data, calibrated_probability_mean, convergence_data, logit
+from shared.fit.idata import build_inference_data, calibrated_probability_mean, logit, posterior_draws
 from shared.fit.model import ModelData, ModelShape, model_data, row_slots
 from shared.fit.remedy import MAX_DRAWS_PER_CHAIN, TARGET_ACCEPT, RunOutcome, RunPlan, first_plan, next_plan
 from shared.fit.sampler import (
@@ -324,7 +324,9 @@ def _sample_with_remedies(
             target_accept_prob=plan.target_accept_prob,
             start=start if plan.warm else None, warmup=plan.warmup if plan.warm else None,
         )
-        known = diagnostics.convergence(convergence_data(draws, n_tracks=len(prepared.rows.tracks)))
+        known = diagnostics.convergence_of(
+            posterior_draws(draws, n_tracks=len(prepared.rows.tracks)), diverging=draws.stats["diverging"]
+        )
         max_rhat, min_ess, divergences = known.worst()
         attempt = Attempt(
             number=plan.number, seed=plan.seed, target_accept_prob=plan.target_accept_prob,

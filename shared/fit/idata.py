@@ -39,25 +39,18 @@ def calibrated_probability(alpha: np.ndarray, beta: np.ndarray, p: np.ndarray) -
     return expit(alpha + beta * logit(p))
 
 
-def _posterior(draws: Draws, n_tracks: int) -> dict[str, np.ndarray]:
-    """The interpretable parameters' draws, padding tracks dropped."""
+def posterior_draws(draws: Draws, *, n_tracks: int) -> dict[str, np.ndarray]:
+    """The interpretable parameters' draws ``(chain, draw, ...)``, padding tracks dropped: the posterior group's arrays."""
     posterior = {name: draws.params[name] for name in ARCHETYPE_PARAMETERS}
     posterior.update({name: draws.params[name][..., :n_tracks] for name in TRACK_PARAMETERS})
     return posterior
-
-
-def convergence_data(draws: Draws, *, n_tracks: int) -> az.InferenceData:
-    """Just the posterior and the divergences: what a convergence check between runs needs."""
-    return az.from_dict(
-        posterior=_posterior(draws, n_tracks), sample_stats={"diverging": draws.stats["diverging"]}
-    )
 
 
 def build_inference_data(
     draws: Draws, rows: EventRows, *, seed: int, attrs: dict[str, Any]
 ) -> az.InferenceData:
     """Assemble the InferenceData of one job from its draws and its rows."""
-    posterior = _posterior(draws, len(rows.tracks))
+    posterior = posterior_draws(draws, n_tracks=len(rows.tracks))
     coords = {
         "event": list(rows.events),
         "archetype": list(rows.archetypes),
@@ -170,8 +163,8 @@ __all__ = [
     "calibrated_probability",
     "calibrated_probability_draws",
     "calibrated_probability_mean",
-    "convergence_data",
     "expit",
     "logit",
+    "posterior_draws",
     "to_dataset_attrs",
 ]

@@ -1,19 +1,30 @@
 """MCMC diagnostics and parameter summaries, from an InferenceData.
 
-Layers as in arviz-stats: ArviZ computes the kernels (rank-normalised split
-R-hat, bulk and tail ESS, HDI, BFMI); this module turns them into the
-summary's records. It takes any InferenceData with the calq posterior layout,
-so it is tested on posteriors built from seeded random arrays, with no
-sampler in the loop.
+Layers as in arviz-stats: kernels (rank-normalised split R-hat, bulk and
+tail ESS, HDI; ArviZ's BFMI) → this module's records for the summary. It
+takes any InferenceData with the calq posterior layout, so it is tested on
+posteriors built from seeded random arrays, with no sampler in the loop.
+
+R-hat, ESS and HDI are ArviZ's algorithms (Vehtari et al. 2021; ArviZ
+0.23's ``_rhat_rank``, ``_ess_bulk``, ``_ess_tail``, ``_hdi``) step for step,
+computed for every scalar parameter of a run at once, as rows of one
+``(parameter, chain, draw)`` array: ``az.rhat`` and ``az.ess`` rank, z-score
+and transform one parameter at a time through ``xarray.apply_ufunc``, which
+cost a warm backfill job more than its NetCDF write. Only Geyer's truncation
+of the autocorrelation sum stays a loop per parameter, over precomputed
+autocorrelations. Tested equal to ArviZ's to float tolerance (tests/test_diagnostics.py).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import arviz as az
 import numpy as np
+from scipy import fft, special
+from scipy.stats.mstats import mquantiles
 
 from shared.contract.domain import PARAMETERS
 from shared.contract.summary import Diagnostics, ParameterSummary
@@ -45,14 +56,180 @@ class Convergence:
 
 def convergence(idata: az.InferenceData, *, var_names=SUMMARISED) -> Convergence:
     """Rank-normalised split R-hat and bulk ESS of every parameter in ``var_names``, and the divergences."""
-    post = idata.posterior[list(var_names)]
-    rhat = az.rhat(post, method="rank")
-    ess = az.ess(post, method="bulk")
-    return Convergence(
-        r_hat={name: rhat[name].values for name in var_names},
-        ess_bulk={name: ess[name].values for name in var_names},
-        divergences=int(idata.sample_stats["diverging"].sum()),
+    post = idata.posterior
+    return convergence_of(
+        {name: post[name].values for name in var_names}, diverging=idata.sample_stats["diverging"].values
     )
+
+
+def convergence_of(draws: Mapping[str, np.ndarray], *, diverging: np.ndarray) -> Convergence:
+    """:func:`convergence` of raw draws: each array ``(chain, draw, ...)``, and the divergence flags."""
+    rows, unstack = _rows(draws)
+    rhat, ess = rank_normalised(rows)
+    return Convergence(r_hat=unstack(rhat), ess_bulk=unstack(ess), divergences=int(np.sum(diverging)))
+
+
+def _rows(draws: Mapping[str, np.ndarray]):
+    """Every scalar parameter as a row of one ``(parameter, chain, draw)`` array, and its inverse.
+
+    The draws keep their dtype (float32 from the sampler): ArviZ folds and
+    takes quantiles in it. The inverse turns one value per row back into
+    ``{name: array of the parameter's own shape}``.
+    """
+    shapes = {name: np.shape(values)[2:] for name, values in draws.items()}
+    dtype = np.result_type(*(np.asarray(values).dtype for values in draws.values()), np.float32)
+    rows = np.concatenate([
+        np.moveaxis(np.asarray(values, dtype=dtype).reshape(*np.shape(values)[:2], -1), -1, 0)
+        for values in draws.values()
+    ])
+
+    def unstack(values: np.ndarray) -> dict[str, np.ndarray]:
+        out, start = {}, 0
+        for name, shape in shapes.items():
+            size = math.prod(shape)
+            out[name] = values[start : start + size].reshape(shape)
+            start += size
+        return out
+
+    return np.ascontiguousarray(rows), unstack
+
+
+def rank_normalised(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-normalised split R-hat (the larger of bulk and folded) and bulk ESS of each row of ``x``.
+
+    ``x`` is ``(parameter, chain, draw)``. The bulk ESS is the ESS of the
+    rank-normalised split chains that the bulk R-hat reads. NaN for a row
+    holding NaN, or with fewer than 4 draws (R-hat: or 2 chains), as ArviZ.
+    """
+    rhat, ess = np.full(x.shape[0], np.nan), np.full(x.shape[0], np.nan)
+    ok = _usable(x, min_chains=1)
+    if ok.any():
+        split = _split_chains(x[ok])
+        z = _z_scale(split)
+        ess[ok] = _ess(z)
+        if x.shape[1] >= 2:
+            folded = np.abs(split - np.median(split.reshape(split.shape[0], -1), axis=1)[:, None, None])
+            rhat[ok] = np.maximum(_rhat(z), _rhat(_z_scale(folded)))
+    return rhat, ess
+
+
+def ess_tail(x: np.ndarray, *, prob: tuple[float, float] = (0.05, 0.95)) -> np.ndarray:
+    """Tail ESS of each row of ``x``: the smaller ESS of the indicators of the 5 % and 95 % quantiles."""
+    out = np.full(x.shape[0], np.nan)
+    ok = _usable(x, min_chains=1)
+    if ok.any():
+        y = x[ok]
+        # R's type 7 quantile of each row's draws, as ArviZ's
+        quantiles = mquantiles(y.reshape(y.shape[0], -1), prob, alphap=1, betap=1, axis=1).data
+        low, high = (_ess(_split_chains((y <= q[:, None, None]).astype(np.float64))) for q in quantiles.T)
+        out[ok] = np.minimum(low, high)
+    return out
+
+
+def hdi(x: np.ndarray, *, prob: float = HDI_PROB) -> tuple[np.ndarray, np.ndarray]:
+    """The narrowest interval holding ``floor(prob · n)`` + 1 of each row's ``n`` draws: (low, high)."""
+    ordered = np.sort(x.reshape(x.shape[0], -1), axis=1)
+    n = ordered.shape[1]
+    inc = int(np.floor(prob * n))
+    width = np.subtract(ordered[:, inc:], ordered[:, : n - inc], dtype=np.float64)
+    first = np.argmin(width, axis=1)
+    index = np.arange(ordered.shape[0])
+    return ordered[index, first], ordered[index, first + inc]
+
+
+def _usable(x: np.ndarray, *, min_chains: int) -> np.ndarray:
+    """Rows ArviZ computes a value for: no NaN, at least ``min_chains`` chains and 4 draws."""
+    enough = x.shape[1] >= min_chains and x.shape[2] >= 4
+    return ~np.isnan(x).any(axis=(1, 2)) & enough
+
+
+def _split_chains(x: np.ndarray) -> np.ndarray:
+    """Each chain's first and last halves as two chains: ``(parameter, 2·chain, draw // 2)``."""
+    half = x.shape[2] // 2
+    return np.concatenate([x[:, :, :half], x[:, :, x.shape[2] - half :]], axis=1)
+
+
+def _z_scale(x: np.ndarray) -> np.ndarray:
+    """Each row's draws replaced by the normal quantile of their Blom-offset average rank, (r − 3/8) / (n + 1/4)."""
+    flat = x.reshape(x.shape[0], -1)
+    n = flat.shape[1]
+    return special.ndtri((_average_ranks(flat) - 3 / 8) / (n - 2 * 3 / 8 + 1)).reshape(x.shape)
+
+
+def _average_ranks(a: np.ndarray) -> np.ndarray:
+    """1-based ranks along each row of the 2-D ``a``, tied values sharing their mean rank (``scipy.stats.rankdata``'s "average")."""
+    rows, n = a.shape
+    order = np.argsort(a, axis=1)
+    ordered = np.take_along_axis(a, order, axis=1)
+    starts_group = np.ones(a.shape, bool)
+    starts_group[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    starts = np.flatnonzero(starts_group)  # flat positions where a run of equal values begins (each row begins one)
+    ends = np.append(starts[1:], rows * n)
+    first = starts % n  # a run's 0-based positions in its row are first .. first + length - 1
+    mean_rank = first + (ends - starts + 1) / 2.0
+    ranks = np.empty(a.shape)
+    np.put_along_axis(ranks, order, mean_rank[np.cumsum(starts_group.ravel()) - 1].reshape(a.shape), axis=1)
+    return ranks
+
+
+def _rhat(x: np.ndarray) -> np.ndarray:
+    """Gelman–Rubin R-hat of each row, √((B/W + n − 1) / n), B = n·var(chain means), W = mean chain variance."""
+    n = x.shape[2]
+    between = n * np.var(np.mean(x, axis=2), axis=1, ddof=1)
+    within = np.mean(np.var(x, axis=2, ddof=1), axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a constant parameter's R-hat is NaN, as ArviZ's
+        return np.sqrt((between / within + n - 1) / n)
+
+
+def _ess(x: np.ndarray) -> np.ndarray:
+    """ESS of each row of ``x`` ``(parameter, chain, draw)`` from its autocorrelations (Geyer's initial sequences).
+
+    A constant row counts every draw (as ArviZ).
+    """
+    rows, chains, n = x.shape
+    out = np.full(rows, float(chains * n))
+    varies = (x.max(axis=(1, 2)) - x.min(axis=(1, 2))) >= np.finfo(float).resolution
+    if not varies.any():
+        return out
+    y = x[varies]
+    centred = y - y.mean(axis=2, keepdims=True)
+    m = fft.next_fast_len(2 * n)
+    spectrum = np.fft.rfft(centred, n=m, axis=2)
+    spectrum *= np.conjugate(spectrum)
+    acov = np.fft.irfft(spectrum, n=m, axis=2)[..., :n] / n
+    mean_var = np.mean(acov[:, :, 0], axis=1) * n / (n - 1.0)
+    var_plus = mean_var * (n - 1.0) / n
+    if chains > 1:
+        var_plus += np.var(y.mean(axis=2), axis=1, ddof=1)
+    rho = 1.0 - (mean_var[:, None] - np.mean(acov, axis=1)) / var_plus[:, None]
+    out[varies] = [_geyer_ess(r, chains * n) for r in rho]
+    return out
+
+
+def _geyer_ess(rho: np.ndarray, size: int) -> float:
+    """``size`` / τ, τ the autocorrelation time summed to Geyer's initial positive, then monotone, sequence."""
+    n = rho.size
+    kept = np.zeros(n)
+    even, odd = 1.0, float(rho[1])
+    kept[0], kept[1] = even, odd
+    t = 1
+    while t < n - 3 and even + odd > 0.0:
+        even, odd = float(rho[t + 1]), float(rho[t + 2])
+        if even + odd >= 0:
+            kept[t + 1], kept[t + 2] = even, odd
+        t += 2
+    max_t = t - 2
+    if even > 0:
+        kept[max_t + 1] = even
+    t = 1
+    while t <= max_t - 2:
+        if kept[t + 1] + kept[t + 2] > kept[t - 1] + kept[t]:
+            kept[t + 1] = kept[t + 2] = (kept[t - 1] + kept[t]) / 2.0
+        t += 2
+    tau = -1.0 + 2.0 * np.sum(kept[: max_t + 1]) + np.sum(kept[max_t + 1 : max_t + 2])
+    if np.isnan(kept).any():
+        return math.nan
+    return size / max(tau, 1 / np.log10(size))
 
 
 def parameter_summaries(
@@ -64,20 +241,23 @@ def parameter_summaries(
     are taken rather than computed again.
     """
     post = idata.posterior[list(var_names)]
-    stats = {
+    rows, unstack = _rows({name: post[name].values for name in var_names})
+    low, high = hdi(rows)
+    computed = {
         "mean": post.mean(("chain", "draw")),
         "sd": post.std(("chain", "draw"), ddof=1),
-        "hdi_low": (hdi := az.hdi(post, hdi_prob=HDI_PROB)).sel(hdi="lower", drop=True),
-        "hdi_high": hdi.sel(hdi="higher", drop=True),
-        "ess_tail": az.ess(post, method="tail"),
     }
-    known = known or convergence(idata, var_names=var_names)
+    if known is None:
+        rhat, ess = rank_normalised(rows)
+        known = Convergence(r_hat=unstack(rhat), ess_bulk=unstack(ess), divergences=0)
+    by_row = {"hdi_low": unstack(low), "hdi_high": unstack(high), "ess_tail": unstack(ess_tail(rows))}
     records = []
     for name in var_names:
         dims = [d for d in post[name].dims if d not in ("chain", "draw")]
         labels = [[str(v) for v in post[d].values] for d in dims]
         # numpy arrays in the parameter's own dimension order: no xarray lookups per scalar
-        values = {key: ds[name].transpose(*dims).values for key, ds in stats.items()}
+        values = {key: ds[name].transpose(*dims).values for key, ds in computed.items()}
+        values |= {key: arrays[name] for key, arrays in by_row.items()}
         values |= {"r_hat": known.r_hat[name], "ess_bulk": known.ess_bulk[name]}
         for index in np.ndindex(*[len(lab) for lab in labels]):
             coords = dict(zip(dims, (lab[i] for lab, i in zip(labels, index))))
