@@ -13,6 +13,7 @@ from hypothesis.extra import numpy as hnp
 from scipy import stats
 
 from shared.stats.metrics import (
+    CoHitCache,
     JointEventResult,
     ReliabilityCurve,
     brier_score,
@@ -362,6 +363,28 @@ def test_joint_event_validation_matches_brute_force():
         d = json.loads(json.dumps(res.to_dict()))
         assert d["event"] == f"top_{res.threshold}" and d["group"] == res.group
         assert len(d["reliability"]["count"]) == 5
+
+
+def test_joint_events_through_the_cache_are_the_joint_events_computed_afresh():
+    """Overlapping windows share races' pairs; a race whose arrays changed (same index, other values) is recomputed."""
+    rng = np.random.default_rng(16)
+    sim, finish = _simulate_races(rng, races=8, scenarios=30, drivers=6)
+    groups = np.array(["a", "b"] * 4)
+    cache = CoHitCache(max_entries=6)  # smaller than the windows' races × thresholds: entries are evicted too
+
+    def both(window, s=sim, f=finish):
+        fresh = joint_event_validation(s[window], f[window], thresholds=[1, 3], groups=groups[window])
+        cached = joint_event_validation(s[window], f[window], thresholds=[1, 3], groups=groups[window], cache=cache)
+        return [r.to_dict() for r in fresh], [r.to_dict() for r in cached]
+
+    for window in (slice(0, 5), slice(1, 6), slice(2, 8), slice(0, 8)):
+        fresh, cached = both(window)
+        assert cached == fresh
+    before = fresh
+    changed = sim.copy()
+    changed[3][:, [0, 1]] = changed[3][:, [1, 0]]  # the same race, two drivers' simulations swapped
+    fresh, cached = both(slice(0, 8), s=changed)
+    assert cached == fresh != before
 
 
 # ECE of a calibrated simulation is pure sampling noise, larger for wider events

@@ -93,6 +93,10 @@ def ensemble_scores(ds: xr.Dataset, archetypes: Sequence[str]) -> list[EnsembleS
     return records
 
 
+#: Each race's co-hit pairs, for the next job of the process that scores the same race (a backfill's next window).
+_CO_HITS = metrics.CoHitCache()
+
+
 def joint_events(ds: xr.Dataset, events: Sequence[str]) -> list[dict]:
     """Pairwise co-hit calibration per archetype and event (see :func:`metrics.joint_event_validation`)."""
     results = metrics.joint_event_validation(
@@ -100,6 +104,7 @@ def joint_events(ds: xr.Dataset, events: Sequence[str]) -> list[dict]:
         ds["finish_position"].transpose("race", "driver").values,
         thresholds=[event_threshold(e) for e in events],
         groups=ds["archetype"].values.astype(str),
+        cache=_CO_HITS,
     )
     return [r.to_dict() for r in results]
 
