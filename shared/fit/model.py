@@ -245,9 +245,11 @@ def model_data(
     count (:func:`distinct_rows`): exact, and the gradient's cost falls with
     the number of distinct forecasts, not of rows. The merged rows are laid
     out in blocks of ``row_block`` slots (:func:`block_slots`). ``n_rows``
-    (default: the slots the rows need) must hold them; the rest is padding.
+    (default: the number of rows given, in whole blocks, or the slots the
+    merged rows need where that is more) must hold them; the rest is padding.
     """
     x = np.asarray(x, np.float32)
+    n_given = x.shape[0]
     event, track, mask = np.asarray(event, np.int32), np.asarray(track, np.int32), np.asarray(mask, bool)
     track_archetype = np.asarray(track_archetype, np.int32)
     K = track_archetype.shape[0]
@@ -265,7 +267,8 @@ def model_data(
         x, event, track = x[first], event[first], track[first]
         y = np.bincount(inverse, weights=y, minlength=first.size)
         slots, n_slots = block_slots(event=event, track=track, row_block=row_block)
-    n_rows = n_slots if n_rows is None else n_rows
+    if n_rows is None:  # as many as given (in whole blocks), unless the blocks' padding needs more
+        n_rows = n_given if y is None else max(n_slots, -(-n_given // row_block) * row_block)
     if n_slots > n_rows:
         raise ValueError(f"{x.shape[0]:,} distinct rows in {n_slots:,} slots do not fit a bucket of {n_rows:,}")
     if y is not None and n_rows % row_block:
