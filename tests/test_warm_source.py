@@ -118,3 +118,30 @@ def test_warm_starts_read_the_previous_fit_from_s3(s3_settings, dataset):
     second = run(client, path, days[6])
     assert first.posterior_uri.startswith("s3://")
     assert second.warm_start is not None and second.warm_start.posterior_uri == first.posterior_uri
+
+
+def test_the_posterior_just_written_is_handed_over_only_while_the_store_holds_its_bytes(tmp_path, dataset):
+    """The next job's warm start takes the written posterior from memory: the same groups, values, coordinates
+    and attributes as read back from the store; once the stored object changes, or a signed summary records
+    other bytes, nothing is handed over (the store is read, as before)."""
+    from shared.jobs import handover
+    from shared.jobs.handover import WARM_GROUPS
+    from shared.storage.store import Store
+
+    path, days = dataset
+    settings = Settings(storage_url=str(tmp_path / "store"), compile_cache_dir=None)
+    client = CalibrationClient(settings)
+    first = run(client, path, days[5])
+    store = Store.from_settings(settings)
+    held = handover.take(first.posterior_uri, store, groups=WARM_GROUPS)
+    assert held is not None
+    read = store.get_inference_data(first.posterior_uri, groups=WARM_GROUPS)
+    assert held.groups() == read.groups() == list(WARM_GROUPS)
+    for group in WARM_GROUPS:
+        assert getattr(held, group).identical(getattr(read, group)), group
+    assert handover.take(first.posterior_uri, store, groups=WARM_GROUPS, sha256="0" * 64) is None
+    posterior = first.posterior_uri.removeprefix("file://")
+    with open(posterior, "ab") as handle:
+        handle.write(b"\0")  # the stored bytes are no longer the ones written
+    assert handover.take(first.posterior_uri, store, groups=WARM_GROUPS) is None
+    handover.forget()

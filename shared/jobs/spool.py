@@ -49,7 +49,7 @@ from shared.contract.job import CalibrationJob, Progress
 from shared.contract.retry import is_transient, retry_transient
 from shared.contract.settings import RecoverySettings, Settings
 from shared.contract.summary import CalibrationSummary
-from shared.jobs import metrics
+from shared.jobs import handover, metrics
 from shared.jobs.lease import Fence, HandBack, LeaseLost
 from shared.jobs.summary import completed
 from shared.storage.netcdf import write_netcdf
@@ -162,12 +162,15 @@ def write_results(
         patiently(spool, what=f"the local spool file {spooled}", recovery=recovery, on_wait=wait)
         resumed()
         posterior_uri = _upload(spooled, job, store=store, recovery=recovery, on_wait=wait, resumed=resumed, fence=fence)
+        digest = sha256_file(spooled)
         stored = completed(
             summary, write_s=time.perf_counter() - t0, total_s=time.perf_counter() - started,
             posterior_uri=posterior_uri, summary_uri=store.uri(summary_key(archetype, job_id)),
         )
         stored = _store_summary(stored, spooled, job, store=store, recovery=recovery, on_wait=wait, resumed=resumed,
-                                 fence=fence)
+                                 fence=fence, posterior_sha256=digest)
+        if stored.posterior_uri == posterior_uri:  # published: the next job's warm start may take it from memory
+            handover.keep(posterior_uri, digest, idata)
     except JobFailed:
         kept = spooled.is_file() and spooled_summary.is_file()
         if kept:  # the store stayed out (or full) past the budget: the draws wait for the job's next run here
@@ -257,7 +260,8 @@ def _upload(spooled: Path, job: CalibrationJob, *, store: Store, recovery: Recov
 
 
 def _store_summary(summary: CalibrationSummary, posterior: Path, job: CalibrationJob, *, store: Store,
-                   recovery: RecoverySettings, on_wait, resumed, fence: Fence | None = None) -> CalibrationSummary:
+                   recovery: RecoverySettings, on_wait, resumed, fence: Fence | None = None,
+                   posterior_sha256: str | None = None) -> CalibrationSummary:
     """Write the summary of the uploaded ``posterior`` file, sealed with the store's signing key; the summary published.
 
     Embedded mode (no ``fence``) writes it as before. A fleet worker's write
@@ -269,7 +273,8 @@ def _store_summary(summary: CalibrationSummary, posterior: Path, job: Calibratio
     summary at the key that :meth:`Catalog.read` refuses (planted, forged)
     publishes nothing and is replaced.
     """
-    sealed = seal(summary, posterior_sha256=sha256_file(posterior), key=store.signing_key)
+    digest = posterior_sha256 or sha256_file(posterior)  # ``posterior_sha256``: the caller has hashed the file
+    sealed = seal(summary, posterior_sha256=digest, key=store.signing_key)
     data = sealed.model_dump_json(indent=2).encode()
     key = summary_key(job.archetype, job.job_id)
     if fence is None:

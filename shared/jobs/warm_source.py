@@ -13,6 +13,10 @@ signing key, signed by a worker: :meth:`~shared.storage.catalog.Catalog.read`),
 and a signed summary's posterior is read only if its bytes hash to the
 sha256 the summary records, checked before it is decoded.
 
+A posterior this process has just written is taken from memory
+(:mod:`shared.jobs.handover`) when the store's object hashes to the bytes
+it uploaded; any other is read from the store.
+
 Finding a fit is an optimisation: a store that cannot be listed, a summary
 or posterior that cannot be read or does not verify, is logged and the job starts cold. The
 summaries' few fields the rule needs are cached per process (a summary is
@@ -29,13 +33,13 @@ from datetime import date
 from shared.contract.errors import Unverified
 from shared.contract.job import CalibrationJob
 from shared.fit.warm import WarmSource
+from shared.jobs import handover
+from shared.jobs.handover import WARM_GROUPS
 from shared.storage.catalog import POSTERIORS_PREFIX, Catalog
 from shared.storage.store import Store
 
 log = logging.getLogger(__name__)
 
-#: What a warm start reads of the previous posterior: not its posterior predictive, the bulk of a large fit's file.
-WARM_GROUPS = ("posterior", "sample_stats", "constant_data")
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,9 @@ def find_warm_source(job: CalibrationJob, store: Store) -> WarmSource | None:
         chosen = nearest_fit(job, _stored_fits(store, job.archetype))
         if chosen is None or chosen.posterior_uri is None:
             return None
-        idata = store.get_inference_data(chosen.posterior_uri, groups=WARM_GROUPS, sha256=chosen.posterior_sha256)
+        idata = handover.take(chosen.posterior_uri, store, groups=WARM_GROUPS, sha256=chosen.posterior_sha256)
+        if idata is None:
+            idata = store.get_inference_data(chosen.posterior_uri, groups=WARM_GROUPS, sha256=chosen.posterior_sha256)
     except Exception as exc:  # an optimisation must never fail the job
         log.warning("job %s: starting cold, no stored fit could be read: %s: %s", job.job_id, type(exc).__name__, exc)
         return None

@@ -527,6 +527,14 @@ class Store:
                 raise Unverified(f"posterior {redact_url(uri)}: its bytes are not the ones its signed summary records")
             return read_inference_data(local, groups=groups)
 
+    def sha256(self, uri_or_key: str) -> str:
+        """Hex sha256 of the object's bytes at a URI or key, streamed (NotFound if nothing is there)."""
+        fs, path, uri = self._resolve(uri_or_key)
+        with storage_errors(uri):
+            if isinstance(fs, LocalFileSystem) and not os.path.isfile(path):
+                raise FileNotFoundError(path)
+            return _sha256_at(fs, path)
+
     def get_dataset_file(self, uri_or_key: str) -> Path:
         """A local path holding the file at a URI or key.
 
