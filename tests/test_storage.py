@@ -195,6 +195,32 @@ def test_inference_data_round_trip(store: Store) -> None:
     assert isinstance(idata.posterior.attrs["config"], dict)
 
 
+def test_the_one_pass_write_holds_what_arviz_writes(tmp_path: Path) -> None:
+    """write_netcdf's one open file holds what ArviZ's to_netcdf (a file open per group) holds: the same groups,
+    values, dtypes, coordinates and attributes, each variable compressed alike."""
+    import arviz as az
+    import netCDF4
+
+    from shared.storage.netcdf import encode_attrs, netcdf_ready, read_inference_data, write_netcdf
+
+    idata = _inference_data()
+    idata.attrs = {"job_id": "job-1", "attempts": 2}
+    ours, theirs = tmp_path / "ours.nc", tmp_path / "theirs.nc"
+    write_netcdf(idata, ours)
+    groups = {group: netcdf_ready(getattr(idata, group)) for group in idata.groups()}
+    az.InferenceData(attrs=encode_attrs(idata.attrs), **groups).to_netcdf(str(theirs), engine="netcdf4")
+    a, b = read_inference_data(ours), read_inference_data(theirs)
+    assert a.groups() == b.groups() == idata.groups()
+    assert a.attrs == b.attrs == {"job_id": "job-1", "attempts": 2}
+    for group in idata.groups():
+        assert getattr(a, group).identical(getattr(b, group)), group
+    with netCDF4.Dataset(ours) as x, netCDF4.Dataset(theirs) as y:
+        assert x.ncattrs() == y.ncattrs() and list(x.groups) == list(y.groups)
+        for group in x.groups:
+            for name, var in x.groups[group].variables.items():
+                assert var.filters() == y.groups[group].variables[name].filters(), (group, name)
+
+
 def test_inference_data_is_fully_loaded_and_closed(store: Store) -> None:
     key = posterior_key("road_course", "job-2")
     store.put_netcdf(_inference_data(seed=1), key)
