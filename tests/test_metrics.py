@@ -13,8 +13,8 @@ from hypothesis.extra import numpy as hnp
 from scipy import stats
 
 from shared.stats.metrics import (
-    CoHitCache,
     JointEventResult,
+    RaceCache,
     ReliabilityCurve,
     brier_score,
     coverage,
@@ -370,7 +370,7 @@ def test_joint_events_through_the_cache_are_the_joint_events_computed_afresh():
     rng = np.random.default_rng(16)
     sim, finish = _simulate_races(rng, races=8, scenarios=30, drivers=6)
     groups = np.array(["a", "b"] * 4)
-    cache = CoHitCache(max_entries=6)  # smaller than the windows' races × thresholds: entries are evicted too
+    cache = RaceCache(max_entries=6)  # smaller than the windows' races × thresholds: entries are evicted too
 
     def both(window, s=sim, f=finish):
         fresh = joint_event_validation(s[window], f[window], thresholds=[1, 3], groups=groups[window])
@@ -418,3 +418,25 @@ def test_joint_event_validation_rejects_bad_shapes():
         joint_event_validation(sim, np.ones((2, 3)), thresholds=[1], groups=["a"])
     with pytest.raises(ValueError, match="does not match"):
         joint_event_validation(sim, np.ones((2, 4)), thresholds=[1], groups=["a", "b"])
+
+
+def test_ensemble_scores_race_by_race_are_the_scores_of_the_whole_window():
+    """stats.evaluation scores each race once (kept for the next window): the same numbers, exactly, as
+    scoring every race of the window at once."""
+    from shared.data.synth import synthesize
+    from shared.stats.evaluation import COVERAGE_LEVELS, ensemble_scores
+
+    ds = synthesize(seasons=1, scenarios=60, seed=11)
+    for first, last in ((0, 12), (3, 20), (0, 20), (3, 20)):  # overlapping windows; the last one all from the cache
+        window = ds.isel(race=slice(first, last))
+        records = ensemble_scores(window, ["intermediate", "superspeedway"])
+        assert {r.archetype for r in records} == {"intermediate", "superspeedway"}
+        for record in records:
+            sub = window.sel(race=window["archetype"].values == record.archetype)
+            members = sub["sim_points"].transpose("race", "driver", "scenario").values
+            observed = sub["points"].transpose("race", "driver").values
+            assert record.n == int(np.isfinite(observed).sum())
+            assert record.crps == float(np.nanmean(crps_ensemble(observed, members)))
+            assert record.log_score == float(np.nanmean(log_score(observed, members)))
+            expected = coverage(observed, members, levels=COVERAGE_LEVELS)
+            assert record.coverage == {f"{level:g}": share for level, share in expected.items()}

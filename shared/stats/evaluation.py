@@ -67,7 +67,9 @@ def event_calibration(rows: EventRows, q_mean: np.ndarray) -> list[EventCalibrat
 def ensemble_scores(ds: xr.Dataset, archetypes: Sequence[str]) -> list[EnsembleScores]:
     """CRPS, log score and interval coverage of ``sim_points`` against ``points``.
 
-    Empty when the dataset carries no points.
+    Empty when the dataset carries no points. Each race's per-driver scores
+    are computed once per process (:data:`_RACES`): the same numbers as
+    scoring all races at once, cell by cell, pooled in the same order.
     """
     if "sim_points" not in ds or "points" not in ds:
         return []
@@ -80,21 +82,32 @@ def ensemble_scores(ds: xr.Dataset, archetypes: Sequence[str]) -> list[EnsembleS
         members = sub["sim_points"].transpose("race", "driver", "scenario").values
         observed = sub["points"].transpose("race", "driver").values
         n = int(np.isfinite(observed).sum())
-        cover = metrics.coverage(observed, members, levels=COVERAGE_LEVELS)
+        scored = [_race_ensemble(observed[r : r + 1], members[r : r + 1]) for r in range(observed.shape[0])]
+        crps, log, inside = (np.concatenate(part) for part in zip(*scored, strict=True))
+        share = inside.mean(axis=0) if inside.shape[0] else np.full(len(COVERAGE_LEVELS), np.nan)
         records.append(
             EnsembleScores(
                 archetype=archetype,
                 n=n,
-                crps=float(np.nanmean(metrics.crps_ensemble(observed, members))),
-                log_score=float(np.nanmean(metrics.log_score(observed, members))),
-                coverage={f"{level:g}": float(value) for level, value in cover.items()},
+                crps=float(np.nanmean(crps)),
+                log_score=float(np.nanmean(log)),
+                coverage={f"{level:g}": float(value) for level, value in zip(COVERAGE_LEVELS, share, strict=True)},
             )
         )
     return records
 
 
-#: Each race's co-hit pairs, for the next job of the process that scores the same race (a backfill's next window).
-_CO_HITS = metrics.CoHitCache()
+def _race_ensemble(observed: np.ndarray, members: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One race's CRPS and log score per driver, and its coverage hits: ``[1, driver]``, ``[1, driver]``, ``[n, level]``."""
+    def score():
+        return (metrics.crps_ensemble(observed, members), metrics.log_score(observed, members),
+                metrics.coverage_hits(observed, members, levels=COVERAGE_LEVELS))
+
+    return _RACES.get(_RACES.digest(observed, members), "ensemble", score)
+
+
+#: Each race's scores (ensemble, co-hit pairs), for the next job of the process that scores it (a backfill's next window).
+_RACES = metrics.RaceCache()
 
 
 def joint_events(ds: xr.Dataset, events: Sequence[str]) -> list[dict]:
@@ -104,7 +117,7 @@ def joint_events(ds: xr.Dataset, events: Sequence[str]) -> list[dict]:
         ds["finish_position"].transpose("race", "driver").values,
         thresholds=[event_threshold(e) for e in events],
         groups=ds["archetype"].values.astype(str),
-        cache=_CO_HITS,
+        cache=_RACES,
     )
     return [r.to_dict() for r in results]
 

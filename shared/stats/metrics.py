@@ -27,23 +27,25 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import special, stats
 
 __all__ = [
-    "CoHitCache",
     "JointEventResult",
+    "RaceCache",
     "ReliabilityCurve",
     "brier_score",
     "coverage",
+    "coverage_hits",
     "crps_ensemble",
     "expected_calibration_error",
     "joint_event_validation",
@@ -54,6 +56,8 @@ __all__ = [
     "pit_values",
     "reliability_curve",
 ]
+
+T = TypeVar("T")
 
 #: Seed of the generator :func:`pit_values` uses when given none, so that a
 #: randomised PIT is reproducible by default.
@@ -312,9 +316,25 @@ def coverage(
     -------
     ``{level: share}``; a share is NaN when no element can be scored.
     """
-    lv = np.asarray(levels, dtype=np.float64).reshape(-1)
-    if lv.size == 0 or np.any(~((lv > 0.0) & (lv <= 1.0))):
-        raise ValueError("coverage levels must lie in (0, 1]")
+    lv = _levels(levels)
+    inside = coverage_hits(observations, forecasts, levels=lv, axis=axis)
+    share = inside.mean(axis=0) if inside.shape[0] else np.full(lv.size, np.nan)
+    return {float(level): float(s) for level, s in zip(lv, share, strict=True)}
+
+
+def coverage_hits(
+    observations: ArrayLike,
+    forecasts: ArrayLike,
+    *,
+    levels: Sequence[float] = (0.5, 0.8, 0.95),
+    axis: int = -1,
+) -> NDArray[np.bool_]:
+    """Whether each scored observation lies inside each central interval: ``[element, level]``, for :func:`coverage`.
+
+    Rows are the elements that can be scored (observation and some member
+    not NaN), in C order; :func:`coverage`'s share is the mean of each column.
+    """
+    lv = _levels(levels)
     x, count = _members(forecasts, axis)
     y = _observations(observations, x)
     probs = np.concatenate([(1.0 - lv) / 2.0, (1.0 + lv) / 2.0])
@@ -322,9 +342,14 @@ def coverage(
     present = ~_absent(y, count)
     y_present = y[present][:, None]
     q_present = q[present]
-    inside = (y_present >= q_present[:, : lv.size]) & (y_present <= q_present[:, lv.size :])
-    share = inside.mean(axis=0) if inside.shape[0] else np.full(lv.size, np.nan)
-    return {float(level): float(s) for level, s in zip(lv, share, strict=True)}
+    return (y_present >= q_present[:, : lv.size]) & (y_present <= q_present[:, lv.size :])
+
+
+def _levels(levels: Sequence[float]) -> NDArray[np.float64]:
+    lv = np.asarray(levels, dtype=np.float64).reshape(-1)
+    if lv.size == 0 or np.any(~((lv > 0.0) & (lv <= 1.0))):
+        raise ValueError("coverage levels must lie in (0, 1]")
+    return lv
 
 
 def pit_values(
@@ -591,51 +616,46 @@ def _race_co_hits(
     return forecast, observed
 
 
-class CoHitCache:
-    """Each race's co-hit pairs (:func:`_race_co_hits`), kept by the digest of the race's own arrays.
+class RaceCache:
+    """What was computed from one race's arrays, kept under a BLAKE2b digest of exactly those arrays.
 
     A backfill's windows overlap: window after window scores the same races.
-    The key is a BLAKE2b digest of exactly what the pairs are computed from
-    (the race's simulated and finishing positions of its entered drivers, and
-    their shape) and the threshold, so a hit is those arrays' pairs, whatever
-    dataset, window or job they came from. The newest ``max_entries`` (race,
-    threshold) pairs are kept (a race's pairs take about 16 bytes each: ~12 KiB for 40 drivers).
+    A result is kept under :meth:`digest` of the arrays it is computed from
+    (their bytes, shapes and dtypes) and a tag (which computation, its
+    parameters), so a hit is those arrays' result, whatever dataset, window or
+    job they came from. The newest ``max_entries`` results are kept; arrays
+    kept are read-only, shared by every later caller.
     """
 
     def __init__(self, max_entries: int = 2048) -> None:
         self.max_entries = max_entries
-        self._pairs: OrderedDict[tuple[bytes, int], tuple[NDArray[np.float64], NDArray[np.float64]]] = OrderedDict()
+        self._kept: OrderedDict[tuple[bytes, Any], Any] = OrderedDict()
         self._lock = threading.Lock()
 
     @staticmethod
-    def digest(sim: NDArray[np.float64], finish: NDArray[np.float64]) -> bytes:
+    def digest(*arrays: NDArray[Any]) -> bytes:
         h = hashlib.blake2b(digest_size=20)
-        for a in (sim, finish):
+        for a in arrays:
             h.update(repr((a.shape, a.dtype.str)).encode())
             h.update(np.ascontiguousarray(a).data)
         return h.digest()
 
-    def pairs(
-        self, sim: NDArray[np.float64], finish: NDArray[np.float64], thresholds: Sequence[int]
-    ) -> list[tuple[NDArray[np.float64], NDArray[np.float64]]]:
-        """:func:`_race_co_hits` of one race for each threshold, computed once per distinct race."""
-        digest = self.digest(sim, finish)
-        out = []
-        for t in thresholds:
-            with self._lock:
-                found = self._pairs.get((digest, t))
-                if found is not None:
-                    self._pairs.move_to_end((digest, t))
-            if found is None:
-                found = _race_co_hits(sim, finish, t)
-                for a in found:
-                    a.setflags(write=False)  # shared by every later caller
-                with self._lock:
-                    self._pairs[(digest, t)] = found
-                    while len(self._pairs) > self.max_entries:
-                        self._pairs.popitem(last=False)
-            out.append(found)
-        return out
+    def get(self, digest: bytes, tag: Any, compute: Callable[[], T]) -> T:
+        """The result kept under (``digest``, ``tag``), else ``compute()``'s, kept."""
+        with self._lock:
+            found = self._kept.get((digest, tag))
+            if found is not None:
+                self._kept.move_to_end((digest, tag))
+                return found
+        found = compute()
+        for a in found if isinstance(found, tuple) else (found,):
+            if isinstance(a, np.ndarray):
+                a.setflags(write=False)
+        with self._lock:
+            self._kept[(digest, tag)] = found
+            while len(self._kept) > self.max_entries:
+                self._kept.popitem(last=False)
+        return found
 
 
 def joint_event_validation(
@@ -645,7 +665,7 @@ def joint_event_validation(
     thresholds: Sequence[int],
     groups: ArrayLike,
     bins: int = 10,
-    cache: CoHitCache | None = None,
+    cache: RaceCache | None = None,
 ) -> list[JointEventResult]:
     r"""Calibration of the forecast probability that *two* drivers both finish top-t.
 
@@ -679,7 +699,7 @@ def joint_event_validation(
     bins
         Number of equal-width bins of the reliability curves.
     cache
-        Where each race's pairs are kept for later calls (:class:`CoHitCache`);
+        Where each race's pairs are kept for later calls (:class:`RaceCache`);
         the results are the same with or without.
 
     Returns
@@ -711,9 +731,10 @@ def joint_event_validation(
         if np.count_nonzero(drivers) < 2:
             continue
         race_sim, race_finish = sim[race][:, drivers], finish[race, drivers]
-        computed = (cache.pairs(race_sim, race_finish, ts) if cache is not None
-                    else [_race_co_hits(race_sim, race_finish, t) for t in ts])
-        for t, (forecast, observed) in zip(ts, computed, strict=True):
+        digest = cache.digest(race_sim, race_finish) if cache is not None else b""
+        for t in ts:
+            compute = functools.partial(_race_co_hits, race_sim, race_finish, t)
+            forecast, observed = cache.get(digest, ("co_hits", t), compute) if cache is not None else compute()
             bucket = pairs[(labels[race], t)]
             bucket[0].append(forecast)
             bucket[1].append(observed)
