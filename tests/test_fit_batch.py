@@ -37,8 +37,7 @@ def three(season):
     prepared = [prepare(season, job) for job in jobs]
     bucket = prepared[0].bucket
     assert all(p.bucket == bucket for p in prepared)
-    key = BatchKey(bucket=bucket, warm=False, steps=bucket.warmup, samples=SETTINGS["samples"],
-                   target_accept_prob=TARGET_ACCEPT)
+    key = BatchKey.first_run(bucket, SETTINGS["samples"])
     return jobs, prepared, key
 
 
@@ -139,3 +138,59 @@ def test_chains_shared_between_devices_come_back_one_per_chain_and_job(three):
     for draws in results:
         assert draws.params["alpha_arch"].shape[:2] == (4, 40)
         assert draws.stats["diverging"].shape == (4, 40)
+
+
+#: A batch run in a child process that has not finished by then hung.
+HANG_S = 480
+
+_FOUR_DEVICES = """
+import jax
+from shared.contract.job import CalibrationJob
+from shared.data.synth import synthesize
+from shared.fit.batch import BatchKey, BatchRun, batch_size, batched_sampler_for, sample_batch
+from shared.fit.calibrate import prepare
+
+assert jax.local_device_count() == 4, jax.devices()
+season = synthesize(seasons=1, scenarios=100, seed=3)
+jobs = [CalibrationJob(archetype="intermediate", dataset_uri="file:///data/season.nc", dataset_sha256="0" * 64,
+                       events=("top_5", "top_10"), sampler={"warmup": 20, "samples": 20, "chains": 4, "seed": seed})
+        for seed in range(3)]
+prepared = [prepare(season, job) for job in jobs]
+bucket = prepared[0].bucket
+assert bucket.devices == bucket.chains == 4, bucket
+key = BatchKey.first_run(bucket, 20)
+runs = [BatchRun(p.data, job.sampler.seed) for job, p in zip(jobs, prepared)]
+for _ in range(3):
+    assert all(r.params["alpha_arch"].shape[:2] == (4, 20) for r in sample_batch(runs, key=key))
+sampler = batched_sampler_for(bucket, batch_size(len(runs)))
+programs = sampler.compile(sampler._inputs(runs + runs[:1]))
+print("LAPACK" if any("lapack" in p.as_text() for p in programs) else "no LAPACK")
+"""
+
+
+def test_a_batch_of_jobs_with_one_chain_per_host_device_finishes():
+    """Four chains pmapped over four host devices, three jobs vmapped: it hung at its first call.
+
+    The metric's Cholesky factor and triangular solve, batched over jobs,
+    were LAPACK calls in the program; on the CPU each fans its batch out over
+    XLA's intra-op pool from a worker of that pool and waits. With four
+    devices running at once every worker waited and none was left to do the
+    work: no thread used the CPU, forever. The metric is factored on the host
+    now (shared.fit.nuts.dense_metric) and the programs hold no LAPACK call.
+    Run in a child process with a time limit, so a hang fails this test and
+    not the session.
+    """
+    import subprocess
+    import sys
+
+    from shared.fit.device import with_host_devices
+    from tests.services import ROOT, calq_environ
+
+    environ = calq_environ(XLA_FLAGS=with_host_devices("", 4))
+    try:
+        result = subprocess.run([sys.executable, "-c", _FOUR_DEVICES], cwd=ROOT, env=environ, capture_output=True,
+                                text=True, timeout=HANG_S)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the batch did not finish in {HANG_S} s: hung ({(exc.stderr or b'')[-2000:]!r})")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["no", "LAPACK"], result.stdout

@@ -29,6 +29,15 @@ job axis as well as the chains, so J jobs take one call per chunk::
   first transitions agree to ~1e-5 and then the chains part (NUTS is
   chaotic): a job's answer in a batch equals its answer alone within Monte
   Carlo error, not to float tolerance (tests/test_fit_batch.py).
+- No LAPACK call in the programs: a job's dense metric comes factored from
+  the host (:func:`shared.fit.nuts.dense_metric`). Its Cholesky factor,
+  once computed in the program and batched over the job axis, hung every
+  batch with chains on four host devices at its first call, no thread using
+  the CPU: each of XLA's four intra-op workers ran one device's
+  ``lapack_spotrf_ffi``, which fans its batch out over that same pool and
+  waits (gdb: every ``tf_XLAEigen`` thread in ``jax::ParallelBatchMap``), so
+  no worker was left to do the work. One job (a batch of one matrix) or
+  chains on one device never filled the pool (tests/test_fit_batch.py).
 - Control, as in :meth:`CompiledSampler.run`: before each chunk (and while a
   new program compiles) every job's :class:`~shared.contract.control.JobControl`
   is checked; one that raises (cancelled, past its time limit) drops that job
@@ -63,7 +72,7 @@ from shared.contract.control import JobControl
 from shared.contract.job import Progress
 from shared.contract.summary import WarmStart
 from shared.fit.model import ModelData
-from shared.fit.remedy import RunPlan
+from shared.fit.remedy import TARGET_ACCEPT, RunPlan
 from shared.fit.sampler import (
     Bucket,
     Draws,
@@ -123,6 +132,15 @@ class BatchKey:
     samples: int
     target_accept_prob: float
 
+    @classmethod
+    def first_run(cls, bucket: Bucket, samples: int, warm_start: WarmStart | None = None) -> BatchKey:
+        """The key of a job's first run: cold, with the bucket's warmup and the default target acceptance,
+        or warm, with the warmup and target its warm-start record holds."""
+        if warm_start is None:
+            return cls(bucket=bucket, warm=False, steps=bucket.warmup, samples=samples, target_accept_prob=TARGET_ACCEPT)
+        return cls(bucket=bucket, warm=True, steps=warm_start.warmup, samples=samples,
+                   target_accept_prob=warm_start.target_accept_prob)
+
 
 @dataclass(frozen=True)
 class BatchRun:
@@ -167,11 +185,11 @@ class BatchedSampler:
         keys = jnp.stack([s[0] for s in starts], axis=1)  # (chain, job, 2)
         positions = {name: jnp.stack([s[1][name] for s in starts], axis=1) for name in starts[0][1]}
         step_size = jnp.stack([s[2] for s in starts])
-        inverse_mass = jnp.stack([s[3] for s in starts])
+        metric = _stacked([s[3] for s in starts])
         warm = jnp.stack([s[4] for s in starts])
-        data = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *[run.data for run in runs])
+        data = _stacked([run.data for run in runs])
         return (self._per_chain(keys), data, {k: self._per_chain(v) for k, v in positions.items()},
-                step_size, inverse_mass, warm)
+                step_size, metric, warm)
 
     def compile(self, args: tuple) -> tuple:
         """Compile (or fetch from the persistent cache) both programs, once."""
@@ -258,6 +276,11 @@ class BatchedSampler:
                                  stats=kept_draws(stats, key.steps, key.samples, b.chunk),
                                  compile_s=compile_s, sample_s=sample_s))
         return results
+
+
+def _stacked(trees: Sequence) -> object:
+    """``trees`` (of one structure) as one tree of arrays with a leading job axis."""
+    return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
 def _dynamic(size: int, *, warm: bool, target: float, steps: int) -> tuple:

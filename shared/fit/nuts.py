@@ -12,8 +12,8 @@ matrix's form (below), differ. The initial state still comes from NumPyro's ``in
 whose adaptation set-up does not use the target.
 
 The mass matrix is held dense, (size, size), in every state
-(:func:`with_dense_mass`), so a warm and a cold run differ only in values:
-a warm start (:mod:`shared.fit.warm`) begins with the covariance of a
+(:func:`with_dense_mass`; factored on the host, :func:`dense_metric`), so a
+warm and a cold run differ only in values: a warm start (:mod:`shared.fit.warm`) begins with the covariance of a
 previous posterior's draws over every unconstrained coordinate, far more
 draws than a short warmup sees, and keeps it, adapting only the step size
 by dual averaging over its whole warmup in one window (NumPyro's windows
@@ -27,10 +27,12 @@ traced arguments too, so warm and cold runs share one compiled sampler.
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
 from jax import lax, random
-from jax.scipy.linalg import solve_triangular
 from numpyro.infer.hmc import HMCState, momentum_generator
 from numpyro.infer.hmc_util import (
     IntegratorState,
@@ -118,29 +120,55 @@ def nuts_step(
     )
 
 
+class DenseMetric(NamedTuple):
+    """A dense inverse mass matrix M⁻¹ (size × size) and the momentum scales NumPyro's state holds with it.
+
+    ``sqrt`` is L⁻ᵀ for the Cholesky factor L of M⁻¹ (M⁻¹ = L·Lᵀ, so
+    L⁻ᵀ·L⁻¹ = M), ``sqrt_inv`` is Lᵀ. Factored on the host
+    (:func:`dense_metric`), never in a compiled program: see :func:`with_dense_mass`.
+    """
+
+    inverse: np.ndarray
+    sqrt: np.ndarray
+    sqrt_inv: np.ndarray
+
+
+def dense_metric(inverse_mass_matrix: np.ndarray) -> DenseMetric:
+    """``inverse_mass_matrix`` and its factors, computed in float64 with NumPy and SciPy, as float32."""
+    inverse = np.asarray(inverse_mass_matrix, np.float64)
+    lower = np.linalg.cholesky(inverse)
+    sqrt = scipy.linalg.solve_triangular(lower.T, np.eye(len(inverse)), lower=False)
+    return DenseMetric(*(np.asarray(m, np.float32) for m in (inverse, sqrt, lower.T)))
+
+
 def with_dense_mass(
     state: HMCState,
-    inverse_mass_matrix: jnp.ndarray,
+    metric: DenseMetric,
     potential_fn,
     *,
     find_step_size: jnp.ndarray | bool,
     rng_key,
 ) -> HMCState:
-    """``state`` (from NumPyro's ``init_kernel``, diagonal) with the dense ``inverse_mass_matrix`` (size × size).
+    """``state`` (from NumPyro's ``init_kernel``, diagonal) with the dense ``metric``.
 
-    The momentum's scale ``mass_matrix_sqrt`` is L⁻ᵀ for the Cholesky factor
-    L of the inverse mass matrix (M⁻¹ = L·Lᵀ, so L⁻ᵀ·L⁻¹ = M), and
-    ``mass_matrix_sqrt_inv`` is Lᵀ. With ``find_step_size`` (a traced bool)
-    the step size is searched again from the state's, by NumPyro's heuristic,
-    under the new metric.
+    With ``find_step_size`` (a traced bool) the step size is searched again
+    from the state's, by NumPyro's heuristic, under the new metric.
+
+    The metric comes factored (:func:`dense_metric`) because a Cholesky
+    factor or triangular solve inside the program is a LAPACK custom call,
+    which on the CPU fans a batch out over XLA's intra-op thread pool from a
+    worker of that same pool and waits for it. With a job axis (vmap) and
+    chains on four host devices (pmap), every worker of the pool waited for
+    work that no free worker was left to run: the batched sampler hung
+    forever, no thread using the CPU (:mod:`shared.fit.batch`; gdb showed
+    each ``tf_XLAEigen`` worker in ``jax::ParallelBatchMap`` under
+    ``lapack_spotrf_ffi``).
     """
-    lower = jnp.linalg.cholesky(inverse_mass_matrix)
-    sqrt = solve_triangular(lower.T, jnp.eye(inverse_mass_matrix.shape[0]), lower=False)
     adapt = state.adapt_state._replace(
-        inverse_mass_matrix=inverse_mass_matrix, mass_matrix_sqrt=sqrt, mass_matrix_sqrt_inv=lower.T
+        inverse_mass_matrix=metric.inverse, mass_matrix_sqrt=metric.sqrt, mass_matrix_sqrt_inv=metric.sqrt_inv
     )
     found = find_reasonable_step_size(
-        potential_fn, euclidean_kinetic_energy, momentum_generator, adapt.step_size, inverse_mass_matrix,
+        potential_fn, euclidean_kinetic_energy, momentum_generator, adapt.step_size, metric.inverse,
         IntegratorState(state.z, None, state.potential_energy, state.z_grad), rng_key,
     )
     return state._replace(adapt_state=adapt._replace(step_size=jnp.where(find_step_size, found, adapt.step_size)))
@@ -169,4 +197,4 @@ def _adapt_step_size(t, accept_prob, _proposal, adapt, *, num_warmup: int, targe
     return adapt._replace(step_size=jnp.clip(step_size, finfo.tiny, finfo.max), ss_state=ss_state)
 
 
-__all__ = ["MAX_DELTA_ENERGY", "nuts_step", "with_dense_mass"]
+__all__ = ["MAX_DELTA_ENERGY", "DenseMetric", "dense_metric", "nuts_step", "with_dense_mass"]

@@ -60,7 +60,7 @@ from numpyro.infer.util import constrain_fn, potential_energy
 from shared.contract.control import JobControl
 from shared.contract.job import Progress
 from shared.fit.model import ModelData, ModelShape, calibration_model, model_data
-from shared.fit.nuts import nuts_step, with_dense_mass
+from shared.fit.nuts import DenseMetric, dense_metric, nuts_step, with_dense_mass
 from shared.fit.remedy import TARGET_ACCEPT
 
 log = logging.getLogger(__name__)
@@ -219,6 +219,7 @@ class CompiledSampler:
             potential_fn_gen=lambda data: functools.partial(potential_energy, model, (data,), {}),
             algo="NUTS",
         )
+        self._identity: DenseMetric = dense_metric(np.eye(self._size))  # a cold run's placeholder metric
         self._init, self._chunk = self._build()
         self._compiled: tuple | None = None
         self._cold_start: StartingPoint | None = None
@@ -237,15 +238,17 @@ class CompiledSampler:
     def per_chain_functions(self):
         """``(init_one, chunk_one)``: one chain's initial state and one chunk of its transitions, unmapped.
 
-        ``init_one(key, data, params, step_size, inverse_mass_matrix, warm)``
-        and ``chunk_one(state, data, target_accept_prob, warm, warm_warmup)``;
+        ``init_one(key, data, params, step_size, metric, warm)`` (``metric`` a
+        :class:`~shared.fit.nuts.DenseMetric`, factored on the host) and
+        ``chunk_one(state, data, target_accept_prob, warm, warm_warmup)``;
         this sampler maps them over chains (:meth:`_build`), a batch over
-        jobs as well (:mod:`shared.fit.batch`).
+        jobs as well (:mod:`shared.fit.batch`). Neither holds a LAPACK call
+        (see :func:`~shared.fit.nuts.with_dense_mass`).
         """
         warmup, length = self.bucket.warmup, self.bucket.chunk
         template = self._param_template
 
-        def init_one(key, data, params, step_size, inverse_mass_matrix, warm):
+        def init_one(key, data, params, step_size, metric, warm):
             """A chain's initial state: at ``params`` with this step size and mass matrix when ``warm``, else drawn."""
             init_key, kernel_key = jax.random.split(key)
             leaves, treedef = jax.tree_util.tree_flatten(template)
@@ -254,19 +257,20 @@ class CompiledSampler:
             drawn = treedef.unflatten(
                 [jax.random.uniform(k, jnp.shape(v), minval=-2.0, maxval=2.0) for k, v in zip(keys, leaves)]
             )
-            dense = jnp.where(warm, inverse_mass_matrix, jnp.eye(inverse_mass_matrix.shape[0]))  # cold: identity
+            identity = jnp.eye(metric.inverse.shape[0])
+            metric = jax.tree_util.tree_map(lambda given: jnp.where(warm, given, identity), metric)  # cold: identity
             state = self._init_kernel(  # the initial state, diagonal; transitions are nuts_step's
                 jax.tree_util.tree_map(lambda given, cold: jnp.where(warm, given, cold), params, drawn),
                 warmup,
                 step_size=jnp.where(warm, step_size, 1.0),
-                inverse_mass_matrix=jnp.diagonal(dense),
+                inverse_mass_matrix=jnp.diagonal(metric.inverse),
                 max_tree_depth=MAX_TREE_DEPTH,
                 model_args=(data,),
                 rng_key=kernel_key,
             )
             found_diagonal = state.adapt_state.step_size
             potential = functools.partial(potential_energy, self._model, (data,), {})
-            state = with_dense_mass(state, dense, potential, find_step_size=warm,
+            state = with_dense_mass(state, metric, potential, find_step_size=warm,
                                     rng_key=jax.random.fold_in(kernel_key, 1))
             # Dual averaging pulls the step size towards its prox centre: 10× the initial one for a cold start
             # (NumPyro's and Stan's), to explore; a warm start's step size is already adapted, so its own,
@@ -298,9 +302,11 @@ class CompiledSampler:
         return per_chain_layout(self.bucket, values)
 
     def start_args(self, seed: int, start: StartingPoint | None) -> tuple:
-        """``(keys, positions, step_size, inverse_mass_matrix, warm)`` of one run, chains along the leading axis.
+        """``(keys, positions, step_size, metric, warm)`` of one run, chains along the leading axis.
 
-        A cold run's positions, step size and mass matrix are placeholders (its chains draw their own starts).
+        ``metric`` is the start's inverse mass matrix factored on the host
+        (:func:`~shared.fit.nuts.dense_metric`). A cold run's positions, step
+        size and metric are placeholders (its chains draw their own starts).
         """
         warm = start is not None
         start = start if warm else self._template_start()
@@ -310,17 +316,18 @@ class CompiledSampler:
             if value.shape != (self.bucket.chains, *template.shape):
                 raise ValueError(f"starting point of {name}: shape {value.shape}, expected {(self.bucket.chains, *template.shape)}")
             positions[name] = value
-        inverse_mass = jnp.asarray(start.inverse_mass_matrix, jnp.float32)
-        if inverse_mass.shape != (self._size, self._size):
-            raise ValueError(f"inverse mass matrix of shape {inverse_mass.shape}, expected {(self._size, self._size)}")
+        shape = np.shape(start.inverse_mass_matrix)
+        if shape != (self._size, self._size):
+            raise ValueError(f"inverse mass matrix of shape {shape}, expected {(self._size, self._size)}")
+        metric = dense_metric(start.inverse_mass_matrix) if warm else self._identity
         keys = jax.random.split(jax.random.PRNGKey(seed), self.bucket.chains)
-        return keys, positions, jnp.float32(start.step_size), inverse_mass, jnp.bool_(warm)
+        return keys, positions, jnp.float32(start.step_size), metric, jnp.bool_(warm)
 
     def _init_args(self, seed: int, data: ModelData, start: StartingPoint | None) -> tuple:
         """The initial kernel's arguments: keys, data, and where the chains start, laid out for the devices."""
-        keys, positions, step_size, inverse_mass, warm = self.start_args(seed, start)
+        keys, positions, step_size, metric, warm = self.start_args(seed, start)
         positions = {name: self._per_chain(value) for name, value in positions.items()}
-        return (self._per_chain(keys), data, positions, step_size, inverse_mass, warm)
+        return (self._per_chain(keys), data, positions, step_size, metric, warm)
 
     @property
     def _size(self) -> int:

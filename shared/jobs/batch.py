@@ -133,7 +133,6 @@ def _member(services: Services, message: Mapping[str, Any], *, worker: str, atte
     from shared.data.limits import check_job
     from shared.fit.batch import BatchKey, BatchRun
     from shared.fit.calibrate import prepare, warm_start_of
-    from shared.fit.remedy import TARGET_ACCEPT
     from shared.jobs.datasets import decoded
     from shared.jobs.lease import Heartbeat
     from shared.jobs.warm_source import find_warm_source
@@ -160,12 +159,7 @@ def _member(services: Services, message: Mapping[str, Any], *, worker: str, atte
     prepared = prepare(dataset, job)
     warm = find_warm_source(job, store) if settings.warm_start else None
     member.seeded = warm_start_of(prepared, job, warm)
-    record = member.seeded[1] if member.seeded else None
-    bucket = prepared.bucket
-    member.key = BatchKey(
-        bucket=bucket, warm=record is not None, steps=record.warmup if record else bucket.warmup,
-        samples=job.sampler.samples, target_accept_prob=record.target_accept_prob if record else TARGET_ACCEPT,
-    )
+    member.key = BatchKey.first_run(prepared.bucket, job.sampler.samples, member.seeded[1] if member.seeded else None)
     limit_s = min(job.time_limit_s or settings.job_time_limit_s, settings.job_time_limit_s)
     member.run = BatchRun(prepared.data, job.sampler.seed, member.seeded[0] if member.seeded else None,
                           control.start(limit_s))
