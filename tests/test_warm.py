@@ -17,7 +17,8 @@ import pytest
 from shared.contract.job import CalibrationJob
 from shared.contract.summary import CalibrationSummary, ConvergenceCriteria
 from shared.data.synth import synthesize
-from shared.fit.calibrate import calibrate, prepare, track_labels
+from shared.fit.batch import BatchKey, BatchRun, FirstRun, first_runs, sample_batch
+from shared.fit.calibrate import calibrate, prepare, track_labels, warm_start_of
 from shared.fit.idata import build_inference_data
 from shared.fit.model import ModelShape
 from shared.fit.sampler import COMPILES, sampler_for
@@ -217,46 +218,108 @@ def _race_days(ds, archetype: str) -> list[date]:
     return sorted({d for d, a in zip(days, ds["archetype"].values) if a == archetype})
 
 
-@pytest.mark.slow
-def test_warm_starts_sample_the_same_posterior_as_cold_ones():
-    """Fit as of one race cold; then as of the next, warm from it and cold, over three seeds.
+# -- warm against a long cold reference, alone and batched (slow) ----------------------------------
 
-    Every run is compared with a long cold reference run of the second
-    window: z = Δmean / √(mcse_run² + mcse_ref²) per parameter (mcse =
-    sd/√ESS). A warm run that had not left the previous posterior (one race
-    fewer) would sit several Monte Carlo errors away; one that samples the
-    same posterior gives z about standard normal, as the cold runs do.
-    """
-    ds = synthesize(seasons=2, scenarios=300, seed=11)
-    days = _race_days(ds, "intermediate")
-    before, after = days[-3] + timedelta(days=1), days[-2] + timedelta(days=1)
 
-    def job(as_of, seed, warmup=400, samples=800):
-        return make_job("intermediate", as_of=as_of, sampler={"warmup": warmup, "samples": samples, "chains": 4, "seed": seed})
+@dataclasses.dataclass(frozen=True)
+class Windows:
+    """Two windows of intermediate races one race apart, the first's fit (the warm source), the second's reference."""
 
-    # the previous window gets more draws: its own Monte Carlo error then hides less of its distance to the reference
-    prev_idata, prev = calibrate(ds, job(before, 99, samples=2000))
-    source = WarmSource(prev_idata, prev.job.job_id, None, prev.data_through)
-    _, reference = calibrate(ds, job(after, 1234, warmup=1000, samples=8000))
-    ref = {p.name: p for p in reference.parameters}
+    ds: object
+    after: date
+    previous: object  # Fit of the first window
+    source: WarmSource
+    reference: dict  # parameter name -> ParameterSummary of a long cold run of the second window
 
-    def z_scores(fit):
+    def job(self, seed: int, warmup: int = 400, samples: int = 800) -> CalibrationJob:
+        """A job of the second window."""
+        return window_job(self.after, seed, warmup=warmup, samples=samples)
+
+    def z_scores(self, fit) -> list[float]:
+        """z = Δmean / √(mcse_fit² + mcse_ref²) of every parameter against the reference (mcse = sd/√ESS)."""
+        ref = self.reference
         return [(p.mean - ref[p.name].mean)
                 / np.hypot(p.sd / np.sqrt(p.ess_bulk), ref[p.name].sd / np.sqrt(ref[p.name].ess_bulk))
                 for p in fit.parameters]
 
+
+def window_job(as_of: date, seed: int, *, warmup: int = 400, samples: int = 800) -> CalibrationJob:
+    return make_job("intermediate", as_of=as_of, sampler={"warmup": warmup, "samples": samples, "chains": 4, "seed": seed})
+
+
+@pytest.fixture(scope="module")
+def windows() -> Windows:
+    """Fit as of one race cold (more draws: its own Monte Carlo error then hides less of its distance to the
+    reference), and the next window long and cold: the reference both slow tests compare with."""
+    ds = synthesize(seasons=2, scenarios=300, seed=11)
+    days = _race_days(ds, "intermediate")
+    before, after = days[-3] + timedelta(days=1), days[-2] + timedelta(days=1)
+    prev_idata, prev = calibrate(ds, window_job(before, 99, samples=2000))
+    source = WarmSource(prev_idata, prev.job.job_id, None, prev.data_through)
+    _, reference = calibrate(ds, window_job(after, 1234, warmup=1000, samples=8000))
+    found = Windows(ds, after, prev, source, {p.name: p for p in reference.parameters})
     # the test can tell posteriors apart: the previous window's (one race fewer) is far from the reference
-    assert np.abs(z_scores(prev)).max() > 4.5
-    z = {"warm": [], "cold": []}
-    for seed in (1, 2, 3):
-        _, cold = calibrate(ds, job(after, seed))
-        _, warm = calibrate(ds, job(after, seed), warm=source)
-        assert cold.converged and warm.converged, (cold.issues, warm.issues)
-        assert len(warm.attempts) == 1 and warm.attempts[0].warm_start and warm.attempts[0].warmup == 80
-        z["warm"] += z_scores(warm)
-        z["cold"] += z_scores(cold)
+    assert np.abs(found.z_scores(prev)).max() > 4.5
+    return found
+
+
+def assert_like_the_reference(z: dict[str, list[float]]) -> None:
+    """Each kind's |z| looks like a standard normal's: none beyond 4.5, under 15 % beyond 2 (4.6 % for N(0, 1))."""
     for kind, values in z.items():
         values = np.abs(np.asarray(values))
         assert values.size > 100
         assert values.max() < 4.5, (kind, values.max())
-        assert (values > 2).mean() < 0.15, (kind, (values > 2).mean())  # 4.6 % for a standard normal
+        assert (values > 2).mean() < 0.15, (kind, (values > 2).mean())
+
+
+@pytest.mark.slow
+def test_warm_starts_sample_the_same_posterior_as_cold_ones(windows):
+    """As of the second window, warm from the first window's fit and cold, over three seeds.
+
+    Every run is compared with the long cold reference run of the second
+    window. A warm run that had not left the previous posterior (one race
+    fewer) would sit several Monte Carlo errors away; one that samples the
+    same posterior gives z about standard normal, as the cold runs do.
+    """
+    z = {"warm": [], "cold": []}
+    for seed in (1, 2, 3):
+        _, cold = calibrate(windows.ds, windows.job(seed))
+        _, warm = calibrate(windows.ds, windows.job(seed), warm=windows.source)
+        assert cold.converged and warm.converged, (cold.convergence_issues, warm.convergence_issues)
+        assert len(warm.attempts) == 1 and warm.attempts[0].warm_start and warm.attempts[0].warmup == 80
+        z["warm"] += windows.z_scores(warm)
+        z["cold"] += windows.z_scores(cold)
+    assert_like_the_reference(z)
+
+
+@pytest.mark.slow
+def test_batched_warm_and_cold_runs_sample_the_same_posterior(windows):
+    """The same comparison on the batched path: the three seeds' warm jobs as one batch, their cold jobs as another.
+
+    Each batch is one program (shared.fit.batch, chains on the host devices,
+    jobs vmapped); each job's first run is handed to calibrate() by
+    first_runs, so the fit judged and compared is the one a batch delivery
+    records.
+    """
+    ds, seeds = windows.ds, (1, 2, 3)
+    jobs = [windows.job(seed) for seed in seeds]
+    prepared = [prepare(ds, job) for job in jobs]
+    z = {}
+    for kind, warm in (("warm", windows.source), ("cold", None)):
+        seeded = [warm_start_of(p, job, warm) for p, job in zip(prepared, jobs)]
+        assert all((s is not None) == (warm is not None) for s in seeded)
+        key = BatchKey.first_run(prepared[0].bucket, jobs[0].sampler.samples, seeded[0][1] if warm else None)
+        runs = [BatchRun(p.data, job.sampler.seed, s[0] if s else None) for p, job, s in zip(prepared, jobs, seeded)]
+        draws = sample_batch(runs, key=key)
+        handed = {job.job_id: FirstRun(key=key, seed=job.sampler.seed, seeded=s, draws=d)
+                  for job, s, d in zip(jobs, seeded, draws)}
+        z[kind] = []
+        with first_runs(handed):
+            for job, d in zip(jobs, draws):
+                _, fit = calibrate(ds, job, warm=warm)
+                assert fit.converged, fit.convergence_issues
+                first = fit.attempts[0]
+                assert len(fit.attempts) == 1 and first.sample_s == d.sample_s  # judged from the batch's draws
+                assert first.warm_start == (warm is not None) and first.warmup == (80 if warm else 400)
+                z[kind] += windows.z_scores(fit)
+    assert_like_the_reference(z)
