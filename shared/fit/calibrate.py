@@ -161,11 +161,13 @@ def calibrate(
     criteria: ConvergenceCriteria = ConvergenceCriteria(),
     warm: WarmSource | None = None,
     max_draws_per_chain: int = MAX_DRAWS_PER_CHAIN,
+    validated: bool = False,
 ) -> tuple[az.InferenceData, Fit]:
     """Fit the calibration model for ``job`` on ``dataset`` with NUTS.
 
-    The dataset is validated for the job's archetype first (bad data raises
-    :class:`InvalidDataset`). Progress is reported to ``control``, which
+    The dataset is validated for the job's archetype and events first (bad
+    data raises :class:`InvalidDataset`), unless the caller has just done so
+    (``validated``: :func:`shared.jobs.datasets.validated`). Progress is reported to ``control``, which
     is checked (time limit, cancellation) before compiling, between sampling
     chunks, between remedy attempts and before the diagnostics. A run that
     fails ``criteria`` is remedied (:mod:`shared.fit.remedy`) while attempts
@@ -185,7 +187,8 @@ def calibrate(
     those draws; remedies are sampled here, alone.
     """
     control = control or JobControl()
-    validate(dataset, archetype=job.archetype, events=job.events, source=job.dataset_uri)
+    if not validated:
+        validate(dataset, archetype=job.archetype, events=job.events, source=job.dataset_uri)
     prepared = prepare(dataset, job)
     rows = prepared.rows
     log.info(

@@ -129,11 +129,10 @@ def _members(services: Services, messages: Sequence[Mapping[str, Any]], *, worke
 
 def _member(services: Services, message: Mapping[str, Any], *, worker: str, attempt: int, queue: str | None,
             held: contextlib.ExitStack) -> _Member | None:
-    from shared.data.dataset import validate
     from shared.data.limits import check_job
     from shared.fit.batch import BatchKey, BatchRun
     from shared.fit.calibrate import prepare, warm_start_of
-    from shared.jobs.datasets import decoded
+    from shared.jobs.datasets import decoded, validated
     from shared.jobs.lease import Heartbeat
     from shared.jobs.warm_source import find_warm_source
 
@@ -155,7 +154,7 @@ def _member(services: Services, message: Mapping[str, Any], *, worker: str, atte
     limits = settings.limits
     path = store.fetch_dataset(job.dataset_uri, job.dataset_sha256, max_bytes=limits.max_decoded_bytes)
     dataset = decoded(path, sha256=job.dataset_sha256, limits=limits, label=job.dataset_uri)
-    validate(dataset, archetype=job.archetype, events=job.events, source=job.dataset_uri)
+    validated(dataset, job)
     prepared = prepare(dataset, job)
     warm = find_warm_source(job, store) if settings.warm_start else None
     member.seeded = warm_start_of(prepared, job, warm)

@@ -17,7 +17,7 @@ from shared.contract.settings import Settings
 from shared.contract.summary import CalibrationSummary, ConvergenceCriteria
 from shared.data.limits import check_job
 from shared.fit.calibrate import calibrate
-from shared.jobs.datasets import decoded
+from shared.jobs.datasets import decoded, validated
 from shared.jobs.lease import Fence
 from shared.jobs.spool import resume_spooled, write_results
 from shared.jobs.summary import summarize
@@ -86,13 +86,14 @@ def run_job(
     try:
         path = store.fetch_dataset(job.dataset_uri, job.dataset_sha256, max_bytes=limits.max_decoded_bytes)
         control.check("load")
-        # Limits from the header before anything is decoded; calibrate() validates the contract, once.
+        # Limits from the header before anything is decoded; the contract once per dataset and job's choices.
         dataset = decoded(path, sha256=job.dataset_sha256, limits=limits, label=job.dataset_uri)
+        validated(dataset, job)
         warm = find_warm_source(job, store) if settings.warm_start else None
         load_s = time.perf_counter() - started
 
         idata, fit = calibrate(dataset, job, control=control, criteria=criteria or settings.convergence, warm=warm,
-                               max_draws_per_chain=limits.max_draws_per_chain)
+                               max_draws_per_chain=limits.max_draws_per_chain, validated=True)
     except (InvalidDataset, DatasetHashMismatch) as exc:
         _discard_if_its_own_fault(exc, job, store)
         raise
