@@ -24,6 +24,20 @@ Run on a machine with an NVIDIA GPU::
    alone; and issue 21's target, a batch of 32 on the GPU against 8 jobs
    one at a time on the CPU. Where no GPU is found, the GPU figures are owed
    and the table says so.
+4. **Chunk costs** (``--chunks``, in this process, on its own device: four
+   host devices on a CPU): one chunk of ``--chunk-steps`` transitions of a
+   small bucket (intermediate, ``--chunk-seasons`` seasons, 2 events, 4
+   chains) for one job and for batches of ``--batch-sizes`` jobs, in each
+   chain layout the device allows: chains pmapped one per host device, and
+   chains vmapped on one device. Every program is compiled and warmed up
+   (``--chunk-warmup`` steps) first; then the chunks are timed interleaved,
+   one of each program per round, ``--rounds`` rounds, best kept (other work
+   on the machine slows a round, never speeds one). Printed: seconds a chunk
+   and a job-chunk, the throughput against one job alone in the same
+   layout, and leapfrog steps a transition (a vmapped tree runs until the
+   longest of its jobs' trees is done, so the batch's cost follows the
+   longest: "max" is the mean over transitions and chains of the longest
+   of the jobs). What :func:`shared.fit.batch.batching_pays` rests on.
 """
 
 from __future__ import annotations
@@ -97,7 +111,6 @@ def batches(sizes: list[int]) -> dict:
     from shared.data.synth import synthesize
     from shared.fit.batch import BatchKey, BatchRun, sample_batch
     from shared.fit.calibrate import prepare
-    from shared.fit.remedy import TARGET_ACCEPT
     from shared.fit.sampler import sampler_for
 
     spec = JOBS["small"]
@@ -106,8 +119,7 @@ def batches(sizes: list[int]) -> dict:
                            events=spec["events"], sampler={**SAMPLER, "seed": seed}) for seed in range(max(sizes))]
     prepared = prepare(ds, jobs[0])
     bucket = prepared.bucket
-    key = BatchKey(bucket=bucket, warm=False, steps=bucket.warmup, samples=SAMPLER["samples"],
-                   target_accept_prob=TARGET_ACCEPT)
+    key = BatchKey.first_run(bucket, SAMPLER["samples"])
     sampler = sampler_for(bucket)
     sampler.run(prepared.data, seed=0, samples=SAMPLER["samples"])  # compiles
     began = time.perf_counter()
@@ -126,6 +138,81 @@ def batches(sizes: list[int]) -> dict:
         out["batches"].append({"jobs": size, "compile_s": compile_s, "wall_s": wall, "s_per_job": wall / size})
         print("batch", out["batches"][-1], file=sys.stderr, flush=True)
     return out
+
+
+def chunk_costs(sizes: list[int], *, seasons: int, steps: int, warmup: int, rounds: int) -> dict:
+    """Seconds one chunk takes, one job against batches of ``sizes``, per chain layout, timed interleaved."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from shared.contract.job import CalibrationJob
+    from shared.data.synth import synthesize
+    from shared.fit.batch import BatchKey, BatchRun, batched_sampler_for
+    from shared.fit.batch import _dynamic as dynamic_args
+    from shared.fit.calibrate import prepare
+
+    ds = synthesize(seasons=seasons, scenarios=300, seed=1, first_season=2018)
+    job = CalibrationJob(archetype="intermediate", dataset_uri="file:///bench.nc", dataset_sha256="0" * 64,
+                         events=("top_5", "top_10"), sampler={**SAMPLER, "seed": 0})
+    prepared = prepare(ds, job)
+    layouts = sorted({prepared.bucket.devices, 1}, reverse=True)  # chains over host devices (pmap), and on one device
+    programs = []
+    for devices in layouts:
+        bucket = dataclasses.replace(prepared.bucket, warmup=warmup, chunk=steps, devices=devices)
+        key = BatchKey.first_run(bucket, steps)
+        for size in sizes:
+            sampler = batched_sampler_for(bucket, size)
+            args = sampler._inputs([BatchRun(prepared.data, seed) for seed in range(size)])
+            began = time.perf_counter()
+            init, chunk = sampler.compile(args)
+            compile_s = time.perf_counter() - began
+            state = init(*args)
+            dynamic = dynamic_args(size, warm=False, target=key.target_accept_prob, steps=warmup)
+            for _ in range(-(-warmup // steps)):  # adapted: the timed chunks sample
+                state, _ = chunk(state, args[1], *dynamic)
+            jax.block_until_ready(state)
+            programs.append({"devices": devices, "jobs": size, "compile_s": compile_s, "chunk_s": [], "n_steps": [],
+                             "_run": (chunk, args[1], dynamic, sampler), "_state": state})
+            print(f"compiled and warmed: {devices} device(s), {size} job(s), compile {compile_s:.1f} s",
+                  file=sys.stderr, flush=True)
+    for _ in range(rounds):
+        for program in programs:
+            chunk, data, dynamic, sampler = program["_run"]
+            began = time.perf_counter()
+            program["_state"], (_, stats) = chunk(program["_state"], data, *dynamic)
+            jax.block_until_ready(program["_state"])
+            program["chunk_s"].append(time.perf_counter() - began)
+            program["n_steps"].append(sampler._by_chain(stats)["n_steps"])  # (chain, job, step)
+    rows = []
+    for program in programs:
+        n_steps = np.concatenate(program["n_steps"], axis=-1).astype(float)
+        best = min(program["chunk_s"])
+        rows.append({
+            "devices": program["devices"], "jobs": program["jobs"], "compile_s": program["compile_s"],
+            "chunk_s": program["chunk_s"], "best_chunk_s": best, "best_s_per_job": best / program["jobs"],
+            "leapfrog_mean": float(n_steps.mean()), "leapfrog_max_of_jobs": float(n_steps.max(axis=1).mean()),
+        })
+    for row in rows:
+        alone = next(r for r in rows if r["devices"] == row["devices"] and r["jobs"] == 1)
+        row["throughput_vs_alone"] = alone["best_s_per_job"] / row["best_s_per_job"]
+    return {"rows": prepared.rows.n_rows, "padded_rows": prepared.bucket.n_rows, "chains": prepared.bucket.chains,
+            "steps": steps, "warmup": warmup, "rounds": rounds, "platform": jax.devices()[0].platform,
+            "host_devices": jax.local_device_count(), "load_average": os.getloadavg(), "programs": rows}
+
+
+def print_chunk_costs(result: dict) -> None:
+    print(f"\n{result['platform']}, {result['rows']} rows ({result['padded_rows']} padded), {result['chains']} chains, "
+          f"chunks of {result['steps']} transitions after {result['warmup']}, best of {result['rounds']}; "
+          f"load average {' / '.join(f'{v:.1f}' for v in result['load_average'])}")
+    print(f"{'chains on':>16} {'jobs':>5} {'chunk s':>8} {'s/job':>7} {'vs alone':>8} {'leapfrog':>8} {'max':>6} "
+          f"{'compile s':>9}")
+    for r in result["programs"]:
+        layout = f"{r['devices']} devices (pmap)" if r["devices"] > 1 else "1 device (vmap)"
+        print(f"{layout:>16} {r['jobs']:>5} {r['best_chunk_s']:>8.2f} {r['best_s_per_job']:>7.3f} "
+              f"{r['throughput_vs_alone']:>7.2f}× {r['leapfrog_mean']:>8.1f} {r['leapfrog_max_of_jobs']:>6.1f} "
+              f"{r['compile_s']:>9.1f}")
 
 
 def pinning() -> dict:
@@ -153,8 +240,25 @@ def main() -> None:
     parser.add_argument("--skip-cpu", action="store_true")
     parser.add_argument("--batch-sizes", default="1,8,32,128", help="jobs per batched program (empty: none)")
     parser.add_argument("--skip-jobs", action="store_true", help="no single small and large jobs: batches only")
+    parser.add_argument("--chunks", action="store_true", help="only the chunk costs, in this process (item 4)")
+    parser.add_argument("--chunk-seasons", type=int, default=3)
+    parser.add_argument("--chunk-steps", type=int, default=40)
+    parser.add_argument("--chunk-warmup", type=int, default=160)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--chunks-json", type=Path, default=ROOT / "bench" / "results" / "chunks.json")
     args = parser.parse_args()
     sizes = [int(n) for n in args.batch_sizes.split(",") if n.strip()]
+    if args.chunks:
+        from shared.fit.device import use_host_devices
+
+        use_host_devices()
+        result = chunk_costs(sorted({1, *sizes}), seasons=args.chunk_seasons, steps=args.chunk_steps,
+                             warmup=args.chunk_warmup, rounds=args.rounds)
+        print_chunk_costs(result)
+        args.chunks_json.parent.mkdir(parents=True, exist_ok=True)
+        args.chunks_json.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.chunks_json}")
+        return
     if args.child:
         print(json.dumps(child(args.large_seasons, sizes, jobs=not args.skip_jobs)))
         return
