@@ -95,17 +95,29 @@ JOB_LADDER: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
 def batching_pays() -> bool:
     """Whether one program over a job axis beats fitting the jobs one at a time on this process's device.
 
-    Not on a CPU. Measured on the 2-core machine (4 host devices, one chain
-    each; intermediate, 3 seasons, 2,304 padded rows, 4 chains, chunks of 80
-    steps, load average 20 from other work): a chunk of one job took
-    0.34–0.46 s, the same chunk of a batch of 8 took 4.0–4.8 s, 0.50–0.60 s a
-    job (0.67–0.77× the throughput), with trees no longer than alone (15.1
-    leapfrog steps a transition, 15.4–15.9 for the longest of the 8): the
-    vectorised arithmetic costs more per job than the per-step overhead it
-    saves. On a GPU, where a small job's transition is bound by kernel
-    launches (issue 21: a season sampled in 5.7 s on an H200 against 1.5 s
-    on its CPU), the job axis fills the device; the GPU figures are owed
-    (bench/gpu.py).
+    Not on a CPU. Measured with ``bench/gpu.py --chunks`` on the 2-core
+    machine (intermediate, 3 seasons, 2,304 padded rows, 4 chains, chunks of
+    40 transitions after 160 of warmup, one process, interleaved, best of 3
+    and of 5 rounds at load average 9.5 and 11.2 from other work), seconds a
+    job a chunk:
+
+    ============================  =============  =============  ==========
+    chains                        1 job          8 jobs         32 jobs
+    ============================  =============  =============  ==========
+    4 host devices (pmap)         0.083 / 0.115  0.076 / 0.099  0.093 / 0.115
+    1 device (vmap)               0.209 / 0.236  0.132 / 0.172  0.116 / 0.219
+    ============================  =============  =============  ==========
+
+    The best batch, 8 jobs on the host devices, is 1.09–1.16× the single
+    path, within the noise of one job's rounds (0.08–0.18 s); 32 jobs are
+    0.89–1.00×; chains on one device are at best 0.72×. Under ``vmap`` a
+    transition runs until the longest of the jobs' trees is done: 24.7
+    leapfrog steps at 8 jobs and 31.9 at 32, against about 17 for one job,
+    and real windows differ more than these seeds. An earlier measurement
+    (chunks of 80, load 20) gave 0.67–0.77× for 8 jobs. On a GPU, where a
+    small job's transition is bound by kernel launches (issue 21: a season
+    sampled in 5.7 s on an H200 against 1.5 s on its CPU), the job axis
+    fills the device; the GPU figures are owed (bench/gpu.py).
     """
     return jax.default_backend() != "cpu"
 
