@@ -91,6 +91,22 @@ the rest; blocks of 16 and 64 measured 201 and 187 µs. One intermediate
 season (1,200 distinct rows): 176 → 123 µs. Exact: gradients agree with
 the row-wise layout's to 4e-6 relative (tests/test_model_rows.py).
 
+**Rare divergences at 24k rows of all archetypes** (issue 21), measured
+with the blocked likelihood, calq's sampler, 4 chains × 1,000 draws, one
+run each, the first attempt only (load 5–10 on the 2 cores): cold runs (500
+of warmup) had 0, 0, 2, 1, 2 and 0 divergent transitions over six seeds;
+warm runs from the fit one race earlier (100 of warmup) 1, 1, 3 and 0 with
+the dense metric, 0, 5 and 0 with its diagonal. The divergent draws sit in
+the low tail of a few track scales (quantiles 0.02–0.06 of σ for one
+(event, archetype) at a time): the neck that strong data per track
+leaves the non-centred form. Neither remedy that is cheap cures them: a
+target acceptance of 0.85 or 0.9 still gave 4, 1, 2 and 3, 1, 1 (trees
+stay at 31 steps), and a warm warmup 2.5 times as long gave 8, 3, 3, 6
+(its step size grows: 29–30 steps a draw). The remedy ladder's 0.99 does
+(63 steps a draw, twice the gradients). The dense metric gave more ESS per
+gradient than the diagonal on each of these three seeds (13.9, 17.7, 14.9
+against 12.5, 15.5, 10.9 per 1,000).
+
 Tried and dropped: moving the archetype intercept at the information-weighted
 centre m of logit(p) (``α_arch + β_arch·m``, prior ``Normal(β·m, 1)``, exact).
 It lowered the α–β posterior correlation (−0.73 → about −0.3 for top_1) but
