@@ -14,7 +14,10 @@ year's), it fits the documented calibration model three ways:
   no warm start, in a process whose sampler for the bucket is compiled;
 - **calq warm**: the same job warm-started from the posterior of the
   previous fit, the same archetype one race earlier (what a backfill's
-  next as-of date and the optimizer's daily refit see).
+  next as-of date and the optimizer's daily refit see), for
+  :data:`WARM_SEEDS` seeds: the table shows the median seed's job, remedies
+  included, and the lines below it every seed's, with its first attempt
+  alone.
 
 Each reports the min bulk ESS over the parameters that matter: α and β of
 every archetype and track and the track scales σ_α and σ_logβ (the
@@ -51,6 +54,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PARAMETERS = ("alpha_arch", "beta_arch", "sigma_alpha", "sigma_log_beta", "alpha_track", "beta_track")
 EVENTS = ("top_1", "top_5", "top_10")
 SCENARIOS = 400
+#: Warm jobs per size, one seed each: a warm 24k run diverges in about half the seeds (shared.fit.model) and is
+#: remedied, so one seed is a coin toss; the table shows the median seed, the lines below it every seed.
+WARM_SEEDS = 3
 #: name → (archetype, seasons): 1,710 and 24,624 rows with three events.
 SIZES: dict[str, tuple[str, int]] = {"small": ("intermediate", 1), "large": ("all", 6)}
 
@@ -148,7 +154,7 @@ def calq_child(dataset: str, archetype: str) -> dict:
                       data_through=previous.data_through)
     runs = {}
     with tempfile.TemporaryDirectory(prefix="calq-versus-posterior-") as folder:
-        for name, seed, source in (("cold", 1, None), ("warm", 2, warm)):
+        for name, seed, source in (("cold", 1, None), *((f"warm{i}", 2 + i, warm) for i in range(WARM_SEEDS))):
             t = time.perf_counter()
             idata, fit = calibrate(ds, job(seed), warm=source)
             t_fit = time.perf_counter()
@@ -164,6 +170,8 @@ def calq_child(dataset: str, archetype: str) -> dict:
                 "min_ess_bulk": d.min_ess_bulk, "divergences": d.divergences, "leapfrog": d.mean_leapfrog_steps,
                 "attempts": len(fit.attempts), "converged": fit.converged, "warm": fit.attempts[0].warm_start,
                 "attempt_issues": [a.issues for a in fit.attempts],
+                "first_attempt": {"min_ess_bulk": fit.attempts[0].min_ess_bulk, "sample_s": fit.attempts[0].sample_s,
+                                  "divergences": fit.attempts[0].divergences},
             }
     return {"rows": fit.n_rows, "runs": runs}
 
@@ -206,10 +214,18 @@ def measure(size: str, work: Path, env: dict) -> dict:
         "plain_ess_per_s": p["min_ess_bulk"] / plain_sample_s, "plain_leapfrog": p["leapfrog"],
         "plain_divergences": [r["divergences"] for r in plain["runs"]], "plain_runs": plain["runs"],
     }
-    for name, run in calq["runs"].items():
+    runs = dict(calq["runs"])
+    for run in runs.values():
+        run["ess_per_s"] = run["min_ess_bulk"] / run["sample_s"]
+        run["ratio_ess_per_s"] = run["ess_per_s"] / row["plain_ess_per_s"]
+        run["job_s_vs_plain_fresh_s"] = run["job_s"] / plain_fresh_s
+        run["first_attempt_ratio_ess_per_s"] = (
+            run["first_attempt"]["min_ess_bulk"] / run["first_attempt"]["sample_s"] / row["plain_ess_per_s"])
+    warm = sorted((runs.pop(name) for name in list(runs) if name.startswith("warm")), key=lambda r: r["ess_per_s"])
+    runs["warm"] = warm[len(warm) // 2]  # the median seed's run; every seed's is in warm_runs
+    row["warm_runs"] = warm
+    for name, run in runs.items():
         row.update({f"{name}_{k}": v for k, v in run.items()})
-        row[f"{name}_ess_per_s"] = run["min_ess_bulk"] / run["sample_s"]
-        row[f"{name}_ratio_ess_per_s"] = row[f"{name}_ess_per_s"] / row["plain_ess_per_s"]
     row["warm_job_s_vs_plain_fresh_s"] = row["warm_job_s"] / plain_fresh_s
     return row
 
@@ -254,6 +270,12 @@ def main() -> None:
     for r in rows:
         print(table_row(r))
     print(f"\nmin bulk ESS over {', '.join(PARAMETERS)}; ESS/s per sampling second, compiles excluded")
+    for r in rows:
+        for w in r["warm_runs"]:
+            print(f"warm seed at {r['rows']:,} rows: {w['ratio_ess_per_s']:.2f}x plain's ESS/s over {w['attempts']} "
+                  f"attempt(s) (issues by attempt: {'; '.join(', '.join(i) or 'none' for i in w['attempt_issues'])}); "
+                  f"its first attempt alone {w['first_attempt_ratio_ess_per_s']:.2f}x; job {w['job_s']:.1f} s = "
+                  f"{w['job_s_vs_plain_fresh_s']:.3f} of plain's fresh process")
     for r in rows:
         print(f"warm job at {r['rows']:,} rows: {r['warm_job_s']:.1f} s = sampling {r['warm_sample_s']:.1f} + the rest "
               f"of calibrate {r['warm_calibrate_s'] - r['warm_sample_s']:.1f} (diagnostics {r['warm_diagnostics_s']:.1f}) "
