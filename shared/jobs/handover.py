@@ -37,9 +37,7 @@ _kept: OrderedDict[str, tuple[str, Any]] = OrderedDict()
 
 def keep(posterior_uri: str, sha256: str, idata: Any, *, groups: Sequence[str] = WARM_GROUPS) -> None:
     """Hold ``groups`` of ``idata``, just uploaded to ``posterior_uri`` as bytes hashing to ``sha256``."""
-    import arviz as az
-
-    held = az.InferenceData(attrs=dict(idata.attrs or {}), **{g: getattr(idata, g) for g in groups})
+    held = _only(idata, groups)
     with _lock:
         _kept[posterior_uri] = (sha256, held)
         _kept.move_to_end(posterior_uri)
@@ -72,11 +70,14 @@ def take(posterior_uri: str, store: Store, *, groups: Sequence[str], sha256: str
         with _lock:
             _kept.pop(posterior_uri, None)
         return None
-    if list(groups) == held.groups():
-        return held
+    return held if list(groups) == held.groups() else _only(held, groups)
+
+
+def _only(idata: Any, groups: Sequence[str]) -> Any:
+    """``idata``'s ``groups`` (and its attributes) as a new InferenceData sharing their datasets."""
     import arviz as az
 
-    return az.InferenceData(attrs=dict(held.attrs or {}), **{g: getattr(held, g) for g in groups})
+    return az.InferenceData(attrs=dict(idata.attrs or {}), **{g: getattr(idata, g) for g in groups})
 
 
 def forget() -> None:

@@ -84,14 +84,14 @@ def ensemble_scores(ds: xr.Dataset, archetypes: Sequence[str]) -> list[EnsembleS
         n = int(np.isfinite(observed).sum())
         scored = [_race_ensemble(observed[r : r + 1], members[r : r + 1]) for r in range(observed.shape[0])]
         crps, log, inside = (np.concatenate(part) for part in zip(*scored, strict=True))
-        share = inside.mean(axis=0) if inside.shape[0] else np.full(len(COVERAGE_LEVELS), np.nan)
         records.append(
             EnsembleScores(
                 archetype=archetype,
                 n=n,
                 crps=float(np.nanmean(crps)),
                 log_score=float(np.nanmean(log)),
-                coverage={f"{level:g}": float(value) for level, value in zip(COVERAGE_LEVELS, share, strict=True)},
+                coverage={f"{level:g}": value for level, value in
+                          metrics.coverage_of_hits(inside, levels=COVERAGE_LEVELS).items()},
             )
         )
     return records

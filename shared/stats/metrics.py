@@ -46,6 +46,7 @@ __all__ = [
     "brier_score",
     "coverage",
     "coverage_hits",
+    "coverage_of_hits",
     "crps_ensemble",
     "expected_calibration_error",
     "joint_event_validation",
@@ -317,7 +318,12 @@ def coverage(
     ``{level: share}``; a share is NaN when no element can be scored.
     """
     lv = _levels(levels)
-    inside = coverage_hits(observations, forecasts, levels=lv, axis=axis)
+    return coverage_of_hits(coverage_hits(observations, forecasts, levels=lv, axis=axis), levels=lv)
+
+
+def coverage_of_hits(inside: NDArray[np.bool_], *, levels: Sequence[float]) -> dict[float, float]:
+    """``{level: share}`` from :func:`coverage_hits`' ``[element, level]`` hits; NaN shares when none was scored."""
+    lv = _levels(levels)
     share = inside.mean(axis=0) if inside.shape[0] else np.full(lv.size, np.nan)
     return {float(level): float(s) for level, s in zip(lv, share, strict=True)}
 
