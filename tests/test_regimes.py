@@ -9,7 +9,7 @@ the pseudo-true value — for the archetype, and for each track.
 One documented exception: in ``track_outliers`` the two outlier tracks are
 not checked at the track level. Their β differs from the archetype's by a
 factor ~1.6, far outside the track-spread prior ``sigma_log_beta ~
-HalfNormal(0.15)`` (95 % below a factor 1.34); four races do not overcome
+LogNormal(log 0.09, 0.6)`` (97.5 % below a factor 1.34); four races do not overcome
 it, and the posterior shrinks them to their archetype (measured: Kansas
 top_5 β 0.70 ± 0.14 against a truth of 1.51). The priors stay as documented
 in shared.fit.model; the archetype is still recovered.

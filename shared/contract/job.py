@@ -28,7 +28,8 @@ from shared.contract.domain import (
     event_threshold,
 )
 
-MODEL_VERSION = "logit-hier/1"
+#: logit-hier/2: log-normal track-scale priors (shared.fit.model), where /1 had half-normals.
+MODEL_VERSION = "logit-hier/2"
 #: The model versions this code can fit; any other is rejected, never run as the current one.
 SUPPORTED_MODEL_VERSIONS = (MODEL_VERSION,)
 #: The longest dataset URI a job may carry.

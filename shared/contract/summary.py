@@ -182,7 +182,7 @@ class CalibrationSummary(_Frozen):
     archetype: ArchetypeOrAll = Field(description="the archetype the job fitted, or all for a joint fit")
     archetypes: list[str] = Field(description="the archetypes in the fit")
     events: list[str] = Field(description="the events fitted, each with its own parameters")
-    model_version: str = Field(description="the calibration model's version, e.g. logit-hier/1")
+    model_version: str = Field(description="the calibration model's version, e.g. logit-hier/2")
     dataset_uri: str = Field(description="the dataset's content address in the store")
     dataset_sha256: str = Field(description="sha256 of the dataset file's bytes")
     as_of: date | None = Field(None, description="only races before this date were used; null: every race")

@@ -19,15 +19,23 @@ Priors (logit scale), each with its reason:
 - ``log_beta_arch[e, a] ~ Normal(0, 0.5)``: β = exp(·) stays positive (the
   forecast orders drivers the right way round) and lies in [0.37, 2.7] with
   95 % prior mass, from strongly over- to strongly under-confident.
-- ``sigma_alpha[e, a] ~ HalfNormal(0.25)`` and
-  ``sigma_log_beta[e, a] ~ HalfNormal(0.15)``: tracks of one archetype differ
-  by tenths on the logit scale (95 % prior mass below 0.49 for the bias, and
-  below a factor 1.34 for the steepness); the half-normal keeps mass near
-  zero so few-track archetypes (three superspeedways) shrink hard. Wider
-  scales (0.5 and 0.25) let the sampler wander into large track spreads the
-  data rule out, where the non-centred geometry is stiff: with them, five
-  seasons of all archetypes gave a divergence at target acceptance 0.8 and
-  0.9; with these, none at 0.8 and trees of the same depth.
+- ``sigma_alpha[e, a] ~ LogNormal(log 0.15, 0.6)`` and
+  ``sigma_log_beta[e, a] ~ LogNormal(log 0.09, 0.6)``: tracks of one
+  archetype differ by tenths on the logit scale. 95 % of the prior mass lies
+  in [0.046, 0.49] for the bias and [0.028, 0.29] for the steepness (a
+  factor of at most 1.34), with no mass piled at zero: they are different
+  tracks, and a spread below a few hundredths changes no calibrated
+  probability (0.05 on the logit scale moves 50 % by 1.2 points). The upper
+  ends are those of the half-normals ``HalfNormal(0.25)`` and
+  ``HalfNormal(0.15)`` these priors replaced (model ``logit-hier/1``), so
+  few-track archetypes (three superspeedways) still shrink hard. What the
+  half-normals' mass near zero cost, measured (issue 21, table below): the
+  posterior's low tail of a track scale is the neck of the non-centred form
+  where strong data per track meet a small scale; there the sampler
+  diverged (in 5 of 6 runs at 24k rows, warm runs worst) and a warm run
+  needed 31 leapfrog steps a draw where the log-normal needs 15.
+  Wider half-normal scales (0.5 and 0.25) were worse still: five seasons of
+  all archetypes diverged at target acceptance 0.8 and 0.9.
 - ``alpha_track[e, k] ~ Normal(alpha_arch[e, a(k)], sigma_alpha[e, a(k)])``,
   ``log_beta_track[e, k] ~ Normal(log_beta_arch[e, a(k)], sigma_log_beta[e, a(k)])``.
 
@@ -91,21 +99,42 @@ the rest; blocks of 16 and 64 measured 201 and 187 µs. One intermediate
 season (1,200 distinct rows): 176 → 123 µs. Exact: gradients agree with
 the row-wise layout's to 4e-6 relative (tests/test_model_rows.py).
 
-**Rare divergences at 24k rows of all archetypes** (issue 21), measured
-with the blocked likelihood, calq's sampler, 4 chains × 1,000 draws, one
-run each, the first attempt only (load 5–10 on the 2 cores): cold runs (500
-of warmup) had 0, 0, 2, 1, 2 and 0 divergent transitions over six seeds;
-warm runs from the fit one race earlier (100 of warmup) 1, 1, 3 and 0 with
-the dense metric, 0, 5 and 0 with its diagonal. The divergent draws sit in
-the low tail of a few track scales (quantiles 0.02–0.06 of σ for one
-(event, archetype) at a time): the neck that strong data per track
-leaves the non-centred form. Neither remedy that is cheap cures them: a
-target acceptance of 0.85 or 0.9 still gave 4, 1, 2 and 3, 1, 1 (trees
-stay at 31 steps), and a warm warmup 2.5 times as long gave 8, 3, 3, 6
-(its step size grows: 29–30 steps a draw). The remedy ladder's 0.99 does
-(63 steps a draw, twice the gradients). The dense metric gave more ESS per
-gradient than the diagonal on each of these three seeds (13.9, 17.7, 14.9
-against 12.5, 15.5, 10.9 per 1,000).
+**The track-scale priors, measured** (issue 21): the half-normals of
+``logit-hier/1`` against a Gamma(2, 2.5/s) (the half-normal's mean and
+about its 95 % quantile, density 0 at 0) and the log-normals above (and
+one with log-sd 0.8, median 0.55 s). Synthetic seasons (400 scenarios,
+events top_1, top_5, top_10), calq's sampler, 4 chains × 1,000 draws, the
+first attempt only (no remedy); cold: 500 of warmup; warm: 100, from the
+fit one race earlier; three seeds each, the machine shared (load 4–5), so
+"ESS/1k", the min bulk ESS per 1,000 leapfrog steps of the sampling phase
+(per gradient), is the figure to compare:
+
+=======================  ==========  ====  ===========  ===========  ==============
+data                     prior       run   leapfrog     divergences  ESS/1k
+=======================  ==========  ====  ===========  ===========  ==============
+all, 6 seasons, 24,624   half-normal cold  31, 31, 31   1, 0, 1      16.2 12.0 11.0
+all, 6 seasons, 24,624   half-normal warm  30, 31, 31   5, 29, 8     15.2 6.3 15.6
+all, 6 seasons, 24,624   gamma(2)    cold  31, 31, 31   0, 0, 1      22.9 20.6 18.7
+all, 6 seasons, 24,624   gamma(2)    warm  15, 15, 15   0, 1, 2      37.7 33.4 25.8
+all, 6 seasons, 24,624   log-normal  cold  31, 31, 31   0, 0, 0      33.0 30.0 31.4
+all, 6 seasons, 24,624   log-normal  warm  15, 15, 15   0, 0, 1      58.0 58.3 51.5
+all, 6 seasons, 24,624   l-n sd 0.8  cold  31, 31, 31   1, 0, 0      28.6 26.7 26.2
+all, 6 seasons, 24,624   l-n sd 0.8  warm  16, 15, 15   0, 0, 0      41.6 52.6 39.0
+intermediate, 1, 1,710   half-normal cold  20, 23, 19   0, 0, 0      28.6 27.7 29.8
+intermediate, 1, 1,710   half-normal warm  15, 15, 15   0, 0, 0      50.0 49.4 48.0
+intermediate, 1, 1,710   log-normal  cold  15, 17, 15   0, 0, 0      39.6 40.7 42.6
+intermediate, 1, 1,710   log-normal  warm  16, 16, 13   0, 0, 0      53.4 55.7 70.9
+=======================  ==========  ====  ===========  ===========  ==============
+
+The log-normal gives two to four times the ESS per gradient at 24k rows
+and removes nearly every divergence (one in six runs had one, which the
+remedies absorb); a warm run's trees halve. The divergent draws of the
+half-normal sat in the low tail of a track scale (quantiles 0.001–0.2 of σ
+for one (event, archetype) at a time). Before the priors changed, the cheap
+remedies did not cure them: a target acceptance of 0.85 or 0.9 still gave
+4, 1, 2 and 3, 1, 1 divergences (trees stay at 31 steps), a warm warmup
+2.5 times as long 8, 3, 3, 6; the remedy ladder's 0.99 did, at twice the
+gradients.
 
 Tried and dropped: moving the archetype intercept at the information-weighted
 centre m of logit(p) (``α_arch + β_arch·m``, prior ``Normal(β·m, 1)``, exact).
@@ -117,7 +146,8 @@ divergences, against 0 and 1 for the plain form; both calq jobs at 24,624
 rows needed remedies, none since). A dense mass-matrix block over the
 archetype-level sites did not shorten the trees either (31 steps, lower ESS).
 
-**Shorter trees at scale** (issue 21), measured on synthetic seasons of 400
+**Shorter trees at scale** (issue 21), measured with ``logit-hier/1``'s
+half-normal track-scale priors, on synthetic seasons of 400
 scenarios, events top_1, top_5 and top_10, calq's sampler, 4 chains × 1,000
 draws after a cold warmup of 500 or a warm one of 100 from the fit one race
 earlier; "ESS/1k" is the min bulk ESS per 1,000 leapfrog steps of the
@@ -198,8 +228,10 @@ import numpyro.distributions as dist
 #: Prior scales (logit scale); the module docstring gives the reason for each.
 ALPHA_ARCH_SD = 1.0
 LOG_BETA_ARCH_SD = 0.5
-SIGMA_ALPHA_SCALE = 0.25
-SIGMA_LOG_BETA_SCALE = 0.15
+#: The track scales' log-normal priors: their medians, and one log-sd for both.
+SIGMA_ALPHA_MEDIAN = 0.15
+SIGMA_LOG_BETA_MEDIAN = 0.09
+SIGMA_LOG_SD = 0.6
 
 
 @dataclass(frozen=True)
@@ -361,6 +393,11 @@ def _softplus(eta: jnp.ndarray) -> jnp.ndarray:
     return jnp.maximum(eta, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(eta)))
 
 
+def track_scale_prior(median: float) -> dist.Distribution:
+    """The prior of a track scale σ (the spread of one archetype's tracks) with this median."""
+    return dist.LogNormal(float(np.log(median)), SIGMA_LOG_SD)
+
+
 def _track_level(name: str, loc, scale, real, centered: bool):
     """Track parameters around their archetype's, centred or not.
 
@@ -386,8 +423,8 @@ def calibration_model(data: ModelData, *, shape: ModelShape) -> None:
         with numpyro.plate("archetype", A, dim=-1):
             alpha_arch = numpyro.sample("alpha_arch", dist.Normal(0.0, ALPHA_ARCH_SD))
             log_beta_arch = numpyro.sample("log_beta_arch", dist.Normal(0.0, LOG_BETA_ARCH_SD))
-            sigma_alpha = numpyro.sample("sigma_alpha", dist.HalfNormal(SIGMA_ALPHA_SCALE))
-            sigma_log_beta = numpyro.sample("sigma_log_beta", dist.HalfNormal(SIGMA_LOG_BETA_SCALE))
+            sigma_alpha = numpyro.sample("sigma_alpha", track_scale_prior(SIGMA_ALPHA_MEDIAN))
+            sigma_log_beta = numpyro.sample("sigma_log_beta", track_scale_prior(SIGMA_LOG_BETA_MEDIAN))
     numpyro.deterministic("beta_arch", jnp.exp(log_beta_arch))
 
     ta = data.track_archetype
@@ -425,4 +462,5 @@ __all__ = [
     "distinct_rows",
     "model_data",
     "row_slots",
+    "track_scale_prior",
 ]
