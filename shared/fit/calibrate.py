@@ -33,9 +33,9 @@ from shared.contract.summary import (
     ParameterSummary,
     WarmStart,
 )
-from shared.data.dataset import EventRows, event_rows, select_archetypes, select_window, validate
+from shared.data.dataset import EventRows, event_rows, select_races, validate
 from shared.fit.batch import batched_draws, first_run_of
-from shared.fit.idata import build_inference_data, calibrated_probability_mean, logit, posterior_draws
+from shared.fit.idata import build_inference_data, calibrated_rows, logit, posterior_draws
 from shared.fit.model import ModelData, ModelShape, model_data, row_slots
 from shared.fit.remedy import MAX_DRAWS_PER_CHAIN, TARGET_ACCEPT, RunOutcome, RunPlan, first_plan, next_plan
 from shared.fit.sampler import (
@@ -73,7 +73,7 @@ def prepare(ds: xr.Dataset, job: CalibrationJob) -> Prepared:
     Raises :class:`InvalidDataset` when the window holds no race of the job's archetypes.
     """
     archetypes = archetypes_of(job.archetype)
-    window = select_archetypes(select_window(ds, as_of=job.as_of, window_days=job.window_days), archetypes)
+    window = select_races(ds, as_of=job.as_of, window_days=job.window_days, archetypes=archetypes)
     if window.sizes["race"] == 0:
         span = f"before {job.as_of}" if job.as_of else "in the dataset"
         if job.window_days:
@@ -207,10 +207,12 @@ def calibrate(
     control.progress(Progress(phase="diagnostics"))
     t0 = time.perf_counter()
     labelled = dataclasses.replace(rows, tracks=tuple(track_labels(rows)))
+    calibrated = calibrated_rows(draws.params, rows)  # the in-sample q̄ and the replicated outcomes' q, one pass
     idata = build_inference_data(
         draws,
         labelled,
         seed=attempts[-1].seed,
+        calibrated=calibrated,
         attrs={
             "job_id": job.job_id,
             "job": job.model_dump(mode="json"),
@@ -232,7 +234,6 @@ def calibrate(
         issues.append(f"after {len(attempts)} attempts")
     if issues and stopped:
         issues.append(stopped)
-    q_mean = calibrated_probability_mean(draws.params, rows)
     archetypes = list(rows.archetypes)
     fit = Fit(
         job=job,
@@ -251,7 +252,7 @@ def calibrate(
         attempts=attempts,
         warm_start=warm_start,
         parameters=parameters,
-        calibration=event_calibration(rows, q_mean),
+        calibration=event_calibration(rows, calibrated.mean),
         compile_s=sum(a.compile_s for a in attempts),
         sample_s=sum(a.sample_s for a in attempts),
         diagnostics_s=time.perf_counter() - t0,

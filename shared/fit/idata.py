@@ -10,10 +10,13 @@ Attributes are str/int/float only, as NetCDF requires (arviz-devs/arviz#2365).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import arviz as az
 import numpy as np
+import xarray as xr
+from arviz.data.base import make_attrs
 
 from shared.contract.domain import ARCHETYPE_PARAMETERS, TRACK_PARAMETERS
 from shared.data.dataset import EventRows
@@ -47,50 +50,70 @@ def posterior_draws(draws: Draws, *, n_tracks: int) -> dict[str, np.ndarray]:
 
 
 def build_inference_data(
-    draws: Draws, rows: EventRows, *, seed: int, attrs: dict[str, Any]
+    draws: Draws, rows: EventRows, *, seed: int, attrs: dict[str, Any], calibrated: Calibrated | None = None
 ) -> az.InferenceData:
-    """Assemble the InferenceData of one job from its draws and its rows."""
-    posterior = posterior_draws(draws, n_tracks=len(rows.tracks))
-    coords = {
-        "event": list(rows.events),
-        "archetype": list(rows.archetypes),
-        "track": list(rows.tracks),
-        "row": np.arange(rows.n_rows),
-    }
-    dims = {name: ["event", "archetype"] for name in ARCHETYPE_PARAMETERS}
-    dims.update({name: ["event", "track"] for name in TRACK_PARAMETERS})
+    """Assemble the InferenceData of one job from its draws and its rows.
 
-    idata = az.from_dict(
-        posterior=posterior,
-        sample_stats=_sample_stats(draws),
-        observed_data={"y": rows.y.astype(np.int8)},
-        constant_data={
-            "p": rows.p,
-            "event_index": rows.event.astype(np.int32),
-            "track_index": rows.track.astype(np.int32),
-            "race_index": rows.race.astype(np.int32),
-            "driver_index": rows.driver.astype(np.int32),
-            "track_archetype": np.asarray(rows.track_archetype, dtype=np.int32),
-        },
-        posterior_predictive={"y": _replicate(draws, rows, seed=seed)},
-        coords=coords,
-        dims={
-            **dims,
-            "y": ["row"],
-            "p": ["row"],
-            "event_index": ["row"],
-            "track_index": ["row"],
-            "race_index": ["row"],
-            "driver_index": ["row"],
-            "track_archetype": ["track"],
-        },
-    )
-    idata.constant_data = idata.constant_data.assign_coords(
-        race=list(rows.races), driver=list(rows.drivers)
-    )
-    for group in idata.groups():
-        getattr(idata, group).attrs.update(encode_attrs(attrs))
-    return idata
+    ``calibrated``: the same draws' and rows' :func:`calibrated_rows`, whose
+    predictive q the replicated outcomes are drawn from (computed here when not given).
+    """
+    if calibrated is None:
+        calibrated = calibrated_rows(draws.params, rows)
+    made = {**make_attrs(), **encode_attrs(attrs)}  # ArviZ's created_at and arviz_version, then calq's
+    tracks = {"track": list(rows.tracks)}
+    dims = {name: ("event", "archetype") for name in ARCHETYPE_PARAMETERS}
+    dims.update({name: ("event", "track") for name in TRACK_PARAMETERS})
+    row = {"row": np.arange(rows.n_rows)}
+    constant = _constant_data(rows)
+    groups = {
+        "posterior": _group(
+            posterior_draws(draws, n_tracks=len(rows.tracks)), dims,
+            coords={"event": list(rows.events), "archetype": list(rows.archetypes), **tracks}, attrs=made,
+        ),
+        "posterior_predictive": _group(
+            {"y": _replicate(calibrated.predictive, seed=seed)}, {"y": ("row",)}, coords=row, attrs=made,
+        ),
+        "sample_stats": _group(_sample_stats(draws), {}, coords={}, attrs=made),
+        "observed_data": _group({"y": rows.y.astype(np.int8)}, {"y": ("row",)}, coords=row, attrs=made, sampled=False),
+        "constant_data": _group(
+            constant, {name: ("track",) if name == "track_archetype" else ("row",) for name in constant},
+            coords={**row, **tracks, "race": list(rows.races), "driver": list(rows.drivers)}, attrs=made, sampled=False,
+        ),
+    }
+    return az.InferenceData(**groups)
+
+
+def _group(
+    data: dict[str, np.ndarray], dims: dict[str, tuple[str, ...]], *, coords: dict[str, Any], attrs: dict[str, Any],
+    sampled: bool = True,
+) -> xr.Dataset:
+    """One InferenceData group as ``az.from_dict`` builds it: leading chain and draw dimensions (``sampled``)
+    indexed 0, 1, …, every other dimension named in ``dims``, a coordinate for each dimension given one.
+
+    Built directly: ``az.from_dict`` copies and aligns every variable through
+    ``xarray.DataArray`` before merging them into a Dataset. The five groups,
+    replicated outcomes drawn, CPU s a job over 12 warm backfill jobs, median
+    of 7 interleaved: 0.020 through ``az.from_dict``, 0.008 here (load 3.3).
+    test_idata holds the two identical.
+    """
+    lead = ("chain", "draw") if sampled else ()
+    variables = {name: ((*lead, *dims.get(name, ())), values) for name, values in data.items()}
+    if sampled:
+        chains, n_draws = next(iter(data.values())).shape[:2]
+        coords = {"chain": np.arange(chains), "draw": np.arange(n_draws), **coords}
+    return xr.Dataset(variables, coords=coords, attrs=dict(attrs))
+
+
+def _constant_data(rows: EventRows) -> dict[str, np.ndarray]:
+    """What each row conditions on (and each track's archetype): the constant_data group's arrays."""
+    return {
+        "p": rows.p,
+        "event_index": rows.event.astype(np.int32),
+        "track_index": rows.track.astype(np.int32),
+        "race_index": rows.race.astype(np.int32),
+        "driver_index": rows.driver.astype(np.int32),
+        "track_archetype": np.asarray(rows.track_archetype, dtype=np.int32),
+    }
 
 
 def _sample_stats(draws: Draws) -> dict[str, np.ndarray]:
@@ -108,38 +131,68 @@ def _sample_stats(draws: Draws) -> dict[str, np.ndarray]:
     }
 
 
-def calibrated_probability_draws(params: dict[str, np.ndarray], rows: EventRows, *, draws: slice) -> np.ndarray:
-    """q = expit(α[e, k] + β[e, k]·logit(p)) per selected draw and row: (chain, draw, row)."""
-    return _q_draws(params, event=rows.event, track=rows.track, p=rows.p, draws=draws)
+@dataclass(frozen=True)
+class Calibrated:
+    """The calibrated probability q of every row under the posterior.
+
+    ``mean``: q averaged over every draw, ``(row,)``; ``predictive``: q at the
+    posterior predictive's draws (every :func:`predictive_step`-th draw of
+    each chain), ``(chain, draw, row)``.
+    """
+
+    mean: np.ndarray
+    predictive: np.ndarray
 
 
-def _q_draws(params: dict[str, np.ndarray], *, event: np.ndarray, track: np.ndarray, p: np.ndarray, draws: slice):
-    alpha = params["alpha_track"][:, draws][..., event, track]
-    beta = params["beta_track"][:, draws][..., event, track]
-    return calibrated_probability(alpha, beta, p)
+def predictive_step(n_draws: int) -> int:
+    """The posterior predictive keeps every this-many-th draw of a chain: about :data:`PREDICTIVE_DRAWS` of them."""
+    return max(1, n_draws // PREDICTIVE_DRAWS)
 
 
-def calibrated_probability_mean(params: dict[str, np.ndarray], rows: EventRows, *, block: int = 100) -> np.ndarray:
-    """Posterior mean of the calibrated probability of every row, in blocks of draws.
+def calibrated_rows(params: dict[str, np.ndarray], rows: EventRows, *, block: int = 100) -> Calibrated:
+    """q = expit(α[e, k] + β[e, k]·logit(p)) of every row: its posterior mean and its predictive draws, in one pass.
 
-    Rows of equal (event, track, p) have one q: each distinct triple is computed
-    once (a forecast from M scenarios takes at most M + 1 values, so rows repeat).
+    Rows of equal (event, track, p) have one q, so each distinct triple is
+    computed once (a forecast from M scenarios takes at most M + 1 values:
+    3 seasons of intermediate, 2,964 rows → 1,913 triples), in blocks of
+    ``block`` draws. The predictive draws are taken from the same pass, not
+    computed again row by row: they are the same numbers (expit as
+    :func:`expit` writes it, on the same arguments). The mean is
+    ½·(1 + mean of tanh(½x)) — :func:`expit` averaged, two passes fewer over
+    draws × triples; against averaging q itself it differs by float rounding
+    (measured ≤ 1.4e-13 relative, at the smallest q).
+
+    Measured on 12 warm backfill jobs' 4 × 1,000 draws (3 seasons,
+    superspeedway and intermediate), CPU s a job, median of 7 interleaved:
+    0.055 → 0.037 against the mean and the predictive q computed apart (load 3.1).
     """
     triples = np.column_stack([rows.event, rows.track, rows.p]).astype(np.float64)
     distinct, inverse = np.unique(triples, axis=0, return_inverse=True)
-    event, track, p = distinct[:, 0].astype(np.intp), distinct[:, 1].astype(np.intp), distinct[:, 2]
-    n_draws = params["alpha_track"].shape[1]
-    total = np.zeros(len(distinct))
+    inverse = inverse.reshape(-1)
+    alpha, beta = params["alpha_track"], params["beta_track"]
+    chains, n_draws, n_events, n_tracks = alpha.shape
+    cell = distinct[:, 0].astype(np.intp) * n_tracks + distinct[:, 1].astype(np.intp)  # (e, k) flattened
+    x_p = logit(distinct[:, 2])
+    # float64 once (exact): a float32 operand would be cast again in every block's product and sum
+    alpha = alpha.astype(np.float64).reshape(chains, n_draws, n_events * n_tracks)
+    beta = beta.astype(np.float64).reshape(chains, n_draws, n_events * n_tracks)
+    step = predictive_step(n_draws)
+    tanh_sum = np.zeros(len(distinct))
+    predictive = []
     for start in range(0, n_draws, block):
-        q = _q_draws(params, event=event, track=track, p=p, draws=slice(start, start + block))
-        total += q.sum(axis=(0, 1))
-    return (total / (n_draws * params["alpha_track"].shape[0]))[inverse.reshape(-1)]
+        draws = slice(start, start + block)
+        half = np.take(beta[:, draws], cell, axis=-1) * x_p  # α + β·logit(p), as calibrated_probability adds it
+        half += np.take(alpha[:, draws], cell, axis=-1)
+        half *= 0.5
+        t = np.tanh(half, out=half)
+        tanh_sum += t.sum(axis=(0, 1))
+        predictive.append(0.5 * (1.0 + t[:, (-start) % step :: step]))  # expit(x) of the kept draws, bit for bit
+    mean = 0.5 * (1.0 + tanh_sum / (chains * n_draws))
+    return Calibrated(mean=mean[inverse], predictive=np.concatenate(predictive, axis=1)[..., inverse])
 
 
-def _replicate(draws: Draws, rows: EventRows, *, seed: int) -> np.ndarray:
-    n_draws = draws.params["alpha_track"].shape[1]
-    step = max(1, n_draws // PREDICTIVE_DRAWS)
-    q = calibrated_probability_draws(draws.params, rows, draws=slice(0, n_draws, step))
+def _replicate(q: np.ndarray, *, seed: int) -> np.ndarray:
+    """Replicated outcomes, one Bernoulli(q) per element of ``q``, as int8."""
     rng = np.random.default_rng(seed)
     return (rng.random(q.shape) < q).astype(np.int8)
 
@@ -159,12 +212,13 @@ def to_dataset_attrs(idata: az.InferenceData) -> dict[str, Any]:
 
 
 __all__ = [
+    "Calibrated",
     "build_inference_data",
     "calibrated_probability",
-    "calibrated_probability_draws",
-    "calibrated_probability_mean",
+    "calibrated_rows",
     "expit",
     "logit",
     "posterior_draws",
+    "predictive_step",
     "to_dataset_attrs",
 ]
