@@ -68,11 +68,10 @@ class JobDidNotSucceed(CalqError):
 def job_rows(dataset: str | os.PathLike | xr.Dataset, job: CalibrationJob) -> int:
     """The likelihood rows of ``job``: its events × the entered race-driver pairs of its archetypes and window."""
     from shared.contract.domain import archetypes_of
-    from shared.data.dataset import open_dataset, select_archetypes, select_window
+    from shared.data.dataset import open_dataset, select_races
 
     ds = dataset if isinstance(dataset, xr.Dataset) else open_dataset(Path(dataset))
-    window = select_archetypes(select_window(ds, as_of=job.as_of, window_days=job.window_days),
-                               archetypes_of(job.archetype))
+    window = select_races(ds, as_of=job.as_of, window_days=job.window_days, archetypes=archetypes_of(job.archetype))
     return len(job.events) * int(window["finish_position"].notnull().sum())
 
 

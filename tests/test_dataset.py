@@ -22,6 +22,7 @@ from shared.data.dataset import (
     open_dataset,
     save_dataset,
     select_archetypes,
+    select_races,
     select_window,
     validate,
 )
@@ -431,6 +432,21 @@ def test_select_archetypes(small):
     only = select_archetypes(small, ["road_course"])
     assert set(only["archetype"].values) == {"road_course"}
     assert only.sizes["race"] == int((small["archetype"].values == "road_course").sum())
+
+
+@pytest.mark.parametrize("window_days", [None, 14, 60])
+@pytest.mark.parametrize("archetypes", [["road_course"], ["intermediate", "superspeedway"], list(ARCHETYPES)])
+def test_select_races_is_the_window_then_the_archetypes(small, window_days, archetypes):
+    dates = small["race_date"].values
+    for as_of in (None, dates[0], dates[10], dates[-1] + np.timedelta64(1, "D")):
+        day = None if as_of is None else as_of.astype("datetime64[D]").item()
+        if day is None and window_days is not None:
+            with pytest.raises(ValueError, match="needs as_of"):
+                select_races(small, as_of=day, window_days=window_days, archetypes=archetypes)
+            continue
+        two_steps = select_archetypes(select_window(small, as_of=day, window_days=window_days), archetypes)
+        xr.testing.assert_identical(select_races(small, as_of=day, window_days=window_days, archetypes=archetypes),
+                                    two_steps)
 
 
 @pytest.mark.slow
