@@ -70,14 +70,23 @@ def netcdf_ready(ds: xr.Dataset) -> xr.Dataset:
     return out
 
 
+#: The zlib level of an InferenceData's variables (ArviZ leaves netCDF4's default, 4). Measured per variable on a
+#: warm job (3 seasons of intermediate), level 4 against 1: the posterior's float32 draws 291 / 294 kB (α) and 246 /
+#: 247 kB (β), 0.6 ms more each; the replicated outcomes (int8, 1.19 MB raw) 210 / 259 kB, 23 / 15 ms; the small
+#: variables alike. Whole files over 12 warm backfill jobs, median of 7 interleaved (load 1.3): level 4 66.4 ms CPU,
+#: 817 kB; level 1 56.6 ms (−15 %), 860 kB (+5.3 %, nearly all of it the replicated outcomes). The same intermediate
+#: job uncompressed: 30 ms, 2.3 MB (level 4: 67 ms, 948 kB).
+ZLIB_LEVEL = 1
+
+
 def write_netcdf(obj: az.InferenceData | xr.Dataset, path: str | os.PathLike[str], **options: Any) -> None:
     """Write an InferenceData or Dataset to a local NetCDF4 file (netCDF4 engine).
 
     An InferenceData is written as ArviZ's ``to_netcdf`` writes it (its
     attributes at the root, each group in a NetCDF group of its name, every
-    numeric and boolean variable zlib-compressed), but in one pass: one
-    :class:`xarray.DataTree` written through one open file, where ArviZ
-    opens, writes and closes the file again for every group.
+    numeric and boolean variable zlib-compressed, at :data:`ZLIB_LEVEL`),
+    but in one pass: one :class:`xarray.DataTree` written through one open
+    file, where ArviZ opens, writes and closes the file again for every group.
     """
     import arviz as az
 
@@ -85,7 +94,10 @@ def write_netcdf(obj: az.InferenceData | xr.Dataset, path: str | os.PathLike[str
         tree, encoding = {"/": xr.Dataset(attrs=encode_attrs(obj.attrs or {}))}, {}
         for group in obj.groups():
             tree[f"/{group}"] = ds = netcdf_ready(getattr(obj, group))
-            encoding[f"/{group}"] = {name: {"zlib": True} for name, var in ds.variables.items() if _compressible(var.dtype)}
+            encoding[f"/{group}"] = {
+                name: {"zlib": True, "complevel": ZLIB_LEVEL} for name, var in ds.variables.items()
+                if _compressible(var.dtype)
+            }
         xr.DataTree.from_dict(tree).to_netcdf(str(path), engine="netcdf4", encoding=encoding)
     elif isinstance(obj, xr.Dataset):
         netcdf_ready(obj).to_netcdf(path, engine="netcdf4", format="NETCDF4", **options)
