@@ -126,6 +126,11 @@ def test_rhat_ess_and_hdi_equal_arviz_parameter_by_parameter():
         rhat, ess = (unstack(v)["x"] for v in diagnostics.rank_normalised(rows))
         low, high = (unstack(v)["x"] for v in diagnostics.hdi(rows))
         tail = unstack(diagnostics.ess_tail(rows))["x"]
+        # parameter_summaries sorts the rows once, for both: the same values
+        ordered = diagnostics.sorted_rows(rows)
+        np.testing.assert_array_equal(diagnostics.ess_tail(rows, ordered=ordered), diagnostics.ess_tail(rows))
+        for mine, alone in zip(diagnostics.hdi(rows, ordered=ordered), diagnostics.hdi(rows), strict=True):
+            np.testing.assert_array_equal(mine, alone)
         expected = {
             "rhat": (rhat, az.rhat(idata, method="rank")["x"].values),
             "ess_bulk": (ess, az.ess(idata, method="bulk")["x"].values),
@@ -137,6 +142,20 @@ def test_rhat_ess_and_hdi_equal_arviz_parameter_by_parameter():
         usable = ~np.isnan(draws).any(axis=(0, 1))
         np.testing.assert_array_equal(low[usable], interval[usable, 0])
         np.testing.assert_array_equal(high[usable], interval[usable, 1])
+
+
+def test_tail_quantiles_are_mquantiles_type_7():
+    from scipy.stats.mstats import mquantiles
+
+    for draws in _hard_posteriors():
+        rows, _ = diagnostics._rows({"x": draws})
+        usable = ~np.isnan(rows).any(axis=(1, 2))
+        flat = rows[usable].reshape(int(usable.sum()), -1)
+        expected = mquantiles(flat, (0.05, 0.95), alphap=1, betap=1, axis=1).data
+        np.testing.assert_array_equal(diagnostics._type7_quantiles(np.sort(flat, axis=1), (0.05, 0.95)), expected)
+    few = np.array([[3.0, 1.0, 2.0, 4.0]])  # n·p + 1 − p below 1 and above n − 1: k clipped
+    np.testing.assert_array_equal(diagnostics._type7_quantiles(np.sort(few, axis=1), (0.01, 0.99)),
+                                  mquantiles(few, (0.01, 0.99), alphap=1, betap=1, axis=1).data)
 
 
 def test_average_ranks_are_scipys():

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import arviz as az
 import numpy as np
 from scipy import fft, special
-from scipy.stats.mstats import mquantiles
 
 from shared.contract.domain import PARAMETERS
 from shared.contract.summary import Diagnostics, ParameterSummary
@@ -113,28 +112,60 @@ def rank_normalised(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rhat, ess
 
 
-def ess_tail(x: np.ndarray, *, prob: tuple[float, float] = (0.05, 0.95)) -> np.ndarray:
-    """Tail ESS of each row of ``x``: the smaller ESS of the indicators of the 5 % and 95 % quantiles."""
+def ess_tail(
+    x: np.ndarray, *, prob: tuple[float, float] = (0.05, 0.95), ordered: np.ndarray | None = None
+) -> np.ndarray:
+    """Tail ESS of each row of ``x``: the smaller ESS of the indicators of the 5 % and 95 % quantiles.
+
+    ``ordered``: ``x``'s :func:`sorted_rows`, where the caller has them (the
+    HDI sorts the same draws): the quantiles are read from them
+    (:func:`_type7_quantiles`) instead of ``scipy.stats.mstats.mquantiles``
+    sorting each row again in a Python loop. HDI and tail ESS of a warm job's
+    48 parameters × 4 × 1,000 draws, CPU ms, median of 9 interleaved over 12
+    jobs: 16.8 → 14.3 (load 2.5). (One :func:`_ess` over both quantiles'
+    indicators, twice the rows, measured slower: 15.8.)
+    """
     out = np.full(x.shape[0], np.nan)
     ok = _usable(x, min_chains=1)
     if ok.any():
         y = x[ok]
-        # R's type 7 quantile of each row's draws, as ArviZ's
-        quantiles = mquantiles(y.reshape(y.shape[0], -1), prob, alphap=1, betap=1, axis=1).data
+        quantiles = _type7_quantiles(sorted_rows(y) if ordered is None else ordered[ok], prob)
         low, high = (_ess(_split_chains((y <= q[:, None, None]).astype(np.float64))) for q in quantiles.T)
         out[ok] = np.minimum(low, high)
     return out
 
 
-def hdi(x: np.ndarray, *, prob: float = HDI_PROB) -> tuple[np.ndarray, np.ndarray]:
-    """The narrowest interval holding ``floor(prob · n)`` + 1 of each row's ``n`` draws: (low, high)."""
-    ordered = np.sort(x.reshape(x.shape[0], -1), axis=1)
+def hdi(x: np.ndarray, *, prob: float = HDI_PROB, ordered: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The narrowest interval holding ``floor(prob · n)`` + 1 of each row's ``n`` draws: (low, high).
+
+    ``ordered``: ``x``'s :func:`sorted_rows`, where the caller has them.
+    """
+    ordered = sorted_rows(x) if ordered is None else ordered
     n = ordered.shape[1]
     inc = int(np.floor(prob * n))
     width = np.subtract(ordered[:, inc:], ordered[:, : n - inc], dtype=np.float64)
     first = np.argmin(width, axis=1)
     index = np.arange(ordered.shape[0])
     return ordered[index, first], ordered[index, first + inc]
+
+
+def sorted_rows(x: np.ndarray) -> np.ndarray:
+    """Each row's draws of ``x`` ``(parameter, chain, draw)``, chains pooled and sorted: ``(parameter, chain · draw)``."""
+    return np.sort(x.reshape(x.shape[0], -1), axis=1)
+
+
+def _type7_quantiles(ordered: np.ndarray, prob) -> np.ndarray:
+    """R's type 7 quantiles of each sorted row, ``(row, len(prob))``: ``mquantiles(alphap=1, betap=1)``'s arithmetic.
+
+    aleph = n·p + m with m = 1 − p; k = ⌊aleph⌋ within [1, n − 1];
+    γ = aleph − k within [0, 1]; the quantile (1 − γ)·x₍ₖ₎ + γ·x₍ₖ₊₁₎.
+    """
+    n = ordered.shape[1]
+    p = np.asarray(prob, dtype=np.float64)
+    aleph = n * p + (1.0 - p)
+    k = np.floor(aleph.clip(1, n - 1)).astype(int)
+    gamma = (aleph - k).clip(0, 1)
+    return (1.0 - gamma) * ordered[:, k - 1] + gamma * ordered[:, k]
 
 
 def _usable(x: np.ndarray, *, min_chains: int) -> np.ndarray:
@@ -242,7 +273,8 @@ def parameter_summaries(
     """
     post = idata.posterior[list(var_names)]
     rows, unstack = _rows({name: post[name].values for name in var_names})
-    low, high = hdi(rows)
+    ordered = sorted_rows(rows)  # for the HDI and the tail ESS's quantiles
+    low, high = hdi(rows, ordered=ordered)
     computed = {
         "mean": post.mean(("chain", "draw")),
         "sd": post.std(("chain", "draw"), ddof=1),
@@ -250,7 +282,7 @@ def parameter_summaries(
     if known is None:
         rhat, ess = rank_normalised(rows)
         known = Convergence(r_hat=unstack(rhat), ess_bulk=unstack(ess), divergences=0)
-    by_row = {"hdi_low": unstack(low), "hdi_high": unstack(high), "ess_tail": unstack(ess_tail(rows))}
+    by_row = {"hdi_low": unstack(low), "hdi_high": unstack(high), "ess_tail": unstack(ess_tail(rows, ordered=ordered))}
     records = []
     for name in var_names:
         dims = [d for d in post[name].dims if d not in ("chain", "draw")]
