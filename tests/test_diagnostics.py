@@ -158,6 +158,19 @@ def test_tail_quantiles_are_mquantiles_type_7():
                                   mquantiles(few, (0.01, 0.99), alphap=1, betap=1, axis=1).data)
 
 
+def test_z_scale_is_the_normal_quantile_of_every_average_rank():
+    """The table of untied positions' quantiles gives the numbers ndtri gives each draw's rank (ties included)."""
+    from scipy import special, stats
+
+    for draws in _hard_posteriors():
+        rows, _ = diagnostics._rows({"x": draws})
+        split = diagnostics._split_chains(rows[diagnostics._usable(rows, min_chains=1)])
+        flat = split.reshape(split.shape[0], -1)
+        n = flat.shape[1]
+        expected = special.ndtri((stats.rankdata(flat, method="average", axis=1) - 3 / 8) / (n - 2 * 3 / 8 + 1))
+        np.testing.assert_array_equal(diagnostics._z_scale(split), expected.reshape(split.shape))
+
+
 def test_average_ranks_are_scipys():
     from scipy import stats
 
