@@ -62,7 +62,7 @@ def test_rows_repeat_so_distinct_triples_are_fewer(rows):
     assert len(triples) < 0.8 * rows.n_rows  # what calibrated_rows saves, and what the tests below exercise
 
 
-@pytest.mark.parametrize(("n_draws", "block"), [(250, 100), (250, 7), (40, 100), (1000, 100)])
+@pytest.mark.parametrize(("n_draws", "block"), [(250, 100), (250, 7), (40, 100), (1000, 100), (1000, 10)])
 def test_calibrated_rows_equal_the_row_wise_definition(rows, n_draws, block):
     params = _draws(rows, n_draws=n_draws).params
     got = calibrated_rows(params, rows, block=block)
