@@ -54,8 +54,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PARAMETERS = ("alpha_arch", "beta_arch", "sigma_alpha", "sigma_log_beta", "alpha_track", "beta_track")
 EVENTS = ("top_1", "top_5", "top_10")
 SCENARIOS = 400
-#: Warm jobs per size, one seed each: a warm 24k run diverges in about half the seeds (shared.fit.model) and is
-#: remedied, so one seed is a coin toss; the table shows the median seed, the lines below it every seed.
+#: Warm jobs per size, one seed each: a warm 24k run can end with a divergence and be remedied, doubling its
+#: sampling (one seed in three under logit-hier/2's priors, about half under /1's: shared.fit.model), so one seed
+#: alone can mislead; the table shows the median seed, the lines below it every seed.
 WARM_SEEDS = 3
 #: name → (archetype, seasons): 1,710 and 24,624 rows with three events.
 SIZES: dict[str, tuple[str, int]] = {"small": ("intermediate", 1), "large": ("all", 6)}
