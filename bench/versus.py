@@ -82,7 +82,7 @@ def plain_child(dataset: str, archetype: str) -> dict:
 
     from shared.contract.domain import archetypes_of
     from shared.data.dataset import event_rows, open_dataset, select_archetypes
-    from shared.fit.model import SIGMA_ALPHA_MEDIAN, SIGMA_LOG_BETA_MEDIAN, SIGMA_LOG_SD
+    from shared.fit.model import SIGMA_ALPHA_MEDIAN, SIGMA_LOG_BETA_MEDIAN, track_scale_prior
     from shared.fit.sampler import COMPILES
 
     ds = open_dataset(dataset)
@@ -99,8 +99,8 @@ def plain_child(dataset: str, archetype: str) -> dict:
         with numpyro.plate("event", E, dim=-2), numpyro.plate("archetype", A, dim=-1):
             alpha_arch = numpyro.sample("alpha_arch", dist.Normal(0.0, 1.0))
             log_beta_arch = numpyro.sample("log_beta_arch", dist.Normal(0.0, 0.5))
-            sigma_alpha = numpyro.sample("sigma_alpha", dist.LogNormal(np.log(SIGMA_ALPHA_MEDIAN), SIGMA_LOG_SD))
-            sigma_log_beta = numpyro.sample("sigma_log_beta", dist.LogNormal(np.log(SIGMA_LOG_BETA_MEDIAN), SIGMA_LOG_SD))
+            sigma_alpha = numpyro.sample("sigma_alpha", track_scale_prior(SIGMA_ALPHA_MEDIAN))
+            sigma_log_beta = numpyro.sample("sigma_log_beta", track_scale_prior(SIGMA_LOG_BETA_MEDIAN))
         numpyro.deterministic("beta_arch", jnp.exp(log_beta_arch))
         with numpyro.plate("event_t", E, dim=-2), numpyro.plate("track", K, dim=-1):
             z_a = numpyro.sample("alpha_track_z", dist.Normal(0.0, 1.0))
