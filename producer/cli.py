@@ -7,6 +7,7 @@ the Celery fleet. Output is a rich table, or JSON with ``--json``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -637,6 +638,17 @@ def _quit_cancelled(signum, frame) -> None:
     os._exit(exit_codes.ExitCode.CANCELLED)
 
 
+def _ignore_ctrl_c_while_finalising() -> None:
+    """The last exit handler: a Ctrl-C from here on is ignored, so calq ends with the code it chose.
+
+    After the exit handlers, Python puts SIGINT back to the system's default
+    before it tears its modules down (JAX's take a moment), and a Ctrl-C then
+    killed calq by the signal (exit -2), not with its code. A handler set to
+    ``SIG_IGN`` is one Python leaves in place.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _logging(level: str) -> None:
     if "CALQ_LOG_LEVEL" not in os.environ and sys.argv[1:2] != ["worker"]:
         level = "WARNING"  # interactive commands show progress bars and tables, not log lines
@@ -701,6 +713,7 @@ def main() -> None:
 
     use_host_devices()  # before anything imports JAX: chains in parallel on the CPU
     signal.signal(signal.SIGINT, _on_sigint)
+    atexit.register(_ignore_ctrl_c_while_finalising)  # before JAX's and the others': it runs after them
     try:
         level = get_settings().log_level
     except ValidationError as exc:  # invalid settings: which variables, never their values

@@ -8,6 +8,8 @@
   queued): the first Ctrl-C cancels the jobs it submitted, through the client.
 - A second Ctrl-C during an embedded ``calq calibrate`` quits at once, and the
   record still ends ``cancelled`` (it stayed ``queued`` or ``running``).
+- A Ctrl-C while Python tears calq down, after its exit handlers, leaves calq's
+  own exit code (it was killed by the signal, exit -2).
 
 Each runs ``calq`` as a person does, in a subprocess, and sends it SIGINT.
 """
@@ -245,3 +247,34 @@ def test_a_second_ctrl_c_during_an_embedded_calibrate_still_ends_the_record_canc
     assert record.state is JobState.CANCELLED, (record.state, record.reason)
     assert "interrupted (Ctrl-C)" in record.reason and record.finished_at is not None
     assert not list(store.rglob("posteriors/**/*.nc"))
+
+
+#: calq run as its entry point runs it, with one slow object torn down with ``__main__`` after the exit
+#: handlers (as JAX's are), and a line on stdout when the exit handlers begin: calq's come after it.
+SLOW_TEARDOWN = """
+import atexit, sys, time
+from producer import cli
+
+class SlowTeardown:
+    def __del__(self):
+        time.sleep(3)
+
+keep = SlowTeardown()
+atexit.register(lambda: print("finalising", flush=True))
+sys.argv = ["calq", "calibrate", "no-such-file.nc"]
+cli.main()
+"""
+
+
+def test_a_ctrl_c_while_python_tears_calq_down_leaves_calqs_exit_code(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_TEARDOWN], cwd=ROOT, env=calq_environ(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "finalising\n", proc.communicate()
+        time.sleep(0.5)  # the exit handlers are done: the modules are being torn down
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == ExitCode.USAGE, (proc.returncode, stderr)  # not -2: killed by the signal
