@@ -166,6 +166,21 @@ def test_missing_objects_raise_not_found(store: Store) -> None:
         store.get_dataset_file("nothing/here.nc")
 
 
+def test_a_library_error_on_a_posterior_that_is_there_is_not_nothing_at(store: Store, monkeypatch) -> None:
+    """HDF5 says ENOENT for more than a missing file; "nothing at" is said only where the store holds nothing."""
+    import shared.storage.netcdf as netcdf
+
+    uri = store.put_netcdf(_inference_data(), posterior_key("superspeedway", "there"))
+
+    def hdf5_refuses(path, **_):
+        raise FileNotFoundError(2, "Unable to synchronously open file (HDF5)", str(path))
+
+    monkeypatch.setattr(netcdf, "read_inference_data", hdf5_refuses)
+    with pytest.raises(FileNotFoundError, match="HDF5") as caught:
+        store.get_inference_data(uri)
+    assert not isinstance(caught.value, NotFound)
+
+
 # -- NetCDF --------------------------------------------------------------------
 
 
@@ -221,6 +236,44 @@ def test_the_one_pass_write_holds_what_arviz_writes(tmp_path: Path) -> None:
                 theirs = y.groups[group].variables[name].filters()
                 expected = {**theirs, "complevel": ZLIB_LEVEL} if theirs["zlib"] else theirs
                 assert var.filters() == expected, (group, name)
+
+
+def test_the_deferred_writes_hold_what_a_write_per_group_holds(tmp_path: Path) -> None:
+    """write_netcdf defines every group's variables before writing any array; the file holds, variable for
+    variable and in the same order, what ArviZ's way (each group's Dataset.to_netcdf into the file in turn) writes
+    with the same encoding: dtypes, dimensions, chunking, filters, attributes (the encoded bool's and the floats'
+    NaN fill included) and values."""
+    import netCDF4
+
+    from shared.storage.netcdf import ZLIB_LEVEL, _compressible, encode_attrs, netcdf_ready, write_netcdf
+
+    idata = _inference_data()
+    idata.posterior["beta"][0, 0, 0] = np.nan
+    idata.attrs = {"job_id": "job-1", "tags": ["a", "b"]}
+    ours, theirs = tmp_path / "ours.nc", tmp_path / "theirs.nc"
+    write_netcdf(idata, ours)
+    with netCDF4.Dataset(theirs, mode="w") as root:
+        root.setncatts(encode_attrs(idata.attrs))
+    for group in idata.groups():
+        ds = netcdf_ready(getattr(idata, group))
+        encoding = {name: {"zlib": True, "complevel": ZLIB_LEVEL} for name, var in ds.variables.items()
+                    if _compressible(var.dtype)}
+        ds.to_netcdf(theirs, mode="a", group=group, engine="netcdf4", encoding=encoding)
+
+    def described(path: Path) -> list:
+        with netCDF4.Dataset(path) as root:
+            out = [[(a, repr(root.getncattr(a))) for a in root.ncattrs()]]
+            for name, group in root.groups.items():
+                out.append((name, [(a, repr(group.getncattr(a))) for a in group.ncattrs()],
+                            [(d.name, d.size) for d in group.dimensions.values()]))
+                out.extend((name, v.name, str(v.dtype), v.dimensions, v.chunking(), v.filters(), v.endian(),
+                            [(a, repr(v.getncattr(a))) for a in v.ncattrs()], repr(v[...].tolist()))
+                           for v in group.variables.values())
+        return out
+
+    ours_described = described(ours)
+    assert ours_described == described(theirs)
+    assert any(entry[1] == "diverging" and ("dtype", "'bool'") in entry[7] for entry in ours_described[1:])
 
 
 def test_inference_data_is_fully_loaded_and_closed(store: Store) -> None:

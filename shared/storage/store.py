@@ -515,7 +515,9 @@ class Store:
             with storage_errors(uri):
                 if not os.path.isfile(path):
                     raise FileNotFoundError(path)
-                return read_inference_data(path, groups=groups)
+            # Decoded outside the mapping: an error of the NetCDF/HDF5 libraries on a file that is there is
+            # that error (OSError, the file unreadable), never "nothing at", as for a copied one below.
+            return read_inference_data(path, groups=groups)
         # A posterior is read once into memory: copy to a throwaway file (the copy is what is hashed and read).
         with tempfile.TemporaryDirectory(prefix="calq-netcdf-") as tmp_dir:
             local = Path(tmp_dir) / "data.nc"
