@@ -37,7 +37,7 @@ from producer.sanitize import visible
 from shared.contract.domain import ARCHETYPES
 from shared.contract.errors import NotFound
 from shared.contract.job import CalibrationJob, JobState
-from shared.data.dataset import open_dataset
+from shared.data.dataset import in_window, open_dataset
 from shared.jobs.celery_app import BATCH
 
 log = logging.getLogger(__name__)
@@ -106,11 +106,7 @@ class RaceCalendar:
 
     def seen(self, archetype: str, as_of: date, window_days: int | None) -> np.ndarray:
         """Mask of the races a fit of ``archetype`` as of ``as_of`` sees (``select_window``'s rule)."""
-        end = np.datetime64(as_of, "D")
-        mask = (self.archetypes == archetype) & (self.days < end)
-        if window_days is not None:
-            mask &= self.days >= end - np.timedelta64(window_days, "D")
-        return mask
+        return (self.archetypes == archetype) & in_window(self.days, as_of=as_of, window_days=window_days)
 
     def window_start(self, archetype: str, as_of: date, window_days: int | None) -> date:
         """The first day whose window equals ``as_of``'s: the latest entry or exit on or before ``as_of``.

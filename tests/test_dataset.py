@@ -474,3 +474,18 @@ def test_validation_of_a_full_size_dataset_is_fast():
     started = time.perf_counter()
     validate(ds)
     assert time.perf_counter() - started < 3.0
+
+
+@pytest.mark.parametrize("window_days", [None, 14, 60])
+def test_a_backfills_race_calendar_sees_the_races_a_job_selects(small, window_days):
+    """producer.backfill.RaceCalendar.seen answers from plain arrays with select_races' own rule (in_window)."""
+    from producer.backfill import RaceCalendar
+
+    calendar = RaceCalendar.of(small)
+    dates = small["race_date"].values
+    for as_of in (dates[0], dates[10], dates[10] + np.timedelta64(1, "D"), dates[-1] + np.timedelta64(1, "D")):
+        day = as_of.astype("datetime64[D]").item()
+        for archetype in ARCHETYPES:
+            job_races = select_races(small, as_of=day, window_days=window_days, archetypes=[archetype])["race"].values
+            seen = calendar.race_ids[calendar.seen(archetype, day, window_days)]
+            assert list(seen) == list(job_races.astype(str)), (archetype, day)

@@ -227,8 +227,15 @@ def _in_window(ds: xr.Dataset, *, as_of: date | None, window_days: int | None) -
         raise ValueError(f"as_of {day} is outside {EARLIEST_DATE}..{LATEST_DATE}")
     if window_days is not None and not 1 <= window_days <= MAX_WINDOW_DAYS:
         raise ValueError(f"window_days {window_days} is outside 1..{MAX_WINDOW_DAYS}")
+    return in_window(ds["race_date"].values, as_of=as_of, window_days=window_days)
+
+
+def in_window(dates: np.ndarray, *, as_of: date, window_days: int | None) -> np.ndarray:
+    """Which of ``dates`` (datetime64, any unit) a job's window holds: before ``as_of``, on or after ``as_of - window_days``.
+
+    The rule alone, without :func:`select_window`'s checks of ``as_of`` and ``window_days``.
+    """
     end = _day(as_of)
-    dates = ds["race_date"].values
     keep = dates < end
     if window_days is not None:
         keep &= dates >= end - np.timedelta64(window_days, "D")
@@ -389,6 +396,7 @@ __all__ = [
     "EventRows",
     "event_rows",
     "forecast_probability",
+    "in_window",
     "open_dataset",
     "save_dataset",
     "select_archetypes",
