@@ -176,3 +176,19 @@ def test_average_ranks_are_scipys():
 
     a = np.random.default_rng(3).integers(0, 6, size=(5, 40)).astype(float)
     np.testing.assert_array_equal(diagnostics._average_ranks(a), stats.rankdata(a, method="average", axis=1))
+
+
+def test_means_and_sds_are_xarrays():
+    """parameter_summaries' mean and sd are xarray's mean and std (ddof 1) over chain and draw, to the bit:
+    float32 draws and one NaN."""
+    idata = fake_posterior(seed=5)
+    post = idata.posterior.astype(np.float32)
+    post["beta_track"][1, 7, 0, 2] = np.nan
+    idata = az.InferenceData(posterior=post, sample_stats=idata.sample_stats)
+    mean, sd = post.mean(("chain", "draw")), post.std(("chain", "draw"), ddof=1)
+    records = parameter_summaries(idata)
+    for r in records:
+        at = {"event": r.event, **({"archetype": r.archetype} if r.archetype else {"track": r.track})}
+        assert r.mean == float(mean[r.parameter].sel(at)), r.name
+        assert r.sd == float(sd[r.parameter].sel(at)), r.name
+    assert len(records) == 4 * len(EVENTS) * len(ARCHS) + 2 * len(EVENTS) * len(TRACKS)

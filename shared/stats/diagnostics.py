@@ -313,24 +313,20 @@ def parameter_summaries(
     ``known``: the same draws' :func:`convergence`, whose R-hat and bulk ESS
     are taken rather than computed again.
     """
-    post = idata.posterior[list(var_names)]
+    post = idata.posterior
     rows, unstack = _rows({name: post[name].values for name in var_names})
     ordered = sorted_rows(rows)  # for the HDI and the tail ESS's quantiles
     low, high = hdi(rows, ordered=ordered)
-    computed = {
-        "mean": post.mean(("chain", "draw")),
-        "sd": post.std(("chain", "draw"), ddof=1),
-    }
     if known is None:
         rhat, ess = rank_normalised(rows)
         known = Convergence(r_hat=unstack(rhat), ess_bulk=unstack(ess), divergences=0)
     by_row = {"hdi_low": unstack(low), "hdi_high": unstack(high), "ess_tail": unstack(ess_tail(rows, ordered=ordered))}
     records = []
     for name in var_names:
-        dims = [d for d in post[name].dims if d not in ("chain", "draw")]
+        variable = post[name]
+        dims = [d for d in variable.dims if d not in ("chain", "draw")]
         labels = [[str(v) for v in post[d].values] for d in dims]
-        # numpy arrays in the parameter's own dimension order: no xarray lookups per scalar
-        values = {key: ds[name].transpose(*dims).values for key, ds in computed.items()}
+        values = _moments(variable)
         values |= {key: arrays[name] for key, arrays in by_row.items()}
         values |= {"r_hat": known.r_hat[name], "ess_bulk": known.ess_bulk[name]}
         for index in np.ndindex(*[len(lab) for lab in labels]):
@@ -346,6 +342,16 @@ def parameter_summaries(
                 )
             )
     return records
+
+
+def _moments(variable) -> dict[str, np.ndarray]:
+    """The posterior mean and sd (ddof 1) of each scalar of ``variable`` ``(chain, draw, ...)``.
+
+    NaN-skipping, as xarray's ``mean`` and ``std`` over chain and draw, which
+    call the same ``numpy.nanmean`` and ``numpy.nanstd`` on the same axes:
+    the same numbers without a Dataset reduced, and transposed, per parameter.
+    """
+    return {"mean": np.nanmean(variable.values, axis=(0, 1)), "sd": np.nanstd(variable.values, axis=(0, 1), ddof=1)}
 
 
 def sampler_diagnostics(
