@@ -167,7 +167,10 @@ def calibrated_rows(params: dict[str, np.ndarray], rows: EventRows, *, block: in
     0.055 → 0.037 against the mean and the predictive q computed apart (load 3.1).
     Blocks of 10 draws keep a block's arrays (4 chains × 10 × ~2,000 triples,
     0.6 MB) in the L2 cache: 35.6 ms a job against 40.0 at 20 draws and 42.7
-    at 100 (median of 7 interleaved; load 1.6).
+    at 100 (median of 7 interleaved; load 1.6). Each block's α and β are
+    spread over the triples by ``np.repeat`` (the triples come sorted by
+    cell) rather than ``np.take``: 23.9 → 21.2 ms a job (11 of those jobs,
+    median of 7 interleaved; load 3.3).
     """
     triples = np.column_stack([rows.event, rows.track, rows.p]).astype(np.float64)
     distinct, inverse = np.unique(triples, axis=0, return_inverse=True)
@@ -175,6 +178,8 @@ def calibrated_rows(params: dict[str, np.ndarray], rows: EventRows, *, block: in
     alpha, beta = params["alpha_track"], params["beta_track"]
     chains, n_draws, n_events, n_tracks = alpha.shape
     cell = distinct[:, 0].astype(np.intp) * n_tracks + distinct[:, 1].astype(np.intp)  # (e, k) flattened
+    # the triples are sorted, so by cell: each cell's draws repeated for its triples are the take of cell (faster)
+    per_cell = np.bincount(cell, minlength=n_events * n_tracks)
     x_p = logit(distinct[:, 2])
     # float64 once (exact): a float32 operand would be cast again in every block's product and sum
     alpha = alpha.astype(np.float64).reshape(chains, n_draws, n_events * n_tracks)
@@ -184,8 +189,8 @@ def calibrated_rows(params: dict[str, np.ndarray], rows: EventRows, *, block: in
     predictive = []
     for start in range(0, n_draws, block):
         draws = slice(start, start + block)
-        half = np.take(beta[:, draws], cell, axis=-1) * x_p  # α + β·logit(p), as calibrated_probability adds it
-        half += np.take(alpha[:, draws], cell, axis=-1)
+        half = np.repeat(beta[:, draws], per_cell, axis=-1) * x_p  # α + β·logit(p), as calibrated_probability adds it
+        half += np.repeat(alpha[:, draws], per_cell, axis=-1)
         half *= 0.5
         t = np.tanh(half, out=half)
         tanh_sum += t.sum(axis=(0, 1))
