@@ -17,7 +17,15 @@ from shared.contract.domain import ARCHETYPES
 from shared.data.dataset import event_rows
 from shared.data.synth import synthesize
 from shared.fit.idata import logit
-from shared.fit.model import ModelShape, block_slots, calibration_model, distinct_rows, model_data, row_slots
+from shared.fit.model import (
+    ModelShape,
+    block_slots,
+    calibration_model,
+    distinct_rows,
+    model_data,
+    potential,
+    row_slots,
+)
 from shared.fit.sampler import bucket_tracks
 
 
@@ -132,3 +140,49 @@ def test_block_slots_fill_whole_blocks_per_group():
     assert slots.tolist() == [0, 1, 4, 8, 9, 12] and n == 16
     with pytest.raises(ValueError, match="grouped"):
         block_slots(event=np.array([0, 1, 0]), track=np.array([0, 0, 0]), row_block=4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("archetypes", [("intermediate",), ARCHETYPES])
+def test_the_samplers_potential_is_numpyros_potential_energy_in_value_and_gradient(seed, archetypes):
+    """model.potential (value and gradient by hand, for the sampler) against autodiff of the traced model.
+
+    On the job's own layout (merged rows in blocks, a bucket's padding rows
+    and padding tracks), at points spread wide enough that the softplus
+    meets large |η| of both signs; also under jit and vmap, as the sampler calls it.
+    """
+    ds = synthesize(seasons=2, scenarios=40, seed=3)
+    rows = event_rows(ds, events=("top_1", "top_5", "top_10"), archetypes=archetypes)
+    data, shape = _data(rows, n_rows=row_slots(event=rows.event, track=rows.track, x=logit(rows.p)) + 256)
+    assert shape.n_tracks > len(rows.tracks)  # padding tracks too
+    reference = lambda u: potential_energy(calibration_model, (data,), {"shape": shape}, u)  # noqa: E731
+    params = _params(shape, seed)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(params))
+    points = [{name: scale * jax.random.normal(key, jnp.shape(v)) for key, (name, v) in zip(keys, params.items())}
+              for scale in (0.3, 1.0)]
+    mine = jax.jit(jax.value_and_grad(potential(data, shape)))
+    for u in points:
+        value_a, grad_a = jax.value_and_grad(reference)(u)
+        value_b, grad_b = mine(u)
+        assert np.isfinite(float(value_a))
+        assert float(value_b) == pytest.approx(float(value_a), rel=1e-5)
+        assert grad_b.keys() == grad_a.keys()
+        for name in grad_a:
+            np.testing.assert_allclose(np.asarray(grad_b[name]), np.asarray(grad_a[name]), rtol=1e-4,
+                                       atol=1e-4 * float(jnp.max(jnp.abs(grad_a[name]))))
+    stacked = jax.tree_util.tree_map(lambda *v: jnp.stack(v), *points)
+    values, grads = jax.vmap(jax.value_and_grad(potential(data, shape)))(stacked)
+    for i, u in enumerate(points):
+        value, grad = mine(u)
+        assert float(values[i]) == pytest.approx(float(value), rel=1e-5)
+        for name in grad:
+            np.testing.assert_allclose(np.asarray(grads[name][i]), np.asarray(grad[name]), rtol=1e-5, atol=1e-5)
+
+
+def test_the_centred_form_keeps_numpyros_potential(rows):
+    data, shape = _data(rows)
+    centred = dataclasses.replace(shape, centered=True)
+    params = {name: jnp.zeros(jnp.shape(v)) for name, v in _params(centred, 0).items()}
+    assert "alpha_track_raw" in params
+    expected = potential_energy(calibration_model, (data,), {"shape": centred}, params)
+    assert float(potential(data, centred)(params)) == pytest.approx(float(expected), rel=1e-6)

@@ -55,11 +55,11 @@ import numpy as np
 import numpyro
 from numpyro.distributions.transforms import biject_to
 from numpyro.infer.hmc import hmc
-from numpyro.infer.util import constrain_fn, potential_energy
+from numpyro.infer.util import constrain_fn
 
 from shared.contract.control import JobControl
 from shared.contract.job import Progress
-from shared.fit.model import ModelData, ModelShape, calibration_model, model_data
+from shared.fit.model import ModelData, ModelShape, calibration_model, model_data, potential
 from shared.fit.nuts import DenseMetric, dense_metric, nuts_step, with_dense_mass
 from shared.fit.remedy import TARGET_ACCEPT
 
@@ -216,7 +216,7 @@ class CompiledSampler:
             constrain_fn, model, (data,), {}, return_deterministic=True
         )
         self._init_kernel, _ = hmc(
-            potential_fn_gen=lambda data: functools.partial(potential_energy, model, (data,), {}),
+            potential_fn_gen=lambda data: potential(data, bucket.shape),
             algo="NUTS",
         )
         self._identity: DenseMetric = dense_metric(np.eye(self._size))  # a cold run's placeholder metric
@@ -269,8 +269,8 @@ class CompiledSampler:
                 rng_key=kernel_key,
             )
             found_diagonal = state.adapt_state.step_size
-            potential = functools.partial(potential_energy, self._model, (data,), {})
-            state = with_dense_mass(state, metric, potential, find_step_size=warm,
+            potential_fn = potential(data, self.bucket.shape)
+            state = with_dense_mass(state, metric, potential_fn, find_step_size=warm,
                                     rng_key=jax.random.fold_in(kernel_key, 1))
             # Dual averaging pulls the step size towards its prox centre: 10× the initial one for a cold start
             # (NumPyro's and Stan's), to explore; a warm start's step size is already adapted, so its own,
@@ -282,11 +282,11 @@ class CompiledSampler:
 
         def chunk_one(state, data, target_accept_prob, warm, warm_warmup):
             constrain = self._postprocess_gen(data)
-            potential = functools.partial(potential_energy, self._model, (data,), {})
+            potential_fn = potential(data, self.bucket.shape)
 
             def step(state, _):
                 state = nuts_step(
-                    state, potential, num_warmup=warmup, target_accept_prob=target_accept_prob,
+                    state, potential_fn, num_warmup=warmup, target_accept_prob=target_accept_prob,
                     max_tree_depth=MAX_TREE_DEPTH, warm=warm, warm_warmup=warm_warmup,
                 )
                 return state, (constrain(state.z), _stats_of(state))
