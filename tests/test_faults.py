@@ -43,8 +43,9 @@ FAST = {"CALQ_RECOVERY__LEASE_S": "4", "CALQ_RECOVERY__HEARTBEAT_S": "1", "CALQ_
         "CALQ_RECOVERY__RETRY_FIRST_S": "0.5", "CALQ_RECOVERY__RETRY_MAX_S": "2"}
 #: A job long enough to be killed in the middle of sampling (20 chunks): about 3 s of sampling on 2 cores. With
 #: 2,000 draws (logit-hier/2's shorter trees: under 2 s) a cold shutdown 0.5 s after a tenth of the run was seen could
-#: come after the job had succeeded.
-LONG = {"warmup": 100, "samples": 4000, "chains": 2}
+#: come after the job had succeeded; 4,000 were enough until the hand-written potential made a leapfrog step about a
+#: third cheaper (shared.fit.model.potential), so 6,000.
+LONG = {"warmup": 100, "samples": 6000, "chains": 2}
 SHORT = {"warmup": 100, "samples": 200, "chains": 2}
 
 
