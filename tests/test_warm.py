@@ -274,15 +274,20 @@ def assert_like_the_reference(z: dict[str, list[float]]) -> None:
 
 @pytest.mark.slow
 def test_warm_starts_sample_the_same_posterior_as_cold_ones(windows):
-    """As of the second window, warm from the first window's fit and cold, over three seeds.
+    """As of the second window, warm from the first window's fit and cold, over six seeds.
 
     Every run is compared with the long cold reference run of the second
     window. A warm run that had not left the previous posterior (one race
     fewer) would sit several Monte Carlo errors away; one that samples the
     same posterior gives z about standard normal, as the cold runs do.
+
+    Six seeds, not three: a run's parameters share its Monte Carlo error, so
+    one run's share of |z| > 2 ranges widely. Cold runs of seeds 1-12 against
+    the reference, measured: 0 to 23 % (mean 5.9 %, mean z² 1.02); seeds 1
+    and 3 gave 23 and 21 %, and three seeds together 16 %, over the 15 % bound.
     """
     z = {"warm": [], "cold": []}
-    for seed in (1, 2, 3):
+    for seed in range(1, 7):
         _, cold = calibrate(windows.ds, windows.job(seed))
         _, warm = calibrate(windows.ds, windows.job(seed), warm=windows.source)
         assert cold.converged and warm.converged, (cold.convergence_issues, warm.convergence_issues)
