@@ -530,20 +530,22 @@ def _value_and_gradient(params: dict, data: ModelData, n_archetypes: int, block:
     d_alpha = by_cell[..., 0] - data.sum_y  # ∂(−log density)/∂α[e, k]
     d_log_beta = (by_cell[..., 1] - data.sum_yx) * beta
 
+    # log σ is normal under the track scales' log-normal priors (their Jacobian included): centred and scaled
+    prior_a, prior_b = track_scale_prior(SIGMA_ALPHA_MEDIAN), track_scale_prior(SIGMA_LOG_BETA_MEDIAN)
+    v_a, v_b = (u_a - prior_a.loc) / prior_a.scale, (u_b - prior_b.loc) / prior_b.scale
     log_likelihood = jnp.sum(alpha * data.sum_y + beta * data.sum_yx) - jnp.sum(w * softplus)
     log_prior = (
         _normal_log_density(a, ALPHA_ARCH_SD) + _normal_log_density(log_b, LOG_BETA_ARCH_SD)
-        + _normal_log_density(u_a - np.log(SIGMA_ALPHA_MEDIAN), SIGMA_LOG_SD)
-        + _normal_log_density(u_b - np.log(SIGMA_LOG_BETA_MEDIAN), SIGMA_LOG_SD)
+        + _normal_log_density(v_a, 1.0) - v_a.size * np.log(prior_a.scale)
+        + _normal_log_density(v_b, 1.0) - v_b.size * np.log(prior_b.scale)
         + _normal_log_density(z_a, 1.0) + _normal_log_density(z_b, 1.0)
     )
     of_archetype = (ta[:, None] == jnp.arange(n_archetypes)).astype(d_alpha.dtype)  # (track, archetype)
     gradient = {
         "alpha_arch": a / ALPHA_ARCH_SD**2 + d_alpha @ of_archetype,
         "log_beta_arch": log_b / LOG_BETA_ARCH_SD**2 + d_log_beta @ of_archetype,
-        "sigma_alpha": (u_a - np.log(SIGMA_ALPHA_MEDIAN)) / SIGMA_LOG_SD**2 + jnp.exp(u_a) * ((d_alpha * z_a) @ of_archetype),
-        "sigma_log_beta": (u_b - np.log(SIGMA_LOG_BETA_MEDIAN)) / SIGMA_LOG_SD**2
-        + jnp.exp(u_b) * ((d_log_beta * z_b) @ of_archetype),
+        "sigma_alpha": v_a / prior_a.scale + jnp.exp(u_a) * ((d_alpha * z_a) @ of_archetype),
+        "sigma_log_beta": v_b / prior_b.scale + jnp.exp(u_b) * ((d_log_beta * z_b) @ of_archetype),
         "alpha_track_z": z_a + s_a * d_alpha,
         "log_beta_track_z": z_b + s_b * d_log_beta,
     }

@@ -207,7 +207,7 @@ class CompiledSampler:
     def __init__(self, bucket: Bucket) -> None:
         self.bucket = bucket
         self._lock = threading.Lock()
-        model = self._model = functools.partial(calibration_model, shape=bucket.shape)
+        model = functools.partial(calibration_model, shape=bucket.shape)
         # What numpyro's initialize_model builds, without its search for valid
         # initial values (a dozen small compiles): this model's log density is
         # finite everywhere, so uniform draws in the unconstrained space do.
