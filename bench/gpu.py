@@ -145,6 +145,7 @@ def chunk_costs(sizes: list[int], *, seasons: int, steps: int, warmup: int, roun
     import dataclasses
 
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     from shared.contract.job import CalibrationJob
@@ -169,19 +170,22 @@ def chunk_costs(sizes: list[int], *, seasons: int, steps: int, warmup: int, roun
             init, chunk = sampler.compile(args)
             compile_s = time.perf_counter() - began
             state = init(*args)
-            dynamic = dynamic_args(size, warm=False, target=key.target_accept_prob, steps=warmup)
+            dynamic = dynamic_args(warm=False, target=key.target_accept_prob, steps=warmup)
+            first_step = 0
             for _ in range(-(-warmup // steps)):  # adapted: the timed chunks sample
-                state, _ = chunk(state, args[1], *dynamic)
+                state, _ = chunk(state, args[1], *dynamic, jnp.int32(first_step))
+                first_step += steps
             jax.block_until_ready(state)
             programs.append({"devices": devices, "jobs": size, "compile_s": compile_s, "chunk_s": [], "n_steps": [],
-                             "_run": (chunk, args[1], dynamic, sampler), "_state": state})
+                             "_run": (chunk, args[1], dynamic, sampler), "_state": state, "_step": first_step})
             print(f"compiled and warmed: {devices} device(s), {size} job(s), compile {compile_s:.1f} s",
                   file=sys.stderr, flush=True)
     for _ in range(rounds):
         for program in programs:
             chunk, data, dynamic, sampler = program["_run"]
             began = time.perf_counter()
-            program["_state"], (_, stats) = chunk(program["_state"], data, *dynamic)
+            program["_state"], (_, stats) = chunk(program["_state"], data, *dynamic, jnp.int32(program["_step"]))
+            program["_step"] += steps
             jax.block_until_ready(program["_state"])
             program["chunk_s"].append(time.perf_counter() - began)
             program["n_steps"].append(sampler._by_chain(stats)["n_steps"])  # (chain, job, step)

@@ -181,7 +181,8 @@ class BatchedSampler:
     def _build(self):
         # over jobs: every argument has a job axis; then over chains as one job's sampler maps them
         init_one, chunk_one = self.single.per_chain_functions()
-        return over_chains(self.bucket, jax.vmap(init_one), jax.vmap(chunk_one))
+        # the chunk's target, warm flag, warm warmup and first step are the batch key's, the same for every job
+        return over_chains(self.bucket, jax.vmap(init_one), jax.vmap(chunk_one, in_axes=(0, 0, None, None, None, None)))
 
     # layout: (chain, job, ...) on the host, (device, chain per device, job, ...) when chains share a device
 
@@ -209,8 +210,8 @@ class BatchedSampler:
             if self._compiled is None:
                 init = self._init.lower(*args).compile()
                 state = jax.eval_shape(self._init, *args)
-                dynamic = _dynamic(self.size, warm=False, target=0.8, steps=self.bucket.warmup)
-                chunk = self._chunk.lower(state, args[1], *dynamic).compile()
+                dynamic = _dynamic(warm=False, target=0.8, steps=self.bucket.warmup)
+                chunk = self._chunk.lower(state, args[1], *dynamic, jnp.int32(0)).compile()
                 self._compiled = (init, chunk)
             return self._compiled
 
@@ -263,12 +264,12 @@ class BatchedSampler:
 
             t1 = time.perf_counter()
             state = init(*args)
-            dynamic = _dynamic(self.size, warm=key.warm, target=key.target_accept_prob, steps=key.steps)
+            dynamic = _dynamic(warm=key.warm, target=key.target_accept_prob, steps=key.steps)
             total = key.steps + key.samples
             params_parts, stats_parts = [], []
             for i in range(-(-total // b.chunk)):
                 check("warmup" if i * b.chunk < key.steps else "sampling")
-                state, (params, stats) = chunk(state, args[1], *dynamic)
+                state, (params, stats) = chunk(state, args[1], *dynamic, jnp.int32(i * b.chunk))
                 jax.block_until_ready(state)
                 if (i + 1) * b.chunk > key.steps:
                     params_parts.append(self._by_chain(params))
@@ -295,9 +296,9 @@ def _stacked(trees: Sequence) -> object:
     return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
-def _dynamic(size: int, *, warm: bool, target: float, steps: int) -> tuple:
-    """The chunk's per-job dynamic arguments: target acceptance, warm, warm warmup."""
-    return (jnp.full(size, target, jnp.float32), jnp.full(size, warm, jnp.bool_), jnp.full(size, steps, jnp.int32))
+def _dynamic(*, warm: bool, target: float, steps: int) -> tuple:
+    """The chunk's dynamic arguments, the batch key's: target acceptance, warm, warm warmup."""
+    return (jnp.float32(target), jnp.bool_(warm), jnp.int32(steps))
 
 
 @functools.lru_cache(maxsize=32)

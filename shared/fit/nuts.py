@@ -53,6 +53,7 @@ def nuts_step(
     state: HMCState,
     potential_fn,
     *,
+    step: jnp.ndarray | int | None = None,
     num_warmup: int,
     target_accept_prob: jnp.ndarray,
     max_tree_depth: int,
@@ -67,7 +68,16 @@ def nuts_step(
     (the adaptation windows and the tree's loop bounds depend on them);
     ``target_accept_prob``, ``warm`` and ``warm_warmup`` may be traced scalars
     (``warm`` must be the same for every chain).
+
+    ``step`` is the transition's index, ``state.i`` unless given. Under
+    ``vmap`` (chains on one device, a batch of jobs) ``state.i`` is batched,
+    and a ``cond`` on a batched predicate runs both branches: every
+    transition would run the warmup's adaptation, window ends (a step-size
+    search of leapfrog steps) included, and discard it. A ``step`` (and a
+    ``warm``, ``warm_warmup``) the same for every chain and job, passed
+    unbatched, keeps the adaptation's branches real.
     """
+    step = state.i if step is None else step
     kinetic_fn = euclidean_kinetic_energy
     rng_key, key_momentum, key_tree = random.split(state.rng_key, 3)
     adapt = state.adapt_state
@@ -95,14 +105,14 @@ def nuts_step(
     step_size_only = partial(_adapt_step_size, num_warmup=warm_warmup, target_accept_prob=target_accept_prob)
     warmup = jnp.where(warm, warm_warmup, num_warmup)
     adapt_state = cond(
-        state.i < warmup,
-        (state.i, accept_prob, proposal, adapt),
+        step < warmup,
+        (step, accept_prob, proposal, adapt),
         lambda args: lax.cond(warm, lambda a: step_size_only(*a), lambda a: _adapt_diagonal(wa_update, *a), args),
         adapt,
         identity,
     )
-    itr = state.i + 1
-    n = jnp.where(state.i < warmup, itr, itr - warmup)
+    itr = step + 1
+    n = jnp.where(step < warmup, itr, itr - warmup)
     return HMCState(
         i=itr,
         z=proposal.z,

@@ -280,18 +280,20 @@ class CompiledSampler:
             prox = jnp.where(warm, jnp.log(step_size * state.adapt_state.step_size / found_diagonal), ss_state[-1])
             return state._replace(adapt_state=state.adapt_state._replace(ss_state=(*ss_state[:-1], prox)))
 
-        def chunk_one(state, data, target_accept_prob, warm, warm_warmup):
+        def chunk_one(state, data, target_accept_prob, warm, warm_warmup, first_step):
             constrain = self._postprocess_gen(data)
             potential_fn = potential(data, self.bucket.shape)
 
-            def step(state, _):
+            def transition(carry, _):
+                state, step = carry
                 state = nuts_step(
-                    state, potential_fn, num_warmup=warmup, target_accept_prob=target_accept_prob,
+                    state, potential_fn, step=step, num_warmup=warmup, target_accept_prob=target_accept_prob,
                     max_tree_depth=MAX_TREE_DEPTH, warm=warm, warm_warmup=warm_warmup,
                 )
-                return state, (constrain(state.z), _stats_of(state))
+                return (state, step + 1), (constrain(state.z), _stats_of(state))
 
-            return jax.lax.scan(step, state, None, length=length)
+            (state, _), out = jax.lax.scan(transition, (state, first_step), None, length=length)
+            return state, out
 
         return init_one, chunk_one
 
@@ -340,7 +342,8 @@ class CompiledSampler:
                 args = self._init_args(0, data, None)
                 init = self._init.lower(*args).compile()
                 state = jax.eval_shape(self._init, *args)
-                chunk = self._chunk.lower(state, data, jnp.float32(TARGET_ACCEPT), jnp.bool_(False), jnp.int32(0)).compile()
+                dynamic = (jnp.float32(TARGET_ACCEPT), jnp.bool_(False), jnp.int32(0), jnp.int32(0))
+                chunk = self._chunk.lower(state, data, *dynamic).compile()
                 self._compiled = (init, chunk)
             return self._compiled
 
@@ -414,7 +417,7 @@ class CompiledSampler:
         for i in range(n_chunks):
             if control is not None:
                 control.check("warmup" if i * b.chunk < steps else "sampling")
-            state, (params, stats) = chunk(state, data, *dynamic)
+            state, (params, stats) = chunk(state, data, *dynamic, jnp.int32(i * b.chunk))
             jax.block_until_ready(state)  # dispatch is asynchronous: wait, so progress and limits are real
             done = min((i + 1) * b.chunk, total)
             if (i + 1) * b.chunk > steps:
@@ -434,7 +437,7 @@ def over_chains(bucket: Bucket, init_one, chunk_one) -> tuple:
     """``init_one`` and ``chunk_one`` mapped over the bucket's chains: per chain the key, the starting
     positions (init) or the state (chunk); the other arguments shared. One chain per device (pmap), several
     per device (pmap of vmap), or all vectorised on one device (jit of vmap)."""
-    init_axes, chunk_axes = (0, None, 0, None, None, None), (0, None, None, None, None)
+    init_axes, chunk_axes = (0, None, 0, None, None, None), (0, None, None, None, None, None)
     if bucket.devices == bucket.chains:  # one chain per device
         return jax.pmap(init_one, in_axes=init_axes), jax.pmap(chunk_one, in_axes=chunk_axes)
     init_many = jax.vmap(init_one, in_axes=init_axes)
