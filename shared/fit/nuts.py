@@ -36,6 +36,7 @@ from jax import lax, random
 from numpyro.infer.hmc import HMCState, momentum_generator
 from numpyro.infer.hmc_util import (
     IntegratorState,
+    build_adaptation_schedule,
     build_tree,
     dual_averaging,
     euclidean_kinetic_energy,
@@ -103,11 +104,12 @@ def nuts_step(
         target_accept_prob=target_accept_prob,
     )
     step_size_only = partial(_adapt_step_size, num_warmup=warm_warmup, target_accept_prob=target_accept_prob)
+    diagonal = partial(_adapt_diagonal, wa_update, num_warmup=num_warmup)
     warmup = jnp.where(warm, warm_warmup, num_warmup)
     adapt_state = cond(
         step < warmup,
         (step, accept_prob, proposal, adapt),
-        lambda args: lax.cond(warm, lambda a: step_size_only(*a), lambda a: _adapt_diagonal(wa_update, *a), args),
+        lambda args: lax.cond(warm, lambda a: step_size_only(*a), lambda a: diagonal(*a), args),
         adapt,
         identity,
     )
@@ -184,16 +186,29 @@ def with_dense_mass(
     return state._replace(adapt_state=adapt._replace(step_size=jnp.where(find_step_size, found, adapt.step_size)))
 
 
-def _adapt_diagonal(wa_update, t, accept_prob, proposal, adapt):
+def _adapt_diagonal(wa_update, t, accept_prob, proposal, adapt, *, num_warmup: int):
     """NumPyro's windowed adaptation of a diagonal mass matrix, on a state that holds its matrix dense.
 
     The adapter sees the diagonals; its estimate (and the momentum scales
-    derived from it) go back on the diagonal of dense matrices.
+    derived from it) go back on the diagonal of dense matrices. Its window
+    index is recomputed from ``t`` (the windows that ended before step t),
+    the value the state holds: the state's is batched under ``vmap``, and
+    the adapter's conds on it would run the window-end update (a step-size
+    search of leapfrog steps) at every step; ``t``'s is not (see :func:`nuts_step`).
     """
     names = ("inverse_mass_matrix", "mass_matrix_sqrt", "mass_matrix_sqrt_inv")
-    diagonal = adapt._replace(**{name: jnp.diagonal(getattr(adapt, name)) for name in names})
+    diagonal = adapt._replace(
+        window_idx=window_index(t, num_warmup).astype(jnp.result_type(adapt.window_idx)),
+        **{name: jnp.diagonal(getattr(adapt, name)) for name in names},
+    )
     adapted = wa_update(t, accept_prob, proposal, diagonal)
     return adapted._replace(**{name: jnp.diag(getattr(adapted, name)) for name in names})
+
+
+def window_index(t, num_warmup: int) -> jnp.ndarray:
+    """The adaptation window step ``t`` of a ``num_warmup``-step warmup is in: how many windows ended before it."""
+    ends = jnp.array([window.end for window in build_adaptation_schedule(num_warmup)])
+    return jnp.sum(ends < t)
 
 
 def _adapt_step_size(t, accept_prob, _proposal, adapt, *, num_warmup: int, target_accept_prob):
@@ -207,4 +222,4 @@ def _adapt_step_size(t, accept_prob, _proposal, adapt, *, num_warmup: int, targe
     return adapt._replace(step_size=jnp.clip(step_size, finfo.tiny, finfo.max), ss_state=ss_state)
 
 
-__all__ = ["MAX_DELTA_ENERGY", "DenseMetric", "dense_metric", "nuts_step", "with_dense_mass"]
+__all__ = ["MAX_DELTA_ENERGY", "DenseMetric", "dense_metric", "nuts_step", "window_index", "with_dense_mass"]
