@@ -95,29 +95,34 @@ JOB_LADDER: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
 def batching_pays() -> bool:
     """Whether one program over a job axis beats fitting the jobs one at a time on this process's device.
 
-    Not on a CPU. Measured with ``bench/gpu.py --chunks`` on the 2-core
-    machine (intermediate, 3 seasons, 2,304 padded rows, 4 chains, chunks of
-    40 transitions after 160 of warmup, one process, interleaved, best of 3
-    and of 5 rounds at load average 9.5 and 11.2 from other work), seconds a
-    job a chunk:
+    Not on a CPU. Measured with ``bench/gpu.py --chunks --batch-sizes 1,8,32``
+    on the 2-core machine (intermediate, 3 seasons, 2,304 padded rows, 4
+    chains, chunks of 40 sampling transitions after 160 of warmup, one
+    process, interleaved, best of 3, load average 2.5-3.5), seconds a job a
+    chunk, before and after the adaptation's conds stayed conds under
+    ``vmap`` (:func:`shared.fit.nuts.nuts_step`; before, every vectorised
+    transition also ran the warmup's adaptation and threw it away):
 
-    ============================  =============  =============  ==========
+    ============================  =============  =============  =============
     chains                        1 job          8 jobs         32 jobs
-    ============================  =============  =============  ==========
-    4 host devices (pmap)         0.083 / 0.115  0.076 / 0.099  0.093 / 0.115
-    1 device (vmap)               0.209 / 0.236  0.132 / 0.172  0.116 / 0.219
-    ============================  =============  =============  ==========
+    ============================  =============  =============  =============
+    4 host devices (pmap)         0.070 / 0.072  0.045 / 0.038  0.047 / 0.034
+    1 device (vmap)               0.111 / 0.088  0.175 / 0.133  0.113 / 0.094
+    ============================  =============  =============  =============
 
-    The best batch, 8 jobs on the host devices, is 1.09–1.16× the single
-    path, within the noise of one job's rounds (0.08–0.18 s); 32 jobs are
-    0.89–1.00×; chains on one device are at best 0.72×. Under ``vmap`` a
-    transition runs until the longest of the jobs' trees is done: 24.7
-    leapfrog steps at 8 jobs and 31.9 at 32, against about 17 for one job,
-    and real windows differ more than these seeds. An earlier measurement
-    (chunks of 80, load 20) gave 0.67–0.77× for 8 jobs. On a GPU, where a
-    small job's transition is bound by kernel launches (issue 21: a season
-    sampled in 5.7 s on an H200 against 1.5 s on its CPU), the job axis
-    fills the device; the GPU figures are owed (bench/gpu.py).
+    A batch's sampling chunks now cost a job 1.89× (8 jobs) and 2.13× (32)
+    less than one job alone on the host devices, although a vectorised
+    transition runs until the longest of the jobs' trees is done (18.2 and
+    19.7 leapfrog steps against 15.4 and 15.2 on average). A whole backfill
+    gains nothing from it on a CPU: its first batch holds jobs that no stored
+    fit can warm-start, which sample cold together, where one at a time every
+    job but each archetype's first starts warm from the one before it.
+    ``bench/backfill.py``, superspeedway and intermediate, 44 window jobs,
+    batches of up to 32 forced: 30.5 jobs a minute against 35.2 one at a
+    time in the same run (0.87×). On a GPU, where a small job's transition
+    is bound by kernel launches (issue 21: a season sampled in 5.7 s on an
+    H200 against 1.5 s on its CPU), the job axis fills the device; the GPU
+    figures are owed (bench/gpu.py).
     """
     return jax.default_backend() != "cpu"
 
