@@ -114,12 +114,18 @@ def batching_pays() -> bool:
     less than one job alone on the host devices, although a vectorised
     transition runs until the longest of the jobs' trees is done (18.2 and
     19.7 leapfrog steps against 15.4 and 15.2 on average). A whole backfill
-    gains nothing from it on a CPU: its first batch holds jobs that no stored
-    fit can warm-start, which sample cold together, where one at a time every
-    job but each archetype's first starts warm from the one before it.
-    ``bench/backfill.py``, superspeedway and intermediate, 44 window jobs,
-    batches of up to 32 forced: 30.5 jobs a minute against 35.2 one at a
-    time in the same run (0.87×). On a GPU, where a small job's transition
+    gains nothing from it on a CPU. ``bench/backfill.py``, superspeedway and
+    intermediate, 44 window jobs, batches of up to 32 forced: 30.5 jobs a
+    minute against 35.2 one at a time in the same run (0.87×); its first
+    batch holds jobs that no stored fit can warm-start, which sample cold
+    together, where one at a time every job but each archetype's first
+    starts warm from the one before it. Seeded, each archetype's first job
+    fitted alone first so that every batched job starts warm (an experiment
+    outside the repository, two rounds interleaved with the single plan in
+    one process): 27.2 and 29.3 jobs a minute against 32.0 and 31.3. Real
+    windows' jobs, warm-started from one fit, differ in step size and tree
+    depth far more than the seeds of one dataset above, and a vectorised
+    transition waits for the longest tree. On a GPU, where a small job's transition
     is bound by kernel launches (issue 21: a season sampled in 5.7 s on an
     H200 against 1.5 s on its CPU), the job axis fills the device; the GPU
     figures are owed (bench/gpu.py).
