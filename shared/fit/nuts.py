@@ -54,7 +54,7 @@ def nuts_step(
     state: HMCState,
     potential_fn,
     *,
-    step: jnp.ndarray | int | None = None,
+    step: jnp.ndarray | int,
     num_warmup: int,
     target_accept_prob: jnp.ndarray,
     max_tree_depth: int,
@@ -70,7 +70,7 @@ def nuts_step(
     ``target_accept_prob``, ``warm`` and ``warm_warmup`` may be traced scalars
     (``warm`` must be the same for every chain).
 
-    ``step`` is the transition's index, ``state.i`` unless given. Under
+    ``step`` is the transition's index (``state.i``'s value). Under
     ``vmap`` (chains on one device, a batch of jobs) ``state.i`` is batched,
     and a ``cond`` on a batched predicate runs both branches: every
     transition would run the warmup's adaptation, window ends (a step-size
@@ -78,7 +78,6 @@ def nuts_step(
     ``warm``, ``warm_warmup``) the same for every chain and job, passed
     unbatched, keeps the adaptation's branches real.
     """
-    step = state.i if step is None else step
     kinetic_fn = euclidean_kinetic_energy
     rng_key, key_momentum, key_tree = random.split(state.rng_key, 3)
     adapt = state.adapt_state
